@@ -1,0 +1,84 @@
+"""The CPU op and the Triton launcher against the float64 reference, on random paged problems."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pensieve.ops import paged_attention, triton_paged_attention
+from pensieve.ops.cpu_paged import plan_cpu_attention, run_cpu_attention
+from pensieve.ops.reference import reference_paged_attention
+from tests.ops.cases import Case, cases
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _check(out: torch.Tensor, case: Case) -> None:
+    ref = reference_paged_attention(*case.args(), **case.kwargs())
+    assert out.shape == case.q.shape
+    assert not out.isnan().any(), "a row was left unwritten (poison) or read poisoned KV"
+    torch.testing.assert_close(out.double(), ref, atol=TOL[case.q.dtype], rtol=TOL[case.q.dtype])
+
+
+def _poisoned(case: Case) -> torch.Tensor:
+    return torch.full(case.q.shape, float("nan"), dtype=case.q.dtype)
+
+
+@given(cases(dtype=torch.float64))
+def test_cpu_op_float64(case):
+    _check(paged_attention(*case.args(), **case.kwargs()), case)
+
+
+@given(cases(dtype=torch.float64))
+def test_cpu_kernel_writes_every_row(case):
+    plan = plan_cpu_attention(
+        case.block_tables, case.cu_seqlens_q, case.seq_lens_k, case.k_cache.shape[1], case.sliding_window
+    )
+    out = run_cpu_attention(case.q, case.k_cache, case.v_cache, plan, case.scale, case.softcap, out=_poisoned(case))
+    _check(out, case)
+
+
+@given(cases(dtype=torch.float32))
+def test_cpu_op_float32(case):
+    _check(paged_attention(*case.args(), **case.kwargs()), case)
+
+
+@given(cases(dtype=torch.bfloat16, head_dims=(64,), block_sizes=(16,)))
+def test_cpu_op_bfloat16(case):
+    _check(paged_attention(*case.args(), **case.kwargs()), case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@given(data=st.data())
+def test_triton_launcher(dtype, data):
+    case = data.draw(cases(dtype=dtype))
+    if case.q.is_cuda is False and not _interpreting():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    _check(triton_paged_attention(*case.args(), **case.kwargs(), out=_poisoned(case)), case)
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_plan_is_reused_across_layers_and_invalidated_by_content():
+    torch.manual_seed(0)
+    from pensieve.ops import cpu_paged
+
+    k_cache = torch.randn(8, 4, 1, 32, dtype=torch.float64)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.tensor([[3, 5, 0]], dtype=torch.int32)
+    cu = torch.tensor([0, 1], dtype=torch.int32)
+    lens = torch.tensor([9], dtype=torch.int32)
+    q = torch.randn(1, 2, 32, dtype=torch.float64)
+    paged_attention(q, k_cache, v_cache, tables, cu, lens, 0.2)
+    first = cpu_paged._plans._entry[-1]
+    paged_attention(q, k_cache, v_cache, tables.clone(), cu.clone(), lens.clone(), 0.2)
+    assert cpu_paged._plans._entry[-1] is first  # equal content: same plan
+    tables[0, 2] = 7  # same tensor object, new content: must re-plan
+    out = paged_attention(q, k_cache, v_cache, tables, cu, lens, 0.2)
+    assert cpu_paged._plans._entry[-1] is not first
+    case = Case(q, k_cache, v_cache, tables, cu, lens, 0.2, None, None)
+    _check(out, case)
