@@ -13,6 +13,7 @@ import torch
 from pensieve.ops.cpu_paged import cached_plan, run_cpu_attention
 from pensieve.ops.validation import (
     check_attention_shapes,
+    check_attention_shapes_cached,
     check_write_shapes,
     check_write_values,
     values_trusted,
@@ -67,7 +68,9 @@ def paged_attention(
     Sequence b's q_len_b queries are the last q_len_b of its seq_lens_k[b] positions; the query at position p
     sees key j iff j <= p and, with a window W, p - j < W. softcap s maps a (scaled) score x to s*tanh(x/s).
     """
-    check_attention_shapes(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, sliding_window, softcap)
+    check_attention_shapes_cached(
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, sliding_window, softcap
+    )
     plan = cached_plan(q, k_cache, block_tables, cu_seqlens_q, seq_lens_k, sliding_window)
     return run_cpu_attention(q, k_cache, v_cache, plan, scale, softcap)
 
@@ -75,7 +78,7 @@ def paged_attention(
 @paged_attention.register_fake
 def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, *, sliding_window=None, softcap=None):
     check_attention_shapes(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, sliding_window, softcap)
-    return q.new_empty(q.shape, memory_format=torch.contiguous_format)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 if triton_paged is not None:
@@ -83,8 +86,15 @@ if triton_paged is not None:
     @paged_attention.register_kernel("cuda")
     def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, *, sliding_window=None, softcap=None):
         return triton_paged.triton_paged_attention(
-            q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale,
-            sliding_window=sliding_window, softcap=softcap,
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            cu_seqlens_q,
+            seq_lens_k,
+            scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
         )
 
     @write_kv.register_kernel("cuda")

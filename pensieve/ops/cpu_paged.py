@@ -102,7 +102,7 @@ def _plan_decode(decode_seqs, tables, cu, seq_lens, block_size, sliding_window) 
     in_range = cols < (first_cols + counts)[:, None]
     block_ids = torch.where(in_range, tables[seqs[:, None], cols.clamp(max=tables.shape[1] - 1)], 0)
     query_pos = torch.tensor([seq_lens[b] - 1 for b, _, _ in decode_seqs])[:, None]  # [n, 1]
-    key_pos = (first_cols[:, None] * block_size + torch.arange(num_cols * block_size)[None, :])  # [n, L]
+    key_pos = first_cols[:, None] * block_size + torch.arange(num_cols * block_size)[None, :]  # [n, L]
     mask = _visible(query_pos, key_pos, sliding_window)
     dead = (key_pos > query_pos).flatten().nonzero().flatten()
     mask = None if bool(mask.all()) else mask[:, None, None, :]

@@ -61,6 +61,26 @@ def _check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     _require(v_cache.dtype == k_cache.dtype, f"v_cache dtype {v_cache.dtype} != k_cache dtype {k_cache.dtype}")
 
 
+_passed_signatures: set[tuple] = set()  # metadata signatures already checked: every layer of a step repeats one
+
+
+def _signature(*tensors: torch.Tensor) -> tuple:
+    return tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+
+
+def check_attention_shapes_cached(
+    q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, sliding_window, softcap
+) -> None:
+    """`check_attention_shapes` remembered per signature; real tensors only (SymInts don't hash)."""
+    key = (_signature(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k), scale, sliding_window, softcap)
+    if key in _passed_signatures:
+        return
+    check_attention_shapes(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, sliding_window, softcap)
+    if len(_passed_signatures) > 4096:
+        _passed_signatures.clear()
+    _passed_signatures.add(key)
+
+
 def check_attention_shapes(
     q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, sliding_window, softcap
 ) -> None:
@@ -68,11 +88,18 @@ def check_attention_shapes(
     _check_cache_pair(k_cache, v_cache)
     _require(q.dtype == k_cache.dtype, f"q dtype {q.dtype} != k_cache dtype {k_cache.dtype}")
     _check_same_device(
-        q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
-        cu_seqlens_q=cu_seqlens_q, seq_lens_k=seq_lens_k,
+        q=q,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        block_tables=block_tables,
+        cu_seqlens_q=cu_seqlens_q,
+        seq_lens_k=seq_lens_k,
     )
-    for name, t, rank in (("block_tables", block_tables, 2), ("cu_seqlens_q", cu_seqlens_q, 1),
-                          ("seq_lens_k", seq_lens_k, 1)):
+    for name, t, rank in (
+        ("block_tables", block_tables, 2),
+        ("cu_seqlens_q", cu_seqlens_q, 1),
+        ("seq_lens_k", seq_lens_k, 1),
+    ):
         _require(t.dim() == rank, f"{name} must have rank {rank}, got {t.dim()}")
         _require(t.dtype == torch.int32, f"{name} must be int32, got {t.dtype}")
     num_seqs = block_tables.shape[0]
@@ -92,9 +119,7 @@ def check_attention_shapes(
         f"Hq={num_q_heads} is not a multiple of Hkv={num_kv_heads}",
     )
     _require(math.isfinite(scale) and scale > 0, f"scale must be a positive finite float, got {scale}")
-    _require(
-        sliding_window is None or sliding_window > 0, f"sliding_window must be None or > 0, got {sliding_window}"
-    )
+    _require(sliding_window is None or sliding_window > 0, f"sliding_window must be None or > 0, got {sliding_window}")
     _require(softcap is None or softcap > 0, f"softcap must be None or > 0, got {softcap}")
 
 
@@ -136,10 +161,14 @@ def check_write_shapes(k, v, k_cache, v_cache, slot_mapping) -> None:
         k.shape[1:] == k_cache.shape[2:],
         f"k is [T, {k.shape[1]}, {k.shape[2]}] but the cache holds [.., {k_cache.shape[2]}, {k_cache.shape[3]}]",
     )
-    _require(k.dtype == k_cache.dtype and v.dtype == k_cache.dtype,
-             f"k/v dtypes {k.dtype}/{v.dtype} != cache dtype {k_cache.dtype}")
-    _require(slot_mapping.dim() == 1 and slot_mapping.shape[0] == k.shape[0],
-             f"slot_mapping must be [T={k.shape[0]}], got {tuple(slot_mapping.shape)}")
+    _require(
+        k.dtype == k_cache.dtype and v.dtype == k_cache.dtype,
+        f"k/v dtypes {k.dtype}/{v.dtype} != cache dtype {k_cache.dtype}",
+    )
+    _require(
+        slot_mapping.dim() == 1 and slot_mapping.shape[0] == k.shape[0],
+        f"slot_mapping must be [T={k.shape[0]}], got {tuple(slot_mapping.shape)}",
+    )
     _require(slot_mapping.dtype == torch.int64, f"slot_mapping must be int64, got {slot_mapping.dtype}")
     _check_same_device(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
 
