@@ -48,9 +48,14 @@ class PrefillSeq:
 @dataclass(frozen=True)
 class CpuAttentionPlan:
     block_size: int
-    decode: DecodeGroup | None
+    decodes: tuple[DecodeGroup, ...]  # decode sequences, sorted by length, in cache-sized chunks
     prefills: tuple[PrefillSeq, ...]
     validated: bool
+
+
+# Decode sequences are gathered and attended in chunks of about this many bytes of K+V, so the gathered copy is
+# still in cache when SDPA reads it (measured on this machine's 32 MiB L3: see docs/architecture.md).
+DECODE_CHUNK_BYTES = 16 << 20
 
 
 def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
@@ -67,7 +72,10 @@ def plan_cpu_attention(
     seq_lens_k: torch.Tensor,
     block_size: int,
     sliding_window: int | None,
+    token_bytes: int = 0,
+    chunk_bytes: int | None = None,
 ) -> CpuAttentionPlan:
+    """token_bytes: K+V bytes per token in one layer (Hkv * D * itemsize * 2); 0 puts all decodes in one chunk."""
     cu = cu_seqlens_q.tolist()
     seq_lens = seq_lens_k.tolist()
     tables = block_tables.long()
@@ -89,8 +97,24 @@ def plan_cpu_attention(
             key_pos = torch.arange(first_col * block_size, (first_col + num_cols) * block_size)[None, :]
             mask = _visible(query_pos, key_pos, sliding_window)
         prefills.append(PrefillSeq(cu[b], q_len, ids, mask, seq_len - first_col * block_size))
-    decode = _plan_decode(decode_seqs, tables, cu, seq_lens, block_size, sliding_window) if decode_seqs else None
-    return CpuAttentionPlan(block_size, decode, tuple(prefills), validated=False)
+    decodes = [
+        _plan_decode(chunk, tables, cu, seq_lens, block_size, sliding_window)
+        for chunk in _decode_chunks(decode_seqs, block_size * token_bytes, chunk_bytes or DECODE_CHUNK_BYTES)
+    ]
+    return CpuAttentionPlan(block_size, tuple(decodes), tuple(prefills), validated=False)
+
+
+def _decode_chunks(decode_seqs: list, block_bytes: int, chunk_bytes: int) -> list[list]:
+    """Longest first, so each chunk pads to similar lengths; a chunk holds at least one sequence."""
+    ordered = sorted(decode_seqs, key=lambda s: -s[2])
+    chunks: list[list] = []
+    for seq in ordered:
+        # the chunk's first sequence is its longest: every row of the chunk is padded to its length
+        if chunks and (len(chunks[-1]) + 1) * chunks[-1][0][2] * block_bytes <= chunk_bytes:
+            chunks[-1].append(seq)
+        else:
+            chunks.append([seq])
+    return chunks
 
 
 def _plan_decode(decode_seqs, tables, cu, seq_lens, block_size, sliding_window) -> DecodeGroup:
@@ -134,15 +158,16 @@ _scratch = threading.local()
 
 def cached_plan(q, k_cache, block_tables, cu_seqlens_q, seq_lens_k, sliding_window) -> CpuAttentionPlan:
     """Validate (unless trusted) and plan, once per distinct metadata."""
-    key = (k_cache.shape[0], k_cache.shape[1], q.shape[0], tuple(block_tables.shape), sliding_window)
+    token_bytes = 2 * k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size()
+    key = (k_cache.shape[0], k_cache.shape[1], token_bytes, q.shape[0], tuple(block_tables.shape), sliding_window)
     plan = _plans.get(key, block_tables, cu_seqlens_q, seq_lens_k)
     must_validate = not values_trusted()
     if plan is not None and (plan.validated or not must_validate):
         return plan
     if must_validate:
         check_attention_values(q, k_cache, block_tables, cu_seqlens_q, seq_lens_k)
-    plan = plan_cpu_attention(block_tables, cu_seqlens_q, seq_lens_k, k_cache.shape[1], sliding_window)
-    plan = CpuAttentionPlan(plan.block_size, plan.decode, plan.prefills, validated=must_validate)
+    plan = plan_cpu_attention(block_tables, cu_seqlens_q, seq_lens_k, k_cache.shape[1], sliding_window, token_bytes)
+    plan = CpuAttentionPlan(plan.block_size, plan.decodes, plan.prefills, validated=must_validate)
     _plans.put(key, block_tables, cu_seqlens_q, seq_lens_k, plan)
     return plan
 
@@ -191,8 +216,7 @@ def run_cpu_attention(q, k_cache, v_cache, plan: CpuAttentionPlan, scale, softca
     group = num_q_heads // num_kv_heads
     if out is None:
         out = torch.empty(num_tokens, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
-    decode = plan.decode
-    if decode is not None:
+    for decode in plan.decodes:
         n = decode.q_rows.numel()
         k, v = _gather(k_cache, decode.block_ids, "k"), _gather(v_cache, decode.block_ids, "v")  # [rows, Hkv, D]
         if decode.dead_rows is not None:

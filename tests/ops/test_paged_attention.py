@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pensieve.ops import paged_attention, triton_paged_attention
-from pensieve.ops.cpu_paged import plan_cpu_attention, run_cpu_attention
+from pensieve.ops.cpu_paged import _decode_chunks, plan_cpu_attention, run_cpu_attention
 from pensieve.ops.reference import reference_paged_attention
 from tests.ops.cases import Case, cases
 
@@ -29,13 +29,29 @@ def test_cpu_op_float64(case):
     _check(paged_attention(*case.args(), **case.kwargs()), case)
 
 
-@given(cases(dtype=torch.float64))
-def test_cpu_kernel_writes_every_row(case):
+@given(cases(dtype=torch.float64), st.sampled_from((None, 1)))
+def test_cpu_kernel_writes_every_row(case, chunk_bytes):
+    """chunk_bytes=1 puts every decode sequence in a chunk of its own."""
     plan = plan_cpu_attention(
-        case.block_tables, case.cu_seqlens_q, case.seq_lens_k, case.k_cache.shape[1], case.sliding_window
+        case.block_tables,
+        case.cu_seqlens_q,
+        case.seq_lens_k,
+        case.k_cache.shape[1],
+        case.sliding_window,
+        token_bytes=2 * case.k_cache[0, 0].numel() * case.k_cache.element_size(),
+        chunk_bytes=chunk_bytes,
     )
     out = run_cpu_attention(case.q, case.k_cache, case.v_cache, plan, case.scale, case.softcap, out=_poisoned(case))
     _check(out, case)
+
+
+def test_decode_chunks_longest_first_within_budget():
+    # (seq index, first column, number of columns)
+    seqs = [(0, 0, 2), (1, 0, 5), (2, 0, 1), (3, 0, 5), (4, 0, 3)]
+    chunks = _decode_chunks(seqs, block_bytes=10, chunk_bytes=100)
+    assert [[s[0] for s in c] for c in chunks] == [[1, 3], [4, 0, 2]]  # 2 * 5 * 10 <= 100; 3 * 3 * 10 <= 100
+    assert [[s[0] for s in c] for c in _decode_chunks(seqs, 10, 1)] == [[1], [3], [4], [0], [2]]
+    assert len(_decode_chunks(seqs, 0, 100)) == 1
 
 
 @given(cases(dtype=torch.float32))
