@@ -1,0 +1,101 @@
+"""User-facing configuration: frozen dataclasses validated at construction (a bad value raises ValueError)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where conversations' KV lives (DESIGN §1, §4).
+
+    block_size: tokens per KV block (one chunk).
+    num_device_blocks: None sizes the device tier from free memory; an int caps it.
+    num_host_blocks: host tier (pinned on GPU machines); 0 disables it.
+    disk_dir: a folder enables the disk tier and persistence.
+    """
+
+    block_size: int = 16
+    num_device_blocks: int | None = None
+    num_host_blocks: int = 0
+    disk_dir: str | os.PathLike | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            _is_int(self.block_size) and self.block_size >= 1,
+            f"block_size must be an int >= 1, got {self.block_size!r}",
+        )
+        _require(
+            self.num_device_blocks is None or (_is_int(self.num_device_blocks) and self.num_device_blocks >= 1),
+            f"num_device_blocks must be None or an int >= 1, got {self.num_device_blocks!r}",
+        )
+        _require(
+            _is_int(self.num_host_blocks) and self.num_host_blocks >= 0,
+            f"num_host_blocks must be an int >= 0, got {self.num_host_blocks!r}",
+        )
+        _require(
+            self.disk_dir is None or isinstance(self.disk_dir, (str, os.PathLike)),
+            f"disk_dir must be None or a path, got {self.disk_dir!r}",
+        )
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one turn's reply is generated. None means "the model's generation_config, else the usual default".
+
+    temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off; seed makes a turn's sampling
+    reproducible whatever else shares the batch.
+    """
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_token_ids: Sequence[int] = ()
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _require(
+            self.max_new_tokens is None or (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1),
+            f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}",
+        )
+        _require(
+            self.temperature is None
+            or (
+                isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0
+            ),
+            f"temperature must be a finite number >= 0, got {self.temperature!r}",
+        )
+        _require(
+            self.top_k is None or (_is_int(self.top_k) and self.top_k >= 0),
+            f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}",
+        )
+        _require(
+            self.top_p is None or (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1),
+            f"top_p must be in (0, 1], got {self.top_p!r}",
+        )
+        _require(self.seed is None or _is_int(self.seed), f"seed must be None or an int, got {self.seed!r}")
+        _require(
+            not isinstance(self.stop_token_ids, (str, bytes))
+            and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            f"stop_token_ids must be a sequence of ints >= 0, got {self.stop_token_ids!r}",
+        )
+        _require(
+            not isinstance(self.stop, (str, bytes)) and all(isinstance(s, str) and s for s in self.stop),
+            f"stop must be a sequence of non-empty strings, got {self.stop!r}",
+        )
+        _require(isinstance(self.ignore_eos, bool), f"ignore_eos must be a bool, got {self.ignore_eos!r}")

@@ -1,0 +1,51 @@
+import pytest
+
+from pensieve.config import CacheConfig, SamplingParams
+
+
+def test_defaults_are_valid():
+    assert CacheConfig().block_size == 16
+    assert SamplingParams().max_new_tokens is None
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"block_size": 0}, "block_size"),
+        ({"block_size": 16.0}, "block_size"),
+        ({"num_device_blocks": 0}, "num_device_blocks"),
+        ({"num_host_blocks": -1}, "num_host_blocks"),
+        ({"disk_dir": 3}, "disk_dir"),
+    ],
+)
+def test_cache_config_rejects(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CacheConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": True}, "max_new_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"seed": 1.5}, "seed"),
+        ({"stop_token_ids": [1, -2]}, "stop_token_ids"),
+        ({"stop_token_ids": "12"}, "stop_token_ids"),
+        ({"stop": "END"}, "stop"),
+        ({"stop": [""]}, "stop"),
+        ({"ignore_eos": 1}, "ignore_eos"),
+    ],
+)
+def test_sampling_params_reject(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_configs_are_frozen():
+    with pytest.raises(AttributeError):
+        CacheConfig().block_size = 8
