@@ -1,6 +1,9 @@
-"""pensieve: stateful multi-turn LLM serving with a tiered KV cache.
+"""pensieve: stateful multi-turn LLM serving with a tiered KV cache (DESIGN §1 is the contract)."""
 
-The public API (DESIGN §1) is exported here as it lands; the paged attention op lives in `pensieve.ops`.
-"""
+from pensieve.config import CacheConfig, SamplingParams, SchedulerConfig
+from pensieve.engine.turn import Reply
+from pensieve.generator import StatefulGenerator
 
 __version__ = "0.1.0"
+
+__all__ = ["CacheConfig", "Reply", "SamplingParams", "SchedulerConfig", "StatefulGenerator"]

@@ -99,3 +99,22 @@ class SamplingParams:
             f"stop must be a sequence of non-empty strings, got {self.stop!r}",
         )
         _require(isinstance(self.ignore_eos, bool), f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Per-step limits. A step packs at most max_num_batched_tokens tokens (decodes first, then prefill chunks;
+    a longer prompt is chunked across steps) from at most max_num_seqs conversations."""
+
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+
+    def __post_init__(self) -> None:
+        _require(
+            _is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1,
+            f"max_num_batched_tokens must be an int >= 1, got {self.max_num_batched_tokens!r}",
+        )
+        _require(
+            _is_int(self.max_num_seqs) and self.max_num_seqs >= 1,
+            f"max_num_seqs must be an int >= 1, got {self.max_num_seqs!r}",
+        )

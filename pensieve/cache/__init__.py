@@ -1,5 +1,6 @@
 """KV cache bookkeeping: block pools and conversations' block tables. Pure Python + torch; no model code."""
 
 from pensieve.cache.blocks import BlockPool
+from pensieve.cache.manager import Conversation, KVManager
 
-__all__ = ["BlockPool"]
+__all__ = ["BlockPool", "Conversation", "KVManager"]

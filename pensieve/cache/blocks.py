@@ -26,6 +26,10 @@ class BlockPool:
     def num_allocated(self) -> int:
         return len(self._allocated)
 
+    @property
+    def allocated(self) -> frozenset[int]:
+        return frozenset(self._allocated)
+
     def can_allocate(self, n: int) -> bool:
         return n <= len(self._free)
 

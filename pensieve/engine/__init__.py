@@ -1,0 +1,1 @@
+"""The engine: scheduler -> step plan -> model runner -> sampler -> postprocess (DESIGN §2)."""

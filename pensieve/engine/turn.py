@@ -1,0 +1,75 @@
+"""A turn: one request on a conversation (the long-lived object), and the Reply it produces."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from pensieve.cache.manager import Conversation
+
+
+@dataclass(frozen=True)
+class ResolvedSampling:
+    """SamplingParams with the model's defaults filled in; what the sampler and stop checks read."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    stop_token_ids: frozenset[int]  # EOS (unless ignore_eos) + the caller's stop ids
+    stop: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Reply:
+    conv_id: str
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str  # "stop" | "length"
+    num_new_tokens: int  # tokens this turn added before the reply (message, template)
+    num_reused_device: int  # history tokens whose KV was reused from the device tier
+    num_reused_host: int
+    num_reused_disk: int
+    num_recomputed: int  # history tokens whose KV had been computed in an earlier turn and had to be redone
+    num_prefilled: int  # tokens fed to the model before the first reply token
+    ttft_s: float
+    latency_s: float
+
+
+_arrivals = itertools.count()
+
+
+@dataclass(eq=False)
+class Turn:
+    conv: Conversation
+    sampling: ResolvedSampling
+    prompt_len: int  # len(conv.tokens) when admitted
+    num_new_tokens: int  # tokens not in the history before this turn (message + template)
+    num_reused: int  # history tokens whose KV was reused
+    num_missing_history: int  # history tokens computed in an earlier turn whose KV is gone
+    future: Future = field(default_factory=Future)
+    on_token: Callable[[int], None] | None = None
+    arrival: int = field(default_factory=lambda: next(_arrivals))
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    output: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    num_computed: int = 0  # tokens fed to the model for this turn
+    num_prefilled: int = 0  # of which before the first reply token
+
+    @property
+    def pending(self) -> int:
+        """Tokens whose KV must be computed before the next sample."""
+        return len(self.conv.tokens) - self.conv.num_computed
+
+    @property
+    def num_recomputed(self) -> int:
+        """History KV computed again: what was gone at admission, plus what preemption made us redo."""
+        minimum = (self.prompt_len - self.num_reused) + max(len(self.output) - 1, 0)
+        return self.num_missing_history + (self.num_computed - minimum)
