@@ -1,0 +1,79 @@
+"""Tiny float64 random models of every supported family (2 layers, hidden 64), and the HF oracle."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import transformers as tf
+
+VOCAB = 120
+
+
+def _configs(vocab: int) -> dict:
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)  # fmt: skip
+    return {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(common)),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(common, sliding_window=8)),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(common)),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(common, head_dim=16)),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, dict(common, sliding_window=12)),
+        "gemma2": (  # untied and init 0.1: tied, sqrt(hidden)-scaled embeddings make a tiny Gemma2 echo its input
+            tf.Gemma2Config,
+            tf.Gemma2ForCausalLM,
+            dict(
+                common,
+                head_dim=16,
+                sliding_window=8,
+                attn_logit_softcapping=1.0,
+                final_logit_softcapping=None,
+                query_pre_attn_scalar=24,
+                tie_word_embeddings=False,
+                initializer_range=0.1,
+            ),
+        ),  # fmt: skip
+        "gpt2": (
+            tf.GPT2Config,
+            tf.GPT2LMHeadModel,
+            dict(
+                vocab_size=vocab,
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                n_positions=512,
+                bos_token_id=1,
+                eos_token_id=2,
+                initializer_range=0.2,
+            ),
+        ),
+    }
+
+
+FAMILIES = tuple(_configs(VOCAB))
+
+
+def tiny_model(family: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
+    config_cls, model_cls, kwargs = _configs(vocab)[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs)).double().eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 2
+    return model
+
+
+def oracle_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """An independent copy for HF generate (the generator switches the original's attention implementation)."""
+    return copy.deepcopy(model)
+
+
+def hf_greedy(oracle: torch.nn.Module, history: list[int], max_new_tokens: int, ignore_eos: bool = True) -> list[int]:
+    """The truth: HF generate over the full history."""
+    ids = torch.tensor([history])
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids))
+    if ignore_eos:
+        kwargs["eos_token_id"] = None
+    with torch.no_grad():
+        out = oracle.generate(ids, **kwargs)
+    return out[0, len(history) :].tolist()
