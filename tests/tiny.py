@@ -64,8 +64,11 @@ def tiny_model(family: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Modul
 
 
 def oracle_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """An independent copy for HF generate (the generator switches the original's attention implementation)."""
-    return copy.deepcopy(model)
+    """An independent copy for HF generate, on HF's own attention (a generator switches the original's)."""
+    oracle = copy.deepcopy(model)
+    if oracle.config._attn_implementation == "pensieve":
+        oracle.set_attn_implementation("eager")
+    return oracle
 
 
 def hf_greedy(oracle: torch.nn.Module, history: list[int], max_new_tokens: int, ignore_eos: bool = True) -> list[int]:

@@ -176,6 +176,8 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor, slot: str) -> torch.Te
     """cache [N, bs, Hkv, D], block_ids [m] -> [m * bs, Hkv, D] in reused per-thread scratch."""
     num_blocks, block_size, num_kv_heads, head_dim = cache.shape
     numel = block_ids.numel() * block_size * num_kv_heads * head_dim
+    # Separate buffers inside and outside inference mode: an inference tensor cannot be written outside it.
+    slot = f"{slot}_inference" if torch.is_inference_mode_enabled() else slot
     buf = getattr(_scratch, slot, None)
     if buf is None or buf.dtype != cache.dtype or buf.device != cache.device or buf.numel() < numel:
         buf = torch.empty(numel, dtype=cache.dtype, device=cache.device)

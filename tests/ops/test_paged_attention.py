@@ -98,3 +98,24 @@ def test_plan_is_reused_across_layers_and_invalidated_by_content():
     assert cpu_paged._plans._entry[-1] is not first
     case = Case(q, k_cache, v_cache, tables, cu, lens, 0.2, None, None)
     _check(out, case)
+
+
+def test_alternating_inference_mode_and_plain_calls():
+    """Scratch reused across modes once made an inference tensor that plain calls could not write."""
+    from pensieve.ops import cpu_paged
+
+    cpu_paged._scratch.__dict__.clear()  # the first buffer is made inside inference mode
+    case = Case(*_small_problem(), 0.2, None, None)
+    with torch.inference_mode():
+        inside = paged_attention(*case.args())
+    _check(paged_attention(*case.args()), case)
+    _check(inside.clone(), case)
+
+
+def _small_problem():
+    torch.manual_seed(1)
+    k_cache = torch.randn(6, 4, 1, 32, dtype=torch.float64)
+    tables = torch.tensor([[3, 5], [1, 0]], dtype=torch.int32)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32)
+    lens = torch.tensor([7, 3], dtype=torch.int32)
+    return torch.randn(2, 2, 32, dtype=torch.float64), k_cache, torch.randn_like(k_cache), tables, cu, lens
