@@ -75,13 +75,14 @@ class Engine:
         conv.pinned = True
         if adm.messages is not None:
             self.text_history[adm.conv_id] = adm.messages
-        # an earlier turn computed all of its history but the last reply token
-        history_kv = min(adm.common_prefix, max(adm.history_len - 1, 0))
+        # Earlier turns computed every history position but the last reply token's. Positions among those whose KV
+        # is gone (evicted) or invalid (the template rewrote them) are recomputed now.
+        history_kv = min(max(adm.history_len - 1, 0), len(adm.tokens))
         turn = Turn(
             conv=conv,
             sampling=adm.params,
             prompt_len=len(adm.tokens),
-            num_new_tokens=len(adm.tokens) - adm.common_prefix,
+            num_new_tokens=max(len(adm.tokens) - adm.history_len, 0),
             num_reused=conv.num_computed,
             num_missing_history=history_kv - conv.num_computed,
             on_token=on_token,

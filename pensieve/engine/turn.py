@@ -32,11 +32,11 @@ class Reply:
     token_ids: list[int]
     text: str | None
     finish_reason: str  # "stop" | "length"
-    num_new_tokens: int  # tokens this turn added before the reply (message, template)
+    num_new_tokens: int  # how much the token sequence grew before the reply (message, template)
     num_reused_device: int  # history tokens whose KV was reused from the device tier
     num_reused_host: int
     num_reused_disk: int
-    num_recomputed: int  # history tokens whose KV had been computed in an earlier turn and had to be redone
+    num_recomputed: int  # history positions computed in an earlier turn and computed again (evicted, rewritten)
     num_prefilled: int  # tokens fed to the model before the first reply token
     ttft_s: float
     latency_s: float
@@ -50,9 +50,9 @@ class Turn:
     conv: Conversation
     sampling: ResolvedSampling
     prompt_len: int  # len(conv.tokens) when admitted
-    num_new_tokens: int  # tokens not in the history before this turn (message + template)
+    num_new_tokens: int  # how much the token sequence grew: the message and its template
     num_reused: int  # history tokens whose KV was reused
-    num_missing_history: int  # history tokens computed in an earlier turn whose KV is gone
+    num_missing_history: int  # history positions computed in an earlier turn whose KV is gone or rewritten
     future: Future = field(default_factory=Future)
     on_token: Callable[[int], None] | None = None
     arrival: int = field(default_factory=lambda: next(_arrivals))
