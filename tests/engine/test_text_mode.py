@@ -62,7 +62,8 @@ def test_append_only_template_reuses_all_history(tokenizer):
         replies = _chat(gen, oracle, tokenizer, USER_TURNS, sp)
     messages: list[dict] = []
     stored: list[int] = []
-    for text, reply in zip(USER_TURNS, replies):
+    prompt_len = 0
+    for text, reply in zip(USER_TURNS, replies, strict=True):
         messages.append({"role": "user", "content": text})
         rendered = _render(tokenizer, messages)
         if stored:
@@ -93,7 +94,7 @@ def test_rewriting_template_recomputes_and_still_matches(tokenizer):
     with StatefulGenerator(model, tok, CacheConfig(block_size=4, num_device_blocks=128)) as gen:
         replies = _chat(gen, oracle, tok, USER_TURNS, sp)
     head = len(tok("<|im_start|>system\nturns so far: ")["input_ids"])
-    for prev, reply in zip(replies, replies[1:]):
+    for prev, reply in zip(replies, replies[1:], strict=False):
         assert reply.num_reused_device == head  # only the head before the turn count survives the rewrite
         assert reply.num_recomputed > prev.num_recomputed > 0 or prev is replies[0]
 
