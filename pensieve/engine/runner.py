@@ -46,11 +46,12 @@ class ModelRunner:
         self.kv = kv
         self.device = next(model.parameters()).device
         pool_shape = (kv.pool.num_blocks, kv.block_size, shape.num_kv_heads, shape.head_dim)
-        # Fixed tensors whose addresses never change (CUDA graphs will rely on it).
+        # Fixed tensors whose addresses never change (CUDA graphs will rely on it). Uninitialized: a slot is written
+        # before any query sees it, and the kernels never let an unwritten slot reach a result.
         self.kv_caches = [
             (
-                torch.zeros(pool_shape, dtype=dtype, device=self.device),
-                torch.zeros(pool_shape, dtype=dtype, device=self.device),
+                torch.empty(pool_shape, dtype=dtype, device=self.device),
+                torch.empty(pool_shape, dtype=dtype, device=self.device),
             )
             for _ in range(shape.num_layers)
         ]
