@@ -156,23 +156,22 @@ class StatefulGenerator:
         except BaseException as error:  # noqa: BLE001  (handed to every running turn's caller)
             self._engine.fail_all(error)
 
-    def _apply_commands(self) -> None:
+    def _queued_commands(self) -> Iterator[tuple[Callable, Future]]:
         while True:
             try:
-                fn, future = self._commands.get_nowait()
+                yield self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _apply_commands(self) -> None:
+        for fn, future in self._queued_commands():
             try:
                 future.set_result(fn())
             except BaseException as error:  # noqa: BLE001  (handed to the caller)
                 future.set_exception(error)
 
     def _fail_commands(self) -> None:
-        while True:
-            try:
-                _, future = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        for _, future in self._queued_commands():
             future.set_exception(RuntimeError("this StatefulGenerator is closed"))
 
     def _wait_briefly(self) -> None:

@@ -186,6 +186,11 @@ def _write_kv_kernel(
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, ...]:
+    """(block, offset, head) strides of both caches, in the order the kernels take them."""
+    return (*k_cache.stride()[:3], *v_cache.stride()[:3])
+
+
 def _require_triton_layout(**tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if t.dtype not in _TRITON_DTYPES:
@@ -244,12 +249,7 @@ def triton_paged_attention(
         q.stride(1),
         out.stride(0),
         out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
+        *_cache_strides(k_cache, v_cache),
         block_tables.stride(0),
         GROUP=group,
         HEAD_DIM=head_dim,
@@ -284,12 +284,7 @@ def triton_write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
         k.stride(1),
         v.stride(0),
         v.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
+        *_cache_strides(k_cache, v_cache),
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[1],
