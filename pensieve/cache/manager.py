@@ -38,10 +38,6 @@ class KVManager:
         self.num_evictions = 0
         self.num_evicted_tokens = 0
 
-    @property
-    def capacity_tokens(self) -> int:
-        return self.pool.num_blocks * self.block_size
-
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pensieve.cache.manager import Conversation, KVManager
+from pensieve.cache.manager import KVManager
 from pensieve.config import CacheConfig, SamplingParams, SchedulerConfig
 from pensieve.engine.runner import ModelRunner, default_num_blocks
 from pensieve.engine.sampler import sample
@@ -286,6 +286,3 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
-
-
-__all__ = ["Engine", "Conversation"]

@@ -24,10 +24,6 @@ class StepPlan:
     slot_mapping: torch.Tensor  # [T] int64
     logits_rows: torch.Tensor  # [S] int64: rows whose logits are sampled
 
-    @property
-    def num_tokens(self) -> int:
-        return self.input_ids.shape[1]
-
 
 @dataclass(frozen=True)
 class ForwardContext:
