@@ -7,6 +7,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+POLICIES = ("pensieve", "lru")
+
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
@@ -25,12 +27,20 @@ class CacheConfig:
     num_device_blocks: None sizes the device tier from free memory; an int caps it.
     num_host_blocks: host tier (pinned on GPU machines); 0 disables it.
     disk_dir: a folder enables the disk tier and persistence.
+    policy: which chunks leave a tier first. "pensieve": lowest recompute cost / idle time, leading chunks first;
+        "lru": whole conversations, least recently active first.
+    swap_out_watermark: after each step, idle chunks move down a tier ahead of time while fewer than this
+        fraction of device blocks is free (only to a tier with room: never dropped ahead of time).
+    decode_reserve: new turns may not take the last fraction of device blocks while other turns are decoding.
     """
 
     block_size: int = 16
     num_device_blocks: int | None = None
     num_host_blocks: int = 0
     disk_dir: str | os.PathLike | None = None
+    policy: str = "pensieve"
+    swap_out_watermark: float = 0.25
+    decode_reserve: float = 0.10
 
     def __post_init__(self) -> None:
         _require(
@@ -49,6 +59,13 @@ class CacheConfig:
             self.disk_dir is None or isinstance(self.disk_dir, (str, os.PathLike)),
             f"disk_dir must be None or a path, got {self.disk_dir!r}",
         )
+        _require(self.policy in POLICIES, f"policy must be one of {POLICIES}, got {self.policy!r}")
+        for name in ("swap_out_watermark", "decode_reserve"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1,
+                f"{name} must be a number in [0, 1), got {value!r}",
+            )
 
 
 @dataclass(frozen=True)

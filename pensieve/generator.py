@@ -87,21 +87,28 @@ class StatefulGenerator:
         """`generate` for asyncio: the turn is driven on a worker thread, never on the event loop."""
         return await asyncio.to_thread(self.generate, conv_id, msg, sampling)
 
-    def end(self, conv_id: str) -> None:
-        """Forget a conversation: its tokens and KV."""
-        self._result(self._call(lambda: self._engine.end(conv_id)))
+    def end(self, conv_id: str, forget: bool = False) -> None:
+        """Release a conversation's memory. With `CacheConfig.disk_dir` it stays stored (its KV written to disk) and
+        a later turn continues it; `forget=True` deletes it from disk too. Without a disk tier it is gone."""
+        self._result(self._call(lambda: self._engine.end(conv_id, forget)))
+
+    def conversations(self) -> list[str]:
+        """Ids of the conversations in memory and, with a disk tier, stored on disk."""
+        return self._result(self._call(self._engine.conversations))
 
     def stats(self) -> dict:
         return self._result(self._call(self._engine.stats))
 
     def close(self) -> None:
-        """Fail turns still running, reject further calls, restore the model's attention implementation."""
+        """Fail turns still running, write every stored conversation's KV to disk (with a disk tier), reject further
+        calls, restore the model's attention implementation."""
         with self._driver:
             if self._closed:
                 return
             self._closed = True
             self._apply_commands()
             self._engine.fail_all(RuntimeError("the StatefulGenerator was closed during this turn"))
+            self._engine.persist_all()
         self._model.set_attn_implementation(self._original_attn)
 
     def __enter__(self) -> StatefulGenerator:

@@ -10,7 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+from pensieve.cache.disk import DiskStore, model_fingerprint
 from pensieve.cache.manager import KVManager
+from pensieve.cache.policy import RecomputeCost, make_policy
+from pensieve.cache.tiers import KVStorage, Tier
 from pensieve.config import CacheConfig, SamplingParams, SchedulerConfig
 from pensieve.engine.runner import ModelRunner, default_num_blocks
 from pensieve.engine.sampler import sample
@@ -37,18 +40,38 @@ class Engine:
     def __init__(self, model, tokenizer, cache_config: CacheConfig, scheduler_config: SchedulerConfig) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.shape = model_shape(model)
+        self.shape = shape = model_shape(model)
         param = next(model.parameters())
-        num_blocks = cache_config.num_device_blocks or default_num_blocks(
-            self.shape, cache_config.block_size, param.dtype, param.device
+        bs = cache_config.block_size
+        num_blocks = cache_config.num_device_blocks or default_num_blocks(shape, bs, param.dtype, param.device)
+        storage = KVStorage(
+            shape.num_layers,
+            (bs, shape.num_kv_heads, shape.head_dim),
+            param.dtype,
+            param.device,
+            num_blocks,
+            cache_config.num_host_blocks,
         )
-        self.kv = KVManager(num_blocks, cache_config.block_size)
+        disk = None
+        if cache_config.disk_dir is not None:
+            disk = DiskStore(cache_config.disk_dir, model_fingerprint(model), storage.chunk_shape, param.dtype)
+        cost = RecomputeCost.for_model(model, shape.num_layers, shape.num_heads, shape.head_dim)
+        self.kv = KVManager(
+            num_blocks,
+            bs,
+            num_host_blocks=cache_config.num_host_blocks,
+            policy=make_policy(cache_config.policy, cost, bs),
+            storage=storage,
+            disk=disk,
+            swap_out_watermark=cache_config.swap_out_watermark,
+            decode_reserve=cache_config.decode_reserve,
+        )
         self.scheduler = Scheduler(self.kv, scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs)
-        self.runner = ModelRunner(model, self.shape, self.kv, param.dtype)
-        self.text_history: dict[str, list[dict]] = {}  # conv_id -> chat messages, text-mode conversations only
+        self.runner = ModelRunner(model, self.kv, storage)
         self.num_steps = 0
         self.num_tokens_computed = 0
         self.num_turns = 0
+        self.num_recomputed = 0
 
     # ---- admission -------------------------------------------------------------------------------------------
 
@@ -59,54 +82,55 @@ class Engine:
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         params = self._resolve(sampling or SamplingParams())
-        conv = self.kv.conversations.get(conv_id)
+        conv = self.kv.lookup(conv_id)
         if conv is not None and conv.pinned:
             raise ValueError(f"conversation {conv_id!r} already has a turn running")
+        tokens, messages = self._render(conv, msg)
         history = conv.tokens if conv is not None else []
-        tokens, messages = self._render(conv_id, history, msg)
         self._check_fits(conv_id, len(tokens), params.max_new_tokens)
         return Admission(conv_id, tokens, messages, params, len(history), _common_prefix(history, tokens))
 
     def admit(self, adm: Admission, on_token=None) -> Turn:
         """Start a prepared turn. Cannot fail; call it right after prepare, on the same thread."""
         conv = self.kv.conversation(adm.conv_id)
-        self.kv.truncate_kv(conv, adm.common_prefix)  # never reuse KV of tokens that differ
+        self.kv.truncate(conv, adm.common_prefix)  # never reuse KV of tokens that differ
         conv.tokens = adm.tokens
         conv.pinned = True
         if adm.messages is not None:
-            self.text_history[adm.conv_id] = adm.messages
-        # Earlier turns computed every history position but the last reply token's. Positions among those whose KV
-        # is gone (evicted) or invalid (the template rewrote them) are recomputed now.
-        history_kv = min(max(adm.history_len - 1, 0), len(adm.tokens))
+            conv.messages = adm.messages
         turn = Turn(
             conv=conv,
             sampling=adm.params,
             prompt_len=len(adm.tokens),
             num_new_tokens=max(len(adm.tokens) - adm.history_len, 0),
-            num_reused=conv.num_computed,
-            num_missing_history=history_kv - conv.num_computed,
+            history_kept=adm.common_prefix,
+            # Earlier turns computed every history position but the last reply token's; those whose KV is gone
+            # (dropped) or invalid (the template rewrote them) are recomputed now.
+            history_kv=min(max(adm.history_len - 1, 0), len(adm.tokens)),
             on_token=on_token,
             generator=None if adm.params.seed is None else torch.Generator().manual_seed(adm.params.seed),
         )
         self.scheduler.add(turn)
         return turn
 
-    def _render(self, conv_id: str, history: list[int], msg) -> tuple[list[int], list[dict] | None]:
+    def _render(self, conv, msg) -> tuple[list[int], list[dict] | None]:
         """The conversation's full token sequence with msg appended, and (text mode) its chat messages."""
+        history = conv.tokens if conv is not None else []
+        text_mode = conv is not None and conv.messages is not None
         if isinstance(msg, str):
             if self.tokenizer is None:
                 raise ValueError("a str message needs a tokenizer: pass tokenizer= or send token ids")
             if not msg:
                 raise ValueError("message is empty")
-            if history and conv_id not in self.text_history:
-                raise ValueError(f"conversation {conv_id!r} is in raw token mode; send token ids")
-            messages = [*self.text_history.get(conv_id, []), {"role": "user", "content": msg}]
+            if history and not text_mode:
+                raise ValueError(f"conversation {conv.conv_id!r} is in raw token mode; send token ids")
+            messages = [*(conv.messages if text_mode else []), {"role": "user", "content": msg}]
             rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
             return list(rendered), messages
         if not isinstance(msg, (list, tuple)) or not msg:
             raise ValueError(f"message must be a non-empty str or list of token ids, got {msg!r:.80}")
-        if conv_id in self.text_history:
-            raise ValueError(f"conversation {conv_id!r} is in text mode; send a str")
+        if text_mode:
+            raise ValueError(f"conversation {conv.conv_id!r} is in text mode; send a str")
         vocab = self.shape.vocab_size
         bad = [t for t in msg if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
@@ -120,10 +144,10 @@ class Engine:
                 f"conversation {conv_id!r} would reach {total} tokens ({num_tokens} + max_new_tokens "
                 f"{max_new_tokens}), over the model's {self.shape.max_positions} positions"
             )
-        if self.kv.blocks_for(total) > self.kv.pool.num_blocks:
+        if self.kv.blocks_for(total) > self.kv.device.num_blocks:
             raise ValueError(
                 f"conversation {conv_id!r} would need {self.kv.blocks_for(total)} KV blocks for {total} tokens; "
-                f"the device pool has {self.kv.pool.num_blocks} (CacheConfig.num_device_blocks)"
+                f"the device pool has {self.kv.device.num_blocks} (CacheConfig.num_device_blocks)"
             )
 
     def _resolve(self, sp: SamplingParams) -> ResolvedSampling:
@@ -173,10 +197,14 @@ class Engine:
         if not chunks:
             raise RuntimeError("scheduler found no runnable turn although turns are active (a bug)")
         logits = self.runner.run(self.runner.build_plan(chunks))
+        self.kv.after_forward()
         self.num_steps += 1
         for chunk in chunks:
             turn = chunk.turn
-            turn.conv.num_computed += chunk.num_tokens
+            if chunk.recompute:
+                turn.conv.recompute_pos += chunk.num_tokens
+            else:
+                turn.conv.num_computed += chunk.num_tokens
             turn.num_computed += chunk.num_tokens
             if turn.first_token_at is None:
                 turn.num_prefilled += chunk.num_tokens
@@ -185,6 +213,7 @@ class Engine:
         tokens = sample(logits, [c.turn for c in sampling_chunks])
         for chunk, token in zip(sampling_chunks, tokens, strict=True):
             self._append(chunk, token)
+        self.kv.swap_out_ahead()
 
     def _append(self, chunk: ScheduledChunk, token: int) -> None:
         turn = chunk.turn
@@ -210,16 +239,24 @@ class Engine:
     def _finish(self, turn: Turn, reason: str) -> None:
         self.scheduler.remove(turn)
         conv = turn.conv
-        conv.pinned = False
-        conv.last_active = time.monotonic()
+        self.kv.finish_turn(conv)
         self.num_turns += 1
+        self.num_recomputed += turn.num_recomputed
         text = None
         if self.tokenizer is not None:
             text = self._decode(turn.output)
             cut = _find_stop(text, turn.sampling.stop)
             text = text if cut is None else text[:cut]
-        if conv.conv_id in self.text_history:
-            self.text_history[conv.conv_id].append({"role": "assistant", "content": text})
+        new_messages = None
+        if conv.messages is not None:
+            new_messages = [conv.messages[-1], {"role": "assistant", "content": text}]
+            conv.messages.append(new_messages[-1])
+        if self.kv.disk is not None:  # durable before the reply is returned
+            keep = turn.history_kept
+            self.kv.disk.append_turn(conv.conv_id, keep, conv.tokens[keep:], new_messages)
+        conv.pinned = False
+        conv.last_active = time.monotonic()
+        restored = turn.restored
         now = time.perf_counter()
         reply = Reply(
             conv_id=conv.conv_id,
@@ -227,13 +264,18 @@ class Engine:
             text=text,
             finish_reason=reason,
             num_new_tokens=turn.num_new_tokens,
-            num_reused_device=turn.num_reused,
-            num_reused_host=0,
-            num_reused_disk=0,
+            num_reused_device=restored.tokens[Tier.DEVICE],
+            num_reused_host=restored.tokens[Tier.HOST],
+            num_reused_disk=restored.tokens[Tier.DISK],
             num_recomputed=turn.num_recomputed,
             num_prefilled=turn.num_prefilled,
             ttft_s=(turn.first_token_at or now) - turn.submitted_at,
             latency_s=now - turn.submitted_at,
+            num_chunks_device=restored.chunks[Tier.DEVICE],
+            num_chunks_host=restored.chunks[Tier.HOST],
+            num_chunks_disk=restored.chunks[Tier.DISK],
+            num_chunks_dropped=restored.chunks[Tier.DROPPED],
+            bytes_swapped_in=restored.bytes_in,
         )
         turn.future.set_result(reply)
 
@@ -242,37 +284,86 @@ class Engine:
 
     # ---- other commands ----------------------------------------------------------------------------------------
 
-    def end(self, conv_id: str) -> None:
+    def end(self, conv_id: str, forget: bool = False) -> None:
+        """Release a conversation's memory. With a disk tier it stays stored (its KV written to disk) unless forget;
+        without one it is gone."""
+        if not isinstance(conv_id, str):
+            raise ValueError(f"conv_id must be a str, got {conv_id!r}")
         conv = self.kv.conversations.get(conv_id)
-        if conv is None:
+        stored = self.kv.disk is not None and conv_id in self.kv.disk.index
+        if conv is None and not stored:
             raise KeyError(f"no conversation {conv_id!r}")
-        if conv.pinned:
+        if conv is not None and conv.pinned:
             raise ValueError(f"conversation {conv_id!r} has a turn running")
-        self.kv.remove(conv_id)
-        self.text_history.pop(conv_id, None)
+        if conv is not None and not forget and stored:
+            self.kv.persist(conv)
+        self.kv.remove(conv_id, forget=forget)
+
+    def conversations(self) -> list[str]:
+        stored = self.kv.disk.index if self.kv.disk is not None else {}
+        return sorted(set(self.kv.conversations) | set(stored))
+
+    def persist_all(self) -> None:
+        """Write every stored conversation's device and host KV to disk (close)."""
+        if self.kv.disk is None:
+            return
+        for conv in self.kv.conversations.values():
+            if not conv.pinned and conv.conv_id in self.kv.disk.index:
+                self.kv.persist(conv)
 
     def fail_all(self, error: BaseException) -> None:
+        self.runner.storage.cancel_queued()
         for turn in list(self.scheduler.active):
             self.scheduler.remove(turn)
             turn.conv.pinned = False
-            self.kv.drop_kv(turn.conv)
+            self.kv.drop_all(turn.conv)
             if not turn.future.done():
                 turn.future.set_exception(error)
+        self.kv.after_forward()
 
     def stats(self) -> dict:
+        kv = self.kv
+        disk = kv.disk
         return {
-            "conversations": len(self.kv.conversations),
+            "conversations": len(kv.conversations),
+            "stored_conversations": len(disk.index) if disk is not None else 0,
             "active_turns": len(self.scheduler.active),
             "turns_completed": self.num_turns,
             "steps": self.num_steps,
             "tokens_computed": self.num_tokens_computed,
-            "device_blocks_total": self.kv.pool.num_blocks,
-            "device_blocks_free": self.kv.pool.num_free,
-            "block_size": self.kv.block_size,
-            "evictions": self.kv.num_evictions,
-            "evicted_tokens": self.kv.num_evicted_tokens,
+            "tokens_recomputed": self.num_recomputed,
+            "block_size": kv.block_size,
+            "device_blocks_total": kv.device.num_blocks,
+            "device_blocks_free": kv.device.num_free,
+            "host_blocks_total": kv.host.num_blocks,
+            "host_blocks_free": kv.host.num_free,
+            "chunks_by_tier": {
+                t.name.lower(): sum(c.tier == t for conv in kv.conversations.values() for c in conv.chunks)
+                for t in Tier
+            },
             "preemptions": self.scheduler.num_preemptions,
+            "disk_write_errors": disk.num_write_errors if disk is not None else 0,
+            "disk_bad_files": disk.num_bad_files if disk is not None else 0,
+            **{name: kv.counters[name] for name in COUNTERS},
         }
+
+
+# Cumulative cache counters reported by stats() (KVManager.counters).
+COUNTERS = (
+    "swap_out_chunks",  # device -> host
+    "ahead_swap_out_chunks",  # of the moves out of the device, those made ahead of time (watermark)
+    "swap_in_chunks",  # host -> device
+    "disk_write_chunks",  # device/host -> disk, evicted
+    "persisted_chunks",  # device/host chunks also written to disk by end()/close()
+    "disk_read_chunks",  # disk -> device
+    "disk_chunks_bad",  # disk chunks that failed to load (recomputed)
+    "dropped_chunks",  # moved to "dropped"
+    "recompute_chunks",  # dropped chunks recomputed by a turn
+    "preempted_conversations",
+    "bytes_swapped_out",
+    "bytes_swapped_in",
+    "bytes_written_disk",
+)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pensieve.cache.tiers import LayerGate
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -29,14 +31,15 @@ class StepPlan:
 class ForwardContext:
     plan: StepPlan
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k_cache, v_cache [N, block_size, Hkv, D]
+    gate: LayerGate  # swap-ins/loads of this step: wait(layer) before touching that layer's cache
 
 
 _current: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("pensieve_forward", default=None)
 
 
 @contextlib.contextmanager
-def forward_context(plan: StepPlan, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
-    token = _current.set(ForwardContext(plan, kv_caches))
+def forward_context(plan: StepPlan, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], gate: LayerGate):
+    token = _current.set(ForwardContext(plan, kv_caches, gate))
     try:
         yield
     finally:

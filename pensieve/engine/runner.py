@@ -1,4 +1,4 @@
-"""ModelRunner: owns the KV pool tensors, packs a step's chunks into a StepPlan and runs the model once.
+"""ModelRunner: packs a step's chunks into a StepPlan and runs the model once over the device tier's KV pool.
 
 The HF model sees input_ids/position_ids [1, T] packed over all chunks and `use_cache=False`: pensieve owns the
 cache, HF's past_key_values is unused. `logits_to_keep` takes the sampling rows, so the LM head runs on S rows.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from pensieve.cache.manager import KVManager
+from pensieve.cache.tiers import KVStorage
 from pensieve.engine.plan import StepPlan, forward_context
 from pensieve.engine.scheduler import ScheduledChunk
 from pensieve.models.support import ModelShape
@@ -41,20 +42,12 @@ def _available_ram() -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, shape: ModelShape, kv: KVManager, dtype: torch.dtype) -> None:
+    def __init__(self, model: torch.nn.Module, kv: KVManager, storage: KVStorage) -> None:
         self.model = model
         self.kv = kv
-        self.device = next(model.parameters()).device
-        pool_shape = (kv.pool.num_blocks, kv.block_size, shape.num_kv_heads, shape.head_dim)
-        # Fixed tensors whose addresses never change (CUDA graphs will rely on it). Uninitialized: a slot is written
-        # before any query sees it, and the kernels never let an unwritten slot reach a result.
-        self.kv_caches = [
-            (
-                torch.empty(pool_shape, dtype=dtype, device=self.device),
-                torch.empty(pool_shape, dtype=dtype, device=self.device),
-            )
-            for _ in range(shape.num_layers)
-        ]
+        self.storage = storage
+        self.device = storage.device
+        self.kv_caches = storage.device_caches
 
     def build_plan(self, chunks: list[ScheduledChunk]) -> StepPlan:
         input_ids: list[int] = []
@@ -63,6 +56,7 @@ class ModelRunner:
         cu = [0]
         seq_lens: list[int] = []
         logits_rows: list[int] = []
+        tables = []
         for chunk in chunks:
             conv = chunk.turn.conv
             end = chunk.start + chunk.num_tokens
@@ -71,10 +65,11 @@ class ModelRunner:
             slots += [self.kv.slot(conv, p) for p in range(chunk.start, end)]
             cu.append(cu[-1] + chunk.num_tokens)
             seq_lens.append(end)
+            tables.append(conv.block_table)
             if chunk.samples:
                 logits_rows.append(cu[-1] - 1)
-        max_blocks = max(len(c.turn.conv.blocks) for c in chunks)
-        tables = [c.turn.conv.blocks + [0] * (max_blocks - len(c.turn.conv.blocks)) for c in chunks]
+        max_blocks = max(len(t) for t in tables)
+        tables = [t + [0] * (max_blocks - len(t)) for t in tables]
         dev = self.device
         return StepPlan(
             input_ids=torch.tensor([input_ids], dtype=torch.long, device=dev),
@@ -88,13 +83,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor:
-        """-> logits [S, V] for plan.logits_rows (S may be 0)."""
+        """-> logits [S, V] for plan.logits_rows (S may be 0). Issues the step's queued swap-ins first: each
+        layer's attention waits for its own layer's copies only."""
+        gate = self.storage.begin_forward()
         # The plan was built from the manager's own block tables: the ops' value checks would re-verify it per layer.
-        with forward_context(plan, self.kv_caches), trusted_inputs():
+        with forward_context(plan, self.kv_caches, gate), trusted_inputs():
             out = self.model(
                 input_ids=plan.input_ids,
                 position_ids=plan.position_ids,
                 use_cache=False,
                 logits_to_keep=plan.logits_rows,
             )
+        gate.finish()
         return out.logits[0]

@@ -1,11 +1,18 @@
 """Iteration-level FCFS scheduling with a token budget per step (Pensieve's unified batching).
 
-Every active turn needs KV for `conv.tokens[conv.num_computed:]`: one token for a decode, more for a prefill
-(new message, history recomputed after eviction or preemption). Each step takes decodes first (oldest first),
-then prefill chunks of the remaining budget; a prompt longer than the budget is chunked across steps.
-When a decode cannot get a block, idle conversations are evicted; if that is not enough, the youngest other
-active turn is preempted (its KV dropped and recomputed later). Admission guarantees that each turn fits the
-pool on its own, so the oldest turn can always progress.
+Every active turn needs KV for the positions its conversation has not computed: the recompute range of dropped
+leading chunks `[recompute_pos, recompute_end)`, then its new tokens `tokens[num_computed:]` — one token for a
+decode, more for a prefill. Each step takes decodes first (oldest first), then the other turns' positions in
+order, up to the budget; a long prompt or recompute range is chunked across steps. The recompute range and the new
+tokens of one conversation are two sub-sequences of the same forward sharing one block table: the new tokens attend
+to the recomputed KV written in the same layer (DESIGN §3). New tokens are only scheduled once the recompute range
+is done, so every sub-sequence attends to positions that are either already present or computed in this step.
+
+Before a turn's first chunk its conversation is *restored* (every chunk given a device block: swap-in, disk load or
+recompute). New turns may not take the device's last `decode_reserve` blocks while other turns are decoding.
+When blocks run out, idle conversations move down the tiers; if that is not enough, the youngest other active turn
+is preempted (its conversation moves down like an idle one and is restored when scheduled again). Admission
+guarantees each turn fits the device on its own, so the oldest turn can always progress.
 """
 
 from __future__ import annotations
@@ -13,15 +20,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pensieve.cache.manager import KVManager
+from pensieve.cache.tiers import Tier
 from pensieve.engine.turn import Turn
 
 
 @dataclass(frozen=True)
 class ScheduledChunk:
     turn: Turn
-    start: int  # first position computed this step (== conv.num_computed)
+    start: int  # first position computed
     num_tokens: int
     samples: bool  # the chunk reaches the end of the conversation's tokens: its last row is sampled
+    recompute: bool = False  # positions of the dropped range (else the conversation's next uncomputed positions)
 
 
 class Scheduler:
@@ -42,35 +51,68 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         scheduled: set[str] = set()
+        decoding = any(_is_decode(t) for t in self.active)
         for decode_pass in (True, False):
             for turn in list(self.active):
-                if turn.conv.conv_id in scheduled or (turn.pending == 1) != decode_pass:
+                if turn.conv.conv_id in scheduled or _is_decode(turn) != decode_pass:
                     continue
-                if budget == 0 or len(chunks) == self.max_num_seqs:
+                if budget == 0 or len(scheduled) == self.max_num_seqs:
                     return chunks
-                n = min(turn.pending, budget)
-                if not self._reserve_or_preempt(turn, turn.conv.num_computed + n, scheduled):
+                keep_free = self.kv.reserve_blocks if decoding and not decode_pass else 0
+                pieces = self._place(turn, budget, scheduled, keep_free)
+                if not pieces:
                     if decode_pass:
                         continue
                     break  # FCFS: younger prefills wait behind this one
-                chunks.append(ScheduledChunk(turn, turn.conv.num_computed, n, n == turn.pending))
+                chunks += pieces
                 scheduled.add(turn.conv.conv_id)
-                budget -= n
+                budget -= sum(p.num_tokens for p in pieces)
         return chunks
 
-    def _reserve_or_preempt(self, turn: Turn, num_tokens: int, scheduled: set[str]) -> bool:
-        """Blocks for num_tokens positions of turn's conversation: evict idle conversations, then preempt
-        strictly younger unscheduled turns, youngest first. False if even that cannot make room."""
-        while not self.kv.reserve(turn.conv, num_tokens, protect=scheduled):
+    def _place(self, turn: Turn, budget: int, scheduled: set[str], keep_free: int) -> list[ScheduledChunk]:
+        """This step's chunks of one turn (restoring its conversation first if needed); [] if it must wait."""
+        conv = turn.conv
+        if turn.restored is None or not conv.on_device:
+            stats = self._make_room_for(turn, scheduled, lambda: self.kv.restore(conv, scheduled, keep_free))
+            if stats is None:
+                return []
+            if turn.restored is None:
+                turn.restored = stats
+        pieces = []
+        if conv.recompute_pos < conv.recompute_end:
+            n = min(conv.recompute_end - conv.recompute_pos, budget)
+            pieces.append(ScheduledChunk(turn, conv.recompute_pos, n, samples=False, recompute=True))
+            budget -= n
+            if conv.recompute_pos + n < conv.recompute_end:
+                return pieces
+        n = min(len(conv.tokens) - conv.num_computed, budget)
+        if n > 0:
+            grow = lambda: self.kv.reserve(conv, conv.num_computed + n, scheduled, keep_free)  # noqa: E731
+            if self._make_room_for(turn, scheduled, grow):
+                pieces.append(ScheduledChunk(turn, conv.num_computed, n, n == len(conv.tokens) - conv.num_computed))
+        return pieces
+
+    def _make_room_for(self, turn: Turn, scheduled: set[str], attempt):
+        """attempt() (a restore or reserve, which already moves idle conversations down); while it fails, preempt
+        strictly younger unscheduled turns, youngest first. None/False if even that cannot make room."""
+        while not (result := attempt()):
             victims = [
-                t for t in self.active if t.arrival > turn.arrival and t.conv.blocks and t.conv.conv_id not in scheduled
+                t
+                for t in self.active
+                if t.arrival > turn.arrival and t.conv.conv_id not in scheduled and _holds_device_blocks(t)
             ]
             if not victims:
-                return False
-            self._preempt(max(victims, key=lambda t: t.arrival))
-        return True
+                return result
+            self.num_preemptions += 1
+            self.kv.preempt(max(victims, key=lambda t: t.arrival).conv)
+        return result
 
-    def _preempt(self, victim: Turn) -> None:
-        """Drop the victim's KV; it stays active and recomputes its whole history when scheduled again."""
-        self.num_preemptions += 1
-        self.kv.drop_kv(victim.conv)
+
+def _is_decode(turn: Turn) -> bool:
+    conv = turn.conv
+    restored = turn.restored is not None and conv.on_device and conv.recompute_pos == conv.recompute_end
+    return restored and conv.pending == 1
+
+
+def _holds_device_blocks(turn: Turn) -> bool:
+    return any(c.tier == Tier.DEVICE for c in turn.conv.chunks)

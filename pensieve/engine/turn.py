@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pensieve.cache.manager import Conversation
+from pensieve.cache.manager import Conversation, RestoreStats
+from pensieve.cache.tiers import Tier
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,18 @@ class Reply:
     text: str | None
     finish_reason: str  # "stop" | "length"
     num_new_tokens: int  # how much the token sequence grew before the reply (message, template)
-    num_reused_device: int  # history tokens whose KV was reused from the device tier
-    num_reused_host: int
-    num_reused_disk: int
-    num_recomputed: int  # history positions computed in an earlier turn and computed again (evicted, rewritten)
+    num_reused_device: int  # history positions whose KV was found on the device
+    num_reused_host: int  # ... swapped in from the host tier
+    num_reused_disk: int  # ... loaded from the disk tier
+    num_recomputed: int  # history positions computed in an earlier turn and computed again (dropped, rewritten)
     num_prefilled: int  # tokens fed to the model before the first reply token
     ttft_s: float
     latency_s: float
+    num_chunks_device: int = 0  # history chunks found per tier when the turn started (dropped: recomputed)
+    num_chunks_host: int = 0
+    num_chunks_disk: int = 0
+    num_chunks_dropped: int = 0
+    bytes_swapped_in: int = 0  # KV bytes copied to the device for this turn (host swap-in + disk loads)
 
 
 _arrivals = itertools.count()
@@ -51,8 +57,8 @@ class Turn:
     sampling: ResolvedSampling
     prompt_len: int  # len(conv.tokens) when admitted
     num_new_tokens: int  # how much the token sequence grew: the message and its template
-    num_reused: int  # history tokens whose KV was reused
-    num_missing_history: int  # history positions computed in an earlier turn whose KV is gone or rewritten
+    history_kept: int  # leading tokens of the stored history the turn kept (the rest was rewritten)
+    history_kv: int  # history positions an earlier turn computed (all but the last reply token)
     future: Future = field(default_factory=Future)
     on_token: Callable[[int], None] | None = None
     arrival: int = field(default_factory=lambda: next(_arrivals))
@@ -62,11 +68,18 @@ class Turn:
     generator: torch.Generator | None = None
     num_computed: int = 0  # tokens fed to the model for this turn
     num_prefilled: int = 0  # of which before the first reply token
+    restored: RestoreStats | None = None  # where the history's KV was when the turn started
 
     @property
-    def pending(self) -> int:
-        """Tokens whose KV must be computed before the next sample."""
-        return len(self.conv.tokens) - self.conv.num_computed
+    def num_reused(self) -> int:
+        """History positions whose KV was reused (device, host or disk)."""
+        tokens = self.restored.tokens
+        return tokens[Tier.DEVICE] + tokens[Tier.HOST] + tokens[Tier.DISK]
+
+    @property
+    def num_missing_history(self) -> int:
+        """History positions computed in an earlier turn whose KV was dropped or rewritten."""
+        return max(self.history_kv - self.num_reused, 0)
 
     @property
     def num_recomputed(self) -> int:

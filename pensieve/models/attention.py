@@ -37,6 +37,7 @@ def pensieve_attention(
             f"{ATTN_IMPLEMENTATION!r}; StatefulGenerator.close() restores the original one"
         )
     plan = ctx.plan
+    ctx.gate.wait(module.layer_idx)  # this layer's swapped-in / loaded KV is in place (GPU: its copy event)
     k_cache, v_cache = ctx.kv_caches[module.layer_idx]
     q = query[0].transpose(0, 1)  # [T, Hq, D]
     k = key[0].transpose(0, 1).to(k_cache.dtype)  # [T, Hkv, D]

@@ -21,6 +21,7 @@ SUPPORTED_FAMILIES = {
 @dataclass(frozen=True)
 class ModelShape:
     num_layers: int
+    num_heads: int
     num_kv_heads: int
     head_dim: int
     max_positions: int
@@ -36,11 +37,12 @@ def model_shape(model: torch.nn.Module) -> ModelShape:
         raise ValueError(f"model type {model_type!r} is not supported; supported: {supported}")
     if model_type == "gpt2":
         heads = config.n_head
-        return ModelShape(config.n_layer, heads, config.n_embd // heads, config.n_positions, config.vocab_size)
+        return ModelShape(config.n_layer, heads, heads, config.n_embd // heads, config.n_positions, config.vocab_size)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return ModelShape(
         num_layers=config.num_hidden_layers,
+        num_heads=heads,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
         max_positions=config.max_position_embeddings,

@@ -34,7 +34,7 @@ def test_temperature_scales():
 
 
 def test_pool_sized_from_memory():
-    shape = ModelShape(num_layers=30, num_kv_heads=3, head_dim=64, max_positions=8192, vocab_size=49152)
+    shape = ModelShape(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, max_positions=8192, vocab_size=49152)
     per_block = kv_bytes_per_block(shape, 16, torch.float32)
     assert per_block == 2 * 30 * 16 * 3 * 64 * 4
     blocks = default_num_blocks(shape, 16, torch.float32, torch.device("cpu"))
@@ -50,6 +50,6 @@ def test_unsupported_model_is_a_clear_error():
 
 
 def test_model_shape_per_family():
-    assert model_shape(tiny_model("gpt2")) == ModelShape(2, 4, 16, 512, 120)
+    assert model_shape(tiny_model("gpt2")) == ModelShape(2, 4, 4, 16, 512, 120)
     assert model_shape(tiny_model("gemma2")).head_dim == 16
     assert model_shape(tiny_model("llama")).num_kv_heads == 2

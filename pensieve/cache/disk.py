@@ -1,0 +1,296 @@
+"""The disk tier and persistence: KV chunk files and per-conversation token logs under `CacheConfig.disk_dir`.
+
+    disk_dir/
+      convs/<key>.log                 token log of one conversation, append-only, fsync'd per completed turn
+      kv/<key>/<chunk>.safetensors    KV of one chunk: k, v [num_layers, block_size, Hkv, D]
+
+`<key>` is a hash of the conversation id: ids never become paths. No pickle anywhere.
+
+Token log: one record per line, `<crc32 hex> <json>`. The first record names the conversation and its mode; each
+later one is a completed turn, `{"keep": n, "append": [...], "messages": [...] | null}` (keep the first n tokens,
+append the rest). A torn or corrupt record ends the log there (a crash mid-append loses only the turn whose reply
+never returned).
+
+Chunk files are written to a temp file, fsync'd and renamed over the old one, so a crash leaves either the old or the
+new file. Their metadata carry: a checksum of the tensor bytes, the model fingerprint, the number of tokens the KV
+covers (chunk start + valid positions) and a hash of exactly those tokens — KV depends on every token before it, so
+a file is only used when the conversation still starts with those tokens. Anything that does not check out is
+reported (a warning) and treated as "dropped": recomputed, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+FORMAT = "pensieve-kv/1"
+LOG_VERSION = 1
+
+
+class DiskWarning(RuntimeWarning):
+    """A disk-tier problem that pensieve recovered from (by recomputing): bad file, full or unwritable disk."""
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, DiskWarning, stacklevel=3)
+
+
+def conv_key(conv_id: str) -> str:
+    return hashlib.sha256(conv_id.encode("utf-8")).hexdigest()[:40]
+
+
+def tokens_hash(tokens: list[int]) -> str:
+    return hashlib.blake2b(struct.pack(f"<{len(tokens)}q", *tokens), digest_size=16).hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _checksum(k: torch.Tensor, v: torch.Tensor) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(_tensor_bytes(k))
+    h.update(_tensor_bytes(v))
+    return h.hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Config + weights. Per parameter: name, shape, dtype, a float64 sum and a strided sample of values — a
+    different checkpoint (or a fine-tune) changes it; hashing every byte of a large model at start-up would not pay."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 256)][:256].to("cpu", torch.float64)
+            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{flat.double().sum().item():.17g}|".encode())
+            h.update(_tensor_bytes(sample))
+    return h.hexdigest()
+
+
+def _read_header(data: bytes) -> dict:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n])
+
+
+@dataclass
+class StoredConversation:
+    conv_id: str
+    tokens: list[int]
+    messages: list[dict] | None  # text mode: the chat so far; None in raw token mode
+    chunk_tokens: dict[int, int]  # chunk index -> tokens its file covers (chunk start + valid), readable files only
+
+
+class DiskStore:
+    def __init__(self, root: str | os.PathLike, fingerprint: str, chunk_shape: tuple, dtype: torch.dtype) -> None:
+        self.root = Path(root)
+        self.fingerprint = fingerprint
+        self.chunk_shape = tuple(chunk_shape)
+        self.dtype = dtype
+        self.num_write_errors = 0
+        self.num_bad_files = 0
+        try:
+            (self.root / "convs").mkdir(parents=True, exist_ok=True)
+            (self.root / "kv").mkdir(exist_ok=True)
+        except OSError as error:
+            self.num_write_errors += 1
+            _warn(f"disk tier: cannot create {self.root} ({error}); nothing will persist, evicted KV is dropped")
+        self.index: dict[str, str] = self._scan()  # conv_id -> key, for every stored conversation
+
+    # ---- token logs -------------------------------------------------------------------------------------------
+
+    def _log_path(self, key: str) -> Path:
+        return self.root / "convs" / f"{key}.log"
+
+    def _scan(self) -> dict[str, str]:
+        index = {}
+        for path in sorted((self.root / "convs").glob("*.log")) if (self.root / "convs").is_dir() else []:
+            try:
+                with open(path, "rb") as f:
+                    header = _parse_record(f.readline())
+            except OSError:
+                header = None
+            if header is None or "conv_id" not in header or conv_key(header["conv_id"]) != path.stem:
+                self.num_bad_files += 1
+                _warn(f"disk tier: ignoring unreadable token log {path.name}")
+                continue
+            index[header["conv_id"]] = path.stem
+        for tmp in (self.root / "kv").glob("*/*.tmp*") if (self.root / "kv").is_dir() else []:
+            tmp.unlink(missing_ok=True)  # a crash between write and rename: the old file is still in place
+        return index
+
+    def append_turn(self, conv_id: str, keep: int, append: list[int], messages: list[dict] | None) -> bool:
+        """Make one completed turn durable (fsync'd) before its reply is returned. False (warned) if it failed."""
+        key = conv_key(conv_id)
+        path = self._log_path(key)
+        lines = []
+        new = conv_id not in self.index
+        if new:
+            lines.append(_format_record({"conv_id": conv_id, "version": LOG_VERSION, "text": messages is not None}))
+        lines.append(_format_record({"keep": keep, "append": append, "messages": messages}))
+        try:
+            with open(path, "ab") as f:
+                f.write(b"".join(lines))
+                f.flush()
+                os.fsync(f.fileno())
+            if new:
+                _fsync_dir(path.parent)
+        except OSError as error:
+            self.num_write_errors += 1
+            _warn(f"disk tier: could not persist a turn of conversation {conv_id!r} ({error})")
+            return False
+        self.index[conv_id] = key
+        return True
+
+    def load(self, conv_id: str) -> StoredConversation | None:
+        key = self.index.get(conv_id)
+        if key is None:
+            return None
+        tokens: list[int] = []
+        messages: list[dict] | None = None
+        try:
+            with open(self._log_path(key), "rb") as f:
+                lines = f.read().split(b"\n")
+        except OSError as error:
+            _warn(f"disk tier: cannot read the token log of {conv_id!r} ({error})")
+            return None
+        *complete, _torn = lines  # the part after the last newline is a record whose write never finished
+        header = _parse_record(complete[0] + b"\n") if complete else None
+        if header is not None and header.get("text"):
+            messages = []
+        for i, line in enumerate(complete[1:], start=1):
+            record = _parse_record(line + b"\n")
+            try:
+                tokens = tokens[: int(record["keep"])] + [int(t) for t in record["append"]]
+                if messages is not None and record["messages"]:
+                    messages += list(record["messages"])
+            except (TypeError, KeyError, ValueError):
+                self.num_bad_files += 1
+                _warn(f"disk tier: token log of {conv_id!r} is corrupt at record {i}; using the turns before it")
+                break
+        return StoredConversation(conv_id, tokens, messages, self._chunk_tokens(key))
+
+    def forget(self, conv_id: str) -> None:
+        key = self.index.pop(conv_id, conv_key(conv_id))
+        self._log_path(key).unlink(missing_ok=True)
+        folder = self.root / "kv" / key
+        if folder.is_dir():
+            for path in folder.iterdir():
+                path.unlink(missing_ok=True)
+            folder.rmdir()
+
+    # ---- chunk files ------------------------------------------------------------------------------------------
+
+    def _chunk_path(self, key: str, index: int) -> Path:
+        return self.root / "kv" / key / f"{index}.safetensors"
+
+    def _chunk_tokens(self, key: str) -> dict[int, int]:
+        folder = self.root / "kv" / key
+        found = {}
+        for path in folder.glob("*.safetensors") if folder.is_dir() else []:
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(8)
+                    meta = json.loads(f.read(struct.unpack("<Q", head)[0]))["__metadata__"]
+                if meta["format"] != FORMAT or meta["fingerprint"] != self.fingerprint:
+                    self.num_bad_files += 1
+                    _warn(f"disk tier: {path.name} of a stored conversation is from another model; recomputing it")
+                    continue
+                found[int(path.stem)] = int(meta["num_tokens"])
+            except (OSError, ValueError, KeyError, struct.error):
+                self.num_bad_files += 1
+                _warn(f"disk tier: unreadable KV file {path.name}; recomputing it")
+        return found
+
+    def write_chunk(self, conv_id: str, index: int, k: torch.Tensor, v: torch.Tensor, tokens: list[int]) -> int:
+        """KV of chunk `index`, covering `tokens` (the conversation's tokens up to its last valid position).
+        Returns bytes written, 0 (warned) on failure."""
+        key = conv_key(conv_id)
+        path = self._chunk_path(key, index)
+        meta = {
+            "format": FORMAT,
+            "fingerprint": self.fingerprint,
+            "num_tokens": str(len(tokens)),
+            "tokens_hash": tokens_hash(tokens),
+            "checksum": _checksum(k, v),
+        }
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        try:
+            data = st_save({"k": k.contiguous(), "v": v.contiguous()}, metadata=meta)
+            path.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as error:
+            self.num_write_errors += 1
+            tmp.unlink(missing_ok=True)
+            _warn(f"disk tier: could not write KV of {conv_id!r} ({error}); that chunk is dropped instead")
+            return 0
+        return len(data)
+
+    def read_chunk(self, conv_id: str, index: int, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The chunk's k, v if its file is intact, of this model, and covers exactly `tokens`; else None (warned)."""
+        path = self._chunk_path(conv_key(conv_id), index)
+        try:
+            data = path.read_bytes()
+            meta = _read_header(data)["__metadata__"]
+            problem = None
+            if meta.get("format") != FORMAT:
+                problem = "unknown format"
+            elif meta.get("fingerprint") != self.fingerprint:
+                problem = "written for another model"
+            elif int(meta["num_tokens"]) != len(tokens) or meta["tokens_hash"] != tokens_hash(tokens):
+                problem = "written for other tokens"
+            else:
+                tensors = st_load(data)
+                k, v = tensors["k"], tensors["v"]
+                if tuple(k.shape) != self.chunk_shape or tuple(v.shape) != self.chunk_shape or k.dtype != self.dtype:
+                    problem = f"shape {tuple(k.shape)} {k.dtype}, expected {self.chunk_shape} {self.dtype}"
+                elif _checksum(k, v) != meta["checksum"]:
+                    problem = "checksum mismatch"
+        except (OSError, ValueError, KeyError, struct.error, RuntimeError) as error:  # safetensors raises these
+            problem = f"unreadable ({type(error).__name__}: {error})"
+        if problem is not None:
+            self.num_bad_files += 1
+            _warn(f"disk tier: KV chunk {index} of {conv_id!r} not used ({problem}); recomputing it")
+            return None
+        return k, v
+
+
+def _format_record(obj: dict) -> bytes:
+    payload = json.dumps(obj, separators=(",", ":")).encode()
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def _parse_record(line: bytes) -> dict | None:
+    """One log line -> its record, or None if torn (no newline) or corrupt."""
+    if not line.endswith(b"\n") or len(line) < 10 or line[8:9] != b" ":
+        return None
+    payload = line[9:-1]
+    try:
+        if int(line[:8], 16) != zlib.crc32(payload):
+            return None
+        record = json.loads(payload)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,210 @@
+"""The tensors of the device and host tiers, and every copy between tiers.
+
+A chunk (one block of `block_size` tokens) lives in exactly one tier:
+
+    DEVICE  a block of the device pool, per layer k/v [num_device_blocks, block_size, Hkv, D]
+    HOST    a block of the host pool, same layout on the CPU (pinned on GPU machines)
+    DISK    a safetensors file (pensieve/cache/disk.py)
+    DROPPED nowhere: recomputed from the conversation's tokens when needed
+
+Copies, and when they happen:
+
+- Swap-out (device -> host) is issued at once: on GPU on a side stream, after the work the main stream has queued
+  so far (the forward that wrote the blocks); on CPU it is a plain copy. The main stream waits for the side stream
+  before the next forward writes into the freed device blocks.
+- Swap-in (host -> device) and loads (disk -> staging -> device) are queued, then issued by `begin_forward()` layer by
+  layer: on GPU each layer's copies go on the side stream followed by an event, and the attention of layer l waits
+  on event l only (`LayerGate.wait`), so restoring a conversation overlaps the forward of earlier layers. On CPU the
+  same gate runs layer l's copies right before layer l's attention.
+- Host blocks whose data a queued swap-in still has to read are freed by the manager only after the forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+
+
+class Tier(IntEnum):
+    DROPPED = 0
+    DISK = 1
+    HOST = 2
+    DEVICE = 3
+
+
+@dataclass(slots=True)
+class Chunk:
+    tier: Tier
+    block: int = -1  # block id in the device or host pool; -1 on disk or dropped
+
+
+LayerCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k, v) [num_blocks, block_size, Hkv, D]
+
+
+def _runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int]]:
+    """(src_start, dst_start, length) of maximal runs where both id lists are consecutive."""
+    runs: list[list[int]] = []
+    for s, d in zip(src_ids, dst_ids, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, d, 1])
+    return [tuple(r) for r in runs]
+
+
+def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: list[int], dst_ids: list[int]) -> None:
+    """dst[dst_ids] = src[src_ids] along dim 0. Between CPU tensors: one gather + one scatter. Across devices: one
+    non_blocking copy per run of consecutive ids (cudaMemcpyAsync under the hood, like vLLM's swap_blocks)."""
+    if not src_ids:
+        return
+    if src.device == dst.device and src.device.type == "cpu":
+        dst.index_copy_(0, torch.tensor(dst_ids), src.index_select(0, torch.tensor(src_ids)))
+        return
+    for s, d, n in _runs(src_ids, dst_ids):
+        dst[d : d + n].copy_(src[s : s + n], non_blocking=True)
+
+
+@dataclass
+class _QueuedCopy:
+    source: LayerCaches  # per layer (k, v) to read from
+    src_ids: list[int]
+    dst_ids: list[int]  # device blocks
+
+
+class LayerGate:
+    """Handed to the attention of every layer for one forward: `wait(layer)` before touching that layer's cache."""
+
+    def __init__(self, storage: KVStorage, work: list[_QueuedCopy], events: list | None) -> None:
+        self._storage = storage
+        self._work = work
+        self._events = events
+        self._done = [not work] * storage.num_layers
+
+    def wait(self, layer: int) -> None:
+        if self._done[layer]:
+            return
+        self._done[layer] = True
+        if self._events is not None:
+            torch.cuda.current_stream(self._storage.device).wait_event(self._events[layer])
+        else:
+            self._storage.copy_layer(self._work, layer)
+
+    def finish(self) -> None:
+        """Run whatever a layer did not ask for (a model that skipped a layer's attention must not lose copies)."""
+        for layer in range(self._storage.num_layers):
+            self.wait(layer)
+
+
+class KVStorage:
+    def __init__(
+        self,
+        num_layers: int,
+        block_shape: tuple[int, int, int],  # block_size, Hkv, D
+        dtype: torch.dtype,
+        device: torch.device,
+        num_device_blocks: int,
+        num_host_blocks: int,
+    ) -> None:
+        self.num_layers = num_layers
+        self.device = device
+        self.cuda = device.type == "cuda"
+        # Fixed tensors whose addresses never change (CUDA graphs rely on it). Uninitialized: a slot is written before
+        # any query sees it, and the kernels never let an unwritten slot reach a result.
+        self.device_caches: LayerCaches = [
+            tuple(torch.empty((num_device_blocks, *block_shape), dtype=dtype, device=device) for _ in "kv")
+            for _ in range(num_layers)
+        ]
+        self.host_caches: LayerCaches = [
+            tuple(torch.empty((num_host_blocks, *block_shape), dtype=dtype, pin_memory=self.cuda) for _ in "kv")
+            for _ in range(num_layers)
+        ]
+        self.bytes_per_block = 2 * num_layers * block_shape[0] * block_shape[1] * block_shape[2] * dtype.itemsize
+        self.chunk_shape = (num_layers, *block_shape)
+        self.dtype = dtype
+        self.side = torch.cuda.Stream(device) if self.cuda else None
+        self._queued: list[_QueuedCopy] = []
+        self._side_unwaited = False  # the side stream has copies the main stream has not waited for
+        self._in_flight: tuple[torch.cuda.Event | None, list] = (None, [])  # last forward's copies, staging kept alive
+
+    # ---- copies issued now ------------------------------------------------------------------------------------
+
+    def swap_out(self, dev_ids: list[int], host_ids: list[int]) -> None:
+        """Device blocks -> host blocks, now (GPU: side stream, after the main stream's queued work)."""
+        if self.side is None:
+            self._copy_all(self.device_caches, self.host_caches, dev_ids, host_ids)
+            return
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.side):
+            self._copy_all(self.device_caches, self.host_caches, dev_ids, host_ids)
+        self._side_unwaited = True
+
+    def _copy_all(self, src: LayerCaches, dst: LayerCaches, src_ids: list[int], dst_ids: list[int]) -> None:
+        for layer in range(self.num_layers):
+            for s, d in zip(src[layer], dst[layer], strict=True):
+                copy_blocks(s, d, src_ids, dst_ids)
+
+    def read_chunk(self, tier: Tier, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk's KV as CPU tensors k, v [num_layers, block_size, Hkv, D] (for a disk write)."""
+        if tier == Tier.HOST:
+            caches = self.host_caches
+            if self.side is not None:
+                self.side.synchronize()  # a swap-out into this block may still be in flight
+        else:
+            caches = self.device_caches
+        k = torch.stack([layer[0][block] for layer in caches]).to("cpu", copy=True)
+        v = torch.stack([layer[1][block] for layer in caches]).to("cpu", copy=True)
+        return k, v
+
+    # ---- copies for the next forward ----------------------------------------------------------------------------
+
+    def queue_swap_in(self, host_ids: list[int], dev_ids: list[int]) -> None:
+        self._queued.append(_QueuedCopy(self.host_caches, list(host_ids), list(dev_ids)))
+
+    def queue_load(self, chunks: list[tuple[torch.Tensor, torch.Tensor]], dev_ids: list[int]) -> None:
+        """Chunks read from disk (k, v [num_layers, block_size, Hkv, D] each) -> device blocks, next forward."""
+        k = torch.stack([c[0] for c in chunks], dim=1)  # [L, n, block_size, Hkv, D]: each layer's slice contiguous
+        v = torch.stack([c[1] for c in chunks], dim=1)
+        if self.cuda:
+            k, v = k.pin_memory(), v.pin_memory()
+        staged = [(k[layer], v[layer]) for layer in range(self.num_layers)]
+        self._queued.append(_QueuedCopy(staged, list(range(len(chunks))), list(dev_ids)))
+
+    def cancel_queued(self) -> None:
+        """Forget queued swap-ins (a step failed before its forward: the blocks they targeted are released)."""
+        self._queued = []
+
+    def copy_layer(self, work: list[_QueuedCopy], layer: int) -> None:
+        for item in work:
+            for s, d in zip(item.source[layer], self.device_caches[layer], strict=True):
+                copy_blocks(s, d, item.src_ids, item.dst_ids)
+
+    def begin_forward(self) -> LayerGate:
+        """Issue the queued swap-ins/loads; the returned gate orders each layer's attention after its copies."""
+        work, self._queued = self._queued, []
+        if self.side is None:
+            return LayerGate(self, work, None)
+        main = torch.cuda.current_stream(self.device)
+        last_event, _ = self._in_flight
+        if last_event is not None:
+            last_event.synchronize()  # long done in practice: it preceded the last forward's layers
+        self._in_flight = (None, [])
+        if not work:
+            if self._side_unwaited:  # swap-outs read device blocks this forward may overwrite
+                main.wait_stream(self.side)
+                self._side_unwaited = False
+            return LayerGate(self, work, None)
+        self.side.wait_stream(main)  # the blocks we overwrite were last read by earlier forwards
+        events = []
+        with torch.cuda.stream(self.side):
+            for layer in range(self.num_layers):
+                self.copy_layer(work, layer)
+                event = torch.cuda.Event()
+                event.record(self.side)
+                events.append(event)
+        # Every swap-out issued before is ahead of these copies on the side stream, so waiting on a layer's event
+        # also covers them.
+        self._side_unwaited = False
+        self._in_flight = (events[-1], [item.source for item in work])
+        return LayerGate(self, work, events)
