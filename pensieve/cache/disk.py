@@ -20,6 +20,7 @@ reported (a warning) and treated as "dropped": recomputed, never used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -235,7 +237,8 @@ class DiskStore:
             os.replace(tmp, path)
         except OSError as error:
             self.num_write_errors += 1
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             _warn(f"disk tier: could not write KV of {conv_id!r} ({error}); that chunk is dropped instead")
             return 0
         return len(data)
@@ -260,13 +263,16 @@ class DiskStore:
                     problem = f"shape {tuple(k.shape)} {k.dtype}, expected {self.chunk_shape} {self.dtype}"
                 elif _checksum(k, v) != meta["checksum"]:
                     problem = "checksum mismatch"
-        except (OSError, ValueError, KeyError, struct.error, RuntimeError) as error:  # safetensors raises these
+        except (OSError, ValueError, KeyError, TypeError, struct.error, SafetensorError) as error:
             problem = f"unreadable ({type(error).__name__}: {error})"
         if problem is not None:
-            self.num_bad_files += 1
-            _warn(f"disk tier: KV chunk {index} of {conv_id!r} not used ({problem}); recomputing it")
+            self.reject(conv_id, index, problem)
             return None
         return k, v
+
+    def reject(self, conv_id: str, index: int, problem: str) -> None:
+        self.num_bad_files += 1
+        _warn(f"disk tier: KV chunk {index} of {conv_id!r} not used ({problem}); recomputing it")
 
 
 def _format_record(obj: dict) -> bytes:

@@ -118,16 +118,17 @@ class KVManager:
             return None
         conv = Conversation(conv_id, tokens=stored.tokens, last_active=0.0, messages=stored.messages)
         bs = self.block_size
-        for last in sorted(stored.chunk_tokens, reverse=True):
-            covered = stored.chunk_tokens[last]
-            if last * bs < covered <= min((last + 1) * bs, len(stored.tokens)):
-                conv.num_computed = covered
-                conv.chunks = [
-                    Chunk(Tier.DISK if stored.chunk_tokens.get(i) == min((i + 1) * bs, covered) else Tier.DROPPED)
-                    for i in range(last + 1)
-                ]
-                dropped = [i for i, c in enumerate(conv.chunks) if c.tier == Tier.DROPPED]
-                for i in range(dropped[-1] + 1 if dropped else 0):
+        files = stored.chunk_tokens
+        for last in sorted(files, reverse=True):
+            if last * bs < files[last] <= min((last + 1) * bs, len(stored.tokens)):
+                conv.num_computed = covered = files[last]
+                conv.chunks = [Chunk(Tier.DISK) for _ in range(last + 1)]
+                # A chunk without a file, or whose file covers other positions, is dropped with all before it.
+                bad = [i for i in range(last + 1) if files.get(i) != min((i + 1) * bs, covered)]
+                for i in bad:
+                    if i in files:
+                        self.disk.reject(conv_id, i, "written for other tokens")
+                for i in range(bad[-1] + 1 if bad else 0):
                     conv.chunks[i].tier = Tier.DROPPED
                 _normalize(conv)
                 break
@@ -252,11 +253,12 @@ class KVManager:
 
     def truncate(self, conv: Conversation, num_tokens: int) -> None:
         """Keep KV for the first num_tokens positions only (the rest of the history was rewritten)."""
-        if num_tokens < conv.num_computed:
+        cut = num_tokens < conv.num_computed
+        if cut:
             conv.num_computed = num_tokens
         self._free_tail(conv)
         keep = len(conv.chunks)
-        if keep and conv.num_computed % self.block_size and conv.chunks[keep - 1].tier == Tier.DISK:
+        if cut and keep and conv.num_computed % self.block_size and conv.chunks[keep - 1].tier == Tier.DISK:
             self._drop_through(conv, keep - 1)  # its file covers tokens that changed
         _normalize(conv)
 

@@ -1,0 +1,187 @@
+"""Scripted scenarios for the tiered cache's bookkeeping: exactly which chunks move where, in what order."""
+
+import time
+
+import pytest
+
+from pensieve.cache.manager import KVManager
+from pensieve.cache.policy import LRUPolicy, PensievePolicy, RecomputeCost
+from pensieve.cache.tiers import Chunk, Tier
+
+D, H, K, X = Tier.DEVICE, Tier.HOST, Tier.DISK, Tier.DROPPED
+BS = 4
+
+
+def _manager(device=8, host=0, policy="pensieve", watermark=0.0, reserve=0.0) -> KVManager:
+    chosen = PensievePolicy(RecomputeCost(1.0, 1.0), BS) if policy == "pensieve" else LRUPolicy()
+    kv = KVManager(
+        device, BS, num_host_blocks=host, policy=chosen, swap_out_watermark=watermark, decode_reserve=reserve
+    )
+    kv.trace = []
+    return kv
+
+
+def _idle(kv: KVManager, conv_id: str, num_chunks: int, idle_s: float, tokens: int | None = None):
+    """An idle conversation whose num_chunks chunks are all on the device."""
+    conv = kv.conversation(conv_id)
+    conv.tokens = list(range(3, 3 + (tokens or num_chunks * BS) + 1))
+    conv.num_computed = tokens or num_chunks * BS
+    assert kv.reserve(conv, conv.num_computed, set())
+    conv.last_active = time.monotonic() - idle_s
+    kv.trace.clear()
+    kv.check_integrity()
+    return conv
+
+
+def _tiers(conv) -> list[Tier]:
+    return [c.tier for c in conv.chunks]
+
+
+def _new_turn(kv: KVManager, conv_id: str, num_tokens: int, keep_free: int = 0) -> bool:
+    conv = kv.conversation(conv_id)
+    conv.tokens = list(range(3, 3 + num_tokens))
+    conv.pinned = True
+    ok = kv.reserve(conv, num_tokens, set(), keep_free)
+    kv.check_integrity()
+    return ok
+
+
+def test_pensieve_moves_lowest_cost_over_idle_first_leading_chunks_first():
+    kv = _manager(device=8, host=8)
+    a = _idle(kv, "a", 4, idle_s=100.0)
+    b = _idle(kv, "b", 3, idle_s=5.0)
+    # values with cost(start, 4) = 4 + 4*start + 6: a0 = 10/100, a1 = 26/100, a2 = 42/100, a3 = 58/100, b0 = 10/5
+    assert _new_turn(kv, "c", 4 * BS)  # 1 free block, 4 needed: three chunks move
+    assert kv.trace == [("a", 0, D, H), ("a", 1, D, H), ("a", 2, D, H)]
+    assert _tiers(a) == [H, H, H, D] and _tiers(b) == [D, D, D]
+
+
+def test_pensieve_takes_a_recent_conversations_cheap_leading_chunk_before_an_old_ones_costly_tail():
+    kv = _manager(device=8, host=8)
+    a = _idle(kv, "a", 5, idle_s=10.0)  # a4 = cost(16, 4) = 74 -> 7.4 per s idle
+    b = _idle(kv, "b", 2, idle_s=5.0)  # b0 = 10 / 5 = 2.0, b1 = 26 / 5 = 5.2
+    assert _new_turn(kv, "c", 7 * BS)  # 1 free, 7 needed: a0..a3 (1.0, 2.6, 4.2, 5.8) interleave with b0, b1
+    assert kv.trace == [("a", 0, D, H), ("b", 0, D, H), ("a", 1, D, H), ("a", 2, D, H), ("b", 1, D, H), ("a", 3, D, H)]
+    assert _tiers(a) == [H, H, H, H, D] and _tiers(b) == [H, H]
+
+
+def test_lru_moves_whole_conversations_least_recently_active_first():
+    kv = _manager(device=8, host=8, policy="lru")
+    a = _idle(kv, "a", 3, idle_s=5.0)
+    b = _idle(kv, "b", 4, idle_s=50.0)
+    assert _new_turn(kv, "c", 2 * BS)  # 1 free, 2 needed, but b goes whole
+    assert kv.trace == [("b", i, D, H) for i in range(4)]
+    assert _tiers(a) == [D, D, D] and _tiers(b) == [H] * 4 and kv.device.num_free == 3
+
+
+def test_full_host_tier_makes_room_by_dropping_its_own_lowest_value_chunk():
+    kv = _manager(device=8, host=1)
+    a = _idle(kv, "a", 4, idle_s=100.0)
+    _idle(kv, "b", 3, idle_s=1.0)
+    assert _new_turn(kv, "c", 3 * BS)  # 1 free, 3 needed
+    assert kv.trace == [("a", 0, D, H), ("a", 0, H, X), ("a", 1, D, H)]
+    assert _tiers(a) == [X, H, D, D]
+    assert kv.counters["dropped_chunks"] == 1 and kv.counters["swap_out_chunks"] == 2
+
+
+def test_without_lower_tiers_chunks_are_dropped_leading_first():
+    kv = _manager(device=6)
+    a = _idle(kv, "a", 4, idle_s=10.0, tokens=14)
+    assert _new_turn(kv, "c", 4 * BS)
+    assert kv.trace == [("a", 0, D, X), ("a", 1, D, X)]
+    assert _tiers(a) == [X, X, D, D] and a.num_computed == 14
+
+
+def test_dropping_the_last_chunk_resets_the_conversation():
+    kv = _manager(device=4)
+    a = _idle(kv, "a", 2, idle_s=10.0, tokens=6)
+    assert _new_turn(kv, "c", 4 * BS)
+    assert a.chunks == [] and a.num_computed == 0  # everything was dropped: a plain prefill next time
+
+
+def test_pinned_conversations_never_move():
+    kv = _manager(device=4, host=4)
+    busy = _idle(kv, "busy", 2, idle_s=100.0)
+    busy.pinned = True
+    assert not _new_turn(kv, "c", 3 * BS)  # only 2 free and busy cannot move
+    assert kv.trace == [] and _tiers(busy) == [D, D] and len(kv.conversation("c").chunks) == 0
+
+
+def test_reserve_refuses_to_eat_into_the_kept_free_blocks():
+    kv = _manager(device=8)
+    assert not _new_turn(kv, "c", 8 * BS, keep_free=1)
+    assert kv.conversation("c").chunks == []  # nothing allocated on failure
+    assert _new_turn(kv, "d", 7 * BS, keep_free=1)
+
+
+def test_ahead_of_time_swap_out_fills_the_watermark_but_never_drops():
+    kv = _manager(device=8, host=2, watermark=0.5)  # keep 4 blocks free
+    a = _idle(kv, "a", 4, idle_s=100.0)
+    b = _idle(kv, "b", 3, idle_s=1.0)
+    assert kv.device.num_free == 1
+    assert kv.swap_out_ahead() == 2  # the host has room for 2 only; the rest stays on the device
+    assert kv.trace == [("a", 0, D, H), ("a", 1, D, H)]
+    assert _tiers(a) == [H, H, D, D] and _tiers(b) == [D, D, D]
+    assert kv.swap_out_ahead() == 0 and kv.counters["dropped_chunks"] == 0
+
+
+def test_ahead_of_time_swap_out_does_nothing_above_the_watermark():
+    kv = _manager(device=8, host=8, watermark=0.25)
+    _idle(kv, "a", 6, idle_s=100.0)
+    assert kv.device.num_free == 2 and kv.swap_out_ahead() == 0 and kv.trace == []
+
+
+def test_restore_swaps_in_host_chunks_and_recomputes_dropped_leading_ones():
+    kv = _manager(device=8, host=4)
+    a = _idle(kv, "a", 4, idle_s=100.0)
+    a.chunks[0].tier, a.chunks[0].block = X, -1  # hand-built [X, H, D, D]: free a0's device block first
+    kv.device.free([0])
+    (h,) = kv.host.allocate(1)
+    kv.device.free([a.chunks[1].block])
+    a.chunks[1] = Chunk(H, h)
+    kv.check_integrity()
+    a.pinned = True
+    stats = kv.restore(a, set())
+    assert _tiers(a) == [D] * 4 and (a.recompute_pos, a.recompute_end) == (0, BS)
+    assert stats.chunks == {X: 1, K: 0, H: 1, D: 2} and stats.tokens == {X: 4, K: 0, H: 4, D: 8}
+    assert kv.host.num_free == 3  # the swapped-in host block is freed only after the forward that reads it
+    kv.check_integrity()
+    kv.after_forward()
+    assert kv.host.num_free == 4
+    kv.check_integrity()
+
+
+def test_preempting_a_recompute_in_progress_drops_the_range_and_moves_the_rest_down():
+    kv = _manager(device=8, host=8)
+    a = _idle(kv, "a", 3, idle_s=1.0, tokens=11)
+    a.pinned = True
+    a.recompute_pos, a.recompute_end = 2, 2 * BS  # chunks 0-1 were being recomputed
+    kv.preempt(a)
+    assert _tiers(a) == [X, X, H] and (a.recompute_pos, a.recompute_end) == (0, 0) and a.num_computed == 11
+    kv.check_integrity()
+
+
+def test_truncate_frees_the_rewritten_tail():
+    kv = _manager(device=8)
+    a = _idle(kv, "a", 4, idle_s=1.0)
+    kv.truncate(a, 6)
+    assert a.num_computed == 6 and len(a.chunks) == 2 and kv.device.num_free == 6
+    kv.check_integrity()
+
+
+def test_integrity_check_catches_a_block_owned_twice():
+    kv = _manager(device=8)
+    a = _idle(kv, "a", 2, idle_s=1.0)
+    a.chunks[1].block = a.chunks[0].block
+    with pytest.raises(AssertionError):
+        kv.check_integrity()
+
+
+def test_integrity_check_catches_chunks_out_of_tier_order():
+    kv = _manager(device=8, host=4)
+    a = _idle(kv, "a", 2, idle_s=1.0)
+    (h,) = kv.host.allocate(1)
+    kv.device.free([a.chunks[1].block])
+    a.chunks[1] = Chunk(H, h)  # [D, H]: the host chunk is after a device chunk
+    with pytest.raises(AssertionError, match="order"):
+        kv.check_integrity()

@@ -1,0 +1,112 @@
+"""Random interleavings of turns, end() and restarts on tiny tiered caches: every reply token-identical to the oracle.
+
+Device 4-16 blocks, host 0-16, disk on/off, both policies, random block size and step budget. After every step the
+manager's integrity holds (pools consistent, no block owned twice, per-conversation tier order
+[dropped][disk][host][device]) and `conversations()` lists exactly what should exist.
+"""
+
+import shutil
+import tempfile
+
+from hypothesis import event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from pensieve import CacheConfig, SamplingParams, StatefulGenerator
+from pensieve.config import SchedulerConfig
+from tests.tiny import VOCAB, hf_greedy, oracle_copy, tiny_model
+
+MAX_NEW = 3
+GREEDY = SamplingParams(max_new_tokens=MAX_NEW, temperature=0, ignore_eos=True)
+CONVS = st.sampled_from("abcde")
+MESSAGES = st.lists(st.integers(3, VOCAB - 1), min_size=1, max_size=6)
+
+_MODEL = tiny_model("llama", seed=7)
+_ORACLE = oracle_copy(_MODEL)
+
+
+class TieredCacheMachine(RuleBasedStateMachine):
+    @initialize(
+        block_size=st.sampled_from((2, 4)),
+        device=st.integers(4, 16),
+        host=st.one_of(st.just(0), st.integers(1, 16)),
+        disk=st.booleans(),
+        policy=st.sampled_from(("pensieve", "lru")),
+        budget=st.integers(3, 32),
+    )
+    def start(self, block_size, device, host, disk, policy, budget):
+        self.disk_dir = tempfile.mkdtemp(prefix="pensieve-sm-") if disk else None
+        self.config = CacheConfig(
+            block_size=block_size, num_device_blocks=device, num_host_blocks=host, disk_dir=self.disk_dir, policy=policy
+        )
+        self.scheduler = SchedulerConfig(max_num_batched_tokens=budget)
+        self.capacity = device * block_size
+        self.histories: dict[str, list[int]] = {}
+        self.gen = self._open()
+
+    def _open(self) -> StatefulGenerator:
+        return StatefulGenerator(_MODEL, None, self.config, scheduler_config=self.scheduler)
+
+    def _fits(self, conv_id: str, msg: list[int]) -> bool:
+        return len(self.histories.get(conv_id, [])) + len(msg) + MAX_NEW <= self.capacity
+
+    @rule(conv_id=CONVS, msg=MESSAGES)
+    def turn(self, conv_id, msg):
+        if not self._fits(conv_id, msg):
+            return
+        reply = self.gen.generate(conv_id, msg, GREEDY)
+        _record(reply)
+        history = self.histories.get(conv_id, []) + msg
+        assert reply.token_ids == hf_greedy(_ORACLE, history, MAX_NEW), (conv_id, reply)
+        self.histories[conv_id] = history + reply.token_ids
+
+    @rule(batch=st.dictionaries(CONVS, MESSAGES, min_size=2, max_size=4))
+    def batch(self, batch):
+        batch = {c: m for c, m in batch.items() if self._fits(c, m)}
+        if not batch:
+            return
+        replies = self.gen.generate_batch(batch, GREEDY)
+        for conv_id, msg in batch.items():
+            history = self.histories.get(conv_id, []) + msg
+            assert replies[conv_id].token_ids == hf_greedy(_ORACLE, history, MAX_NEW), conv_id
+            _record(replies[conv_id])
+            self.histories[conv_id] = history + replies[conv_id].token_ids
+
+    @rule(conv_id=CONVS, forget=st.booleans())
+    def end(self, conv_id, forget):
+        if conv_id not in self.histories:
+            return
+        self.gen.end(conv_id, forget=forget)
+        if forget or self.disk_dir is None:
+            del self.histories[conv_id]
+
+    @precondition(lambda self: self.disk_dir is not None)
+    @rule()
+    def restart(self):
+        self.gen.close()
+        self.gen = self._open()
+        event("restart")
+
+    @invariant()
+    def consistent(self):
+        self.gen._engine.kv.check_integrity()
+        assert self.gen.conversations() == sorted(self.histories)
+
+    def teardown(self):
+        self.gen.close()
+        if self.disk_dir is not None:
+            shutil.rmtree(self.disk_dir, ignore_errors=True)
+
+
+def _record(reply) -> None:
+    """Which paths the examples exercised (pytest --hypothesis-show-statistics)."""
+    for name in ("num_chunks_host", "num_chunks_disk", "num_chunks_dropped"):
+        if getattr(reply, name):
+            event(f"turn with {name}")
+    event("turn")
+
+
+TieredCacheMachine.TestCase.settings = settings(
+    settings.default, max_examples=settings.default.max_examples, stateful_step_count=30
+)
+test_tiered_cache = TieredCacheMachine.TestCase
