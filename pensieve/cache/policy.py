@@ -7,7 +7,8 @@ takes every conversation's chunks from its leading end, which is what keeps the 
 `[dropped][disk][host][device]`.
 
 The cost is analytic (documented in docs/architecture.md): recomputing the token at position p costs
-`2 * P` FLOPs for the weights (P = parameters outside the embeddings) plus `4 * L * Hq * D * p` for attention over
+`2 * P` FLOPs for the weights (P = parameters outside the input/output embeddings: recomputed rows need no
+logits) plus `4 * L * Hq * D * p` for attention over
 the p positions before it (QK^T and PV, a multiply-add each). Only ratios between chunks matter.
 
 The LRU policy, for comparison, evicts whole conversations, least recently active first (what a prefix cache
@@ -38,8 +39,10 @@ class RecomputeCost:
 
     @staticmethod
     def for_model(model, num_layers: int, num_heads: int, head_dim: int) -> RecomputeCost:
-        embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-        weights = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+        # Recomputed rows need no logits: the input and output embeddings cost nothing.
+        skip = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)] + [model.get_output_embeddings()]
+        skipped = {id(p) for m in skip if m is not None for p in m.parameters()}
+        weights = sum(p.numel() for p in model.parameters() if id(p) not in skipped)
         return RecomputeCost(2.0 * weights, 4.0 * num_layers * num_heads * head_dim)
 
 
