@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from multiturn import SHAREGPT, lognormal_int, load_model  # noqa: E402
+from multiturn import SHAREGPT, load_model, lognormal_int  # noqa: E402
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator  # noqa: E402
 from pensieve.cache.policy import RecomputeCost  # noqa: E402
@@ -51,10 +51,11 @@ def make_workload(args) -> tuple[list[list[list[int]]], list[tuple[list[int], in
     """-> user messages per conversation per turn, and the schedule: groups of conversations (indices) sent together
     in one generate_batch, in order, each with its reply length."""
     rng = random.Random(args.seed)
-    convs = [
-        [[rng.randrange(1000, 40000) for _ in range(lognormal_int(rng, args.user_mean, 0.6))] for _ in range(args.turns)]
-        for _ in range(args.conversations)
-    ]
+
+    def message() -> list[int]:
+        return [rng.randrange(1000, 40000) for _ in range(lognormal_int(rng, args.user_mean, 0.6))]
+
+    convs = [[message() for _ in range(args.turns)] for _ in range(args.conversations)]
     if args.order == "round-robin":
         order = [i for _ in range(args.turns) for i in range(len(convs))]
     else:  # every conversation's turns in a random interleaving
@@ -205,7 +206,8 @@ def main(argv=None) -> None:
                 print(f"{tiers:11} 1/{round(1 / fraction):<3} {device_blocks:5} blk {policy:9} "
                       f"{r['output_tok_s']:7.1f} tok/s  recomputed {r['recomputed_tokens']:6} tok "
                       f"{r['recompute_gflop']:7.1f} GFLOP  hits {hits}  "
-                      f"TTFT p50 {r['ttft_p50_s'] * 1e3:6.0f} p90 {r['ttft_p90_s'] * 1e3:6.0f} ms", flush=True)  # fmt: skip
+                      f"TTFT p50 {r['ttft_p50_s'] * 1e3:6.0f} p90 {r['ttft_p90_s'] * 1e3:6.0f} ms",
+                      flush=True)  # fmt: skip
 
     reference = {r["conv"] + "/" + str(r["turn"]): r["tokens"] for r in results[0]["rows"]}
     print("\nPensieve vs LRU, same setup (recomputed tokens and analytic recompute GFLOP: pensieve / lru):")
