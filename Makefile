@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-thorough bench-kernel bench-multiturn install clean
+.PHONY: demo test test-thorough bench-kernel bench-multiturn bench-oversubscription install clean
 
 demo: $(STAMP)  ## the main job: a multi-turn chat on SmolLM2-135M-Instruct with per-turn cache stats
 	$(PY) examples/chat.py
@@ -22,6 +22,9 @@ bench-kernel: $(STAMP)
 
 bench-multiturn: $(STAMP)
 	$(PY) benchmarks/multiturn.py
+
+bench-oversubscription: $(STAMP)
+	$(PY) benchmarks/oversubscription.py
 
 install: $(STAMP)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from plotting import pyplot, save
 
 from pensieve.ops import paged_attention
 
@@ -123,13 +124,8 @@ def cases(quick: bool):
 
 
 def plot(rows, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     labels = [f"{r['kind'][0]} b{r['batch']} c{r['context']} q{r['q_len']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.45), 4))
@@ -140,9 +136,7 @@ def plot(rows, path: Path) -> None:
     ax.set_ylabel("paged / contiguous SDPA time")
     ax.set_title("pensieve paged attention vs SDPA on contiguous KV")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    save(fig, path)
 
 
 def main(argv=None) -> None:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from plotting import pyplot, save
 from tqdm import tqdm
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator
@@ -166,13 +167,8 @@ def summarize(name: str, rows: list[dict]) -> dict:
 
 
 def plot(summaries: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for s in summaries:
@@ -186,9 +182,7 @@ def plot(summaries: list[dict], path: Path) -> None:
     ax2.bar([s["peer"] for s in summaries], [s["output_tok_s"] for s in summaries], color="tab:green")
     ax2.set_ylabel("output tokens / s")
     ax2.set_title("throughput")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    save(fig, path)
 
 
 def load_model(args):

@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from multiturn import SHAREGPT, load_model, lognormal_int  # noqa: E402
+from plotting import pyplot, save  # noqa: E402
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator  # noqa: E402
 from pensieve.cache.policy import RecomputeCost  # noqa: E402
@@ -138,16 +139,12 @@ def _reply_row(reply) -> dict:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for tiers, ax in zip(TIERS, axes, strict=True):
+    setups = list(dict.fromkeys(r["tiers"] for r in results))
+    fig, axes = plt.subplots(1, len(setups), figsize=(5 * len(setups), 4), squeeze=False)
+    for tiers, ax in zip(setups, axes[0], strict=True):
         for policy, style in zip(POLICIES, ("-o", "--s"), strict=True):
             runs = sorted((r for r in results if r["tiers"] == tiers and r["policy"] == policy),
                           key=lambda r: -r["fraction"])  # fmt: skip
@@ -156,9 +153,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_title(f"{tiers}: recomputed tokens")
         ax.set_xlabel("device capacity / working set")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    save(fig, path)
 
 
 def main(argv=None) -> None:

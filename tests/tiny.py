@@ -73,7 +73,7 @@ def oracle_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def hf_greedy(oracle: torch.nn.Module, history: list[int], max_new_tokens: int, ignore_eos: bool = True) -> list[int]:
     """The truth: HF generate over the full history."""
-    ids = torch.tensor([history])
+    ids = torch.tensor([history], device=next(oracle.parameters()).device)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids))
     if ignore_eos:
         kwargs["eos_token_id"] = None

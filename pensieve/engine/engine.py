@@ -85,6 +85,11 @@ class Engine:
         conv = self.kv.lookup(conv_id)
         if conv is not None and conv.pinned:
             raise ValueError(f"conversation {conv_id!r} already has a turn running")
+        if conv is not None and conv.tokens and max(conv.tokens) >= self.shape.vocab_size:
+            raise ValueError(
+                f"stored conversation {conv_id!r} has token ids outside this model's vocabulary "
+                f"({max(conv.tokens)} >= {self.shape.vocab_size}): it was stored by another model"
+            )
         tokens, messages = self._render(conv, msg)
         history = conv.tokens if conv is not None else []
         self._check_fits(conv_id, len(tokens), params.max_new_tokens)

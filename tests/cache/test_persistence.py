@@ -290,3 +290,13 @@ def test_sigkill_mid_turn_loses_nothing_completed(model, oracle, tmp_path):
         assert gen.conversations() == ["a", "b", "c"]
         for conv_id in "bca":  # b was mid-turn: it continues from its last completed turn
             _turn(gen, oracle, histories, conv_id, _msg(7))
+
+
+def test_a_conversation_stored_by_a_model_with_a_larger_vocabulary_is_rejected_clearly(model, tmp_path):
+    big = tiny_model("llama", seed=1, vocab=500)
+    with _open(big, tmp_path) as gen:
+        gen.generate("v", [400, 450, 7], GREEDY)
+    with _open(model, tmp_path) as gen:
+        with pytest.raises(ValueError, match="outside this model's vocabulary"), pytest.warns(DiskWarning):
+            gen.generate("v", [5], GREEDY)
+        assert gen.conversations() == ["v"]  # still stored, untouched
