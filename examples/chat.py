@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from pensieve import SamplingParams, StatefulGenerator
+from pensieve import CacheConfig, SamplingParams, StatefulGenerator
 
 SCRIPT = [
     "What is the capital of France?",
@@ -47,6 +47,9 @@ def main(argv=None) -> None:
     parser.add_argument("--model", help="local HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--interactive", action="store_true")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--disk-dir", help="keep the conversation on disk: run again to continue it")
+    parser.add_argument("--device-blocks", type=int, help="cap the device KV pool (blocks of 16 tokens)")
+    parser.add_argument("--host-blocks", type=int, default=0, help="a host KV tier of this many blocks")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -54,7 +57,10 @@ def main(argv=None) -> None:
     print(f"loaded {model.config.model_type} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params) "
           f"in {time.perf_counter() - t0:.1f}s; {torch.get_num_threads()} threads")  # fmt: skip
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0)
-    with StatefulGenerator(model, tokenizer) as gen:
+    cache = CacheConfig(num_device_blocks=args.device_blocks, num_host_blocks=args.host_blocks, disk_dir=args.disk_dir)
+    with StatefulGenerator(model, tokenizer, cache) as gen:
+        if "demo" in gen.conversations():
+            print("(continuing the conversation stored in --disk-dir)")
         for i, text in enumerate(turns(args.interactive), 1):
             if not args.interactive:
                 print(f"\nyou> {text}")
@@ -66,7 +72,9 @@ def main(argv=None) -> None:
             elapsed = time.perf_counter() - t
             reply = stream.reply
             print(
-                f"\n     [turn {i}: reused {reply.num_reused_device} cached tokens, prefilled {reply.num_prefilled} "
+                f"\n     [turn {i}: reused {reply.num_reused_device} cached tokens on device, "
+                f"{reply.num_reused_host} from host, {reply.num_reused_disk} from disk; "
+                f"prefilled {reply.num_prefilled} "
                 f"(new {reply.num_new_tokens}, recomputed {reply.num_recomputed}); "
                 f"TTFT {reply.ttft_s * 1e3:.0f} ms; {len(reply.token_ids)} tokens in {elapsed:.2f}s]"
             )
