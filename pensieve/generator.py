@@ -108,7 +108,7 @@ class StatefulGenerator:
             self._closed = True
             self._apply_commands()
             self._engine.fail_all(RuntimeError("the StatefulGenerator was closed during this turn"))
-            self._engine.persist_all()
+            self._engine.close()
         self._model.set_attn_implementation(self._original_attn)
 
     def __enter__(self) -> StatefulGenerator:

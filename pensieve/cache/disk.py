@@ -21,6 +21,7 @@ reported (a warning) and treated as "dropped": recomputed, never used.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -101,13 +102,29 @@ class DiskStore:
         self.dtype = dtype
         self.num_write_errors = 0
         self.num_bad_files = 0
+        self._lock = None
         try:
             (self.root / "convs").mkdir(parents=True, exist_ok=True)
             (self.root / "kv").mkdir(exist_ok=True)
+            self._lock = open(self.root / "LOCK", "a+b")  # noqa: SIM115  (held until close)
         except OSError as error:
             self.num_write_errors += 1
             _warn(f"disk tier: cannot create {self.root} ({error}); nothing will persist, evicted KV is dropped")
+        if self._lock is not None:
+            try:  # one generator per disk_dir: two would interleave their logs and chunk files
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self._lock.close()
+                raise ValueError(
+                    f"disk_dir {str(self.root)!r} is in use by another StatefulGenerator (in this or another process)"
+                ) from None
         self.index: dict[str, str] = self._scan()  # conv_id -> key, for every stored conversation
+
+    def close(self) -> None:
+        """Release the disk_dir (the OS also releases it if the process dies)."""
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the flock
+            self._lock = None
 
     # ---- token logs -------------------------------------------------------------------------------------------
 

@@ -308,13 +308,16 @@ class Engine:
         stored = self.kv.disk.index if self.kv.disk is not None else {}
         return sorted(set(self.kv.conversations) | set(stored))
 
-    def persist_all(self) -> None:
-        """Write every stored conversation's device and host KV to disk (close)."""
+    def close(self) -> None:
+        """Write every stored conversation's device and host KV to disk and release the disk_dir."""
         if self.kv.disk is None:
             return
-        for conv in self.kv.conversations.values():
-            if not conv.pinned and conv.conv_id in self.kv.disk.index:
-                self.kv.persist(conv)
+        try:
+            for conv in self.kv.conversations.values():
+                if not conv.pinned and conv.conv_id in self.kv.disk.index:
+                    self.kv.persist(conv)
+        finally:
+            self.kv.disk.close()
 
     def fail_all(self, error: BaseException) -> None:
         self.runner.storage.cancel_queued()

@@ -300,3 +300,14 @@ def test_a_conversation_stored_by_a_model_with_a_larger_vocabulary_is_rejected_c
         with pytest.raises(ValueError, match="outside this model's vocabulary"), pytest.warns(DiskWarning):
             gen.generate("v", [5], GREEDY)
         assert gen.conversations() == ["v"]  # still stored, untouched
+
+
+def test_one_generator_per_disk_dir(model, tmp_path):
+    first = _open(model, tmp_path)
+    with pytest.raises(ValueError, match="in use by another StatefulGenerator"):
+        _open(model, tmp_path)
+    first.generate("a", _msg(2), GREEDY)  # the refused one disturbed nothing
+    first.close()
+    assert model.config._attn_implementation != "pensieve"
+    with _open(model, tmp_path) as again:  # released on close
+        again.generate("a", _msg(3), GREEDY)
