@@ -1,8 +1,8 @@
 """Random interleavings of turns, end() and restarts on tiny tiered caches: every reply token-identical to the oracle.
 
-Device 4-16 blocks, host 0-16, disk on/off, both policies, random block size and step budget. After every step the
-manager's integrity holds (pools consistent, no block owned twice, per-conversation tier order
-[dropped][disk][host][device]) and `conversations()` lists exactly what should exist.
+Device 4-16 blocks, host 0-16, disk on/off, both policies, random block size and step budget. After every engine
+step the manager's integrity holds (pools consistent, no block owned twice, per-conversation tier order
+[dropped][disk][host][device]); after every rule `conversations()` lists exactly what should exist.
 """
 
 import shutil
@@ -45,7 +45,16 @@ class TieredCacheMachine(RuleBasedStateMachine):
         self.gen = self._open()
 
     def _open(self) -> StatefulGenerator:
-        return StatefulGenerator(_MODEL, None, self.config, scheduler_config=self.scheduler)
+        gen = StatefulGenerator(_MODEL, None, self.config, scheduler_config=self.scheduler)
+        engine = gen._engine
+        step = engine.step
+
+        def checked_step():  # integrity after every engine step, not just after every turn
+            step()
+            engine.kv.check_integrity()
+
+        engine.step = checked_step
+        return gen
 
     def _fits(self, conv_id: str, msg: list[int]) -> bool:
         return len(self.histories.get(conv_id, [])) + len(msg) + MAX_NEW <= self.capacity
