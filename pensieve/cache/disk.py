@@ -76,7 +76,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 256)][:256].to("cpu", torch.float64)
-            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{flat.double().sum().item():.17g}|".encode())
+            total = sum(piece.double().sum().item() for piece in flat.split(1 << 22))  # <= 32 MiB of float64 at once
+            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{total:.17g}|".encode())
             h.update(_tensor_bytes(sample))
     return h.hexdigest()
 

@@ -311,3 +311,15 @@ def test_one_generator_per_disk_dir(model, tmp_path):
     assert model.config._attn_implementation != "pensieve"
     with _open(model, tmp_path) as again:  # released on close
         again.generate("a", _msg(3), GREEDY)
+
+
+def test_the_model_fingerprint_tells_weights_apart():
+    import torch
+
+    from pensieve.cache.disk import model_fingerprint
+
+    a, b = tiny_model("llama", seed=3), tiny_model("llama", seed=3)
+    assert model_fingerprint(a) == model_fingerprint(b)
+    with torch.no_grad():
+        b.model.layers[1].mlp.up_proj.weight[5, 7] += 1e-4  # one weight, not in the strided sample
+    assert model_fingerprint(a) != model_fingerprint(b)
