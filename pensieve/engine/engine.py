@@ -76,7 +76,8 @@ class Engine:
     # ---- admission -------------------------------------------------------------------------------------------
 
     def prepare(self, conv_id, msg, sampling: SamplingParams | None) -> Admission:
-        """Validate a turn and work out everything about it without changing any state (ValueError if bad)."""
+        """Validate a turn and work out everything about it without changing any conversation (ValueError if bad).
+        A stored conversation may be loaded from disk into memory on the way: the same state, cached."""
         if not isinstance(conv_id, str) or not conv_id:
             raise ValueError(f"conv_id must be a non-empty str, got {conv_id!r}")
         if sampling is not None and not isinstance(sampling, SamplingParams):
