@@ -314,6 +314,10 @@ class KVManager:
         if src == Tier.DEVICE and self.host.num_blocks > 0:
             if self.host.num_free == 0:
                 self._make_room(Tier.HOST, 1, set(), allow_drop)
+            if self.host.num_free == 0 and (j := _first(conv, Tier.HOST)) is not None:
+                # the host holds only running conversations' chunks, this one's among them (it is being preempted):
+                # its own leading host chunk moves down first
+                self._demote(conv, j, allow_drop)
             if self.host.num_free > 0:
                 (h,) = self.host.allocate(1)
                 if self.storage is not None:
@@ -324,7 +328,9 @@ class KVManager:
                 self.counters["swap_out_chunks"] += 1
                 self.counters["bytes_swapped_out"] += self.storage.bytes_per_block if self.storage else 0
                 return True
-        if src in (Tier.DEVICE, Tier.HOST) and self.disk is not None and self._write_to_disk(conv, i):
+        # To disk only if no earlier chunk of this conversation is on the host (the tier order).
+        below_host = src == Tier.HOST or _first(conv, Tier.HOST) is None
+        if src in (Tier.DEVICE, Tier.HOST) and self.disk is not None and below_host and self._write_to_disk(conv, i):
             self.pools[src].free([chunk.block])
             self._trace(conv, i, src, Tier.DISK)
             chunk.tier, chunk.block = Tier.DISK, -1

@@ -185,3 +185,26 @@ def test_integrity_check_catches_chunks_out_of_tier_order():
     a.chunks[1] = Chunk(H, h)  # [D, H]: the host chunk is after a device chunk
     with pytest.raises(AssertionError, match="order"):
         kv.check_integrity()
+
+
+def test_preempting_with_a_full_host_moves_its_own_host_chunk_to_disk_first(tmp_path):
+    """Found by the state machine: a preempted (pinned) conversation fills the one host block with its chunk 0; its
+    chunk 1 must not land on disk *after* a host chunk. Its own host chunk goes to disk first, then chunk 1 to host."""
+    import torch
+
+    from pensieve.cache.disk import DiskStore
+    from pensieve.cache.tiers import KVStorage
+
+    storage = KVStorage(2, (BS, 1, 4), torch.float32, torch.device("cpu"), 4, 1)
+    for k, v in storage.device_caches:
+        k.normal_()
+        v.normal_()
+    disk = DiskStore(tmp_path, "fingerprint", storage.chunk_shape, torch.float32)
+    kv = KVManager(4, BS, num_host_blocks=1, storage=storage, disk=disk, swap_out_watermark=0, decode_reserve=0)
+    kv.trace = []
+    b = _idle(kv, "b", 2, idle_s=1.0, tokens=6)
+    b.pinned = True
+    kv.preempt(b)
+    assert kv.trace == [("b", 0, D, H), ("b", 0, H, K), ("b", 1, D, H)]
+    assert _tiers(b) == [K, H]
+    kv.check_integrity()
