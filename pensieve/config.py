@@ -19,6 +19,12 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _require_int(obj, name: str, minimum: int, optional: bool = False) -> None:
+    value = getattr(obj, name)
+    ok = (optional and value is None) or (_is_int(value) and value >= minimum)
+    _require(ok, f"{name} must be {'None or ' if optional else ''}an int >= {minimum}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Where conversations' KV lives (DESIGN §1, §4).
@@ -43,18 +49,9 @@ class CacheConfig:
     decode_reserve: float = 0.10
 
     def __post_init__(self) -> None:
-        _require(
-            _is_int(self.block_size) and self.block_size >= 1,
-            f"block_size must be an int >= 1, got {self.block_size!r}",
-        )
-        _require(
-            self.num_device_blocks is None or (_is_int(self.num_device_blocks) and self.num_device_blocks >= 1),
-            f"num_device_blocks must be None or an int >= 1, got {self.num_device_blocks!r}",
-        )
-        _require(
-            _is_int(self.num_host_blocks) and self.num_host_blocks >= 0,
-            f"num_host_blocks must be an int >= 0, got {self.num_host_blocks!r}",
-        )
+        _require_int(self, "block_size", 1)
+        _require_int(self, "num_device_blocks", 1, optional=True)
+        _require_int(self, "num_host_blocks", 0)
         _require(
             self.disk_dir is None or isinstance(self.disk_dir, (str, os.PathLike)),
             f"disk_dir must be None or a path, got {self.disk_dir!r}",
@@ -86,10 +83,7 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        _require(
-            self.max_new_tokens is None or (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1),
-            f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}",
-        )
+        _require_int(self, "max_new_tokens", 1, optional=True)
         _require(
             self.temperature is None
             or (
@@ -97,10 +91,7 @@ class SamplingParams:
             ),
             f"temperature must be a finite number >= 0, got {self.temperature!r}",
         )
-        _require(
-            self.top_k is None or (_is_int(self.top_k) and self.top_k >= 0),
-            f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}",
-        )
+        _require_int(self, "top_k", 0, optional=True)  # 0 = off
         _require(
             self.top_p is None or (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1),
             f"top_p must be in (0, 1], got {self.top_p!r}",
@@ -127,11 +118,5 @@ class SchedulerConfig:
     max_num_seqs: int = 64
 
     def __post_init__(self) -> None:
-        _require(
-            _is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1,
-            f"max_num_batched_tokens must be an int >= 1, got {self.max_num_batched_tokens!r}",
-        )
-        _require(
-            _is_int(self.max_num_seqs) and self.max_num_seqs >= 1,
-            f"max_num_seqs must be an int >= 1, got {self.max_num_seqs!r}",
-        )
+        _require_int(self, "max_num_batched_tokens", 1)
+        _require_int(self, "max_num_seqs", 1)

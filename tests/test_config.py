@@ -16,6 +16,10 @@ def test_defaults_are_valid():
         ({"num_device_blocks": 0}, "num_device_blocks"),
         ({"num_host_blocks": -1}, "num_host_blocks"),
         ({"disk_dir": 3}, "disk_dir"),
+        ({"policy": "fifo"}, "policy"),
+        ({"swap_out_watermark": 1.0}, "swap_out_watermark"),
+        ({"swap_out_watermark": True}, "swap_out_watermark"),
+        ({"decode_reserve": -0.1}, "decode_reserve"),
     ],
 )
 def test_cache_config_rejects(kwargs, message):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import struct
@@ -82,9 +83,10 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _read_header(data: bytes) -> dict:
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + n])
+def _read_header(f) -> dict:
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON), from a binary stream."""
+    (n,) = struct.unpack("<Q", f.read(8))
+    return json.loads(f.read(n))
 
 
 @dataclass
@@ -220,8 +222,7 @@ class DiskStore:
         for path in folder.glob("*.safetensors") if folder.is_dir() else []:
             try:
                 with open(path, "rb") as f:
-                    head = f.read(8)
-                    meta = json.loads(f.read(struct.unpack("<Q", head)[0]))["__metadata__"]
+                    meta = _read_header(f)["__metadata__"]
                 if meta["format"] != FORMAT or meta["fingerprint"] != self.fingerprint:
                     self.num_bad_files += 1
                     _warn(f"disk tier: {path.name} of a stored conversation is from another model; recomputing it")
@@ -266,7 +267,7 @@ class DiskStore:
         path = self._chunk_path(conv_key(conv_id), index)
         try:
             data = path.read_bytes()
-            meta = _read_header(data)["__metadata__"]
+            meta = _read_header(io.BytesIO(data))["__metadata__"]
             problem = None
             if meta.get("format") != FORMAT:
                 problem = "unknown format"

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pensieve.cache.blocks import BlockPool
 from pensieve.cache.disk import DiskStore
 from pensieve.cache.policy import LRUPolicy, PensievePolicy, RecomputeCost
-from pensieve.cache.tiers import Chunk, KVStorage, Tier
+from pensieve.cache.tiers import Chunk, KVStorage, Tier, leading_chunk
 
 
 @dataclass
@@ -222,7 +222,7 @@ class KVManager:
                 self._release(conv, i)
         conv.recompute_pos = conv.recompute_end = 0
         self._free_tail(conv)
-        while (i := _first(conv, Tier.DEVICE)) is not None:
+        while (i := leading_chunk(conv.chunks, Tier.DEVICE)) is not None:
             self._demote(conv, i, allow_drop=True)
         _normalize(conv)
         self.counters["preempted_conversations"] += 1
@@ -269,7 +269,10 @@ class KVManager:
         conv.recompute_pos = conv.recompute_end = 0
 
     def persist(self, conv: Conversation) -> None:
-        """Write conv's device and host chunks to disk too (close / end): they survive a restart."""
+        """Write conv's device and host chunks to disk too (close / end): they survive a restart. Only for a stored
+        conversation (one with a token log): KV without its tokens could never be used."""
+        if self.disk is None or conv.conv_id not in self.disk.index:
+            return
         for i, chunk in enumerate(conv.chunks):
             if chunk.tier in (Tier.DEVICE, Tier.HOST) and self.chunk_tokens(conv, i) > 0:
                 if self._write_to_disk(conv, i):
@@ -314,7 +317,7 @@ class KVManager:
         if src == Tier.DEVICE and self.host.num_blocks > 0:
             if self.host.num_free == 0:
                 self._make_room(Tier.HOST, 1, set(), allow_drop)
-            if self.host.num_free == 0 and (j := _first(conv, Tier.HOST)) is not None:
+            if self.host.num_free == 0 and (j := leading_chunk(conv.chunks, Tier.HOST)) is not None:
                 # the host holds only running conversations' chunks, this one's among them (it is being preempted):
                 # its own leading host chunk moves down first
                 self._demote(conv, j, allow_drop)
@@ -329,7 +332,7 @@ class KVManager:
                 self.counters["bytes_swapped_out"] += self.storage.bytes_per_block if self.storage else 0
                 return True
         # To disk only if no earlier chunk of this conversation is on the host (the tier order).
-        below_host = src == Tier.HOST or _first(conv, Tier.HOST) is None
+        below_host = src == Tier.HOST or leading_chunk(conv.chunks, Tier.HOST) is None
         if src in (Tier.DEVICE, Tier.HOST) and self.disk is not None and below_host and self._write_to_disk(conv, i):
             self.pools[src].free([chunk.block])
             self._trace(conv, i, src, Tier.DISK)
@@ -401,10 +404,6 @@ class KVManager:
         for tier, blocks in owned.items():
             assert len(blocks) == len(set(blocks)), f"a {tier.name} block is owned twice"
             assert set(blocks) == self.pools[tier].allocated, f"{tier.name}: allocated and owned blocks differ"
-
-
-def _first(conv: Conversation, tier: Tier) -> int | None:
-    return next((i for i, c in enumerate(conv.chunks) if c.tier == tier), None)
 
 
 def _normalize(conv: Conversation) -> None:

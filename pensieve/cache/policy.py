@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from pensieve.cache.tiers import leading_chunk
 
 MIN_IDLE_S = 1e-3  # a conversation that was active this instant is not infinitely valuable, just very
 
@@ -69,18 +71,18 @@ class PensievePolicy:
         tie = itertools.count()
         heap = []
         for conv in convs:
-            first = _leading(conv, tier)
+            first = leading_chunk(conv.chunks, tier)
             if first is not None:
                 heap.append((self.value(conv, first, now), next(tie), conv, first))
         heapq.heapify(heap)
         while heap:
             _, _, conv, index = heapq.heappop(heap)
             if index >= len(conv.chunks) or conv.chunks[index].tier != tier:
-                index = _leading(conv, tier)  # moved meanwhile (e.g. dropped with an earlier chunk)
+                index = leading_chunk(conv.chunks, tier)  # moved meanwhile (e.g. dropped with an earlier chunk)
                 if index is None:
                     continue
             yield conv, index
-            following = _leading(conv, tier)
+            following = leading_chunk(conv.chunks, tier)
             if following is not None:
                 heapq.heappush(heap, (self.value(conv, following, now), next(tie), conv, following))
 
@@ -91,19 +93,9 @@ class LRUPolicy:
 
     def order(self, convs: list, tier, now: float) -> Iterator[Candidate]:
         for conv in sorted(convs, key=lambda c: c.last_active):
-            while (index := _leading(conv, tier)) is not None:
+            while (index := leading_chunk(conv.chunks, tier)) is not None:
                 yield conv, index
 
 
-def _leading(conv, tier) -> int | None:
-    for i, chunk in enumerate(conv.chunks):
-        if chunk.tier == tier:
-            return i
-        if chunk.tier > tier:
-            return None
-    return None
-
-
 def make_policy(name: str, cost: RecomputeCost, block_size: int) -> PensievePolicy | LRUPolicy:
-    factories: dict[str, Callable] = {"pensieve": lambda: PensievePolicy(cost, block_size), "lru": LRUPolicy}
-    return factories[name]()
+    return LRUPolicy() if name == "lru" else PensievePolicy(cost, block_size)

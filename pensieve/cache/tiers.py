@@ -40,6 +40,16 @@ class Chunk:
     block: int = -1  # block id in the device or host pool; -1 on disk or dropped
 
 
+def leading_chunk(chunks: list[Chunk], tier: Tier) -> int | None:
+    """Index of the first chunk in `tier` (chunks are in tier order, so the scan stops at the first higher tier)."""
+    for i, chunk in enumerate(chunks):
+        if chunk.tier == tier:
+            return i
+        if chunk.tier > tier:
+            return None
+    return None
+
+
 LayerCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k, v) [num_blocks, block_size, Hkv, D]
 
 

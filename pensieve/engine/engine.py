@@ -83,10 +83,12 @@ class Engine:
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         params = self._resolve(sampling or SamplingParams())
+        loading = conv_id not in self.kv.conversations
         conv = self.kv.lookup(conv_id)
         if conv is not None and conv.pinned:
             raise ValueError(f"conversation {conv_id!r} already has a turn running")
-        if conv is not None and conv.tokens and max(conv.tokens) >= self.shape.vocab_size:
+        if loading and conv is not None and conv.tokens and max(conv.tokens) >= self.shape.vocab_size:
+            del self.kv.conversations[conv_id]  # back to stored-only, as before the call
             raise ValueError(
                 f"stored conversation {conv_id!r} has token ids outside this model's vocabulary "
                 f"({max(conv.tokens)} >= {self.shape.vocab_size}): it was stored by another model"
@@ -301,7 +303,7 @@ class Engine:
             raise KeyError(f"no conversation {conv_id!r}")
         if conv is not None and conv.pinned:
             raise ValueError(f"conversation {conv_id!r} has a turn running")
-        if conv is not None and not forget and stored:
+        if conv is not None and not forget:
             self.kv.persist(conv)
         self.kv.remove(conv_id, forget=forget)
 
@@ -315,7 +317,7 @@ class Engine:
             return
         try:
             for conv in self.kv.conversations.values():
-                if not conv.pinned and conv.conv_id in self.kv.disk.index:
+                if not conv.pinned:
                     self.kv.persist(conv)
         finally:
             self.kv.disk.close()
