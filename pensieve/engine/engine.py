@@ -14,7 +14,7 @@ from pensieve.cache.disk import DiskStore, model_fingerprint
 from pensieve.cache.manager import KVManager
 from pensieve.cache.policy import RecomputeCost, make_policy
 from pensieve.cache.tiers import KVStorage, Tier
-from pensieve.config import CacheConfig, SamplingParams, SchedulerConfig
+from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
 from pensieve.engine.runner import ModelRunner, default_num_blocks
 from pensieve.engine.sampler import sample
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
@@ -37,7 +37,15 @@ class Admission:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, cache_config: CacheConfig, scheduler_config: SchedulerConfig) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        cache_config: CacheConfig,
+        scheduler_config: SchedulerConfig,
+        engine_config: EngineConfig | None = None,
+    ) -> None:
+        engine_config = engine_config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
         self.shape = shape = model_shape(model)
@@ -67,7 +75,15 @@ class Engine:
             decode_reserve=cache_config.decode_reserve,
         )
         self.scheduler = Scheduler(self.kv, scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs)
-        self.runner = ModelRunner(model, self.kv, storage)
+        self.runner = ModelRunner(
+            model,
+            self.kv,
+            storage,
+            max_tokens=scheduler_config.max_num_batched_tokens,
+            max_seqs=scheduler_config.max_num_seqs,
+            max_positions=shape.max_positions,
+            engine_config=engine_config,
+        )
         self.num_steps = 0
         self.num_tokens_computed = 0
         self.num_turns = 0

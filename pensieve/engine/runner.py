@@ -1,17 +1,28 @@
 """ModelRunner: packs a step's chunks into a StepPlan and runs the model once over the device tier's KV pool.
 
 The HF model sees input_ids/position_ids [1, T] packed over all chunks and `use_cache=False`: pensieve owns the
-cache, HF's past_key_values is unused. `logits_to_keep` takes the sampling rows, so the LM head runs on S rows.
+cache, HF's past_key_values is unused. The step's attention metadata reaches every layer as the keyword argument
+`pensieve=` (an `AttentionBatch`). `logits_to_keep` takes the sampling rows, so the LM head runs on S rows.
+
+The plan lives in persistent buffers (`StepBuffers`), filled in place each step: host tensors backed by numpy arrays
+(pinned on GPU) and, on GPU, device copies made with non_blocking copies — fixed addresses, which CUDA graphs need.
+A step runs one of three ways (`ModelRunner.run`): a captured CUDA graph (GPU, decode-only, no swap-in), the
+compiled forward (CPU, `CompiledForward`), or eager (anything else, and every step with a swap-in on GPU: those
+wait per layer on their copies).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pensieve.cache.manager import KVManager
 from pensieve.cache.tiers import KVStorage
-from pensieve.engine.plan import StepPlan, forward_context
+from pensieve.config import EngineConfig
+from pensieve.engine.graphs import CompiledForward, CudaGraphRunner, resolve_compile
+from pensieve.engine.plan import StepPlan
 from pensieve.engine.scheduler import ScheduledChunk
+from pensieve.forward import AttentionBatch
 from pensieve.models.support import ModelShape
 from pensieve.ops import trusted_inputs
 
@@ -41,58 +52,134 @@ def _available_ram() -> int:
     return 8 << 30
 
 
+class StepBuffers:
+    """Preallocated step inputs, filled in place: `host` tensors share memory with numpy arrays (written without
+    per-element Python), `device` tensors are their copies on the model's device (the same tensors on CPU)."""
+
+    FIELDS = ("input_ids", "position_ids", "slot_mapping", "cu_seqlens_q", "seq_lens_k", "block_tables", "logits_rows")
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_cols: int, device: torch.device) -> None:
+        shapes = {
+            "input_ids": ((max_tokens,), torch.long),
+            "position_ids": ((max_tokens,), torch.long),
+            "slot_mapping": ((max_tokens,), torch.long),
+            "cu_seqlens_q": ((max_seqs + 1,), torch.int32),
+            "seq_lens_k": ((max_seqs,), torch.int32),
+            "block_tables": ((max_seqs, max_cols), torch.int32),
+            "logits_rows": ((max_seqs,), torch.long),
+        }
+        pin = device.type == "cuda"
+        self.device = device
+        self.host = {name: torch.zeros(shape, dtype=dtype, pin_memory=pin) for name, (shape, dtype) in shapes.items()}
+        self.np = {name: t.numpy() for name, t in self.host.items()}
+        self.dev = self.host if device.type == "cpu" else {n: t.to(device) for n, t in self.host.items()}
+        self.max_tokens, self.max_seqs, self.max_cols = max_tokens, max_seqs, max_cols
+
+    def upload(self, num_tokens: int, num_seqs: int, num_rows: int) -> dict[str, torch.Tensor]:
+        """Copy the filled prefixes to the device (non_blocking from pinned memory); -> device views of them."""
+        sizes = {"input_ids": num_tokens, "position_ids": num_tokens, "slot_mapping": num_tokens,
+                 "cu_seqlens_q": num_seqs + 1, "seq_lens_k": num_seqs, "block_tables": num_seqs,
+                 "logits_rows": num_rows}  # fmt: skip
+        views = {}
+        for name, n in sizes.items():
+            dst = self.dev[name][:n]
+            if self.dev is not self.host:
+                dst.copy_(self.host[name][:n], non_blocking=True)
+            views[name] = dst
+        return views
+
+
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv: KVManager, storage: KVStorage) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv: KVManager,
+        storage: KVStorage,
+        max_tokens: int,
+        max_seqs: int,
+        max_positions: int,
+        engine_config: EngineConfig,
+    ) -> None:
         self.model = model
         self.kv = kv
         self.storage = storage
         self.device = storage.device
-        self.kv_caches = storage.device_caches
+        max_cols = min(storage.device_kv[0].shape[1], -(-max_positions // kv.block_size))
+        # a turn is at most two sub-sequences of a step (its recompute range and its new tokens)
+        self.buffers = StepBuffers(max_tokens, 2 * max_seqs, max_cols, self.device)
+        cpu = self.device.type == "cpu"
+        self.compiled = CompiledForward(model, resolve_compile(engine_config.compile, model)) if cpu else None
+        self.graphs = None
+        if self.device.type == "cuda" and engine_config.cuda_graphs:
+            self.graphs = CudaGraphRunner(model, storage, self.buffers, engine_config.cuda_graph_batch_sizes)
 
     def build_plan(self, chunks: list[ScheduledChunk]) -> StepPlan:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        cu = [0]
-        seq_lens: list[int] = []
-        logits_rows: list[int] = []
-        tables = []
-        for chunk in chunks:
+        buf, bs = self.buffers.np, self.kv.block_size
+        ids, pos, slots = buf["input_ids"], buf["position_ids"], buf["slot_mapping"]
+        cu, lens, tables, rows = buf["cu_seqlens_q"], buf["seq_lens_k"], buf["block_tables"], buf["logits_rows"]
+        t = 0
+        num_rows = 0
+        num_decodes = 0
+        cu[0] = 0
+        for b, chunk in enumerate(chunks):
             conv = chunk.turn.conv
-            end = chunk.start + chunk.num_tokens
-            input_ids += conv.tokens[chunk.start : end]
-            positions += range(chunk.start, end)
-            slots += [self.kv.slot(conv, p) for p in range(chunk.start, end)]
-            cu.append(cu[-1] + chunk.num_tokens)
-            seq_lens.append(end)
-            tables.append(conv.block_table)
+            start, n = chunk.start, chunk.num_tokens
+            end = start + n
+            table = conv.block_table
+            tables[b, : len(table)] = table
+            if n == 1:
+                ids[t] = conv.tokens[start]
+                pos[t] = start
+                slots[t] = table[start // bs] * bs + start % bs
+                num_decodes += 1
+            else:
+                ids[t : t + n] = conv.tokens[start:end]
+                p = np.arange(start, end)
+                pos[t : t + n] = p
+                slots[t : t + n] = np.asarray(table, dtype=np.int64)[p // bs] * bs + p % bs
+            t += n
+            cu[b + 1] = t
+            lens[b] = end
             if chunk.samples:
-                logits_rows.append(cu[-1] - 1)
-        max_blocks = max(len(t) for t in tables)
-        tables = [t + [0] * (max_blocks - len(t)) for t in tables]
-        dev = self.device
-        return StepPlan(
-            input_ids=torch.tensor([input_ids], dtype=torch.long, device=dev),
-            position_ids=torch.tensor([positions], dtype=torch.long, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            seq_lens_k=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev),
-        )
+                rows[num_rows] = t - 1
+                num_rows += 1
+        return StepPlan(num_tokens=t, num_seqs=len(chunks), num_logits=num_rows, decode_only=num_decodes == len(chunks))
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor:
-        """-> logits [S, V] for plan.logits_rows (S may be 0). Issues the step's queued swap-ins first: each
+        """-> logits [S, V] for the plan's sampling rows (S may be 0). Issues the step's queued swap-ins first: each
         layer's attention waits for its own layer's copies only."""
         gate = self.storage.begin_forward()
+        if self.graphs is not None and plan.decode_only and not gate.pending:
+            logits = self.graphs.run(plan)
+            if logits is not None:
+                return logits
+        views = self.buffers.upload(plan.num_tokens, plan.num_seqs, plan.num_logits)
+        compiled = self.compiled is not None and self.compiled.wants(plan)
+        if compiled:
+            gate.finish()  # CPU: the copies are plain copies on this thread; all of them now, then one graph
+        batch = AttentionBatch(
+            views["slot_mapping"],
+            views["block_tables"],
+            views["cu_seqlens_q"],
+            views["seq_lens_k"],
+            *self.storage.device_kv,
+            gate=None if compiled else gate,
+        )
+        input_ids, position_ids = views["input_ids"][None], views["position_ids"][None]  # [1, T]
         # The plan was built from the manager's own block tables: the ops' value checks would re-verify it per layer.
-        with forward_context(plan, self.kv_caches, gate), trusted_inputs():
-            out = self.model(
-                input_ids=plan.input_ids,
-                position_ids=plan.position_ids,
-                use_cache=False,
-                logits_to_keep=plan.logits_rows,
-            )
+        with trusted_inputs():
+            if compiled:
+                logits = self.compiled(input_ids, position_ids, views["logits_rows"], batch)
+            else:
+                logits = forward(self.model, input_ids, position_ids, views["logits_rows"], batch)
         gate.finish()
-        return out.logits[0]
+        return logits
+
+
+def forward(model, input_ids, position_ids, logits_rows, batch: AttentionBatch) -> torch.Tensor:
+    """One packed forward -> logits [S, V] for the rows in logits_rows."""
+    out = model(
+        input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_rows, pensieve=batch
+    )
+    return out.logits[0]

@@ -1,6 +1,6 @@
 """Paged multi-query attention: the op everything in pensieve stands on (DESIGN §3)."""
 
-from pensieve.ops.attention import paged_attention, write_kv
+from pensieve.ops.attention import paged_attention, step_kernels, write_kv
 from pensieve.ops.validation import trusted_inputs
 
 
@@ -18,4 +18,4 @@ def triton_write_kv(*args, **kwargs):
     return launch(*args, **kwargs)
 
 
-__all__ = ["paged_attention", "write_kv", "triton_paged_attention", "triton_write_kv", "trusted_inputs"]
+__all__ = ["paged_attention", "step_kernels", "write_kv", "triton_paged_attention", "triton_write_kv", "trusted_inputs"]

@@ -1,22 +1,26 @@
 """The `pensieve::write_kv` and `pensieve::paged_attention` custom ops.
 
 Registered with `torch.library.custom_op` and fake implementations, so they trace under `torch.compile`
-(fullgraph) and pass `opcheck`. Kernels per device: CUDA -> Triton, everything else -> the torch path in
-`cpu_paged`. The op wraps the Triton launcher instead of being a `triton_op` because `triton_op` breaks
-fake-tensor tracing under TRITON_INTERPRET=1 (measured here, DESIGN §3).
+(fullgraph) and pass `opcheck`. Kernels per device: CUDA -> Triton; CPU -> the C++ kernels (`cpu_kernel.py`, built at
+first use), or the torch path in `cpu_paged` where they cannot be built; any other device -> the torch path. The op
+wraps the Triton launcher instead of being a `triton_op` because `triton_op` breaks fake-tensor tracing under
+TRITON_INTERPRET=1 (measured here, DESIGN §3).
+
+`step_kernels(device)` gives the engine's forward the fastest callables for a device: on CPU the C++ ops themselves
+(`torch.ops.pensieve_cpu.*`: no Python between the dispatcher and the kernel, which matters 60 times a step), else
+these ops.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pensieve.ops.cpu_paged import cached_plan, run_cpu_attention
+from pensieve.ops import cpu_kernel
+from pensieve.ops.cpu_paged import torch_paged_attention, torch_write_kv
 from pensieve.ops.validation import (
     check_attention_shapes,
     check_attention_shapes_cached,
     check_write_shapes,
-    check_write_values,
-    values_trusted,
 )
 
 try:
@@ -34,13 +38,10 @@ def write_kv(
     slot_mapping [T] int64: flat slot = block * block_size + offset; -1 is padding and writes nothing.
     """
     check_write_shapes(k, v, k_cache, v_cache, slot_mapping)
-    if not values_trusted():
-        check_write_values(k_cache, slot_mapping)
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k[valid])
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v[valid])
+    if k.device.type == "cpu" and cpu_kernel.load():  # checks every slot itself
+        torch.ops.pensieve_cpu.write_kv(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        torch_write_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
 @write_kv.register_fake
@@ -71,8 +72,13 @@ def paged_attention(
     check_attention_shapes_cached(
         q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, sliding_window, softcap
     )
-    plan = cached_plan(q, k_cache, block_tables, cu_seqlens_q, seq_lens_k, sliding_window)
-    return run_cpu_attention(q, k_cache, v_cache, plan, scale, softcap)
+    if q.device.type == "cpu" and cpu_kernel.load():  # checks every index itself
+        return torch.ops.pensieve_cpu.paged_attention(
+            q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, sliding_window, softcap
+        )
+    return torch_paged_attention(
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, sliding_window, softcap
+    )
 
 
 @paged_attention.register_fake
@@ -100,3 +106,17 @@ if triton_paged is not None:
     @write_kv.register_kernel("cuda")
     def _(k, v, k_cache, v_cache, slot_mapping) -> None:
         triton_paged.triton_write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def step_kernels(device: torch.device):
+    """(write_kv, paged_attention) for a model forward on `device`, same signatures as the ops above (the attention
+    takes sliding_window and softcap positionally)."""
+    if device.type == "cpu" and cpu_kernel.load():
+        return torch.ops.pensieve_cpu.write_kv, torch.ops.pensieve_cpu.paged_attention
+    return write_kv, _paged_attention_positional
+
+
+def _paged_attention_positional(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, window, softcap):
+    return paged_attention(
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, sliding_window=window, softcap=softcap
+    )

@@ -1,4 +1,5 @@
-"""Paged multi-query attention on CPU in torch.
+"""Paged multi-query attention in plain torch: the fallback where the C++ kernels (`csrc/cpu_paged.cpp`) cannot be
+built, and the path for devices with no kernel of their own.
 
 The work splits into a per-step *plan* and a per-layer *run* (flashinfer's split):
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pensieve.ops.validation import check_attention_values, values_trusted
+from pensieve.ops.validation import check_attention_values, check_write_values, values_trusted
 
 
 @dataclass(frozen=True)
@@ -238,3 +239,22 @@ def run_cpu_attention(q, k_cache, v_cache, plan: CpuAttentionPlan, scale, softca
         res = _attend(qs, k, v, seq.mask, scale, softcap, is_causal=seq.mask is None)
         out[rows] = res[0].transpose(0, 1)
     return out
+
+
+def torch_paged_attention(
+    q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, sliding_window=None, softcap=None, out=None
+) -> torch.Tensor:
+    """The torch path of `pensieve::paged_attention` (values validated unless trusted; shapes are the caller's)."""
+    plan = cached_plan(q, k_cache, block_tables, cu_seqlens_q, seq_lens_k, sliding_window)
+    return run_cpu_attention(q, k_cache, v_cache, plan, scale, softcap, out=out)
+
+
+def torch_write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """The torch path of `pensieve::write_kv` (slots validated unless trusted; shapes are the caller's)."""
+    if not values_trusted():
+        check_write_values(k_cache, slot_mapping)
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k[valid])
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v[valid])

@@ -35,7 +35,10 @@ def test_pool_too_small_for_all_conversations_evicts_and_stays_exact():
     model = tiny_model("llama")
     oracle = oracle_copy(model)
     engine = _engine(model, num_blocks=12)  # 48 tokens: one conversation's history + reply at most
-    for k_cache, v_cache in engine.runner.kv_caches:  # the pool is uninitialized memory: garbage must never leak
+    for (
+        k_cache,
+        v_cache,
+    ) in engine.runner.storage.device_caches:  # the pool is uninitialized memory: garbage must never leak
         k_cache.fill_(float("nan"))
         v_cache.fill_(float("nan"))
     rng = random.Random(0)

@@ -1,16 +1,19 @@
-"""The CPU op and the Triton launcher against the float64 reference, on random paged problems."""
+"""The CPU op (C++ kernels), the C++ kernel with a poisoned output at several thread counts, the torch fallback path
+and the Triton launcher, against the float64 reference on random paged problems."""
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pensieve.ops import paged_attention, triton_paged_attention
-from pensieve.ops.cpu_paged import _decode_chunks, plan_cpu_attention, run_cpu_attention
+from pensieve.ops import cpu_kernel, paged_attention, triton_paged_attention
+from pensieve.ops.cpu_paged import _decode_chunks, plan_cpu_attention, run_cpu_attention, torch_paged_attention
 from pensieve.ops.reference import reference_paged_attention
 from tests.ops.cases import Case, cases
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+needs_cpp = pytest.mark.skipif(not cpu_kernel.load(), reason="the C++ CPU kernels could not be built here")
 
 
 def _check(out: torch.Tensor, case: Case) -> None:
@@ -24,13 +27,45 @@ def _poisoned(case: Case) -> torch.Tensor:
     return torch.full(case.q.shape, float("nan"), dtype=case.q.dtype)
 
 
+def _cpp_into_poison(case: Case, threads: int) -> torch.Tensor:
+    out = _poisoned(case)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.ops.pensieve_cpu.paged_attention_out(*case.args(), case.sliding_window, case.softcap, out)
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
 @given(cases(dtype=torch.float64))
 def test_cpu_op_float64(case):
     _check(paged_attention(*case.args(), **case.kwargs()), case)
 
 
+@needs_cpp
+@given(cases(dtype=torch.float64, head_dims=(16, 32, 64, 80, 128)), st.sampled_from((1, 2, 3)))
+def test_cpp_kernel_writes_every_row_at_any_thread_count(case, threads):
+    """Thread counts change how key ranges are split and dealt out; head dims 16..128 take every vector-count path
+    (80 is not a multiple of the vector width)."""
+    _check(_cpp_into_poison(case, threads), case)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@given(data=st.data())
+def test_cpp_kernel_low_precision(dtype, data):
+    case = data.draw(cases(dtype=dtype))
+    _check(_cpp_into_poison(case, 2), case)
+
+
+@given(cases(dtype=torch.float64))
+def test_torch_path_float64(case):
+    _check(torch_paged_attention(*case.args(), **case.kwargs()), case)
+
+
 @given(cases(dtype=torch.float64), st.sampled_from((None, 1)))
-def test_cpu_kernel_writes_every_row(case, chunk_bytes):
+def test_torch_path_writes_every_row(case, chunk_bytes):
     """chunk_bytes=1 puts every decode sequence in a chunk of its own."""
     plan = plan_cpu_attention(
         case.block_tables,
@@ -54,14 +89,18 @@ def test_decode_chunks_longest_first_within_budget():
     assert len(_decode_chunks(seqs, 0, 100)) == 1
 
 
-@given(cases(dtype=torch.float32))
-def test_cpu_op_float32(case):
-    _check(paged_attention(*case.args(), **case.kwargs()), case)
+@pytest.mark.parametrize("impl", [paged_attention, torch_paged_attention], ids=["op", "torch_path"])
+@given(data=st.data())
+def test_float32(impl, data):
+    case = data.draw(cases(dtype=torch.float32))
+    _check(impl(*case.args(), **case.kwargs()), case)
 
 
-@given(cases(dtype=torch.bfloat16, head_dims=(64,), block_sizes=(16,)))
-def test_cpu_op_bfloat16(case):
-    _check(paged_attention(*case.args(), **case.kwargs()), case)
+@pytest.mark.parametrize("impl", [paged_attention, torch_paged_attention], ids=["op", "torch_path"])
+@given(data=st.data())
+def test_bfloat16(impl, data):
+    case = data.draw(cases(dtype=torch.bfloat16, head_dims=(64,), block_sizes=(16,)))
+    _check(impl(*case.args(), **case.kwargs()), case)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -89,12 +128,12 @@ def test_plan_is_reused_across_layers_and_invalidated_by_content():
     cu = torch.tensor([0, 1], dtype=torch.int32)
     lens = torch.tensor([9], dtype=torch.int32)
     q = torch.randn(1, 2, 32, dtype=torch.float64)
-    paged_attention(q, k_cache, v_cache, tables, cu, lens, 0.2)
+    torch_paged_attention(q, k_cache, v_cache, tables, cu, lens, 0.2)
     first = cpu_paged._plans._entry[-1]
-    paged_attention(q, k_cache, v_cache, tables.clone(), cu.clone(), lens.clone(), 0.2)
+    torch_paged_attention(q, k_cache, v_cache, tables.clone(), cu.clone(), lens.clone(), 0.2)
     assert cpu_paged._plans._entry[-1] is first  # equal content: same plan
     tables[0, 2] = 7  # same tensor object, new content: must re-plan
-    out = paged_attention(q, k_cache, v_cache, tables, cu, lens, 0.2)
+    out = torch_paged_attention(q, k_cache, v_cache, tables, cu, lens, 0.2)
     assert cpu_paged._plans._entry[-1] is not first
     case = Case(q, k_cache, v_cache, tables, cu, lens, 0.2, None, None)
     _check(out, case)
@@ -107,8 +146,8 @@ def test_alternating_inference_mode_and_plain_calls():
     cpu_paged._scratch.__dict__.clear()  # the first buffer is made inside inference mode
     case = Case(*_small_problem(), 0.2, None, None)
     with torch.inference_mode():
-        inside = paged_attention(*case.args())
-    _check(paged_attention(*case.args()), case)
+        inside = torch_paged_attention(*case.args())
+    _check(torch_paged_attention(*case.args()), case)
     _check(inside.clone(), case)
 
 

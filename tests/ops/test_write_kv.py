@@ -7,7 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pensieve.ops import triton_write_kv, write_kv
+from pensieve.ops import cpu_kernel, triton_write_kv, write_kv
+from pensieve.ops.cpu_paged import torch_write_kv
 from pensieve.ops.reference import reference_write_kv
 
 
@@ -43,6 +44,18 @@ def _check_write(write, problem):
 @given(write_problems(torch.float32))
 def test_write_kv_writes_exactly_the_given_slots(problem):
     _check_write(write_kv, problem)
+
+
+@pytest.mark.skipif(not cpu_kernel.load(), reason="the C++ CPU kernels could not be built here")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@given(data=st.data())
+def test_cpp_write_kv(dtype, data):
+    _check_write(torch.ops.pensieve_cpu.write_kv, data.draw(write_problems(dtype)))
+
+
+@given(write_problems(torch.float32))
+def test_torch_path_write_kv(problem):
+    _check_write(torch_write_kv, problem)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 for CPU tensors")

@@ -1,0 +1,96 @@
+"""The C++ CPU kernels (`csrc/cpu_paged.cpp`): built as a torch extension at first use, cached, loaded once.
+
+`load()` compiles the source with the vector ISA inductor picks for this CPU (AVX-512 where present, else AVX2, else
+plain C++), under a name that hashes the source, the flags and the torch version, in torch's extension cache
+(`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`): a second start loads the cached library in well under a
+second. When there is no compiler, or the build fails, it warns once and pensieve runs the torch path
+(`cpu_paged.py`). `PENSIEVE_CPU_KERNEL=0` switches the C++ kernels off.
+
+Ops: `torch.ops.pensieve_cpu.write_kv` and `torch.ops.pensieve_cpu.paged_attention` (same contract as
+`pensieve::write_kv` / `pensieve::paged_attention`; every index is checked in C++ and a bad one is a ValueError).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_paged.cpp"
+
+_lock = threading.Lock()
+_loaded: bool | None = None  # None: not tried yet
+
+
+def _build_flags() -> list[str]:
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    isa = pick_vec_isa()
+    # -fopenmp: at::parallel_for is a template expanded here; without it the loop runs on one thread. The library
+    # links libgomp.so.1, which resolves to the copy torch has already loaded.
+    flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
+    if isa:
+        flags += isa.build_arch_flags().split() + [f"-D{macro}" for macro in isa.build_macro()]
+    return flags
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    flags = _build_flags()
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()
+    cpp_extension.load(
+        name=f"pensieve_cpu_{digest[:16]}",
+        sources=[str(SOURCE)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+    _register_fakes()
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("pensieve_cpu::paged_attention")
+    def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, sliding_window=None, softcap=None):
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+    @torch.library.register_fake("pensieve_cpu::write_kv")
+    def _(k, v, k_cache, v_cache, slot_mapping):
+        return None
+
+    @torch.library.register_fake("pensieve_cpu::paged_attention_out")
+    def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, sliding_window, softcap, out):
+        return None
+
+
+def load() -> bool:
+    """Build (first time on this machine) and load the C++ kernels; False if they cannot be had here."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    with _lock:
+        if _loaded is None:
+            if os.environ.get("PENSIEVE_CPU_KERNEL", "1") == "0":
+                _loaded = False
+            else:
+                try:
+                    _build()
+                    _loaded = True
+                except Exception as error:  # noqa: BLE001  (no compiler, no ninja, a failed build: fall back)
+                    warnings.warn(
+                        f"pensieve: the C++ CPU attention kernel could not be built ({type(error).__name__}: "
+                        f"{str(error)[:300]}); using the slower torch path",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    _loaded = False
+    return _loaded
+
+
+if __name__ == "__main__":  # `python -m pensieve.ops.cpu_kernel`: build now (make install does), report
+    print("pensieve C++ CPU kernels:", "loaded" if load() else "unavailable", "flags:", " ".join(_build_flags()))

@@ -1,0 +1,670 @@
+// Paged multi-query attention and the KV scatter on CPU, reading KV blocks in place (no gather copy).
+//
+// Ops (schema in TORCH_LIBRARY below; fake impls in pensieve/ops/cpu_kernel.py):
+//   pensieve_cpu::write_kv(k, v, k_cache!, v_cache!, slot_mapping)
+//   pensieve_cpu::paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale,
+//                                 sliding_window, softcap) -> out
+//   pensieve_cpu::paged_attention_out(..., out!): the same into a given tensor (tests poison it first)
+// Same contract as pensieve::paged_attention (pensieve/ops/attention.py). Every index these kernels follow is
+// checked first (ValueError): a bad table or slot can never make them read or write outside the pools.
+//
+// Work split (flash-decoding): a work item is (sequence, KV head, tile of up to kQueryTile queries, key split).
+// An item computes all G query heads of its KV head together, so every K/V row is read once per group. Long key
+// ranges are split so that there are enough items to keep every thread busy; the partial (max, sum, acc) of the
+// splits are combined at the end. Items are dealt to threads longest-first (LPT), one bucket per thread.
+// Inner loops use at::vec (AVX-512 or AVX2, chosen when the extension is built) with fp32 accumulation
+// (fp64 for double inputs). Sequences with many queries and no softcap go to gather + SDPA instead: there the
+// work is GEMM-shaped and ATen's flash kernel is faster than this one.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/arange.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace pensieve_cpu {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kQueryTile = 16;       // queries per work item, at most
+constexpr int64_t kMaxRows = 128;        // (query, head) rows per work item, at most (unless Hq is larger)
+constexpr int64_t kMinSplitKeys = 64;    // a key split is at least this long
+constexpr int64_t kItemsPerThread = 8;   // split long ranges until there are about this many items per thread
+constexpr int64_t kMaxVecs = 32;         // head_dim <= kMaxVecs * vector width
+
+struct Problem {
+  int64_t num_seqs, num_tokens, num_q_heads, num_kv_heads, group, head_dim, block_size, num_blocks, table_cols;
+  int64_t window;  // 0: none
+  double scale;
+  std::optional<double> softcap;
+  const int32_t* tables;
+  const int32_t* cu;
+  const int32_t* seq_lens;
+};
+
+struct Item {
+  int64_t seq, q_begin, q_end;  // queries [q_begin, q_end) of the sequence (0-based within it), all heads
+  int64_t key_begin, key_end;         // keys [key_begin, key_end)
+  int64_t partial;                    // -1: writes the output; else its slot among the partial results
+  int64_t cost;
+};
+
+// ---- validation: everything an index depends on --------------------------------------------------------------
+
+void check_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_k,
+                     double scale, std::optional<int64_t> sliding_window, std::optional<double> softcap) {
+  TORCH_CHECK_VALUE(q.dim() == 3, "q must be [T, Hq, D], got rank ", q.dim());
+  TORCH_CHECK_VALUE(k_cache.dim() == 4, "k_cache must be [num_blocks, block_size, Hkv, D], got rank ", k_cache.dim());
+  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache shape ", v_cache.sizes(), " differs from k_cache shape ",
+                    k_cache.sizes());
+  TORCH_CHECK_VALUE(k_cache.is_contiguous() && v_cache.is_contiguous(), "k_cache and v_cache must be contiguous");
+  TORCH_CHECK_VALUE(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(),
+                    "q dtype ", q.scalar_type(), " / v_cache dtype ", v_cache.scalar_type(), " != k_cache dtype ",
+                    k_cache.scalar_type());
+  for (const at::Tensor* t : {&q, &k_cache, &v_cache, &block_tables, &cu_seqlens_q, &seq_lens_k}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "all tensors must be on the CPU, got ", t->device());
+  }
+  TORCH_CHECK_VALUE(block_tables.dim() == 2 && block_tables.scalar_type() == at::kInt && block_tables.is_contiguous(),
+                    "block_tables must be a contiguous int32 [B, max_blocks]");
+  TORCH_CHECK_VALUE(cu_seqlens_q.dim() == 1 && cu_seqlens_q.scalar_type() == at::kInt && cu_seqlens_q.is_contiguous(),
+                    "cu_seqlens_q must be a contiguous int32 [B + 1]");
+  TORCH_CHECK_VALUE(seq_lens_k.dim() == 1 && seq_lens_k.scalar_type() == at::kInt && seq_lens_k.is_contiguous(),
+                    "seq_lens_k must be a contiguous int32 [B]");
+  const int64_t num_seqs = block_tables.size(0);
+  TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == num_seqs + 1, "cu_seqlens_q has ", cu_seqlens_q.size(0),
+                    " entries, expected num_seqs + 1 = ", num_seqs + 1);
+  TORCH_CHECK_VALUE(seq_lens_k.size(0) == num_seqs, "seq_lens_k has ", seq_lens_k.size(0),
+                    " entries, expected num_seqs = ", num_seqs);
+  TORCH_CHECK_VALUE(q.size(2) == k_cache.size(3), "q head_dim ", q.size(2), " != cache head_dim ", k_cache.size(3));
+  TORCH_CHECK_VALUE(k_cache.size(2) > 0 && q.size(1) % k_cache.size(2) == 0, "Hq=", q.size(1),
+                    " is not a multiple of Hkv=", k_cache.size(2));
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale must be a positive finite float, got ", scale);
+  TORCH_CHECK_VALUE(!sliding_window || *sliding_window > 0, "sliding_window must be None or > 0");
+  TORCH_CHECK_VALUE(!softcap || *softcap > 0, "softcap must be None or > 0");
+
+  const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens_k.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t block_size = k_cache.size(1), num_blocks = k_cache.size(0), cols = block_tables.size(1);
+  TORCH_CHECK_VALUE(cu[0] == 0, "cu_seqlens_q must start at 0, got ", cu[0]);
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    TORCH_CHECK_VALUE(cu[b + 1] >= cu[b], "cu_seqlens_q must be non-decreasing");
+  }
+  TORCH_CHECK_VALUE(cu[num_seqs] == q.size(0), "cu_seqlens_q ends at ", cu[num_seqs], " but q has ", q.size(0),
+                    " tokens");
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    const int64_t q_len = cu[b + 1] - cu[b];
+    TORCH_CHECK_VALUE(lens[b] >= q_len, "seq_lens_k < q_len for sequence ", b, ": ", lens[b], " < ", q_len);
+    const int64_t needed = (lens[b] + block_size - 1) / block_size;
+    TORCH_CHECK_VALUE(needed <= cols, "block table too short: sequence ", b, " needs ", needed, " blocks, block_tables has ",
+                      cols, " columns");
+    if (q_len == 0) continue;
+    for (int64_t c = 0; c < needed; ++c) {
+      const int32_t id = tables[b * cols + c];
+      TORCH_CHECK_VALUE(id >= 0 && id < num_blocks, "block id ", id, " out of range [0, ", num_blocks,
+                        ") in block_tables");
+    }
+  }
+}
+
+// ---- vector helpers -------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+using acc_t = at::opmath_type<scalar_t>;
+
+// n (<= vector width) elements of src as a vector of acc_t; lanes past n are 0.
+template <typename scalar_t>
+inline Vectorized<acc_t<scalar_t>> load_acc(const scalar_t* src, int64_t n) {
+  using Vec = Vectorized<acc_t<scalar_t>>;
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    return n == Vec::size() ? Vec::loadu(src) : Vec::loadu(src, n);
+  } else {
+    if (n == Vec::size()) {
+      Vec out;
+      at::vec::load_to_float<scalar_t>(src, out);
+      return out;
+    }
+    alignas(64) float tmp[Vec::size()] = {0};
+    for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<float>(src[i]);
+    return Vec::loadu(tmp);
+  }
+}
+
+template <typename T>
+inline Vectorized<T> vexp(const Vectorized<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x.exp_u20();  // AVX-512/AVX2 polynomial; inputs below ln(FLT_MIN) give 0, so -inf scores give 0
+  } else {
+    alignas(64) T tmp[Vectorized<T>::size()];
+    x.store(tmp);
+    for (auto& t : tmp) t = std::exp(t);
+    return Vectorized<T>::loadu(tmp);
+  }
+}
+
+// Queries per work item: all Hq heads of each query are rows of the item; at most kMaxRows rows.
+inline int64_t query_tile(const Problem& p) { return std::clamp<int64_t>(kMaxRows / p.num_q_heads, 1, kQueryTile); }
+
+// One partial result: [query_tile * Hq rows][D + 2] (unnormalized output, running max, running sum).
+inline int64_t partial_stride(const Problem& p) { return query_tile(p) * p.num_q_heads * (p.head_dim + 2); }
+
+inline void prefetch(const void* ptr, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(ptr) + off, 0, 3);
+}
+
+// Lane t of the result = the sum of the lanes of a[t] (W dot products reduced together: ~3 ops per product
+// instead of a full horizontal reduction each).
+template <typename T>
+inline Vectorized<T> reduce_lanes(const Vectorized<T>* a) {
+  using Vec = Vectorized<T>;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    __m512 b[8], c[4];
+    for (int i = 0; i < 8; ++i) {  // per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3]
+      const __m512 x = a[2 * i], y = a[2 * i + 1];
+      b[i] = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+    }
+    for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's sums of a[4i .. 4i+3]
+      c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
+                           _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+    }
+    const __m512 e01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+    const __m512 e23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+    return Vec(_mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, 0x88), _mm512_shuffle_f32x4(e01, e23, 0xDD)));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    __m256 b[4], c[2];
+    for (int i = 0; i < 4; ++i) {
+      const __m256 x = a[2 * i], y = a[2 * i + 1];
+      b[i] = _mm256_add_ps(_mm256_unpacklo_ps(x, y), _mm256_unpackhi_ps(x, y));
+    }
+    for (int i = 0; i < 2; ++i) {
+      c[i] = _mm256_add_ps(_mm256_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
+                           _mm256_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+    }
+    return Vec(_mm256_add_ps(_mm256_permute2f128_ps(c[0], c[1], 0x20), _mm256_permute2f128_ps(c[0], c[1], 0x31)));
+  }
+#endif
+  alignas(64) T out[Vec::size()];
+  for (int64_t t = 0; t < Vec::size(); ++t) {
+    out[t] = at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, a[t]);
+  }
+  return Vec::loadu(out);
+}
+
+template <typename scalar_t>
+struct Scratch {
+  using acc = acc_t<scalar_t>;
+  std::vector<acc> q, out, scores, row_max, row_sum, k_block, v_block;
+  void resize(int64_t rows, int64_t padded_dim, int64_t padded_block, int64_t block_numel) {
+    k_block.resize(block_numel);
+    v_block.resize(block_numel);
+    q.assign(rows * padded_dim, 0);
+    out.assign(rows * padded_dim, 0);
+    scores.assign(rows * padded_block, 0);
+    row_max.assign(rows, 0);
+    row_sum.assign(rows, 0);
+  }
+};
+
+// Rows of an item: r = (i - q_begin) * Hq + query head, so the rows of one query and KV head h are the G rows from
+// (i - q_begin) * Hq + h * G, and the item's output rows are contiguous in `out`. The block's memory is read front
+// to back (all KV heads of a slot together; 12 KB per block for SmolLM2 in fp32), and the next block of the
+// sequence is prefetched while this one is computed. NV: vectors per head_dim row, a compile-time constant for
+// the common head dims (registers, unrolled loops), 0 for any other.
+template <typename scalar_t, int NV>
+void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_stride0, int64_t q_stride1,
+              const scalar_t* k_cache, const scalar_t* v_cache, scalar_t* out, acc_t<scalar_t>* partials,
+              Scratch<scalar_t>& s) {
+  using acc = acc_t<scalar_t>;
+  using Vec = Vectorized<acc>;
+  constexpr int64_t W = Vec::size();
+  constexpr int64_t kVecs = NV > 0 ? NV : kMaxVecs;
+  const int64_t D = p.head_dim, G = p.group, Hq = p.num_q_heads, Hkv = p.num_kv_heads, bs = p.block_size;
+  const int64_t nv = NV > 0 ? NV : (D + W - 1) / W, Dp = nv * W, BSp = (bs + W - 1) / W * W;
+  const int64_t tail = D - (nv - 1) * W;  // elements in a row's last vector
+  const int64_t num_q = it.q_end - it.q_begin, rows = num_q * Hq;
+  // bf16/fp16 KV: each block is converted to fp32 once (into s.k_block/s.v_block), not once per query row.
+  constexpr bool kConvert = !std::is_same_v<scalar_t, acc>;
+  s.resize(rows, Dp, BSp, kConvert ? bs * Hkv * D : 0);
+  const acc neg_inf = -std::numeric_limits<acc>::infinity();
+  auto load_row = [&](const acc* src, Vec* dst) {
+    for (int64_t c = 0; c < nv - 1; ++c) dst[c] = Vec::loadu(src + c * W);
+    dst[nv - 1] = tail == W ? Vec::loadu(src + (nv - 1) * W) : Vec::loadu(src + (nv - 1) * W, tail);
+  };
+  auto block_rows = [&](const scalar_t* src, int64_t numel, std::vector<acc>& buf) -> const acc* {
+    if constexpr (kConvert) {
+      for (int64_t e = 0; e < numel; e += W) {
+        const int64_t m = std::min(W, numel - e);
+        load_acc(src + e, m).store(buf.data() + e, m);
+      }
+      return buf.data();
+    } else {
+      return src;
+    }
+  };
+
+  const int64_t q_len = p.cu[it.seq + 1] - p.cu[it.seq];
+  const int64_t first_pos = p.seq_lens[it.seq] - q_len;  // position of query 0
+  const int64_t token0 = p.cu[it.seq] + it.q_begin;
+  for (int64_t r = 0; r < rows; ++r) {  // queries, pre-scaled by `scale`
+    const scalar_t* src = q + (token0 + r / Hq) * q_stride0 + (r % Hq) * q_stride1;
+    acc* dst = s.q.data() + r * Dp;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc>(src[d]) * static_cast<acc>(p.scale);
+  }
+  std::fill(s.row_max.begin(), s.row_max.end(), neg_inf);
+
+  const int64_t lo_pos = first_pos + it.q_begin, hi_pos = first_pos + it.q_end - 1;  // query positions in the tile
+  const int64_t slot_numel = Hkv * D, slot_bytes = slot_numel * static_cast<int64_t>(sizeof(scalar_t));
+  const int32_t* table = p.tables + it.seq * p.table_cols;
+  const int64_t last_col = (it.key_end - 1) / bs;
+
+  for (int64_t col = it.key_begin / bs; col <= last_col; ++col) {
+    const int64_t j0 = std::max(col * bs, it.key_begin), j1 = std::min((col + 1) * bs, it.key_end), n = j1 - j0;
+    const int64_t slot0 = static_cast<int64_t>(table[col]) * bs + (j0 - col * bs);
+    const acc* kb = block_rows(k_cache + slot0 * slot_numel, n * slot_numel, s.k_block);
+    const acc* vb = block_rows(v_cache + slot0 * slot_numel, n * slot_numel, s.v_block);
+    if (col < last_col) {
+      const int64_t next = static_cast<int64_t>(table[col + 1]) * bs * slot_numel;
+      prefetch(k_cache + next, bs * slot_bytes);
+      prefetch(v_cache + next, bs * slot_bytes);
+    }
+    // A key is hidden from some row iff it lies after the tile's first query, or (window) too far behind its last.
+    const bool masked = j1 - 1 > lo_pos || (p.window > 0 && hi_pos - j0 >= p.window);
+
+    // scores[r][t] = q_r . k_t (k of the row's KV head), W slots at a time
+    for (int64_t h = 0; h < Hkv; ++h) {
+      for (int64_t t0 = 0; t0 < n; t0 += W) {
+        const int64_t m = std::min(W, n - t0);
+        for (int64_t i = 0; i < num_q; ++i) {
+          for (int64_t r = i * Hq + h * G; r < i * Hq + (h + 1) * G; ++r) {
+            Vec qv[kVecs], dots[W];
+            const acc* qr = s.q.data() + r * Dp;
+            for (int64_t c = 0; c < nv; ++c) qv[c] = Vec::loadu(qr + c * W);
+            for (int64_t u = 0; u < W; ++u) {
+              if (u >= m) {
+                dots[u] = Vec(0);
+                continue;
+              }
+              Vec kv[kVecs];
+              load_row(kb + (t0 + u) * slot_numel + h * D, kv);
+              Vec a = qv[0] * kv[0];
+              for (int64_t c = 1; c < nv; ++c) a = at::vec::fmadd(qv[c], kv[c], a);
+              dots[u] = a;
+            }
+            reduce_lanes<acc>(dots).store(s.scores.data() + r * BSp + t0);
+          }
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      acc* sc = s.scores.data() + r * BSp;
+      if (p.softcap) {
+        const acc cap = static_cast<acc>(*p.softcap);
+        for (int64_t t = 0; t < n; ++t) sc[t] = cap * std::tanh(sc[t] / cap);
+      }
+      if (masked) {
+        const int64_t pos = lo_pos + r / Hq;
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t j = j0 + t;
+          if (j > pos || (p.window > 0 && pos - j >= p.window)) sc[t] = neg_inf;
+        }
+      }
+      for (int64_t t = n; t < BSp; ++t) sc[t] = neg_inf;
+      // online softmax: new running max, rescale what was accumulated, exponentiate this block's scores
+      Vec vmax(neg_inf);
+      for (int64_t t = 0; t < BSp; t += W) vmax = at::vec::maximum(vmax, Vec::loadu(sc + t));
+      const acc block_max = at::vec::vec_reduce_all<acc>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax);
+      if (block_max == neg_inf) {
+        for (int64_t t = 0; t < BSp; ++t) sc[t] = 0;
+        continue;
+      }
+      const acc old_max = s.row_max[r], new_max = std::max(old_max, block_max);
+      const Vec vnew(new_max);
+      Vec vsum(0);
+      for (int64_t t = 0; t < BSp; t += W) {
+        Vec e = vexp(Vec::loadu(sc + t) - vnew);
+        e.store(sc + t);
+        vsum = vsum + e;
+      }
+      const acc block_sum = at::vec::vec_reduce_all<acc>([](Vec& x, Vec& y) { return x + y; }, vsum);
+      if (old_max != new_max) {
+        const acc corr = old_max == neg_inf ? acc(0) : std::exp(old_max - new_max);
+        s.row_sum[r] *= corr;
+        acc* o = s.out.data() + r * Dp;
+        const Vec vc(corr);
+        for (int64_t c = 0; c < nv; ++c) (Vec::loadu(o + c * W) * vc).store(o + c * W);
+      }
+      s.row_sum[r] += block_sum;
+      s.row_max[r] = new_max;
+    }
+    // out[r] += sum_t p[r][t] * v_t, the row's accumulator held in registers across the block
+    for (int64_t h = 0; h < Hkv; ++h) {
+      for (int64_t i = 0; i < num_q; ++i) {
+        for (int64_t r = i * Hq + h * G; r < i * Hq + (h + 1) * G; ++r) {
+          acc* o = s.out.data() + r * Dp;
+          const acc* pr = s.scores.data() + r * BSp;
+          Vec ov[kVecs];
+          for (int64_t c = 0; c < nv; ++c) ov[c] = Vec::loadu(o + c * W);
+          for (int64_t t = 0; t < n; ++t) {
+            if (pr[t] == acc(0)) continue;
+            const Vec w(pr[t]);
+            Vec vv[kVecs];
+            load_row(vb + t * slot_numel + h * D, vv);
+            for (int64_t c = 0; c < nv; ++c) ov[c] = at::vec::fmadd(w, vv[c], ov[c]);
+          }
+          for (int64_t c = 0; c < nv; ++c) ov[c].store(o + c * W);
+        }
+      }
+    }
+  }
+
+  if (it.partial >= 0) {
+    acc* dst = partials + it.partial * partial_stride(p);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::memcpy(dst + r * (D + 2), s.out.data() + r * Dp, D * sizeof(acc));
+      dst[r * (D + 2) + D] = s.row_max[r];
+      dst[r * (D + 2) + D + 1] = s.row_sum[r];
+    }
+    return;
+  }
+  scalar_t* dst = out + token0 * Hq * D;
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc inv = s.row_sum[r] > 0 ? acc(1) / s.row_sum[r] : acc(0);  // a row sees >= 1 key by contract
+    for (int64_t d = 0; d < D; ++d) dst[r * D + d] = static_cast<scalar_t>(s.out[r * Dp + d] * inv);
+  }
+}
+
+template <typename scalar_t>
+using ItemRunner = void (*)(const Problem&, const Item&, const scalar_t*, int64_t, int64_t, const scalar_t*,
+                            const scalar_t*, scalar_t*, acc_t<scalar_t>*, Scratch<scalar_t>&);
+
+template <typename scalar_t>
+ItemRunner<scalar_t> item_runner(int64_t nv) {
+  switch (nv) {
+    case 1: return run_item<scalar_t, 1>;
+    case 2: return run_item<scalar_t, 2>;
+    case 4: return run_item<scalar_t, 4>;
+    case 8: return run_item<scalar_t, 8>;
+    default: return run_item<scalar_t, 0>;
+  }
+}
+
+// Combine the partial results of one (sequence, query tile) split into `num` items.
+template <typename scalar_t>
+void combine(const Problem& p, const Item& first, int64_t num, const acc_t<scalar_t>* partials, scalar_t* out) {
+  using acc = acc_t<scalar_t>;
+  const int64_t D = p.head_dim, rows = (first.q_end - first.q_begin) * p.num_q_heads;
+  const acc neg_inf = -std::numeric_limits<acc>::infinity();
+  std::vector<acc> res(D);
+  scalar_t* dst = out + (p.cu[first.seq] + first.q_begin) * p.num_q_heads * D;
+  for (int64_t r = 0; r < rows; ++r) {
+    acc m = neg_inf;
+    for (int64_t s = 0; s < num; ++s) m = std::max(m, partials[(first.partial + s) * partial_stride(p) + r * (D + 2) + D]);
+    std::fill(res.begin(), res.end(), acc(0));
+    acc total = 0;
+    for (int64_t s = 0; s < num; ++s) {
+      const acc* src = partials + (first.partial + s) * partial_stride(p) + r * (D + 2);
+      if (src[D] == neg_inf) continue;
+      const acc w = std::exp(src[D] - m);
+      total += src[D + 1] * w;
+      for (int64_t d = 0; d < D; ++d) res[d] += src[d] * w;
+    }
+    const acc inv = total > 0 ? acc(1) / total : acc(0);
+    for (int64_t d = 0; d < D; ++d) dst[r * D + d] = static_cast<scalar_t>(res[d] * inv);
+  }
+}
+
+// ---- planning: items, splits, buckets ---------------------------------------------------------------------------
+
+// Keys the queries [q_begin, q_end) of sequence b can see: [begin, end).
+std::pair<int64_t, int64_t> key_range(const Problem& p, int64_t b, int64_t q_begin, int64_t q_end) {
+  const int64_t q_len = p.cu[b + 1] - p.cu[b], first_pos = p.seq_lens[b] - q_len;
+  const int64_t end = first_pos + q_end;
+  const int64_t begin = p.window > 0 ? std::max<int64_t>(0, first_pos + q_begin - p.window + 1) : 0;
+  return {begin, end};
+}
+
+struct Plan {
+  std::vector<Item> items;
+  std::vector<std::pair<int64_t, int64_t>> groups;  // split items: (first item index, count)
+  std::vector<std::vector<int64_t>> buckets;        // item indices per thread
+  int64_t num_partials = 0;
+};
+
+Plan plan_items(const Problem& p, const std::vector<int64_t>& seqs, int64_t num_threads) {
+  struct Base {
+    int64_t seq, q_begin, q_end, key_begin, key_end;
+  };
+  std::vector<Base> bases;
+  int64_t total_keys = 0;
+  const int64_t tile = query_tile(p);
+  for (int64_t b : seqs) {
+    const int64_t q_len = p.cu[b + 1] - p.cu[b];
+    for (int64_t q0 = 0; q0 < q_len; q0 += tile) {
+      const int64_t q1 = std::min(q_len, q0 + tile);
+      auto [k0, k1] = key_range(p, b, q0, q1);
+      bases.push_back({b, q0, q1, k0, k1});
+      total_keys += k1 - k0;
+    }
+  }
+  Plan plan;
+  const int64_t target = kItemsPerThread * num_threads;
+  for (const Base& base : bases) {
+    const int64_t keys = base.key_end - base.key_begin;
+    int64_t splits = 1;
+    if (num_threads > 1 && total_keys > 0) {
+      const int64_t wanted = (keys * target + total_keys - 1) / total_keys;
+      splits = std::max<int64_t>(1, std::min(wanted, keys / kMinSplitKeys));
+    }
+    // split points on block boundaries
+    const int64_t first_col = base.key_begin / p.block_size, last_col = (base.key_end - 1) / p.block_size;
+    splits = std::min(splits, last_col - first_col + 1);
+    const int64_t cols_per = (last_col - first_col + 1 + splits - 1) / splits;
+    const int64_t first_item = static_cast<int64_t>(plan.items.size()), rows = (base.q_end - base.q_begin) * p.num_q_heads;
+    int64_t count = 0;
+    for (int64_t c = first_col; c <= last_col; c += cols_per) {
+      const int64_t k0 = std::max(base.key_begin, c * p.block_size);
+      const int64_t k1 = std::min(base.key_end, (c + cols_per) * p.block_size);
+      plan.items.push_back({base.seq, base.q_begin, base.q_end, k0, k1, -1, (k1 - k0) * (rows + 4 * p.num_kv_heads)});
+      ++count;
+    }
+    if (count > 1) {
+      for (int64_t i = 0; i < count; ++i) plan.items[first_item + i].partial = plan.num_partials + i;
+      plan.num_partials += count;
+      plan.groups.emplace_back(first_item, count);
+    }
+  }
+  // LPT: longest item first, onto the least loaded thread
+  std::vector<int64_t> order(plan.items.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return plan.items[a].cost > plan.items[b].cost; });
+  plan.buckets.assign(num_threads, {});
+  std::vector<int64_t> load(num_threads, 0);
+  for (int64_t i : order) {
+    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+    plan.buckets[t].push_back(i);
+    load[t] += plan.items[i].cost;
+  }
+  return plan;
+}
+
+// ---- long prefills: gather the sequence's blocks, ATen's SDPA ---------------------------------------------------
+
+void attend_by_sdpa(const Problem& p, int64_t b, const at::Tensor& q, const at::Tensor& k_cache,
+                    const at::Tensor& v_cache, at::Tensor& out) {
+  const int64_t q_start = p.cu[b], q_len = p.cu[b + 1] - p.cu[b], seq_len = p.seq_lens[b];
+  auto [key_begin, key_end] = key_range(p, b, 0, q_len);
+  const int64_t first_col = key_begin / p.block_size, num_cols = (key_end - 1) / p.block_size - first_col + 1;
+  const int64_t keys = key_end - first_col * p.block_size;  // gathered rows [first_col * bs, seq_len)
+  const int64_t block_numel = p.block_size * p.num_kv_heads * p.head_dim;
+  auto k = at::empty({num_cols * p.block_size, p.num_kv_heads, p.head_dim}, k_cache.options());
+  auto v = at::empty_like(k);
+  const int32_t* table = p.tables + b * p.table_cols + first_col;
+  const int64_t item = k_cache.element_size();
+  for (int64_t c = 0; c < num_cols; ++c) {
+    std::memcpy(static_cast<char*>(k.data_ptr()) + c * block_numel * item,
+                static_cast<const char*>(k_cache.data_ptr()) + table[c] * block_numel * item, block_numel * item);
+    std::memcpy(static_cast<char*>(v.data_ptr()) + c * block_numel * item,
+                static_cast<const char*>(v_cache.data_ptr()) + table[c] * block_numel * item, block_numel * item);
+  }
+  auto kt = k.narrow(0, 0, keys).transpose(0, 1).unsqueeze(0);  // [1, Hkv, L, D]
+  auto vt = v.narrow(0, 0, keys).transpose(0, 1).unsqueeze(0);
+  auto qs = q.narrow(0, q_start, q_len).transpose(0, 1).unsqueeze(0);  // [1, Hq, q_len, D]
+  std::optional<at::Tensor> mask;
+  const bool plain_causal = first_col == 0 && seq_len == q_len && p.window == 0;
+  if (!plain_causal) {
+    auto query_pos = at::arange(seq_len - q_len, seq_len, at::kLong).unsqueeze(1);
+    auto key_pos = at::arange(first_col * p.block_size, key_end, at::kLong).unsqueeze(0);
+    auto allowed = key_pos <= query_pos;
+    if (p.window > 0) allowed = allowed & ((query_pos - key_pos) < p.window);
+    mask = allowed;
+  }
+  auto res = at::scaled_dot_product_attention(qs, kt, vt, mask, 0.0, plain_causal, p.scale,
+                                              p.num_q_heads != p.num_kv_heads);  // [1, Hq, q_len, D]
+  out.narrow(0, q_start, q_len).copy_(res[0].transpose(0, 1));
+}
+
+// ---- the ops ----------------------------------------------------------------------------------------------------
+
+// Writes every row of out [T, Hq, D] (contiguous, q's dtype).
+void paged_attention_out(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_k,
+                         double scale, std::optional<int64_t> sliding_window, std::optional<double> softcap,
+                         at::Tensor& out) {
+  check_attention(q_in, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, sliding_window, softcap);
+  TORCH_CHECK_VALUE(out.sizes() == q_in.sizes() && out.scalar_type() == q_in.scalar_type() && out.is_contiguous() &&
+                        out.device().is_cpu(),
+                    "out must be a contiguous CPU tensor of q's shape and dtype");
+  const at::Tensor q = q_in.stride(2) == 1 ? q_in : q_in.contiguous();
+  Problem p{block_tables.size(0), q.size(0), q.size(1), k_cache.size(2), q.size(1) / k_cache.size(2), q.size(2),
+            k_cache.size(1), k_cache.size(0), block_tables.size(1), sliding_window.value_or(0), scale, softcap,
+            block_tables.data_ptr<int32_t>(), cu_seqlens_q.data_ptr<int32_t>(), seq_lens_k.data_ptr<int32_t>()};
+  std::vector<int64_t> native, by_sdpa;
+  for (int64_t b = 0; b < p.num_seqs; ++b) {
+    const int64_t q_len = p.cu[b + 1] - p.cu[b];
+    if (q_len == 0) continue;
+    (q_len > kQueryTile && !softcap ? by_sdpa : native).push_back(b);
+  }
+  if (!native.empty()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "pensieve_paged_attention", [&] {
+      using acc = acc_t<scalar_t>;
+      TORCH_CHECK_VALUE(p.head_dim <= kMaxVecs * Vectorized<acc>::size(), "head_dim ", p.head_dim,
+                        " is larger than this kernel supports (", kMaxVecs * Vectorized<acc>::size(), ")");
+      const int64_t num_threads = at::get_num_threads();
+      const auto run = item_runner<scalar_t>((p.head_dim + Vectorized<acc>::size() - 1) / Vectorized<acc>::size());
+      Plan plan = plan_items(p, native, num_threads);
+      std::vector<acc> partials;
+      if (plan.num_partials > 0) {
+        partials.resize(plan.num_partials * partial_stride(p));
+      }
+      const scalar_t* qp = q.data_ptr<scalar_t>();
+      const scalar_t* kp = k_cache.data_ptr<scalar_t>();
+      const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+      scalar_t* op = out.data_ptr<scalar_t>();
+      at::parallel_for(0, num_threads, 1, [&](int64_t begin, int64_t end) {
+        Scratch<scalar_t> scratch;
+        for (int64_t t = begin; t < end; ++t) {
+          for (int64_t i : plan.buckets[t]) {
+            run(p, plan.items[i], qp, q.stride(0), q.stride(1), kp, vp, op, partials.data(), scratch);
+          }
+        }
+      });
+      for (auto [first, count] : plan.groups) combine<scalar_t>(p, plan.items[first], count, partials.data(), op);
+    });
+  }
+  for (int64_t b : by_sdpa) attend_by_sdpa(p, b, q, k_cache, v_cache, out);
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_k,
+                           double scale, std::optional<int64_t> sliding_window, std::optional<double> softcap) {
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  paged_attention_out(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, sliding_window, softcap, out);
+  return out;
+}
+
+void write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
+              const at::Tensor& slot_mapping) {
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+                    "k_cache and v_cache must both be [num_blocks, block_size, Hkv, D]");
+  TORCH_CHECK_VALUE(k_cache.is_contiguous() && v_cache.is_contiguous(), "k_cache and v_cache must be contiguous");
+  TORCH_CHECK_VALUE(k.dim() == 3 && v.sizes() == k.sizes(), "k and v must both be [T, Hkv, D]");
+  TORCH_CHECK_VALUE(k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3), "k is [T, ", k.size(1), ", ",
+                    k.size(2), "] but the cache holds [.., ", k_cache.size(2), ", ", k_cache.size(3), "]");
+  TORCH_CHECK_VALUE(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type() &&
+                        v_cache.scalar_type() == k_cache.scalar_type(),
+                    "k/v dtypes ", k.scalar_type(), "/", v.scalar_type(), " != cache dtype ", k_cache.scalar_type());
+  TORCH_CHECK_VALUE(slot_mapping.dim() == 1 && slot_mapping.size(0) == k.size(0) &&
+                        slot_mapping.scalar_type() == at::kLong,
+                    "slot_mapping must be int64 [T=", k.size(0), "]");
+  for (const at::Tensor* t : {&k, &v, &k_cache, &v_cache, &slot_mapping}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "all tensors must be on the CPU, got ", t->device());
+  }
+  const at::Tensor slots_t = slot_mapping.contiguous();
+  const int64_t* slots = slots_t.data_ptr<int64_t>();
+  const int64_t num_tokens = k.size(0), num_slots = k_cache.size(0) * k_cache.size(1);
+  std::vector<bool> seen(num_slots, false);
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    TORCH_CHECK_VALUE(slots[t] >= -1 && slots[t] < num_slots, "slot ", slots[t], " out of range [-1, ", num_slots,
+                      ") in slot_mapping");
+    if (slots[t] < 0) continue;
+    TORCH_CHECK_VALUE(!seen[slots[t]], "slot_mapping writes the same slot twice");
+    seen[slots[t]] = true;
+  }
+  const int64_t heads = k.size(1), D = k.size(2), item = k.element_size();
+  for (const auto& [src_t, dst] : {std::pair{&k, &k_cache}, std::pair{&v, &v_cache}}) {
+    const at::Tensor src = src_t->stride(2) == 1 ? *src_t : src_t->contiguous();
+    const char* sp = static_cast<const char*>(src.data_ptr());
+    char* dp = static_cast<char*>(dst->data_ptr());
+    const int64_t s0 = src.stride(0) * item, s1 = src.stride(1) * item;
+    at::parallel_for(0, num_tokens, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        if (slots[t] < 0) continue;
+        char* row = dp + slots[t] * heads * D * item;
+        if (s1 == D * item) {
+          std::memcpy(row, sp + t * s0, heads * D * item);
+        } else {
+          for (int64_t h = 0; h < heads; ++h) std::memcpy(row + h * D * item, sp + t * s0 + h * s1, D * item);
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pensieve_cpu, m) {
+  m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  m.def(
+      "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor cu_seqlens_q, "
+      "Tensor seq_lens_k, float scale, int? sliding_window=None, float? softcap=None) -> Tensor");
+  m.def(
+      "paged_attention_out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor cu_seqlens_q, "
+      "Tensor seq_lens_k, float scale, int? sliding_window, float? softcap, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pensieve_cpu, CPU, m) {
+  m.impl("write_kv", &write_kv);
+  m.impl("paged_attention", &paged_attention);
+  m.impl("paged_attention_out", &paged_attention_out);
+}
+
+}  // namespace pensieve_cpu
