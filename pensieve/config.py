@@ -131,15 +131,19 @@ class EngineConfig:
         runs every step eagerly. The first compile takes tens of seconds; inductor caches it on disk.
     cuda_graphs: on GPU, capture decode steps as CUDA graphs for the batch sizes in cuda_graph_batch_sizes (a step
         is padded to the next one); larger batches, and steps that swap KV in, run eagerly.
+    cpu_linear: on CPU, run the model's nn.Linear layers (fp32/bf16) through pensieve's linear kernel, which reads
+        the weights at memory speed for decode-sized batches (pensieve/models/linear.py); restored by close().
     """
 
     compile: str | bool = "auto"
+    cpu_linear: bool = True
     cuda_graphs: bool = True
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
     def __post_init__(self) -> None:
         _require(self.compile in ("auto", True, False), f'compile must be "auto", True or False, got {self.compile!r}')
         _require(isinstance(self.cuda_graphs, bool), f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
+        _require(isinstance(self.cpu_linear, bool), f"cpu_linear must be a bool, got {self.cpu_linear!r}")
         sizes = self.cuda_graph_batch_sizes
         _require(
             isinstance(sizes, tuple)

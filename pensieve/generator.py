@@ -16,9 +16,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
+from pensieve.engine.detokenizer import IncrementalDetokenizer
 from pensieve.engine.engine import Engine
 from pensieve.engine.turn import Reply
 from pensieve.models.attention import ATTN_IMPLEMENTATION, register
+from pensieve.models.linear import use_fast_linears
 
 _DONE = object()
 _WAIT_S = 0.002  # how often a waiting caller checks whether it can take over driving
@@ -56,16 +58,18 @@ class StatefulGenerator:
         engine_config: EngineConfig | None = None,
     ) -> None:
         register()
+        engine_config = engine_config or EngineConfig()
         self._model = model
         self._engine = Engine(
             model,
             tokenizer,
             cache_config or CacheConfig(),
             scheduler_config or SchedulerConfig(),
-            engine_config or EngineConfig(),
+            engine_config,
         )
         self._original_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        self._restore_linears = use_fast_linears(model) if engine_config.cpu_linear else (lambda: None)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._driver = threading.Lock()  # held by the thread stepping the engine
         self._closed = False
@@ -108,7 +112,7 @@ class StatefulGenerator:
 
     def close(self) -> None:
         """Fail turns still running, write every stored conversation's KV to disk (with a disk tier), reject further
-        calls, restore the model's attention implementation."""
+        calls, restore the model's attention implementation and linear layers."""
         with self._driver:
             if self._closed:
                 return
@@ -117,6 +121,7 @@ class StatefulGenerator:
             self._engine.fail_all(RuntimeError("the StatefulGenerator was closed during this turn"))
             self._engine.close()
         self._model.set_attn_implementation(self._original_attn)
+        self._restore_linears()
 
     def __enter__(self) -> StatefulGenerator:
         return self
@@ -194,23 +199,17 @@ class StatefulGenerator:
             self._driver.release()
 
     def _pieces(self, tokens: queue.SimpleQueue, future: Future) -> Iterator:
-        """Token ids as the turn produces them -> ids (no tokenizer) or str deltas that never split a character."""
+        """Token ids as the turn produces them -> ids (no tokenizer) or str deltas that never split a character,
+        decoded incrementally (O(new tokens) per token)."""
         tokenizer = self._engine.tokenizer
-        ids: list[int] = []
-        emitted = ""
+        text = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
         while True:
             self._drive_until(lambda: not tokens.empty())
             item = tokens.get()
             if item is _DONE:
                 future.result()  # re-raise an engine error
                 return
-            if tokenizer is None:
+            if text is None:
                 yield item
-                continue
-            ids.append(item)
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                continue
-            if len(text) > len(emitted):
-                yield text[len(emitted) :]
-                emitted = text
+            elif piece := text.add(item):
+                yield piece

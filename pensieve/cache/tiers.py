@@ -129,9 +129,11 @@ class KVStorage:
         # [L, num_blocks, block_size, Hkv, D] tensor each for K and V, so a forward takes the whole pool as two
         # inputs; `device_caches[l]` are layer l's views. Uninitialized: a slot is written before any query sees it,
         # and the kernels never let an unwritten slot reach a result.
+        # One block more than the pool hands out: `padding_block`, which padded rows of a CUDA-graph step write to.
         self.device_kv = tuple(
-            torch.empty((num_layers, num_device_blocks, *block_shape), dtype=dtype, device=device) for _ in "kv"
+            torch.empty((num_layers, num_device_blocks + 1, *block_shape), dtype=dtype, device=device) for _ in "kv"
         )
+        self.padding_block = num_device_blocks
         self.device_caches: LayerCaches = [(self.device_kv[0][i], self.device_kv[1][i]) for i in range(num_layers)]
         host_kv = tuple(
             torch.empty((num_layers, num_host_blocks, *block_shape), dtype=dtype, pin_memory=self.cuda) for _ in "kv"

@@ -15,6 +15,7 @@ from pensieve.cache.manager import KVManager
 from pensieve.cache.policy import RecomputeCost, make_policy
 from pensieve.cache.tiers import KVStorage, Tier
 from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
+from pensieve.engine.detokenizer import IncrementalDetokenizer, find_stop
 from pensieve.engine.runner import ModelRunner, default_num_blocks
 from pensieve.engine.sampler import sample
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
@@ -132,7 +133,8 @@ class Engine:
             # (dropped) or invalid (the template rewrote them) are recomputed now.
             history_kv=min(max(adm.history_len - 1, 0), len(adm.tokens)),
             on_token=on_token,
-            generator=None if adm.params.seed is None else torch.Generator().manual_seed(adm.params.seed),
+            generator=None if adm.params.seed is None else self._generator(adm.params.seed),
+            detokenizer=IncrementalDetokenizer(self.tokenizer) if adm.params.stop else None,
         )
         self.scheduler.add(turn)
         return turn
@@ -254,8 +256,11 @@ class Engine:
     def _finish_reason(self, turn: Turn, token: int) -> str | None:
         if token in turn.sampling.stop_token_ids:
             return "stop"
-        if turn.sampling.stop and _find_stop(self._decode(turn.output), turn.sampling.stop) is not None:
-            return "stop"
+        if turn.detokenizer is not None:  # stop strings: only the new text, and the stops that can end in it
+            start = len(turn.detokenizer.text)
+            turn.detokenizer.add(token)
+            if find_stop(turn.detokenizer.text, turn.sampling.stop, start) is not None:
+                return "stop"
         if len(turn.output) >= turn.sampling.max_new_tokens or len(turn.conv.tokens) >= self.shape.max_positions:
             return "length"
         return None
@@ -269,7 +274,7 @@ class Engine:
         text = None
         if self.tokenizer is not None:
             text = self._decode(turn.output)
-            cut = _find_stop(text, turn.sampling.stop)
+            cut = find_stop(text, turn.sampling.stop)
             text = text if cut is None else text[:cut]
         new_messages = None
         if conv.messages is not None:
@@ -302,6 +307,10 @@ class Engine:
             bytes_swapped_in=restored.bytes_in,
         )
         turn.future.set_result(reply)
+
+    def _generator(self, seed: int) -> torch.Generator:
+        """A seeded turn's own generator, on the device that samples."""
+        return torch.Generator(device=self.runner.device).manual_seed(seed)
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -369,6 +378,9 @@ class Engine:
                 for t in Tier
             },
             "preemptions": self.scheduler.num_preemptions,
+            "compiled_graphs": self.runner.compiled.num_graphs if self.runner.compiled is not None else 0,
+            "compile_s": self.runner.compiled.compile_s if self.runner.compiled is not None else 0.0,
+            "cuda_graphs": len(self.runner.graphs.graphs) if self.runner.graphs is not None else 0,
             "disk_write_errors": disk.num_write_errors if disk is not None else 0,
             "disk_bad_files": disk.num_bad_files if disk is not None else 0,
             **{name: kv.counters[name] for name in COUNTERS},
@@ -399,8 +411,3 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None

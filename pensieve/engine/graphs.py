@@ -6,18 +6,18 @@ so batch 1 is a second graph); the block table is the full-width persistent buff
 Only decode-only steps use it (what "auto" chooses: measured faster there; see docs/performance.md).
 
 `CudaGraphRunner` (GPU): captures decode-only forwards for a few batch buckets over the fixed KV pools and the
-runner's persistent buffers, and replays them; padded rows write to a dummy block and sample nothing.
+runner's persistent buffers, and replays them; padded rows write to the storage's padding block and sample nothing.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import types
 import warnings
 
 import torch
+from torch._dynamo.utils import counters
 
 from pensieve.engine.plan import StepPlan
 from pensieve.forward import AttentionBatch
@@ -51,11 +51,16 @@ def resolve_compile(mode, model: torch.nn.Module) -> bool:
     return dtype in (torch.float32, torch.bfloat16, torch.float16) and compile_supported()
 
 
-def _private_forward():
-    """A copy of `_forward` with a code object of its own. Dynamo keeps compiled graphs per code object (the model's
-    own forward is inlined into this frame), so each generator's model gets a cache of its own instead of one
-    shared by every model in the process, where guards on one model's weights evict another's graphs."""
-    return types.FunctionType(_forward.__code__.replace(), _forward.__globals__, _forward.__name__)
+def _private_forward(model):
+    """`_forward` bound to `model`, with a code object of its own. Dynamo keeps compiled graphs per code object (the
+    model's own forward is inlined into this frame), so each generator's model gets a cache of its own instead of
+    one shared by every model in the process (where one model's graphs count against another's recompile limit)."""
+
+    def forward(input_ids, position_ids, logits_rows, batch, model=model):
+        return _forward(model, input_ids, position_ids, logits_rows, batch)
+
+    code = forward.__code__.replace()
+    return types.FunctionType(code, forward.__globals__, forward.__name__, forward.__defaults__)
 
 
 class CompiledForward:
@@ -64,7 +69,8 @@ class CompiledForward:
     def __init__(self, model: torch.nn.Module, enabled: bool) -> None:
         self.model = model
         self.enabled = enabled
-        self.compile_s: float | None = None  # wall time of the first compiled call (compile + run)
+        self.num_graphs = 0  # graphs compiled (batch 1 specializes: usually 2)
+        self.compile_s = 0.0  # wall time of the calls that compiled one
         self._fn = None
         self._failed = False
 
@@ -72,10 +78,9 @@ class CompiledForward:
         return self.enabled and not self._failed and plan.decode_only
 
     def __call__(self, input_ids, position_ids, logits_rows, batch: AttentionBatch) -> torch.Tensor:
-        first = self._fn is None
-        if first:
-            log.warning("pensieve: compiling the decode step (first run on this machine only; cached after)")
-            self._fn = torch.compile(functools.partial(_private_forward(), self.model), fullgraph=True, dynamic=False)
+        if self._fn is None:
+            log.warning("pensieve: compiling the decode step (tens of seconds the first time on a machine; cached)")
+            self._fn = torch.compile(_private_forward(self.model), fullgraph=True, dynamic=False)
         # Only the step's sizes vary; everything else (the KV pools above all) stays static: dynamic=False turns off
         # automatic dynamic shapes. With the pools' shapes symbolic, inductor loses the per-layer storage offset of
         # the views a mutating custom op writes through (measured: every layer's write_kv wrote layer 0's pool).
@@ -83,6 +88,7 @@ class CompiledForward:
             torch._dynamo.maybe_mark_dynamic(t, 1)
         for t in (logits_rows, batch.slot_mapping, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens_k):
             torch._dynamo.maybe_mark_dynamic(t, 0)
+        graphs_before = counters["stats"]["unique_graphs"]
         t0 = time.perf_counter()
         try:
             logits = self._fn(input_ids, position_ids, logits_rows, batch)
@@ -95,16 +101,72 @@ class CompiledForward:
                 stacklevel=2,
             )
             return _forward(self.model, input_ids, position_ids, logits_rows, batch)
-        if first:
-            self.compile_s = time.perf_counter() - t0
+        if counters["stats"]["unique_graphs"] > graphs_before:
+            self.num_graphs += counters["stats"]["unique_graphs"] - graphs_before
+            self.compile_s += time.perf_counter() - t0
         return logits
 
 
 class CudaGraphRunner:
-    """Placeholder until the CUDA-graph runner lands: never captures, so every GPU step runs eagerly."""
+    """CUDA graphs of decode-only forwards, one per batch bucket, captured at first use and replayed.
 
-    def __init__(self, model, storage, buffers, batch_sizes) -> None:
+    The graph reads the runner's persistent device buffers (`StepBuffers.dev`, fixed addresses) and the fixed KV
+    pools, and writes logits for every row of its bucket into a tensor it owns. A step of B sequences is padded to
+    the smallest bucket >= B (`StepBuffers.pad`: padded rows write only to the storage's padding block); the
+    plan's sampling rows are picked from the graph's logits after the replay. Steps with more sequences than the
+    largest bucket, and steps with swap-ins (whose layers wait on copy events), run eagerly.
+    """
+
+    def __init__(self, model, storage, buffers, batch_sizes, block_size: int) -> None:
         self.model = model
+        self.storage = storage
+        self.buffers = buffers
+        self.block_size = block_size
+        self.batch_sizes = [b for b in batch_sizes if b <= buffers.max_seqs and b <= buffers.max_tokens]
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None  # one memory pool shared by every bucket's graph
 
-    def run(self, plan: StepPlan):
-        return None
+    def bucket(self, num_seqs: int) -> int | None:
+        return next((b for b in self.batch_sizes if b >= num_seqs), None)
+
+    def run(self, plan: StepPlan) -> torch.Tensor | None:
+        """-> logits [S, V] of the plan's sampling rows, or None when this step cannot be replayed."""
+        bucket = self.bucket(plan.num_seqs)
+        if bucket is None:
+            return None
+        self.buffers.pad(plan, bucket, self.storage.padding_block, self.block_size)
+        self.buffers.upload(bucket, bucket, plan.num_logits)
+        if bucket not in self.graphs:
+            self.graphs[bucket] = self._capture(bucket)
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        rows = self.buffers.dev["logits_rows"][: plan.num_logits]  # decode-only: row index == token index
+        return logits[rows]
+
+    def _static_inputs(self, bucket: int):
+        dev = self.buffers.dev
+        batch = AttentionBatch(
+            dev["slot_mapping"][:bucket],
+            dev["block_tables"][:bucket],
+            dev["cu_seqlens_q"][: bucket + 1],
+            dev["seq_lens_k"][:bucket],
+            *self.storage.device_kv,
+        )
+        return dev["input_ids"][:bucket][None], dev["position_ids"][:bucket][None], batch
+
+    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The step's inputs are already in the static buffers: the warm-up forwards compute (and write) exactly what
+        the replay will."""
+        input_ids, position_ids, batch = self._static_inputs(bucket)
+        side = torch.cuda.Stream(self.storage.device)
+        side.wait_stream(torch.cuda.current_stream(self.storage.device))
+        with torch.cuda.stream(side):  # warm-up off the capture: allocator, kernel autotuning, lazy init
+            for _ in range(2):
+                _forward(self.model, input_ids, position_ids, 0, batch)
+        torch.cuda.current_stream(self.storage.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = _forward(self.model, input_ids, position_ids, 0, batch)  # logits_to_keep=0: every row
+        self._pool = graph.pool()
+        log.info("pensieve: captured a CUDA graph for decode batches of %d", bucket)
+        return graph, logits

@@ -75,6 +75,19 @@ class StepBuffers:
         self.dev = self.host if device.type == "cpu" else {n: t.to(device) for n, t in self.host.items()}
         self.max_tokens, self.max_seqs, self.max_cols = max_tokens, max_seqs, max_cols
 
+    def pad(self, plan: StepPlan, num_seqs: int, padding_block: int, block_size: int) -> None:
+        """Pad a decode-only step to `num_seqs` one-token sequences (a CUDA-graph bucket). Padded row i is a sequence
+        of (i % block_size) + 1 positions that all live in `padding_block`: it writes one slot of that block, reads
+        only that block, and its logits are never sampled."""
+        n, b = plan.num_seqs, self.np
+        pad = np.arange(num_seqs - n)
+        b["input_ids"][n:num_seqs] = 0
+        b["position_ids"][n:num_seqs] = pad % block_size
+        b["slot_mapping"][n:num_seqs] = padding_block * block_size + pad % block_size
+        b["cu_seqlens_q"][n + 1 : num_seqs + 1] = n + 1 + pad
+        b["seq_lens_k"][n:num_seqs] = pad % block_size + 1
+        b["block_tables"][n:num_seqs, 0] = padding_block
+
     def upload(self, num_tokens: int, num_seqs: int, num_rows: int) -> dict[str, torch.Tensor]:
         """Copy the filled prefixes to the device (non_blocking from pinned memory); -> device views of them."""
         sizes = {"input_ids": num_tokens, "position_ids": num_tokens, "slot_mapping": num_tokens,
@@ -104,14 +117,16 @@ class ModelRunner:
         self.kv = kv
         self.storage = storage
         self.device = storage.device
-        max_cols = min(storage.device_kv[0].shape[1], -(-max_positions // kv.block_size))
+        max_cols = min(kv.device.num_blocks, -(-max_positions // kv.block_size))
         # a turn is at most two sub-sequences of a step (its recompute range and its new tokens)
         self.buffers = StepBuffers(max_tokens, 2 * max_seqs, max_cols, self.device)
         cpu = self.device.type == "cpu"
         self.compiled = CompiledForward(model, resolve_compile(engine_config.compile, model)) if cpu else None
         self.graphs = None
         if self.device.type == "cuda" and engine_config.cuda_graphs:
-            self.graphs = CudaGraphRunner(model, storage, self.buffers, engine_config.cuda_graph_batch_sizes)
+            self.graphs = CudaGraphRunner(
+                model, storage, self.buffers, engine_config.cuda_graph_batch_sizes, kv.block_size
+            )
 
     def build_plan(self, chunks: list[ScheduledChunk]) -> StepPlan:
         buf, bs = self.buffers.np, self.kv.block_size
@@ -151,7 +166,8 @@ class ModelRunner:
         layer's attention waits for its own layer's copies only."""
         gate = self.storage.begin_forward()
         if self.graphs is not None and plan.decode_only and not gate.pending:
-            logits = self.graphs.run(plan)
+            with trusted_inputs():
+                logits = self.graphs.run(plan)
             if logits is not None:
                 return logits
         views = self.buffers.upload(plan.num_tokens, plan.num_seqs, plan.num_logits)

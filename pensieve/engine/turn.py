@@ -12,6 +12,7 @@ import torch
 
 from pensieve.cache.manager import Conversation, RestoreStats
 from pensieve.cache.tiers import Tier
+from pensieve.engine.detokenizer import IncrementalDetokenizer
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Turn:
     first_token_at: float | None = None
     output: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    detokenizer: IncrementalDetokenizer | None = None  # text so far, kept only when stop strings need it
     num_computed: int = 0  # tokens fed to the model for this turn
     num_prefilled: int = 0  # of which before the first reply token
     restored: RestoreStats | None = None  # where the history's KV was when the turn started

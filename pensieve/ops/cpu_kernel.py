@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (`csrc/cpu_paged.cpp`): built as a torch extension at first use, cached, loaded once.
+"""The C++ CPU kernels (`csrc/`): built as one torch extension at first use, cached, loaded once.
 
 `load()` compiles the source with the vector ISA inductor picks for this CPU (AVX-512 where present, else AVX2, else
 plain C++), under a name that hashes the source, the flags and the torch version, in torch's extension cache
@@ -7,7 +7,8 @@ second. When there is no compiler, or the build fails, it warns once and pensiev
 (`cpu_paged.py`). `PENSIEVE_CPU_KERNEL=0` switches the C++ kernels off.
 
 Ops: `torch.ops.pensieve_cpu.write_kv` and `torch.ops.pensieve_cpu.paged_attention` (same contract as
-`pensieve::write_kv` / `pensieve::paged_attention`; every index is checked in C++ and a bad one is a ValueError).
+`pensieve::write_kv` / `pensieve::paged_attention`; every index is checked in C++ and a bad one is a ValueError), and
+`torch.ops.pensieve_cpu.linear` (`F.linear` for decode-sized batches, reading the weights at memory speed).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_paged.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "cpu_paged.cpp", CSRC / "cpu_linear.cpp")
 
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
@@ -42,10 +44,12 @@ def _build() -> None:
     from torch.utils import cpp_extension
 
     flags = _build_flags()
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()
+    digest = hashlib.sha256(" ".join(flags).encode() + torch.__version__.encode())
+    for path in sorted(CSRC.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
     cpp_extension.load(
-        name=f"pensieve_cpu_{digest[:16]}",
-        sources=[str(SOURCE)],
+        name=f"pensieve_cpu_{digest.hexdigest()[:16]}",
+        sources=[str(p) for p in SOURCES],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
@@ -62,6 +66,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("pensieve_cpu::write_kv")
     def _(k, v, k_cache, v_cache, slot_mapping):
         return None
+
+    @torch.library.register_fake("pensieve_cpu::linear")
+    def _(x, weight, bias=None):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     @torch.library.register_fake("pensieve_cpu::paged_attention_out")
     def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, sliding_window, softcap, out):
