@@ -1,0 +1,151 @@
+"""Decode step time: pensieve eager vs pensieve compiled vs HF's decode step, by batch size and context length.
+
+For each dtype, context L and batch B:
+  pensieve   B conversations are given L-token histories (a real prefill), then each measured turn appends one token
+             per conversation and decodes N tokens: every step of it is a decode step of B rows (the first feeds
+             the new message token). ms/step = turn wall time / N, engine overheads (scheduling, sampling) included.
+             "eager" and "compiled" are the same generator with the compiled forward switched off and on, measured
+             alternately (R times each) so that drift of this shared machine hits both alike.
+  hf         the same model under HF's own attention (sdpa): one forward of the B x L prompt into a DynamicCache,
+             then N single-token forwards with the cache, as `generate` runs them (argmax between steps).
+Reported: median ms per step, ms per token (step / B), and pensieve compiled vs HF. JSON + PNG.
+
+Usage: python benchmarks/decode.py [--dtypes float32,bfloat16] [--batches 1,4,16,64] [--contexts 256,2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from plotting import pyplot, save
+from tqdm import tqdm
+
+from pensieve import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, StatefulGenerator
+from pensieve.models.smollm2 import load_smollm2
+
+
+def _history(b: int, length: int) -> list[int]:
+    return [1000 + (b * 7919 + i * 104729) % 40000 for i in range(length)]
+
+
+def bench_pensieve(gen, batch, context, args) -> dict:
+    convs = {f"b{batch}-c{context}-{i}": _history(i, context) for i in range(batch)}
+    gen.generate_batch(convs, SamplingParams(max_new_tokens=1, ignore_eos=True))  # the prefill, untimed
+    turn = SamplingParams(max_new_tokens=args.steps, ignore_eos=True, temperature=0)
+    compiled = gen._engine.runner.compiled  # the benchmark flips it between turns
+    times = {"eager": [], "compiled": []}
+    for rep in range(args.reps + 1):
+        for mode in ("compiled", "eager"):
+            compiled.enabled = mode == "compiled"
+            t0 = time.perf_counter()
+            gen.generate_batch({c: [7 + rep] for c in convs}, turn)
+            if rep > 0:  # rep 0 warms both paths (the compiled one compiles its graph the first time)
+                times[mode].append((time.perf_counter() - t0) / args.steps * 1e3)
+    for conv_id in convs:
+        gen.end(conv_id)
+    return {mode: statistics.median(ts) for mode, ts in times.items()}
+
+
+@torch.inference_mode()
+def bench_hf(model, batch, context, args) -> float:
+    from transformers import DynamicCache
+
+    ids = torch.tensor([_history(i, context) for i in range(batch)])
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    times = []
+    next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
+            next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        times.append((time.perf_counter() - t0) / args.steps * 1e3)
+    return statistics.median(times)
+
+
+def run_dtype(dtype_name: str, args) -> list[dict]:
+    dtype = getattr(torch, dtype_name)
+    model = load_smollm2(dtype)[0]
+    hf_model = copy.deepcopy(model)
+    rows = []
+    most = max(args.batches) * (max(args.contexts) + (args.reps + 1) * 2 * (args.steps + 1) + 16)
+    cache = CacheConfig(block_size=16, num_device_blocks=most // 16 + 64)
+    sched = SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=max(64, max(args.batches)))
+    points = [(c, b) for c in args.contexts for b in args.batches]
+    engine = EngineConfig(compile=True)
+    with StatefulGenerator(model, cache_config=cache, scheduler_config=sched, engine_config=engine) as gen:
+        for context, batch in tqdm(points, desc=f"pensieve {dtype_name}"):
+            ms = bench_pensieve(gen, batch, context, args)
+            rows.append({"dtype": dtype_name, "context": context, "batch": batch,
+                         **{f"pensieve_{k}_ms": v for k, v in ms.items()}})  # fmt: skip
+        compile_s = gen.stats()["compile_s"]
+    for row in tqdm(rows, desc=f"hf {dtype_name}"):
+        row["hf_ms"] = bench_hf(hf_model, row["batch"], row["context"], args)
+    for row in rows:
+        row["compile_s"] = compile_s
+        row["compiled_vs_hf"] = row["hf_ms"] / row["pensieve_compiled_ms"]
+        row["compiled_vs_eager"] = row["pensieve_eager_ms"] / row["pensieve_compiled_ms"]
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    groups = sorted({(r["dtype"], r["context"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.8), squeeze=False)
+    for ax, (dtype, context) in zip(axes[0], groups, strict=True):
+        sel = [r for r in rows if r["dtype"] == dtype and r["context"] == context]
+        batches = [r["batch"] for r in sel]
+        for key, label in (("pensieve_compiled_ms", "pensieve compiled"), ("pensieve_eager_ms", "pensieve eager"),
+                           ("hf_ms", "HF decode step")):  # fmt: skip
+            ax.plot(batches, [r[key] / r["batch"] for r in sel], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("ms per token")
+        ax.set_title(f"{dtype}, context {context}")
+        ax.legend(fontsize=7)
+    save(fig, path)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--batches", default="1,4,16,64")
+    parser.add_argument("--contexts", default="256,2048")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps per measured turn")
+    parser.add_argument("--reps", type=int, default=3, help="measured turns per mode (median)")
+    parser.add_argument("--out", default="results/decode.json")
+    args = parser.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.contexts = [int(c) for c in args.contexts.split(",")]
+    threads, machine = torch.get_num_threads(), platform.machine()
+    print(f"SmolLM2-135M decode step, {threads} threads, {machine}, torch {torch.__version__}")
+    rows = []
+    for dtype_name in args.dtypes.split(","):
+        rows += run_dtype(dtype_name, args)
+    print(f"\n{'dtype':10}{'context':>8}{'batch':>6}{'eager ms':>10}{'compiled ms':>12}{'HF ms':>9}"
+          f"{'ms/token':>10}{'vs HF':>8}{'vs eager':>9}")  # fmt: skip
+    for r in rows:
+        print(f"{r['dtype']:10}{r['context']:>8}{r['batch']:>6}{r['pensieve_eager_ms']:>10.1f}"
+              f"{r['pensieve_compiled_ms']:>12.1f}{r['hf_ms']:>9.1f}{r['pensieve_compiled_ms'] / r['batch']:>10.2f}"
+              f"{r['compiled_vs_hf']:>7.2f}x{r['compiled_vs_eager']:>8.2f}x")  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**vars(args), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"json: {out}")
+    plot(rows, out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
