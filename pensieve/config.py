@@ -129,6 +129,8 @@ class EngineConfig:
     compile: "auto" compiles the decode steps of fp32/bf16/fp16 models on CPU with torch.compile (inductor) when a
         C++ compiler is present (measured faster there; docs/performance.md); True always compiles them; False
         runs every step eagerly. The first compile takes tens of seconds; inductor caches it on disk.
+    compile_prefill: also compile steps with prefill or recompute chunks (measured ~10% faster, at the price of
+        compiling a second set of graphs).
     cuda_graphs: on GPU, capture decode steps as CUDA graphs for the batch sizes in cuda_graph_batch_sizes (a step
         is padded to the next one); larger batches, and steps that swap KV in, run eagerly.
     cpu_linear: on CPU, run the model's nn.Linear layers (fp32/bf16) through pensieve's linear kernel, which reads
@@ -136,14 +138,19 @@ class EngineConfig:
     """
 
     compile: str | bool = "auto"
+    compile_prefill: bool = False
     cpu_linear: bool = True
     cuda_graphs: bool = True
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
     def __post_init__(self) -> None:
-        _require(self.compile in ("auto", True, False), f'compile must be "auto", True or False, got {self.compile!r}')
+        _require(
+            self.compile == "auto" or isinstance(self.compile, bool),
+            f'compile must be "auto", True or False, got {self.compile!r}',
+        )
         _require(isinstance(self.cuda_graphs, bool), f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
-        _require(isinstance(self.cpu_linear, bool), f"cpu_linear must be a bool, got {self.cpu_linear!r}")
+        for name in ("compile_prefill", "cpu_linear"):
+            _require(isinstance(getattr(self, name), bool), f"{name} must be a bool, got {getattr(self, name)!r}")
         sizes = self.cuda_graph_batch_sizes
         _require(
             isinstance(sizes, tuple)

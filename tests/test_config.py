@@ -1,6 +1,6 @@
 import pytest
 
-from pensieve.config import CacheConfig, SamplingParams
+from pensieve.config import CacheConfig, EngineConfig, SamplingParams
 
 
 def test_defaults_are_valid():
@@ -48,6 +48,24 @@ def test_cache_config_rejects(kwargs, message):
 def test_sampling_params_reject(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"compile": "yes"}, "compile"),
+        ({"compile": 1}, "compile"),
+        ({"compile_prefill": "no"}, "compile_prefill"),
+        ({"cpu_linear": None}, "cpu_linear"),
+        ({"cuda_graphs": 1}, "cuda_graphs"),
+        ({"cuda_graph_batch_sizes": (4, 2)}, "cuda_graph_batch_sizes"),
+        ({"cuda_graph_batch_sizes": ()}, "cuda_graph_batch_sizes"),
+        ({"cuda_graph_batch_sizes": [1, 2]}, "cuda_graph_batch_sizes"),
+    ],
+)
+def test_engine_config_rejects(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**kwargs)
 
 
 def test_configs_are_frozen():

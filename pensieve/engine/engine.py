@@ -379,6 +379,7 @@ class Engine:
             },
             "preemptions": self.scheduler.num_preemptions,
             "compiled_graphs": self.runner.compiled.num_graphs if self.runner.compiled is not None else 0,
+            "compiled_steps": self.runner.compiled.num_steps if self.runner.compiled is not None else 0,
             "compile_s": self.runner.compiled.compile_s if self.runner.compiled is not None else 0.0,
             "cuda_graphs": len(self.runner.graphs.graphs) if self.runner.graphs is not None else 0,
             "disk_write_errors": disk.num_write_errors if disk is not None else 0,

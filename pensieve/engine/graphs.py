@@ -3,7 +3,7 @@
 `CompiledForward` (CPU): `torch.compile` (inductor) of the packed forward, pensieve's attention inside as opaque
 custom ops. One graph for every batch size: the token/sequence dims are dynamic (Dynamo specializes sizes 0 and 1,
 so batch 1 is a second graph); the block table is the full-width persistent buffer, so its width never changes.
-Only decode-only steps use it (what "auto" chooses: measured faster there; see docs/performance.md).
+Decode-only steps use it; steps with prefill chunks too with EngineConfig.compile_prefill (docs/performance.md).
 
 `CudaGraphRunner` (GPU): captures decode-only forwards for a few batch buckets over the fixed KV pools and the
 runner's persistent buffers, and replays them; padded rows write to the storage's padding block and sample nothing.
@@ -66,16 +66,18 @@ def _private_forward(model):
 class CompiledForward:
     """The packed forward under torch.compile (inductor), compiled at first use and cached on disk by inductor."""
 
-    def __init__(self, model: torch.nn.Module, enabled: bool) -> None:
+    def __init__(self, model: torch.nn.Module, enabled: bool, prefill: bool = False) -> None:
         self.model = model
         self.enabled = enabled
+        self.prefill = prefill  # also steps with prefill/recompute chunks
+        self.num_steps = 0  # steps run compiled
         self.num_graphs = 0  # graphs compiled (batch 1 specializes: usually 2)
         self.compile_s = 0.0  # wall time of the calls that compiled one
         self._fn = None
         self._failed = False
 
     def wants(self, plan: StepPlan) -> bool:
-        return self.enabled and not self._failed and plan.decode_only
+        return self.enabled and not self._failed and (plan.decode_only or self.prefill)
 
     def __call__(self, input_ids, position_ids, logits_rows, batch: AttentionBatch) -> torch.Tensor:
         if self._fn is None:
@@ -101,6 +103,7 @@ class CompiledForward:
                 stacklevel=2,
             )
             return _forward(self.model, input_ids, position_ids, logits_rows, batch)
+        self.num_steps += 1
         if counters["stats"]["unique_graphs"] > graphs_before:
             self.num_graphs += counters["stats"]["unique_graphs"] - graphs_before
             self.compile_s += time.perf_counter() - t0

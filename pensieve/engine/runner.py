@@ -121,7 +121,8 @@ class ModelRunner:
         # a turn is at most two sub-sequences of a step (its recompute range and its new tokens)
         self.buffers = StepBuffers(max_tokens, 2 * max_seqs, max_cols, self.device)
         cpu = self.device.type == "cpu"
-        self.compiled = CompiledForward(model, resolve_compile(engine_config.compile, model)) if cpu else None
+        enabled = resolve_compile(engine_config.compile, model)
+        self.compiled = CompiledForward(model, enabled, engine_config.compile_prefill) if cpu else None
         self.graphs = None
         if self.device.type == "cuda" and engine_config.cuda_graphs:
             self.graphs = CudaGraphRunner(

@@ -69,6 +69,20 @@ def test_compiled_across_batch_sizes_recompute_and_swap_in_and_bounded_compiles(
         assert counters["stats"]["unique_graphs"] - graphs_before == stats["compiled_graphs"] <= 2
 
 
+def test_compiled_prefill_steps_match_hf():
+    """EngineConfig.compile_prefill: steps with prefill chunks (and the decodes batched with them) compiled too."""
+    model = tiny_model("mistral")  # a sliding window: prefill chunks mask inside the window
+    oracle = oracle_copy(model)
+    rng = random.Random(5)
+    engine = EngineConfig(compile=True, compile_prefill=True)
+    histories: dict = {}
+    with StatefulGenerator(model, None, CacheConfig(block_size=4, num_device_blocks=96), engine_config=engine) as gen:
+        for _ in range(2):
+            _turns(gen, oracle, histories, {f"c{i}": _msg(rng, 6, 20) for i in range(3)})
+        stats = gen.stats()
+        assert stats["compiled_steps"] == stats["steps"]  # prefill steps included
+
+
 def test_compiled_equals_eager_bit_for_bit_on_float64():
     """The same generator's steps with the compiled forward on and off: same tokens, and both equal HF."""
     model = tiny_model("qwen2")
