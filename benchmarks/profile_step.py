@@ -1,0 +1,56 @@
+"""Where a decode step's time goes: the torch profiler over a few steps of SmolLM2 at a given batch and context.
+
+B conversations get `--context`-token histories; then one turn of `--steps` decode steps runs under the profiler
+(after an unprofiled turn that warms, and compiles, the decode step). Prints ms per step and the top operators by
+self time (per step). docs/performance.md quotes its output.
+
+Usage: python benchmarks/profile_step.py [--batch 6] [--context 1500] [--dtype float32] [--compile on|off]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from pensieve import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, StatefulGenerator
+from pensieve.models.smollm2 import load_smollm2
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=6)
+    parser.add_argument("--context", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--compile", default="on", choices=("on", "off"))
+    parser.add_argument("--rows", type=int, default=12)
+    args = parser.parse_args(argv)
+    model = load_smollm2(getattr(torch, args.dtype))[0]
+    blocks = args.batch * (args.context + 4 * args.steps + 64) // 16 + 64
+    cache = CacheConfig(num_device_blocks=blocks)
+    engine = EngineConfig(compile=args.compile == "on")
+    scheduler = SchedulerConfig(2048)
+    with StatefulGenerator(model, cache_config=cache, scheduler_config=scheduler, engine_config=engine) as gen:
+        convs = {f"c{i}": [1000 + (i * 7919 + j * 104729) % 40000 for j in range(args.context)]
+                 for i in range(args.batch)}  # fmt: skip
+        gen.generate_batch(convs, SamplingParams(max_new_tokens=1, ignore_eos=True))
+        turn = SamplingParams(max_new_tokens=args.steps, ignore_eos=True, temperature=0)
+        gen.generate_batch({c: [5] for c in convs}, turn)  # warm (and compile)
+        t0 = time.perf_counter()
+        gen.generate_batch({c: [6] for c in convs}, turn)  # unprofiled: the step time quoted
+        step_ms = (time.perf_counter() - t0) / args.steps * 1e3
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            gen.generate_batch({c: [7] for c in convs}, turn)
+    print(f"SmolLM2 {args.dtype}, batch {args.batch}, context {args.context}, compile {args.compile}: "
+          f"{step_ms:.1f} ms per step ({torch.get_num_threads()} threads)")  # fmt: skip
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.rows]
+    print(f"{'operator':60}{'ms/step':>9}{'calls/step':>12}")
+    for e in events:
+        print(f"{e.key[:58]:60}{e.self_cpu_time_total / 1e3 / args.steps:>9.2f}{e.count / args.steps:>12.1f}")
+
+
+if __name__ == "__main__":
+    main()
