@@ -83,6 +83,9 @@ def main(argv=None) -> None:
         f"\n{stats['turns_completed']} turns, {stats['tokens_computed']} tokens computed in {stats['steps']} steps. "
         "A stateless engine would have prefilled the whole history again on every turn."
     )
+    if stats["compiled_graphs"]:
+        graphs, seconds = stats["compiled_graphs"], stats["compile_s"]
+        print(f"(compiling the decode step took {seconds:.0f}s of the first turns: {graphs} graphs, cached on disk)")
 
 
 if __name__ == "__main__":
