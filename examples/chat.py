@@ -85,7 +85,8 @@ def main(argv=None) -> None:
     )
     if stats["compiled_graphs"]:
         graphs, seconds = stats["compiled_graphs"], stats["compile_s"]
-        print(f"(compiling the decode step took {seconds:.0f}s of the first turns: {graphs} graphs, cached on disk)")
+        what = "1 graph" if graphs == 1 else f"{graphs} graphs"
+        print(f"(compiling the decode step took {seconds:.0f}s of the first turns: {what}, cached on disk)")
 
 
 if __name__ == "__main__":

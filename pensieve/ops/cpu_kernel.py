@@ -100,5 +100,10 @@ def load() -> bool:
     return _loaded
 
 
-if __name__ == "__main__":  # `python -m pensieve.ops.cpu_kernel`: build now (make install does), report
+def report() -> None:
+    """Build now (`make install` runs this) and say what was built."""
     print("pensieve C++ CPU kernels:", "loaded" if load() else "unavailable", "flags:", " ".join(_build_flags()))
+
+
+if __name__ == "__main__":
+    report()
