@@ -31,12 +31,13 @@ from pensieve import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig,
 from pensieve.models.smollm2 import load_smollm2
 
 
-def _history(b: int, length: int) -> list[int]:
+def history(b: int, length: int) -> list[int]:
+    """Conversation b's synthetic `length`-token history (also used by profile_step.py)."""
     return [1000 + (b * 7919 + i * 104729) % 40000 for i in range(length)]
 
 
 def bench_pensieve(gen, batch, context, args) -> dict:
-    convs = {f"b{batch}-c{context}-{i}": _history(i, context) for i in range(batch)}
+    convs = {f"b{batch}-c{context}-{i}": history(i, context) for i in range(batch)}
     gen.generate_batch(convs, SamplingParams(max_new_tokens=1, ignore_eos=True))  # the prefill, untimed
     turn = SamplingParams(max_new_tokens=args.steps, ignore_eos=True, temperature=0)
     compiled = gen._engine.runner.compiled  # the benchmark flips it between turns
@@ -57,7 +58,7 @@ def bench_pensieve(gen, batch, context, args) -> dict:
 def bench_hf(model, batch, context, args) -> float:
     from transformers import DynamicCache
 
-    ids = torch.tensor([_history(i, context) for i in range(batch)])
+    ids = torch.tensor([history(i, context) for i in range(batch)])
     cache = DynamicCache(config=model.config)
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     times = []

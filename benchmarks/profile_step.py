@@ -13,6 +13,7 @@ import argparse
 import time
 
 import torch
+from decode import history
 from torch.profiler import ProfilerActivity, profile
 
 from pensieve import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, StatefulGenerator
@@ -34,8 +35,7 @@ def main(argv=None) -> None:
     engine = EngineConfig(compile=args.compile == "on")
     scheduler = SchedulerConfig(2048)
     with StatefulGenerator(model, cache_config=cache, scheduler_config=scheduler, engine_config=engine) as gen:
-        convs = {f"c{i}": [1000 + (i * 7919 + j * 104729) % 40000 for j in range(args.context)]
-                 for i in range(args.batch)}  # fmt: skip
+        convs = {f"c{i}": history(i, args.context) for i in range(args.batch)}
         gen.generate_batch(convs, SamplingParams(max_new_tokens=1, ignore_eos=True))
         turn = SamplingParams(max_new_tokens=args.steps, ignore_eos=True, temperature=0)
         gen.generate_batch({c: [5] for c in convs}, turn)  # warm (and compile)

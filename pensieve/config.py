@@ -133,8 +133,9 @@ class EngineConfig:
         compiling a second set of graphs).
     cuda_graphs: on GPU, capture decode steps as CUDA graphs for the batch sizes in cuda_graph_batch_sizes (a step
         is padded to the next one); larger batches, and steps that swap KV in, run eagerly.
-    cpu_linear: on CPU, run the model's nn.Linear layers (fp32/bf16) through pensieve's linear kernel, which reads
-        the weights at memory speed for decode-sized batches (pensieve/models/linear.py); restored by close().
+    cpu_linear: on CPU, run the model's nn.Linear layers (fp32/bf16) through pensieve's linear kernel, which streams
+        each weight once for decode-sized batches, faster than BLAS there (pensieve/models/linear.py); restored by
+        close().
     """
 
     compile: str | bool = "auto"

@@ -16,6 +16,7 @@ from pensieve.cache.policy import RecomputeCost, make_policy
 from pensieve.cache.tiers import KVStorage, Tier
 from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
 from pensieve.engine.detokenizer import IncrementalDetokenizer, find_stop
+from pensieve.engine.graphs import CompiledForward
 from pensieve.engine.runner import ModelRunner, default_num_blocks
 from pensieve.engine.sampler import sample
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
@@ -378,9 +379,7 @@ class Engine:
                 for t in Tier
             },
             "preemptions": self.scheduler.num_preemptions,
-            "compiled_graphs": self.runner.compiled.num_graphs if self.runner.compiled is not None else 0,
-            "compiled_steps": self.runner.compiled.num_steps if self.runner.compiled is not None else 0,
-            "compile_s": self.runner.compiled.compile_s if self.runner.compiled is not None else 0.0,
+            **(compiled.stats() if (compiled := self.runner.compiled) is not None else CompiledForward.NO_STATS),
             "cuda_graphs": len(self.runner.graphs.graphs) if self.runner.graphs is not None else 0,
             "disk_write_errors": disk.num_write_errors if disk is not None else 0,
             "disk_bad_files": disk.num_bad_files if disk is not None else 0,

@@ -76,6 +76,11 @@ class CompiledForward:
         self._fn = None
         self._failed = False
 
+    NO_STATS = {"compiled_graphs": 0, "compiled_steps": 0, "compile_s": 0.0}  # stats() where nothing compiles
+
+    def stats(self) -> dict:
+        return {"compiled_graphs": self.num_graphs, "compiled_steps": self.num_steps, "compile_s": self.compile_s}
+
     def wants(self, plan: StepPlan) -> bool:
         return self.enabled and not self._failed and (plan.decode_only or self.prefill)
 

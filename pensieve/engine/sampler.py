@@ -46,8 +46,9 @@ def sample(logits: torch.Tensor, turns: list[Turn]) -> list[int]:
             torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=dev),
         )
         probs = filtered.softmax(-1)
-        race = torch.empty_like(probs)
+        race = torch.empty_like(probs).exponential_()  # unseeded rows: one draw from the default generator
         for j, i in enumerate(rows):
-            race[j].exponential_(generator=turns[i].generator)  # None: the default generator
+            if turns[i].generator is not None:  # seeded rows: their own stream, whatever shares the batch
+                race[j].exponential_(generator=turns[i].generator)
         tokens[rows] = probs.div_(race).argmax(dim=-1)
     return tokens.tolist()

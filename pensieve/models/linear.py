@@ -1,7 +1,7 @@
 """nn.Linear layers of a served model routed through pensieve's CPU linear kernel (`pensieve_cpu::linear`).
 
-A decode step's linears have a handful of rows and are memory-bound: the kernel reads each weight once at memory
-speed where BLAS for small M does not (csrc/cpu_linear.cpp; larger M is handed to at::linear inside the op). The
+A decode step's linears have a handful of rows: the kernel streams each weight once per call, faster than BLAS
+for small M (csrc/cpu_linear.cpp; larger M is handed to at::linear inside the op). The
 layers are switched by class (`module.__class__ = FastLinear`, same parameters, same state dict), so a deepcopy of
 the model stays self-contained, and switched back by `restore()`. Anything the kernel does not cover (autograd,
 other devices or dtypes) takes `F.linear`.

@@ -8,7 +8,7 @@ second. When there is no compiler, or the build fails, it warns once and pensiev
 
 Ops: `torch.ops.pensieve_cpu.write_kv` and `torch.ops.pensieve_cpu.paged_attention` (same contract as
 `pensieve::write_kv` / `pensieve::paged_attention`; every index is checked in C++ and a bad one is a ValueError), and
-`torch.ops.pensieve_cpu.linear` (`F.linear` for decode-sized batches, reading the weights at memory speed).
+`torch.ops.pensieve_cpu.linear` (`F.linear` for decode-sized batches: each weight streamed once per call).
 """
 
 from __future__ import annotations

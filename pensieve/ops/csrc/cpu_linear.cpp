@@ -2,13 +2,14 @@
 //
 //   pensieve_cpu::linear(x, weight, bias) -> out   (fake impl in pensieve/ops/cpu_kernel.py)
 //
-// A decode step's linears are memory-bound: M (the batch) is small, so the time is reading the weights. BLAS sgemm
+// A decode step's linears should be bound by reading the weights: M (the batch) is small. BLAS sgemm
 // for small M reads them well below the memory bandwidth on this machine kind (measured: SmolLM2's 211 linears at
 // M = 16 take 55-80 ms with MKL, where streaming their 425 MB takes ~17 ms). This kernel streams each weight row
 // once and applies it to every row of x while it is in L1: tiles of TN weight rows x TM x rows, 16 accumulators
 // (one per output), reduced together at the end (`reduce_lanes`). bf16 uses AVX-512 BF16 dot products
 // (vdpbf16ps) where the CPU has them. Threads split N. For larger M it calls at::linear (BLAS/oneDNN), which
-// is compute-efficient there (see max_rows).
+// is compute-efficient there (see max_rows). Measured since (docs/performance.md): this kernel streams at ~11-17 GB/s,
+// below the machine's bandwidth, and at M = 8 in bf16 it is compute-bound (~50 GFLOPS): AMX is the next step.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -34,7 +35,7 @@ using at::vec::Vectorized;
 // Larger batches go to at::linear (measured crossovers on SmolLM2's linears, 2 threads: fp32 ~24 rows; bf16 ~10,
 // past which oneDNN's AMX kernels win).
 inline int64_t max_rows(at::ScalarType type) { return type == at::kBFloat16 ? 10 : 24; }
-constexpr int64_t kAcc = 16;      // accumulators per tile: TM x rows x TN weight rows, TM * TN = 16
+constexpr int64_t kAcc = 16;  // accumulators per tile: TM x rows x TN weight rows, TM * TN = 16
 
 // acc[i * TN + j] += x[i] . w[j] over one step of K starting at k; `n` valid elements (tail: masked loads).
 template <typename scalar_t>
