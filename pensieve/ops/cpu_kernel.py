@@ -68,8 +68,12 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("pensieve_cpu::linear")
-    def _(x, weight, bias=None):
+    def _(x, weight, bias=None, packed=None):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake("pensieve_cpu::pack_weight")
+    def _(weight):
+        return weight.new_empty(((weight.shape[0] + 31) // 32, weight.shape[1] * 32))
 
     @torch.library.register_fake("pensieve_cpu::paged_attention_out")
     def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale, sliding_window, softcap, out):

@@ -31,8 +31,16 @@ def problems(draw, dtype):
     return x, weight, bias
 
 
-def _check(x, weight, bias):
-    out = torch.ops.pensieve_cpu.linear(x, weight, bias)
+def _packed(weight):
+    """The weight packed for brgemm, or None where brgemm does not run here for its dtype (then linear ignores it)."""
+    usable = weight.dtype in (torch.float32, torch.bfloat16) and not (weight.dtype == torch.bfloat16 and weight.shape[1] % 2)
+    if not usable or not torch.ops.pensieve_cpu.can_pack(weight.dtype):
+        return None
+    return torch.ops.pensieve_cpu.pack_weight(weight)
+
+
+def _check(x, weight, bias, packed=None):
+    out = torch.ops.pensieve_cpu.linear(x, weight, bias, packed)
     ref = x.double() @ weight.double().t() + (bias.double() if bias is not None else 0)
     assert out.shape == ref.shape and out.dtype == x.dtype and not out.isnan().any()
     scale = (x.double().abs() @ weight.double().abs().t()).clamp(min=1)  # the size of the sum's terms
@@ -45,6 +53,43 @@ def test_linear_matches_reference(dtype, data):
     _check(*data.draw(problems(dtype)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@given(data=st.data())
+def test_packed_linear_matches_reference(dtype, data):
+    if not torch.ops.pensieve_cpu.can_pack(dtype):
+        pytest.skip(f"brgemm does not run here for {dtype}")
+    x, weight, bias = data.draw(problems(dtype))
+    if dtype == torch.bfloat16 and weight.shape[1] % 2:
+        with pytest.raises(ValueError, match="odd"):  # VNNI packs pairs of K; use_fast_linears leaves such a weight
+            torch.ops.pensieve_cpu.pack_weight(weight)
+        return
+    _check(x, weight, bias, _packed(weight))
+
+
+def test_packed_linear_covers_row_tiles_and_the_row_bounds():
+    """Rows 2..256 take the packed weight (32-row tiles, a padded last column block); 1 and 257+ do not."""
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        if not torch.ops.pensieve_cpu.can_pack(dtype):
+            continue
+        weight, bias = torch.randn(70, 96, generator=gen).to(dtype), torch.randn(70, generator=gen).to(dtype)
+        packed = torch.ops.pensieve_cpu.pack_weight(weight)
+        assert packed.shape == (3, 96 * 32)
+        for rows in (1, 2, 31, 33, 65, 256, 257, 300):
+            _check(torch.randn(rows, 96, generator=gen).to(dtype), weight, bias, packed)
+
+
+def test_packed_linear_rejects_a_packed_weight_of_another_shape():
+    if not torch.ops.pensieve_cpu.can_pack(torch.float32):
+        pytest.skip("brgemm does not run here for fp32")
+    packed = torch.ops.pensieve_cpu.pack_weight(torch.randn(40, 16))
+    with pytest.raises(ValueError, match="does not hold"):
+        torch.ops.pensieve_cpu.linear(torch.randn(4, 16), torch.randn(70, 16), None, packed)
+    with pytest.raises(ValueError, match="odd"):
+        torch.ops.pensieve_cpu.pack_weight(torch.randn(4, 7).bfloat16())
+    assert not torch.ops.pensieve_cpu.can_pack(torch.float64)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_linear_at_other_thread_counts(threads):
     before = torch.get_num_threads()
@@ -52,7 +97,9 @@ def test_linear_at_other_thread_counts(threads):
     try:
         gen = torch.Generator().manual_seed(threads)
         for m in (1, 2, 5, 16):
-            _check(torch.randn(m, 96, generator=gen), torch.randn(43, 96, generator=gen), None)
+            weight = torch.randn(43, 96, generator=gen)
+            _check(torch.randn(m, 96, generator=gen), weight, None)
+            _check(torch.randn(m, 96, generator=gen), weight, None, _packed(weight))
     finally:
         torch.set_num_threads(before)
 
@@ -68,12 +115,17 @@ def test_linear_rejects_bad_input():
 
 def test_fast_linears_switch_and_restore_and_stay_correct():
     model = tiny_model("llama").float()
-    x = torch.randint(3, 100, (1, 9))
+    x = torch.randint(3, 100, (1, 9))  # 9 rows: the packed path where brgemm runs
     with torch.no_grad():
         before = model(x).logits
     restore = use_fast_linears(model)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m) is FastLinear for m in linears)
+    if torch.ops.pensieve_cpu.can_pack(torch.float32):
+        assert all(m.packed_weight is not None for m in linears)
+        by_weight = {}  # layers sharing a weight (a tied head) share its packed copy
+        for m in linears:
+            assert by_weight.setdefault(m.weight.data_ptr(), m.packed_weight) is m.packed_weight
     clone = copy.deepcopy(model)  # a copy holds its own weights, never the original's
     with torch.inference_mode():
         torch.testing.assert_close(model(x).logits, before, rtol=1e-5, atol=1e-5)
@@ -82,6 +134,7 @@ def test_fast_linears_switch_and_restore_and_stay_correct():
         torch.testing.assert_close(model(x).logits, before, rtol=1e-5, atol=1e-5)
     restore()
     assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert not any(hasattr(m, "packed_weight") for m in model.modules())
     assert set(model.state_dict()) == set(tiny_model("llama").state_dict())
 
 

@@ -1,6 +1,6 @@
 // A linear layer for decode-sized batches on CPU: out [M, N] = x [M, K] @ weight [N, K]^T (+ bias).
 //
-//   pensieve_cpu::linear(x, weight, bias) -> out   (fake impl in pensieve/ops/cpu_kernel.py)
+//   pensieve_cpu::linear(x, weight, bias, packed) -> out   (fake impl in pensieve/ops/cpu_kernel.py)
 //
 // A decode step's linears should be bound by reading the weights: M (the batch) is small. BLAS sgemm
 // for small M reads them well below the memory bandwidth on this machine kind (measured: SmolLM2's 211 linears at
@@ -9,7 +9,8 @@
 // (one per output), reduced together at the end (`reduce_lanes`). bf16 uses AVX-512 BF16 dot products
 // (vdpbf16ps) where the CPU has them. Threads split N. For larger M it calls at::linear (BLAS/oneDNN), which
 // is compute-efficient there (see max_rows). Measured since (docs/performance.md): this kernel streams at ~11-17 GB/s,
-// below the machine's bandwidth, and at M = 8 in bf16 it is compute-bound (~50 GFLOPS): AMX is the next step.
+// below the machine's bandwidth, and at M = 8 in bf16 it is compute-bound (~50 GFLOPS). Hence the packed path at the
+// end of this file: weights packed once for oneDNN's brgemm (AMX for bf16), used for 2..256 rows when given.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,11 +19,16 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "reduce_lanes.h"
@@ -140,7 +146,135 @@ void linear_small(const scalar_t* x, int64_t x_stride, const scalar_t* w, const 
   });
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+
+// ---- Packed weights: oneDNN's brgemm micro-kernel (AMX tiles for bf16, AVX-512 FMAs for fp32) ----
+//
+//   pensieve_cpu::pack_weight(weight [N, K]) -> packed [ceil(N / 32), K * 32]
+//   pensieve_cpu::linear(x, weight, bias, packed) -> 2..256 rows through the packed weight
+//   pensieve_cpu::can_pack(dtype) -> bool   (whether brgemm runs here for fp32 / bf16)
+//
+// brgemm reads B as [K, BN] blocks; bf16 B must be in the VNNI layout AMX reads (pairs of K interleaved,
+// [K/2, BN, 2], made by cpublas::pack). The weight is packed once, when the model is handed to pensieve, into
+// blocks of kPackN output columns (the last block padded with zero columns), so a step reads each block as one
+// contiguous stream. Measured on SmolLM2-135M's linears (2 threads, docs/performance.md): bf16 M = 8 at 2.2x the
+// streaming kernel above, fp32 M = 16 at 1.5x. Threads split the N blocks; x rows go in tiles of kPackM.
+constexpr int64_t kPackN = 32;
+constexpr int64_t kPackM = 32;
+// One row: the streaming kernel above is as fast. Past 256 rows (prefill): at::linear was as fast or faster.
+constexpr int64_t kMaxPackedRows = 256;
+
+template <typename scalar_t>
+constexpr bool is_vnni() { return std::is_same_v<scalar_t, c10::BFloat16>; }
+
+at::Tensor pack_weight(const at::Tensor& weight) {
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.device().is_cpu(), "pack_weight takes a CPU weight [N, K]");
+  const auto type = weight.scalar_type();
+  TORCH_CHECK_VALUE(type == at::kFloat || type == at::kBFloat16, "pack_weight takes fp32 or bf16, got ", type);
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK_VALUE(type != at::kBFloat16 || K % 2 == 0, "a bf16 weight packs in pairs of K: K = ", K, " is odd");
+  const int64_t blocks = (N + kPackN - 1) / kPackN;
+  // [K, blocks * kPackN]: the weight transposed, zero columns past N
+  at::Tensor wt = at::zeros({K, blocks * kPackN}, weight.options());
+  wt.narrow(1, 0, N).copy_(weight.t());
+  at::Tensor packed = at::empty({blocks, K * kPackN}, weight.options());
+  AT_DISPATCH_SWITCH(type, "pensieve_pack_weight", AT_DISPATCH_CASE(at::kFloat, [&] {
+    const scalar_t* src = wt.data_ptr<scalar_t>();
+    scalar_t* dst = packed.data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        for (int64_t k = 0; k < K; ++k)
+          std::memcpy(dst + (b * K + k) * kPackN, src + k * blocks * kPackN + b * kPackN, kPackN * sizeof(scalar_t));
+    });
+  }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+    const scalar_t* src = wt.data_ptr<scalar_t>();
+    scalar_t* dst = packed.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < blocks; ++b)
+      at::native::cpublas::pack(K, kPackN, blocks * kPackN, kPackN, type, type, src + b * kPackN, dst + b * K * kPackN);
+  }));
+  return packed;
+}
+
+template <typename scalar_t>
+void linear_packed_impl(const scalar_t* x, int64_t x_stride, const scalar_t* packed, const scalar_t* bias,
+                        scalar_t* out, int64_t M, int64_t N, int64_t K) {
+  const int64_t n_blocks = (N + kPackN - 1) / kPackN, m_blocks = (M + kPackM - 1) / kPackM;
+  // Work item = (n block, m block), m fastest: a thread keeps one weight block in cache across the x tiles.
+  at::parallel_for(0, n_blocks * m_blocks, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[kPackM * kPackN];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t nb = item / m_blocks, mb = item % m_blocks;
+      const int64_t m0 = mb * kPackM, rows = std::min(kPackM, M - m0);
+      const int64_t n0 = nb * kPackN, cols = std::min(kPackN, N - n0);
+      at::native::cpublas::brgemm(rows, kPackN, K, x_stride, kPackN, kPackN, false, x + m0 * x_stride,
+                                  packed + nb * K * kPackN, acc, is_vnni<scalar_t>());
+      for (int64_t i = 0; i < rows; ++i) {
+        scalar_t* o = out + (m0 + i) * N + n0;
+        const float* a = acc + i * kPackN;
+        for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<scalar_t>(bias ? a[j] + static_cast<float>(bias[n0 + j]) : a[j]);
+      }
+    }
+    at::native::cpublas::brgemm_release(is_vnni<scalar_t>());
+  });
+}
+
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                         int64_t N) {
+  const auto type = x.scalar_type();
+  TORCH_CHECK_VALUE(type == at::kFloat || type == at::kBFloat16, "linear_packed takes fp32 or bf16, got ", type);
+  TORCH_CHECK_VALUE(packed.scalar_type() == type, "x dtype ", type, " != packed weight dtype ", packed.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu() && packed.device().is_cpu() && (!bias || bias->device().is_cpu()),
+                    "pensieve_cpu::linear_packed takes CPU tensors");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && packed.dim() == 2 && packed.is_contiguous() && N >= 1 &&
+                        packed.size(0) == (N + kPackN - 1) / kPackN && packed.size(1) == x.size(-1) * kPackN,
+                    "packed weight ", packed.sizes(), " does not hold N = ", N, " outputs of K = ", x.size(-1),
+                    " (pack it with pack_weight)");
+  TORCH_CHECK_VALUE(!bias || (bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == type),
+                    "bias must be [N] in the weight's dtype");
+  const int64_t K = x.size(-1);
+  const int64_t M = K > 0 ? x.numel() / K : 0;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor out = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (M == 0) return out;
+  const at::Tensor x2 = x.reshape({M, K});
+  const at::Tensor xc = x2.stride(1) == 1 ? x2 : x2.contiguous();
+  const std::optional<at::Tensor> bc = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  AT_DISPATCH_SWITCH(type, "pensieve_linear_packed", AT_DISPATCH_CASE(at::kFloat, [&] {
+    linear_packed_impl<scalar_t>(xc.data_ptr<scalar_t>(), xc.stride(0), packed.data_ptr<scalar_t>(),
+                                 bc ? bc->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, K);
+  }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+    linear_packed_impl<scalar_t>(xc.data_ptr<scalar_t>(), xc.stride(0), packed.data_ptr<scalar_t>(),
+                                 bc ? bc->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, K);
+  }));
+  return out;
+}
+
+// Whether brgemm runs here for this dtype: tried once on a small problem against a plain sum (oneDNN's micro-kernels
+// need AVX-512 for fp32 and AMX for bf16's VNNI layout; elsewhere they throw or are absent).
+bool can_pack(at::ScalarType type) {
+  static std::once_flag once[2];
+  static bool ok[2] = {false, false};
+  if (type != at::kFloat && type != at::kBFloat16) return false;
+  const int slot = type == at::kBFloat16;
+  std::call_once(once[slot], [&] {
+    try {
+      if (type == at::kBFloat16 && !at::native::cpublas::could_pack(at::kBFloat16)) return;
+      const int64_t N = 40, K = 18, M = 3;
+      at::Tensor w = at::arange(N * K, at::TensorOptions().dtype(at::kFloat)).remainder(7).sub(3).reshape({N, K});
+      at::Tensor x = at::arange(M * K, at::TensorOptions().dtype(at::kFloat)).remainder(5).sub(2).reshape({M, K});
+      at::Tensor ref = at::linear(x, w);  // small integers: exact in fp32 and bf16
+      at::Tensor got = linear_packed(x.to(type), pack_weight(w.to(type)), std::nullopt, N).to(at::kFloat);
+      ok[slot] = got.equal(ref);
+    } catch (const std::exception&) {
+      ok[slot] = false;
+    }
+  });
+  return ok[slot];
+}
+
+// out = x @ weight^T + bias. With `packed` (pack_weight(weight)), 2..kMaxPackedRows rows go through brgemm on it.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& packed) {
   TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be [N, K], got rank ", weight.dim());
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight.size(1), "x's last dim ", x.size(-1), " != K = ",
                     weight.size(1));
@@ -154,6 +288,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   const int64_t K = weight.size(1), N = weight.size(0);
   const int64_t M = K > 0 ? x.numel() / K : 0;
   const auto type = x.scalar_type();
+  if (packed && M >= 2 && M <= kMaxPackedRows) return linear_packed(x, *packed, bias, N);
   const bool supported = type == at::kFloat || type == at::kDouble || type == at::kBFloat16;
   if (!supported || M > max_rows(type) || M == 0 || K == 0) return at::linear(x, weight, bias);
   const at::Tensor x2 = x.reshape({M, K});
@@ -174,11 +309,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pensieve_cpu, m) {
-  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? packed=None) -> Tensor");
+  m.def("pack_weight(Tensor weight) -> Tensor");
+  m.def("can_pack(ScalarType dtype) -> bool", &can_pack);
 }
 
 TORCH_LIBRARY_IMPL(pensieve_cpu, CPU, m) {
   m.impl("linear", &linear);
+  m.impl("pack_weight", &pack_weight);
 }
 
 }  // namespace pensieve_cpu
