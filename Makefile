@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-thorough bench-kernel bench-decode bench-multiturn bench-multiturn-vllm bench-oversubscription vllm-peer install clean
+.PHONY: demo test test-thorough bench-kernel bench-linear bench-decode bench-multiturn bench-multiturn-vllm bench-oversubscription vllm-peer install clean
 
 demo: $(STAMP)  ## the main job: a multi-turn chat on SmolLM2-135M-Instruct with per-turn cache stats
 	$(PY) examples/chat.py
@@ -19,6 +19,9 @@ test-thorough: $(STAMP)  ## bigger hypothesis budgets
 
 bench-kernel: $(STAMP)
 	$(PY) benchmarks/kernel.py
+
+bench-linear: $(STAMP)
+	$(PY) benchmarks/linear.py
 
 bench-decode: $(STAMP)
 	$(PY) benchmarks/decode.py

@@ -69,7 +69,9 @@ class StatefulGenerator:
         )
         self._original_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
-        self._restore_linears = use_fast_linears(model, pack=engine_config.pack_weights) if engine_config.cpu_linear else (lambda: None)
+        self._restore_linears = (
+            use_fast_linears(model, pack=engine_config.pack_weights) if engine_config.cpu_linear else (lambda: None)
+        )
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._driver = threading.Lock()  # held by the thread stepping the engine
         self._closed = False

@@ -33,7 +33,9 @@ def problems(draw, dtype):
 
 def _packed(weight):
     """The weight packed for brgemm, or None where brgemm does not run here for its dtype (then linear ignores it)."""
-    usable = weight.dtype in (torch.float32, torch.bfloat16) and not (weight.dtype == torch.bfloat16 and weight.shape[1] % 2)
+    usable = weight.dtype in (torch.float32, torch.bfloat16) and not (
+        weight.dtype == torch.bfloat16 and weight.shape[1] % 2
+    )
     if not usable or not torch.ops.pensieve_cpu.can_pack(weight.dtype):
         return None
     return torch.ops.pensieve_cpu.pack_weight(weight)
