@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from plotting import pyplot, save
+from plotting import pyplot, save, write_results
 from tqdm import tqdm
 
 from pensieve import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, StatefulGenerator
@@ -140,12 +139,8 @@ def main(argv=None) -> None:
         print(f"{r['dtype']:10}{r['context']:>8}{r['batch']:>6}{r['pensieve_eager_ms']:>10.1f}"
               f"{r['pensieve_compiled_ms']:>12.1f}{r['hf_ms']:>9.1f}{r['pensieve_compiled_ms'] / r['batch']:>10.2f}"
               f"{r['compiled_vs_hf']:>7.2f}x{r['compiled_vs_eager']:>8.2f}x")  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {**vars(args), "threads": torch.get_num_threads(), "torch": torch.__version__}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"json: {out}")
-    plot(rows, out.with_suffix(".png"))
+    write_results(args.out, meta, rows, plot)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Usage: python benchmarks/kernel.py [--quick] [--out results/kernel.json]
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from plotting import pyplot, save
+from plotting import pyplot, save, write_results
 
 from pensieve.ops import paged_attention
 
@@ -165,8 +164,6 @@ def main(argv=None) -> None:
         )
     decode = [r["ratio_vs_sdpa"] for r in rows if r["kind"] == "decode"]
     print(f"decode: median ratio {statistics.median(decode):.2f}x, worst {max(decode):.2f}x (target <= 1.3x)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "device": str(device),
         "backend": backend,
@@ -177,9 +174,7 @@ def main(argv=None) -> None:
         "machine": platform.machine(),
         **SHAPE,
     }
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"json: {out}")
-    plot(rows, out.with_suffix(".png"))
+    write_results(args.out, meta, rows, plot)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ Usage: python benchmarks/linear.py [--dtypes float32,bfloat16] [--rows 1,2,4,8,1
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from plotting import pyplot, save
+from plotting import pyplot, save, write_results
 from tqdm import tqdm
 
 from pensieve.ops import cpu_kernel
@@ -111,12 +110,8 @@ def main(argv=None) -> None:
         best_other = min(r["streaming_ms"], r["at::linear_ms"])
         print(f"{r['dtype']:10}{r['rows']:>6}{r['streaming_ms']:>14.1f}{packed:>11.1f}{r['at::linear_ms']:>15.1f}"
               f"{best_other / packed:>9.2f}x")  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {**vars(args), "threads": torch.get_num_threads(), "torch": torch.__version__}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"json: {out}")
-    plot(rows, out.with_suffix(".png"))
+    write_results(args.out, meta, rows, plot)
 
 
 if __name__ == "__main__":

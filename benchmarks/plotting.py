@@ -1,7 +1,9 @@
-"""Shared by the benchmark scripts: matplotlib when it is installed (headless), and saving a figure."""
+"""Shared by the benchmark scripts: matplotlib when it is installed (headless), saving a figure, writing results."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -22,3 +24,12 @@ def save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
+
+
+def write_results(path: str | Path, meta: dict, rows: list[dict], plot: Callable[[list[dict], Path], None]) -> None:
+    """{"meta": meta, "rows": rows} as JSON at path, and plot(rows) beside it as PNG."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"json: {out}")
+    plot(rows, out.with_suffix(".png"))
