@@ -156,8 +156,8 @@ void linear_small(const scalar_t* x, int64_t x_stride, const scalar_t* w, const 
 // brgemm reads B as [K, BN] blocks; bf16 B must be in the VNNI layout AMX reads (pairs of K interleaved,
 // [K/2, BN, 2], made by cpublas::pack). The weight is packed once, when the model is handed to pensieve, into
 // blocks of kPackN output columns (the last block padded with zero columns), so a step reads each block as one
-// contiguous stream. Measured on SmolLM2-135M's linears (2 threads, docs/performance.md): bf16 M = 8 at 2.2x the
-// streaming kernel above, fp32 M = 16 at 1.5x. Threads split the N blocks; x rows go in tiles of kPackM.
+// contiguous stream. Measured on SmolLM2-135M's linears (2 threads, docs/performance.md): bf16 M = 8 at 2.1x the
+// streaming kernel above, fp32 M = 16 at 1.6x. Threads split the N blocks; x rows go in tiles of kPackM.
 constexpr int64_t kPackN = 32;
 constexpr int64_t kPackM = 32;
 // One row: the streaming kernel above is as fast. Past 256 rows (prefill): at::linear was as fast or faster.
