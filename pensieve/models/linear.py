@@ -10,7 +10,8 @@ With `pack=True`, each fp32/bf16 weight is also copied once, at switch time, int
 brgemm micro-kernel (VNNI pairs for bf16's AMX tiles; `pensieve_cpu::pack_weight`), and batches of 2..256 rows use
 it: measured fp32 1.2-1.6x and bf16 1.5-2.3x faster than the streaming kernel at 8-64 rows (docs/performance.md).
 The price is a second copy of those weights in memory, and the copy is a snapshot: weights changed in place
-afterwards are not seen by it (switch back and again to repack). Where brgemm does not run (`pensieve_cpu::can_pack`), nothing is packed.
+afterwards are not seen by it (switch back and again to repack). Where brgemm does not run
+(`pensieve_cpu::can_pack`), nothing is packed.
 """
 
 from __future__ import annotations
