@@ -100,6 +100,23 @@ class StatefulGenerator:
         """`generate` for asyncio: the turn is driven on a worker thread, never on the event loop."""
         return await asyncio.to_thread(self.generate, conv_id, msg, sampling)
 
+    def complete(self, prompt, sampling: SamplingParams | None = None) -> Reply:
+        """A stateless turn: `prompt` is token ids, or chat messages ([{"role": ..., "content": ...}, ...]) rendered
+        with the chat template. It reuses the longest cached prefix of any conversation or earlier completion and
+        leaves what it computed in the prompt tree (evictable); no conversation is kept (`Reply.conv_id` is None)."""
+        future = self._result(self._call(lambda: self._engine.admit(self._engine.prepare_complete(prompt, sampling))))
+        return self._result(future.future)
+
+    def fork(self, conv_id: str, new_conv_id: str) -> None:
+        """Start `new_conv_id` as a branch of `conv_id`: the same history, sharing all of its KV (no copy). Continue
+        either independently; with `truncate` first, the branch regenerates from an earlier point."""
+        self._result(self._call(lambda: self._engine.fork(conv_id, new_conv_id)))
+
+    def truncate(self, conv_id: str, num_tokens: int) -> None:
+        """Keep only the first `num_tokens` tokens of a raw-mode conversation (and their KV): the next turn continues
+        from there (edit and regenerate)."""
+        self._result(self._call(lambda: self._engine.truncate(conv_id, num_tokens)))
+
     def end(self, conv_id: str, forget: bool = False) -> None:
         """Release a conversation's memory. With `CacheConfig.disk_dir` it stays stored (its KV written to disk) and
         a later turn continues it; `forget=True` deletes it from disk too. Without a disk tier it is gone."""

@@ -1,21 +1,27 @@
-"""The disk tier and persistence: KV chunk files and per-conversation token logs under `CacheConfig.disk_dir`.
+"""The disk tier and persistence: KV chunk files, keyed by content, and per-conversation token logs under
+`CacheConfig.disk_dir`.
 
     disk_dir/
-      convs/<key>.log                 token log of one conversation, append-only, fsync'd per completed turn
-      kv/<key>/<chunk>.safetensors    KV of one chunk: k, v [num_layers, block_size, Hkv, D]
+      convs/<conv key>.log          token log of one conversation, append-only, fsync'd per completed turn
+      kv/<content key>.safetensors  KV of one chunk: k, v [num_layers, block_size, Hkv, D]
 
-`<key>` is a hash of the conversation id: ids never become paths. No pickle anywhere.
+`<conv key>` is a hash of the conversation id: ids never become paths. `<content key>` is the chunk's content key
+(pensieve/cache/tree.py: a chained hash of every token the KV depends on; for a partial last block, of the tokens
+it covers), so a chunk shared by many conversations is one file, written once. No pickle anywhere.
 
 Token log: one record per line, `<crc32 hex> <json>`. The first record names the conversation and its mode; each
 later one is a completed turn, `{"keep": n, "append": [...], "messages": [...] | null}` (keep the first n tokens,
 append the rest). A torn or corrupt record ends the log there (a crash mid-append loses only the turn whose reply
 never returned).
 
-Chunk files are written to a temp file, fsync'd and renamed over the old one, so a crash leaves either the old or the
-new file. Their metadata carry: a checksum of the tensor bytes, the model fingerprint, the number of tokens the KV
-covers (chunk start + valid positions) and a hash of exactly those tokens — KV depends on every token before it, so
-a file is only used when the conversation still starts with those tokens. Anything that does not check out is
-reported (a warning) and treated as "dropped": recomputed, never used.
+A conversation references the chunk files its tokens name: the keys of its full blocks, and of every prefix of its
+last, partial block. A file no stored conversation references (and no chunk in memory uses) is removed: when the
+disk_dir is opened, and when a conversation is forgotten. Nothing referenced is ever removed.
+
+Chunk files are written to a temp file, fsync'd and renamed into place, so a crash leaves either no file or a whole
+one. Their metadata carry: a checksum of the tensor bytes, the model fingerprint, the number of tokens the KV covers
+and the content key. Anything that does not check out is reported (a warning) and treated as "dropped": recomputed,
+never used.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-FORMAT = "pensieve-kv/1"
+from pensieve.cache.tree import ROOT, chunk_key, prefix_keys
+
+FORMAT = "pensieve-kv/2"
 LOG_VERSION = 1
 
 
@@ -51,10 +59,6 @@ def _warn(message: str) -> None:
 
 def conv_key(conv_id: str) -> str:
     return hashlib.sha256(conv_id.encode("utf-8")).hexdigest()[:40]
-
-
-def tokens_hash(tokens: list[int]) -> str:
-    return hashlib.blake2b(struct.pack(f"<{len(tokens)}q", *tokens), digest_size=16).hexdigest()
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -89,22 +93,36 @@ def _read_header(f) -> dict:
     return json.loads(f.read(n))
 
 
+def referenced_keys(tokens: list[int], block_size: int) -> set[bytes]:
+    """Content keys of the chunk files a conversation with these tokens can use: its full blocks, and its last,
+    partial chunk at any length it can have when idle (its last block_size positions; KV of a partial chunk covers
+    however many of its positions were computed)."""
+    full = prefix_keys(tokens, block_size)
+    keys = set(full)
+    for end in range(max(1, len(tokens) - block_size + 1), len(tokens) + 1):
+        if end % block_size:
+            block = (end - 1) // block_size
+            keys.add(chunk_key(full[block - 1] if block else ROOT, tokens[block * block_size : end]))
+    return keys
+
+
 @dataclass
 class StoredConversation:
     conv_id: str
     tokens: list[int]
     messages: list[dict] | None  # text mode: the chat so far; None in raw token mode
-    chunk_tokens: dict[int, int]  # chunk index -> tokens its file covers (chunk start + valid), readable files only
 
 
 class DiskStore:
     def __init__(self, root: str | os.PathLike, fingerprint: str, chunk_shape: tuple, dtype: torch.dtype) -> None:
         self.root = Path(root)
         self.fingerprint = fingerprint
-        self.chunk_shape = tuple(chunk_shape)
+        self.chunk_shape = tuple(chunk_shape)  # num_layers, block_size, Hkv, D
+        self.block_size = self.chunk_shape[1]
         self.dtype = dtype
         self.num_write_errors = 0
         self.num_bad_files = 0
+        self.num_removed_files = 0
         self._lock = None
         try:
             (self.root / "convs").mkdir(parents=True, exist_ok=True)
@@ -121,7 +139,15 @@ class DiskStore:
                 raise ValueError(
                     f"disk_dir {str(self.root)!r} is in use by another StatefulGenerator (in this or another process)"
                 ) from None
-        self.index: dict[str, str] = self._scan()  # conv_id -> key, for every stored conversation
+        self.index: dict[str, str] = self._scan()  # conv_id -> conv key, for every stored conversation
+        self.files: set[bytes] = self._list_files()  # content keys of the chunk files present
+        # conv_id -> content keys its tokens name (what a stored conversation references)
+        self.references: dict[str, set[bytes]] = {}
+        for conv_id in self.index:
+            stored = self.load(conv_id)
+            if stored is not None:
+                self.references[conv_id] = referenced_keys(stored.tokens, self.block_size)
+        self.collect(set())
 
     def close(self) -> None:
         """Release the disk_dir (the OS also releases it if the process dies)."""
@@ -147,12 +173,13 @@ class DiskStore:
                 _warn(f"disk tier: ignoring unreadable token log {path.name}")
                 continue
             index[header["conv_id"]] = path.stem
-        for tmp in (self.root / "kv").glob("*/*.tmp*") if (self.root / "kv").is_dir() else []:
-            tmp.unlink(missing_ok=True)  # a crash between write and rename: the old file is still in place
         return index
 
-    def append_turn(self, conv_id: str, keep: int, append: list[int], messages: list[dict] | None) -> bool:
-        """Make one completed turn durable (fsync'd) before its reply is returned. False (warned) if it failed."""
+    def append_turn(
+        self, conv_id: str, keep: int, append: list[int], messages: list[dict] | None, tokens: list[int]
+    ) -> bool:
+        """Make one completed turn durable (fsync'd) before its reply is returned; `tokens` is the conversation's
+        whole token sequence after it. False (warned) if it failed."""
         key = conv_key(conv_id)
         path = self._log_path(key)
         lines = []
@@ -172,6 +199,7 @@ class DiskStore:
             _warn(f"disk tier: could not persist a turn of conversation {conv_id!r} ({error})")
             return False
         self.index[conv_id] = key
+        self.references[conv_id] = referenced_keys(tokens, self.block_size)
         return True
 
     def load(self, conv_id: str) -> StoredConversation | None:
@@ -200,55 +228,72 @@ class DiskStore:
                 self.num_bad_files += 1
                 _warn(f"disk tier: token log of {conv_id!r} is corrupt at record {i}; using the turns before it")
                 break
-        return StoredConversation(conv_id, tokens, messages, self._chunk_tokens(key))
+        return StoredConversation(conv_id, tokens, messages)
 
-    def forget(self, conv_id: str) -> None:
+    def forget(self, conv_id: str, in_use: set[bytes]) -> None:
+        """Delete a stored conversation: its log, and the chunk files no other stored conversation references and no
+        chunk in memory (`in_use`, content keys of disk-tier chunks) still needs."""
         key = self.index.pop(conv_id, conv_key(conv_id))
         self._log_path(key).unlink(missing_ok=True)
-        folder = self.root / "kv" / key
-        if folder.is_dir():
-            for path in folder.iterdir():
-                path.unlink(missing_ok=True)
-            folder.rmdir()
+        self.references.pop(conv_id, None)
+        self.collect(in_use)
+
+    def collect(self, in_use: set[bytes]) -> int:
+        """Remove every chunk file that no stored conversation references and `in_use` does not name. -> removed."""
+        keep = set(in_use).union(*self.references.values())
+        removed = 0
+        for key in sorted(self.files - keep):
+            try:
+                self._chunk_path(key).unlink(missing_ok=True)
+            except OSError:
+                continue
+            self.files.discard(key)
+            removed += 1
+        self.num_removed_files += removed
+        return removed
 
     # ---- chunk files ------------------------------------------------------------------------------------------
 
-    def _chunk_path(self, key: str, index: int) -> Path:
-        return self.root / "kv" / key / f"{index}.safetensors"
+    def _chunk_path(self, key: bytes) -> Path:
+        return self.root / "kv" / f"{key.hex()}.safetensors"
 
-    def _chunk_tokens(self, key: str) -> dict[int, int]:
-        folder = self.root / "kv" / key
-        found = {}
-        for path in folder.glob("*.safetensors") if folder.is_dir() else []:
+    def _list_files(self) -> set[bytes]:
+        folder = self.root / "kv"
+        if not folder.is_dir():
+            return set()
+        files = set()
+        for path in folder.iterdir():
+            if ".tmp" in path.name or path.is_dir():  # crash debris; the layout of format 1 (one folder a conversation)
+                if path.is_dir():
+                    for inner in path.iterdir():
+                        inner.unlink(missing_ok=True)
+                    path.rmdir()
+                else:
+                    path.unlink(missing_ok=True)
+                continue
             try:
-                with open(path, "rb") as f:
-                    meta = _read_header(f)["__metadata__"]
-                if meta["format"] != FORMAT or meta["fingerprint"] != self.fingerprint:
-                    self.num_bad_files += 1
-                    _warn(f"disk tier: {path.name} of a stored conversation is from another model; recomputing it")
-                    continue
-                found[int(path.stem)] = int(meta["num_tokens"])
-            except (OSError, ValueError, KeyError, struct.error):
-                self.num_bad_files += 1
-                _warn(f"disk tier: unreadable KV file {path.name}; recomputing it")
-        return found
+                files.add(bytes.fromhex(path.name.removesuffix(".safetensors")))
+            except ValueError:
+                continue  # not ours
+        return files
 
-    def write_chunk(self, conv_id: str, index: int, k: torch.Tensor, v: torch.Tensor, tokens: list[int]) -> int:
-        """KV of chunk `index`, covering `tokens` (the conversation's tokens up to its last valid position).
+    def has(self, key: bytes) -> bool:
+        return key in self.files
+
+    def write_chunk(self, key: bytes, k: torch.Tensor, v: torch.Tensor, num_tokens: int) -> int:
+        """KV of the chunk with content key `key`, covering `num_tokens` positions of a history.
         Returns bytes written, 0 (warned) on failure."""
-        key = conv_key(conv_id)
-        path = self._chunk_path(key, index)
+        path = self._chunk_path(key)
         meta = {
             "format": FORMAT,
             "fingerprint": self.fingerprint,
-            "num_tokens": str(len(tokens)),
-            "tokens_hash": tokens_hash(tokens),
+            "num_tokens": str(num_tokens),
+            "key": key.hex(),
             "checksum": _checksum(k, v),
         }
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         try:
             data = st_save({"k": k.contiguous(), "v": v.contiguous()}, metadata=meta)
-            path.parent.mkdir(exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -258,13 +303,14 @@ class DiskStore:
             self.num_write_errors += 1
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            _warn(f"disk tier: could not write KV of {conv_id!r} ({error}); that chunk is dropped instead")
+            _warn(f"disk tier: could not write a KV chunk ({error}); that chunk is dropped instead")
             return 0
+        self.files.add(key)
         return len(data)
 
-    def read_chunk(self, conv_id: str, index: int, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The chunk's k, v if its file is intact, of this model, and covers exactly `tokens`; else None (warned)."""
-        path = self._chunk_path(conv_key(conv_id), index)
+    def read_chunk(self, key: bytes, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The chunk's k, v if its file is intact, of this model, and for exactly this content; else None (warned)."""
+        path = self._chunk_path(key)
         try:
             data = path.read_bytes()
             meta = _read_header(io.BytesIO(data))["__metadata__"]
@@ -273,7 +319,7 @@ class DiskStore:
                 problem = "unknown format"
             elif meta.get("fingerprint") != self.fingerprint:
                 problem = "written for another model"
-            elif int(meta["num_tokens"]) != len(tokens) or meta["tokens_hash"] != tokens_hash(tokens):
+            elif int(meta["num_tokens"]) != num_tokens or meta["key"] != key.hex():
                 problem = "written for other tokens"
             else:
                 tensors = st_load(data)
@@ -285,13 +331,10 @@ class DiskStore:
         except (OSError, ValueError, KeyError, TypeError, struct.error, SafetensorError) as error:
             problem = f"unreadable ({type(error).__name__}: {error})"
         if problem is not None:
-            self.reject(conv_id, index, problem)
+            self.num_bad_files += 1
+            _warn(f"disk tier: KV chunk {path.name} not used ({problem}); recomputing it")
             return None
         return k, v
-
-    def reject(self, conv_id: str, index: int, problem: str) -> None:
-        self.num_bad_files += 1
-        _warn(f"disk tier: KV chunk {index} of {conv_id!r} not used ({problem}); recomputing it")
 
 
 def _format_record(obj: dict) -> bytes:

@@ -1,25 +1,34 @@
-"""Conversations and where their KV lives: the tiered cache's bookkeeping (DESIGN §4).
+"""Conversations, the KV chunks they hold, and where those chunks live: the tiered cache's bookkeeping (DESIGN §4).
 
 A conversation's KV covers `tokens[:num_computed]`, cut into chunks of `block_size` positions (chunk i holds
-positions [i*block_size, (i+1)*block_size)). Each chunk lives in one tier, and for every conversation
+positions [i*block_size, (i+1)*block_size)). Chunks are shared: a full, computed chunk has a content key (the
+chained hash of every token its KV depends on, pensieve/cache/tree.py) and is indexed by the prompt tree, and any
+conversation whose tokens start the same way holds the same chunk object — a system prompt in front of a thousand
+conversations is one set of blocks. `Chunk.refs` counts the conversations holding a chunk; the tree holds it too, so
+a chunk no conversation holds any more stays cached (evictable) until it is evicted. A conversation's last, partial
+chunk is always its own: nobody else can have computed those positions for it, and it is the one chunk a
+conversation writes into.
 
-    chunks   [DROPPED ...][DISK ...][HOST ...][DEVICE ...]      (tiers never decrease along the history)
-
-so eviction always takes a conversation's *leading* chunks, the cheapest to recompute. The raw tokens are always
-kept, so any chunk can be dropped and recomputed exactly.
+Each chunk lives in one tier, DEVICE, HOST, DISK or DROPPED (gone: recomputed from the tokens, which are always kept).
+Any arrangement along a history is valid: a hot shared prefix stays on the device while a conversation's private
+chunks behind it go down. Pensieve's leading-end order still holds among one conversation's private chunks, because
+the retention value grows with a chunk's position (pensieve/cache/policy.py).
 
 Life of a turn:
-- `restore`: every chunk of the conversation gets a device block. Host chunks are swapped in and disk chunks loaded
-  (queued for the next forward, layer by layer); dropped chunks become the recompute range
-  [recompute_pos, recompute_end), computed before the new tokens as a sub-sequence of the same forward.
+- `restore`: the conversation first takes every further full block of its tokens that the tree holds (the longest
+  cached prefix of any conversation, on any tier). Then every chunk gets a device block: host chunks are swapped in
+  and disk chunks loaded (queued for the next forward, layer by layer); dropped chunks are recomputed, each run of
+  them a range `[start, end)` computed as a sub-sequence of a forward that attends to the KV before it. A dropped
+  chunk other conversations hold too is replaced by a private copy first (the recompute writes it), which joins the
+  tree once computed.
 - `reserve`: device blocks for the positions about to be computed.
-- the turn finishes: `finish_turn` frees blocks allocated past the computed positions; the conversation is idle.
+- `advance`: positions were computed; chunks that became full and computed get their key and join the tree.
+- `finish_turn`: frees blocks allocated past the computed positions; the conversation is idle.
 
-Making room: `_make_room(tier, n)` moves chunks of idle conversations one tier down in the policy's order
-(pensieve/cache/policy.py): device -> host -> disk -> dropped, skipping disabled tiers; a move into a full host tier
-first makes room there. A disk write that fails drops the chunk (and, to keep the order, every chunk before it).
-After each step `swap_out_ahead` moves idle chunks down while device free blocks are under the watermark — only into
-a tier with room, never dropping anything ahead of time.
+Making room: `_make_room(tier, n)` moves chunks out of a tier in the policy's order (lowest retention value first):
+device -> host -> disk -> dropped, skipping disabled tiers; a move into a full host tier first makes room there. A
+chunk held by a conversation whose turn is running never moves. After each step `swap_out_ahead` moves idle chunks
+down while device free blocks are under the watermark — only into a tier with room, never dropping anything early.
 """
 
 from __future__ import annotations
@@ -32,10 +41,11 @@ from dataclasses import dataclass, field
 from pensieve.cache.blocks import BlockPool
 from pensieve.cache.disk import DiskStore
 from pensieve.cache.policy import LRUPolicy, PensievePolicy, RecomputeCost
-from pensieve.cache.tiers import Chunk, KVStorage, Tier, leading_chunk
+from pensieve.cache.tiers import Chunk, KVStorage, Tier
+from pensieve.cache.tree import ROOT, PromptTree, chunk_key, prefix_keys
 
 
-@dataclass
+@dataclass(eq=False)
 class Conversation:
     conv_id: str
     tokens: list[int] = field(default_factory=list)
@@ -43,9 +53,10 @@ class Conversation:
     chunks: list[Chunk] = field(default_factory=list)
     last_active: float = field(default_factory=time.monotonic)
     pinned: bool = False  # a turn is running on it
-    recompute_pos: int = 0  # during a turn: positions [recompute_pos, recompute_end) are recomputed (were dropped)
-    recompute_end: int = 0
+    preempted: bool = False  # its turn was preempted: its chunks may move until the turn is scheduled again
+    recompute: list[list[int]] = field(default_factory=list)  # during a turn: [start, end) ranges to recompute
     messages: list[dict] | None = None  # text mode: the chat messages that rendered `tokens`; None in raw mode
+    stored: bool = True  # False: a `complete()` call's conversation, gone when its turn ends (never persisted)
 
     @property
     def block_table(self) -> list[int]:
@@ -56,9 +67,14 @@ class Conversation:
         return all(c.tier == Tier.DEVICE for c in self.chunks)
 
     @property
+    def running(self) -> bool:
+        """Its chunks must stay where they are (a turn is running on it and is not preempted)."""
+        return self.pinned and not self.preempted
+
+    @property
     def pending(self) -> int:
-        """Positions to compute before the next sample: the recompute range, then the new tokens."""
-        return (self.recompute_end - self.recompute_pos) + len(self.tokens) - self.num_computed
+        """Positions to compute before the next sample: the recompute ranges, then the new tokens."""
+        return sum(end - start for start, end in self.recompute) + len(self.tokens) - self.num_computed
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,7 @@ class RestoreStats:
     tokens: dict[Tier, int]
     chunks: dict[Tier, int]
     bytes_in: int
+    shared: int = 0  # of the positions found (any tier), those in chunks another conversation computed or holds
 
 
 class KVManager:
@@ -82,6 +99,7 @@ class KVManager:
         disk: DiskStore | None = None,
         swap_out_watermark: float = 0.25,
         decode_reserve: float = 0.10,
+        share_prefixes: bool = True,
     ) -> None:
         self.device = BlockPool(num_device_blocks)
         self.host = BlockPool(num_host_blocks)
@@ -90,11 +108,13 @@ class KVManager:
         self.policy = policy or PensievePolicy(RecomputeCost(1.0, 1.0), block_size)
         self.storage = storage  # None: bookkeeping only (unit tests)
         self.disk = disk
+        self.tree = PromptTree(block_size)
+        self.share_prefixes = share_prefixes  # False: no conversation takes another's chunks (benchmarks' baseline)
         self.watermark_blocks = math.ceil(swap_out_watermark * num_device_blocks)
         self.reserve_blocks = math.ceil(decode_reserve * num_device_blocks)
         self.conversations: dict[str, Conversation] = {}
         self.counters: Counter[str] = Counter()
-        self.trace: list[tuple[str, int, Tier, Tier]] | None = None  # tests: (conv_id, chunk, from, to) per move
+        self.trace: list[tuple[str, int, Tier, Tier]] | None = None  # tests: (holders, chunk index, from, to) per move
         self._host_free_after_forward: list[int] = []  # host blocks a queued swap-in still reads
 
     # ---- lookup -----------------------------------------------------------------------------------------------
@@ -109,7 +129,8 @@ class KVManager:
         return conv
 
     def lookup(self, conv_id: str) -> Conversation | None:
-        """The conversation in memory, else loaded from disk (tokens, and its chunk files as the disk tier)."""
+        """The conversation in memory, else loaded from disk: its tokens, and for each block the chunk the tree
+        holds, else its file on disk, else a dropped chunk (recomputed when needed)."""
         conv = self.conversations.get(conv_id)
         if conv is not None or self.disk is None:
             return conv
@@ -118,20 +139,26 @@ class KVManager:
             return None
         conv = Conversation(conv_id, tokens=stored.tokens, last_active=0.0, messages=stored.messages)
         bs = self.block_size
-        files = stored.chunk_tokens
-        for last in sorted(files, reverse=True):
-            if last * bs < files[last] <= min((last + 1) * bs, len(stored.tokens)):
-                conv.num_computed = covered = files[last]
-                conv.chunks = [Chunk(Tier.DISK) for _ in range(last + 1)]
-                # A chunk without a file, or whose file covers other positions, is dropped with all before it.
-                bad = [i for i in range(last + 1) if files.get(i) != min((i + 1) * bs, covered)]
-                for i in bad:
-                    if i in files:
-                        self.disk.reject(conv_id, i, "written for other tokens")
-                for i in range(bad[-1] + 1 if bad else 0):
-                    conv.chunks[i].tier = Tier.DROPPED
-                _normalize(conv)
-                break
+        keys = prefix_keys(stored.tokens, bs)
+        for i, key in enumerate(keys):
+            chunk = self.tree.get(key)
+            if chunk is None:
+                tier = Tier.DISK if self.disk.has(key) else Tier.DROPPED
+                chunk = Chunk(tier, index=i, key=key)
+                if tier == Tier.DISK:
+                    self.tree.insert(chunk)
+            chunk.refs += 1
+            conv.chunks.append(chunk)
+        _trim(self, conv)
+        block = len(conv.chunks)
+        conv.num_computed = start = block * bs
+        if block >= len(keys) - 1:  # the block after the last kept one may have a partial file: the longest one
+            parent = keys[block - 1] if block else ROOT
+            for end in range(min(start + bs - 1, len(stored.tokens)), start, -1):
+                if self.disk.has(chunk_key(parent, stored.tokens[start:end])):
+                    conv.chunks.append(Chunk(Tier.DISK, index=len(conv.chunks), refs=1))
+                    conv.num_computed = end
+                    break
         self.conversations[conv_id] = conv
         return conv
 
@@ -142,40 +169,62 @@ class KVManager:
     def slot(self, conv: Conversation, position: int) -> int:
         return conv.chunks[position // self.block_size].block * self.block_size + position % self.block_size
 
+    def match(self, tokens: list[int]) -> list[Chunk]:
+        """The longest cached prefix of tokens, a chunk per full block, from any conversation, on any tier."""
+        return self.tree.match(tokens)
+
     # ---- a turn's device blocks -----------------------------------------------------------------------------------
 
     def restore(self, conv: Conversation, protect: set[str], keep_free: int = 0) -> RestoreStats | None:
-        """Give every chunk of conv a device block: swap in host chunks, load disk chunks (for the next forward),
-        and set the dropped ones as the recompute range. None (nothing changed) if the device cannot hold them
-        with `keep_free` blocks to spare, even after moving every idle conversation not in `protect` down."""
+        """Extend conv with the cached prefix the tree holds beyond its own KV, then give every chunk a device block:
+        swap in host chunks, load disk chunks (for the next forward), and set the dropped ones as recompute ranges.
+        None (nothing changed) if the device cannot hold them with `keep_free` blocks to spare, even after moving
+        every chunk not held by a conversation in `protect` or a running one down."""
         bs = self.block_size
         protect = protect | {conv.conv_id}
+        saved = (list(conv.chunks), conv.num_computed)
+        attached = self._attach(conv)
         need = sum(c.tier != Tier.DEVICE for c in conv.chunks)
-        if need + keep_free > self.device.num_free + self._movable(Tier.DEVICE, protect):
+        if need + keep_free > self.device.num_free + self._movable(Tier.DEVICE, protect, conv):
+            for chunk in attached:
+                chunk.refs -= 1
+            conv.chunks, conv.num_computed = saved
             return None
+        conv.preempted = False
+        replaced = {id(c): c for c in saved[0]}
+        for chunk in conv.chunks:
+            replaced.pop(id(chunk), None)
+        for chunk in replaced.values():  # a partial chunk the tree's full one replaced
+            self._unhold(chunk)
         loaded = {}
-        for i, chunk in enumerate(conv.chunks):  # disk first: a chunk that fails to load is dropped with all before it
+        for i, chunk in enumerate(conv.chunks):  # disk first: a chunk that fails to load counts as dropped (recomputed)
             if chunk.tier == Tier.DISK:
-                n = self.chunk_tokens(conv, i)
-                data = self.disk.read_chunk(conv.conv_id, i, conv.tokens[: i * bs + n]) if self.disk else None
+                data = self.disk.read_chunk(self._file_key(conv, i), i * bs + self.chunk_tokens(conv, i))
                 if data is None:
                     self.counters["disk_chunks_bad"] += 1
-                    loaded.clear()
-                    self._drop_through(conv, i)
-                    if not conv.chunks:
-                        break
+                    self._drop(chunk)
                 else:
-                    loaded[i] = data
+                    loaded[id(chunk)] = data
         tokens = Counter({t: 0 for t in Tier})
         chunks = Counter({t: 0 for t in Tier})
+        shared = 0
+        attached_ids = {id(c) for c in attached}
         for i, chunk in enumerate(conv.chunks):
-            tokens[chunk.tier] += self.chunk_tokens(conv, i)
+            n = self.chunk_tokens(conv, i)
+            tokens[chunk.tier] += n
             chunks[chunk.tier] += 1
+            if chunk.tier != Tier.DROPPED and (chunk.refs > 1 or id(chunk) in attached_ids):
+                shared += n
+        for i, chunk in enumerate(conv.chunks):  # a dropped chunk others hold too: recompute a private copy
+            if chunk.tier == Tier.DROPPED and chunk.refs > 1:
+                chunk.refs -= 1
+                conv.chunks[i] = Chunk(Tier.DROPPED, index=i, key=chunk.key, refs=1)
         missing = [i for i, c in enumerate(conv.chunks) if c.tier != Tier.DEVICE]
         self._make_room(Tier.DEVICE, len(missing), protect, allow_drop=True)
         ids = self.device.allocate(len(missing))
         assert ids is not None, "room was checked before"
         swap_host, swap_dev, load_data, load_dev = [], [], [], []
+        recomputed = 0
         for i, d in zip(missing, ids, strict=True):
             chunk = conv.chunks[i]
             if chunk.tier == Tier.HOST:
@@ -183,11 +232,17 @@ class KVManager:
                 swap_dev.append(d)
                 self._host_free_after_forward.append(chunk.block)
             elif chunk.tier == Tier.DISK:
-                load_data.append(loaded[i])
+                load_data.append(loaded[id(chunk)])
                 load_dev.append(d)
-            self._trace(conv, i, chunk.tier, Tier.DEVICE)
+            else:
+                start, end = i * bs, i * bs + self.chunk_tokens(conv, i)
+                if conv.recompute and conv.recompute[-1][1] == start:
+                    conv.recompute[-1][1] = end
+                else:
+                    conv.recompute.append([start, end])
+                recomputed += 1
+            self._trace_move(chunk, conv.conv_id, Tier.DEVICE)
             chunk.tier, chunk.block = Tier.DEVICE, d
-        conv.recompute_pos, conv.recompute_end = 0, chunks[Tier.DROPPED] * bs
         bytes_in = 0
         if self.storage is not None:
             if swap_host:
@@ -198,38 +253,99 @@ class KVManager:
         self.counters["swap_in_chunks"] += len(swap_host)
         self.counters["disk_read_chunks"] += len(load_data)
         self.counters["bytes_swapped_in"] += bytes_in
-        self.counters["recompute_chunks"] += chunks[Tier.DROPPED]
-        return RestoreStats(dict(tokens), dict(chunks), bytes_in)
+        self.counters["recompute_chunks"] += recomputed
+        self.counters["shared_tokens_reused"] += shared
+        return RestoreStats(dict(tokens), dict(chunks), bytes_in, shared)
+
+    def _attach(self, conv: Conversation) -> list[Chunk]:
+        """Take the tree's chunks for the full blocks of conv's tokens past its own computed KV (leaving at least one
+        token to compute: the turn samples from it). A partial last chunk is replaced by the tree's full one (the
+        caller lets go of it). -> the chunks taken (their refs already counted)."""
+        if not self.share_prefixes or self.trees_empty():
+            return []
+        bs = self.block_size
+        first = conv.num_computed // bs  # the first block conv has not computed in full
+        if first and conv.chunks[first - 1].key is None:
+            return []  # its own KV has no key (bookkeeping-only tests): nothing to chain from
+        parent = conv.chunks[first - 1].key if first else ROOT
+        found = self.tree.match(conv.tokens, first, parent, limit=len(conv.tokens) - 1)
+        if not found:
+            return []
+        del conv.chunks[first:]
+        for chunk in found:
+            chunk.refs += 1
+            conv.chunks.append(chunk)
+        conv.num_computed = len(conv.chunks) * bs
+        return found
+
+    def trees_empty(self) -> bool:
+        return not self.tree.nodes
 
     def reserve(self, conv: Conversation, num_tokens: int, protect: set[str], keep_free: int = 0) -> bool:
         """Device blocks covering num_tokens positions of conv (already restored). False, nothing changed, if that
-        would leave fewer than keep_free blocks even after moving every idle conversation not in `protect` down."""
+        would leave fewer than keep_free blocks even after moving every movable chunk down."""
         need = self.blocks_for(num_tokens) - len(conv.chunks)
         if need <= 0:
             return True
         protect = protect | {conv.conv_id}
-        if need + keep_free > self.device.num_free + self._movable(Tier.DEVICE, protect):
+        if need + keep_free > self.device.num_free + self._movable(Tier.DEVICE, protect, conv):
             return False
         self._make_room(Tier.DEVICE, need, protect, allow_drop=True)
-        conv.chunks += [Chunk(Tier.DEVICE, b) for b in self.device.allocate(need)]
+        start = len(conv.chunks)
+        blocks = self.device.allocate(need)
+        conv.chunks += [Chunk(Tier.DEVICE, b, index=start + j, refs=1) for j, b in enumerate(blocks)]
         return True
+
+    def advance(self, conv: Conversation, num_tokens: int, recompute: bool = False) -> None:
+        """num_tokens positions were computed: of the first recompute range, else the next new tokens. Chunks that
+        became full and computed get their key and join the tree."""
+        bs = self.block_size
+        if recompute:
+            span = conv.recompute[0]
+            start = span[0]
+            span[0] += num_tokens
+            assert span[0] <= span[1], "advanced past a recompute range"
+            if span[0] == span[1]:
+                conv.recompute.pop(0)
+            done = range(start // bs, span[0] // bs)
+        else:
+            start = conv.num_computed
+            conv.num_computed += num_tokens
+            done = range(start // bs, conv.num_computed // bs)
+        for i in done:
+            chunk = conv.chunks[i]
+            if chunk.key is None:
+                chunk.key = chunk_key(self._parent_key(conv, i), conv.tokens[i * bs : (i + 1) * bs])
+            if self.tree.insert(chunk) or not self.share_prefixes:
+                continue
+            cached = self.tree.get(chunk.key)  # computed twice (e.g. a prompt's last block): keep one copy
+            if cached.tier == Tier.DEVICE:
+                cached.refs += 1
+                conv.chunks[i] = cached
+                self._unhold(chunk)
+                self.counters["deduplicated_chunks"] += 1
 
     def preempt(self, conv: Conversation) -> None:
         """Take a running turn's conversation off the device (its turn restores it when scheduled again): a recompute
-        in progress is abandoned (those chunks stay dropped), the rest moves down like an idle conversation's."""
-        if conv.recompute_pos < conv.recompute_end:
-            for i in range(self.blocks_for(conv.recompute_end)):
-                self._release(conv, i)
-        conv.recompute_pos = conv.recompute_end = 0
+        in progress is abandoned (its chunks dropped), the rest moves down like an idle conversation's chunks, except
+        chunks a running conversation holds too."""
+        bs = self.block_size
+        conv.preempted = True
+        for start, end in conv.recompute:
+            for i in range(start // bs, self.blocks_for(end)):
+                self._drop(conv.chunks[i])
+        conv.recompute = []
         self._free_tail(conv)
-        while (i := leading_chunk(conv.chunks, Tier.DEVICE)) is not None:
-            self._demote(conv, i, allow_drop=True)
-        _normalize(conv)
+        holders = self._holders()
+        for chunk in list(conv.chunks):
+            if chunk.tier == Tier.DEVICE and not any(h.running for h in holders[id(chunk)][1]):
+                self._demote(chunk, holders[id(chunk)][1], allow_drop=True)
+        _trim(self, conv)
         self.counters["preempted_conversations"] += 1
 
     def finish_turn(self, conv: Conversation) -> None:
         self._free_tail(conv)
-        conv.recompute_pos = conv.recompute_end = 0
+        conv.recompute = []
 
     def after_forward(self) -> None:
         """The forward that read them is issued (and, on GPU, ordered before any later reuse): free swapped-in host
@@ -252,25 +368,51 @@ class KVManager:
     # ---- idle conversations -------------------------------------------------------------------------------------
 
     def truncate(self, conv: Conversation, num_tokens: int) -> None:
-        """Keep KV for the first num_tokens positions only (the rest of the history was rewritten)."""
-        cut = num_tokens < conv.num_computed
-        if cut:
+        """Keep KV for the first num_tokens positions only (the rest of the history was rewritten). A cut inside a
+        chunk conv may not write into (shared, in the tree, or on disk / dropped) lets go of that chunk too: its
+        first positions are computed again, into a private chunk."""
+        bs = self.block_size
+        if num_tokens < conv.num_computed:
             conv.num_computed = num_tokens
+            i = num_tokens // bs
+            if num_tokens % bs:
+                chunk = conv.chunks[i]
+                if chunk.key is not None or chunk.refs > 1 or chunk.tier in (Tier.DISK, Tier.DROPPED):
+                    conv.num_computed = i * bs
         self._free_tail(conv)
-        keep = len(conv.chunks)
-        if cut and keep and conv.num_computed % self.block_size and conv.chunks[keep - 1].tier == Tier.DISK:
-            self._drop_through(conv, keep - 1)  # its file covers tokens that changed
-        _normalize(conv)
+        _trim(self, conv)
+
+    def fork(self, conv: Conversation, new_id: str) -> Conversation:
+        """A new conversation with conv's tokens (and messages) holding all of conv's full chunks; conv's partial
+        last chunk is conv's own, so the fork computes those few positions again on its next turn."""
+        bs = self.block_size
+        full = conv.num_computed // bs
+        for i in range(full):
+            self._ensure_key(conv, i)
+        new = Conversation(
+            new_id,
+            tokens=list(conv.tokens),
+            num_computed=full * bs,
+            chunks=list(conv.chunks[:full]),
+            last_active=conv.last_active,
+            messages=None if conv.messages is None else [dict(m) for m in conv.messages],
+        )
+        for chunk in new.chunks:
+            chunk.refs += 1
+        _trim(self, new)
+        self.conversations[new_id] = new
+        return new
 
     def drop_all(self, conv: Conversation) -> None:
-        for i in range(len(conv.chunks)):
-            self._release(conv, i)
-        conv.chunks, conv.num_computed = [], 0
-        conv.recompute_pos = conv.recompute_end = 0
+        """conv lets go of all its chunks (the tree keeps those it indexes)."""
+        for chunk in conv.chunks:
+            self._unhold(chunk)
+        conv.chunks, conv.num_computed, conv.recompute = [], 0, []
 
     def persist(self, conv: Conversation) -> None:
         """Write conv's device and host chunks to disk too (close / end): they survive a restart. Only for a stored
-        conversation (one with a token log): KV without its tokens could never be used."""
+        conversation (one with a token log): KV without its tokens could never be used. A chunk whose file exists
+        (another conversation wrote it) is not written again."""
         if self.disk is None or conv.conv_id not in self.disk.index:
             return
         for i, chunk in enumerate(conv.chunks):
@@ -279,135 +421,234 @@ class KVManager:
                     self.counters["persisted_chunks"] += 1
 
     def remove(self, conv_id: str, forget: bool = False) -> None:
+        """conv lets go of its chunks; those the tree indexes stay cached (evictable) unless `forget`: then the ones
+        no other conversation holds are dropped, and with a disk tier the conversation and its files are deleted."""
         conv = self.conversations.pop(conv_id, None)
         if conv is not None:
+            chunks = list(conv.chunks)
             self.drop_all(conv)
+            if forget:
+                for chunk in chunks:
+                    if chunk.refs == 0 and chunk in self.tree:
+                        self.tree.delete(chunk)
+                        self.pools[chunk.tier].free([chunk.block]) if chunk.tier in self.pools else None
+                        chunk.tier, chunk.block = Tier.DROPPED, -1
         if forget and self.disk is not None:
-            self.disk.forget(conv_id)
+            self.disk.forget(conv_id, self._disk_keys_in_use())
+
+    def _disk_keys_in_use(self) -> set[bytes]:
+        """Content keys of every disk-tier chunk in memory (their files must stay)."""
+        keys = set()
+        for conv in self.conversations.values():
+            for i, chunk in enumerate(conv.chunks):
+                if chunk.tier == Tier.DISK:
+                    keys.add(self._file_key(conv, i))
+        keys.update(c.key for c in self.tree.nodes.values() if c.tier == Tier.DISK)
+        return keys
+
+    # ---- keys -------------------------------------------------------------------------------------------------
+
+    def _parent_key(self, conv: Conversation, i: int) -> bytes:
+        """The key of conv's chunk i-1 (ROOT for i = 0), computed from the tokens where the chunk has none."""
+        return self._ensure_key(conv, i - 1) if i else ROOT
+
+    def _ensure_key(self, conv: Conversation, i: int) -> bytes:
+        chunk = conv.chunks[i]
+        if chunk.key is None:
+            bs = self.block_size
+            chunk.key = chunk_key(self._parent_key(conv, i), conv.tokens[i * bs : (i + 1) * bs])
+        return chunk.key
+
+    def _file_key(self, conv: Conversation, i: int) -> bytes:
+        """The content key naming chunk i's disk file: its key if full, else the key of the positions it covers."""
+        n = self.chunk_tokens(conv, i)
+        if n == self.block_size:
+            return self._ensure_key(conv, i)
+        start = i * self.block_size
+        return chunk_key(self._parent_key(conv, i), conv.tokens[start : start + n])
 
     # ---- moving chunks down ---------------------------------------------------------------------------------------
 
-    def _idle(self, tier: Tier, protect: set[str]) -> list[Conversation]:
-        return [
-            c
-            for c in self.conversations.values()
-            if not c.pinned and c.conv_id not in protect and any(ch.tier == tier for ch in c.chunks)
-        ]
+    def _holders(self) -> dict[int, tuple[Chunk, list[Conversation]]]:
+        """Every chunk in memory (held by a conversation or only by the tree) -> (chunk, its holders)."""
+        holders: dict[int, tuple[Chunk, list[Conversation]]] = {}
+        for conv in self.conversations.values():
+            for chunk in conv.chunks:
+                holders.setdefault(id(chunk), (chunk, []))[1].append(conv)
+        for chunk in self.tree.nodes.values():
+            holders.setdefault(id(chunk), (chunk, []))
+        return holders
 
-    def _movable(self, tier: Tier, protect: set[str]) -> int:
-        return sum(ch.tier == tier for c in self._idle(tier, protect) for ch in c.chunks)
+    def _candidates(self, tier: Tier, protect: set[str], also: Conversation | None = None) -> list:
+        """(chunk, holders) for the chunks in `tier` that may move: none of their holders is running a turn or
+        in `protect` (nor is `also`, a conversation being restored whose new chunks are not counted yet)."""
+        out = []
+        for chunk, convs in self._holders().values():
+            if chunk.tier != tier:
+                continue
+            if any(c.running or c.conv_id in protect or c is also for c in convs):
+                continue
+            out.append((chunk, convs))
+        return out
+
+    def _movable(self, tier: Tier, protect: set[str], also: Conversation | None = None) -> int:
+        return len(self._candidates(tier, protect, also))
 
     def _make_room(self, tier: Tier, n: int, protect: set[str], allow_drop: bool) -> bool:
-        """Move idle chunks out of `tier` in policy order until n of its blocks are free."""
+        """Move chunks out of `tier` in policy order until n of its blocks are free."""
         pool = self.pools[tier]
-        current = None
-        for conv, i in self.policy.order(self._idle(tier, protect), tier, time.monotonic()):
-            if pool.num_free >= n and not (self.policy.whole_conversation and conv is current):
+        if pool.num_free >= n:
+            return True
+        candidates = self._candidates(tier, protect)
+        last = None
+        for chunk, convs in self.policy.order(candidates, self.block_size, time.monotonic()):
+            if chunk.tier != tier:  # moved meanwhile (a cascade below it)
+                continue
+            if pool.num_free >= n and not self.policy.continues(last, chunk, convs):
                 break
-            if not self._demote(conv, i, allow_drop):
+            if not self._demote(chunk, convs, allow_drop):
                 break
-            current = conv
+            last = (chunk, convs)
         return pool.num_free >= n
 
-    def _demote(self, conv: Conversation, i: int, allow_drop: bool) -> bool:
-        """Move chunk i (the leading chunk of its tier) one enabled tier down. False if allow_drop is off and no
-        lower tier has room."""
-        chunk = conv.chunks[i]
+    def _demote(self, chunk: Chunk, holders: list[Conversation], allow_drop: bool) -> bool:
+        """Move chunk one enabled tier down. False if allow_drop is off and no lower tier has room."""
         src = chunk.tier
         if src == Tier.DEVICE and self.host.num_blocks > 0:
             if self.host.num_free == 0:
                 self._make_room(Tier.HOST, 1, set(), allow_drop)
-            if self.host.num_free == 0 and (j := leading_chunk(conv.chunks, Tier.HOST)) is not None:
-                # the host holds only running conversations' chunks, this one's among them (it is being preempted):
-                # its own leading host chunk moves down first
-                self._demote(conv, j, allow_drop)
             if self.host.num_free > 0:
                 (h,) = self.host.allocate(1)
                 if self.storage is not None:
                     self.storage.swap_out([chunk.block], [h])
                 self.device.free([chunk.block])
-                self._trace(conv, i, src, Tier.HOST)
+                self._trace_move(chunk, _names(holders), Tier.HOST)
                 chunk.tier, chunk.block = Tier.HOST, h
                 self.counters["swap_out_chunks"] += 1
                 self.counters["bytes_swapped_out"] += self.storage.bytes_per_block if self.storage else 0
                 return True
-        # To disk only if no earlier chunk of this conversation is on the host (the tier order).
-        below_host = src == Tier.HOST or leading_chunk(conv.chunks, Tier.HOST) is None
-        if src in (Tier.DEVICE, Tier.HOST) and self.disk is not None and below_host and self._write_to_disk(conv, i):
+        if src in (Tier.DEVICE, Tier.HOST) and self.disk is not None and self._to_disk(chunk, holders):
             self.pools[src].free([chunk.block])
-            self._trace(conv, i, src, Tier.DISK)
+            self._trace_move(chunk, _names(holders), Tier.DISK)
             chunk.tier, chunk.block = Tier.DISK, -1
             self.counters["disk_write_chunks"] += 1
             return True
         if not allow_drop:
             return False
-        self._drop_through(conv, i)
+        self._drop(chunk, holders)
         return True
+
+    def _to_disk(self, chunk: Chunk, holders: list[Conversation]) -> bool:
+        """Chunk's KV is in its file (written now, or already there). A chunk only the tree holds is full and keyed;
+        otherwise any holder names the same content."""
+        if self.storage is None:
+            return False
+        if holders:
+            return self._write_to_disk(holders[0], chunk.index)
+        return self._write_key(chunk, chunk.key, (chunk.index + 1) * self.block_size)
 
     def _write_to_disk(self, conv: Conversation, i: int) -> bool:
         if self.disk is None or self.storage is None:
             return False
-        chunk = conv.chunks[i]
+        return self._write_key(conv.chunks[i], self._file_key(conv, i), i * self.block_size + self.chunk_tokens(conv, i))
+
+    def _write_key(self, chunk: Chunk, key: bytes, num_tokens: int) -> bool:
+        if self.disk.has(key):
+            return True
         k, v = self.storage.read_chunk(chunk.tier, chunk.block)
-        covered = conv.tokens[: i * self.block_size + self.chunk_tokens(conv, i)]
-        written = self.disk.write_chunk(conv.conv_id, i, k, v, covered)
+        written = self.disk.write_chunk(key, k, v, num_tokens)
         self.counters["bytes_written_disk"] += written
         return written > 0
 
-    def _release(self, conv: Conversation, i: int) -> None:
-        """Free chunk i's block (no copy): it becomes dropped."""
-        chunk = conv.chunks[i]
+    def _drop(self, chunk: Chunk, holders: list[Conversation] | None = None) -> None:
+        """Chunk's KV is gone, for every holder: its block is freed, the tree forgets it."""
+        if chunk.tier == Tier.DROPPED:
+            return
+        if holders is None:
+            holders = [c for c in self.conversations.values() if any(x is chunk for x in c.chunks)]
+        self._trace_move(chunk, _names(holders), Tier.DROPPED)
+        if chunk.tier in self.pools:
+            self.pools[chunk.tier].free([chunk.block])
+        chunk.tier, chunk.block = Tier.DROPPED, -1
+        self.tree.delete(chunk)
+        self.counters["dropped_chunks"] += 1
+        for conv in holders:
+            if not conv.running:  # (a running turn's conversation is mid-restore: its dropped chunks get recomputed)
+                _trim(self, conv)
+
+    def _unhold(self, chunk: Chunk) -> None:
+        """A holder lets go of chunk: freed when nobody holds it and the tree does not index it."""
+        chunk.refs -= 1
+        assert chunk.refs >= 0, "a chunk let go of more often than held"
+        if chunk.refs:
+            return
+        if chunk in self.tree:
+            chunk.last_used = time.monotonic()
+            return
         if chunk.tier in self.pools:
             self.pools[chunk.tier].free([chunk.block])
         chunk.tier, chunk.block = Tier.DROPPED, -1
 
-    def _drop_through(self, conv: Conversation, i: int) -> None:
-        """Drop chunk i and, to keep the tier order, every chunk before it."""
-        for j in range(i + 1):
-            if conv.chunks[j].tier != Tier.DROPPED:
-                self._trace(conv, j, conv.chunks[j].tier, Tier.DROPPED)
-                self._release(conv, j)
-                self.counters["dropped_chunks"] += 1
-        _normalize(conv)
-
     def _free_tail(self, conv: Conversation) -> None:
-        """Free chunks past the computed positions (allocated ahead for tokens that were never computed)."""
+        """Let go of chunks past the computed positions (allocated ahead for tokens that were never computed)."""
         keep = self.blocks_for(conv.num_computed)
-        for i in range(keep, len(conv.chunks)):
-            self._release(conv, i)
+        for chunk in conv.chunks[keep:]:
+            self._unhold(chunk)
         del conv.chunks[keep:]
 
-    def _trace(self, conv: Conversation, i: int, src: Tier, dst: Tier) -> None:
+    def _trace_move(self, chunk: Chunk, holders: str, dst: Tier) -> None:
         if self.trace is not None:
-            self.trace.append((conv.conv_id, i, src, dst))
+            self.trace.append((holders, chunk.index, chunk.tier, dst))
 
     # ---- checks ---------------------------------------------------------------------------------------------------
 
     def check_integrity(self) -> None:
         self.device.check_integrity()
         self.host.check_integrity()
+        bs = self.block_size
+        holders = self._holders()
         owned = {Tier.DEVICE: [], Tier.HOST: list(self._host_free_after_forward)}
+        for chunk, convs in holders.values():
+            assert chunk.refs == len(convs), f"chunk {chunk.index}: refs {chunk.refs} != {len(convs)} holders"
+            assert len(convs) <= 1 or chunk.key is not None, f"chunk {chunk.index}: shared without a content key"
+            if chunk.tier in owned:
+                owned[chunk.tier].append(chunk.block)
+            else:
+                assert chunk.block == -1, f"a {chunk.tier.name} chunk holds a block"
+        for key, chunk in self.tree.nodes.items():
+            assert chunk.key == key, "a tree node under another key"
+            assert chunk.tier != Tier.DROPPED, "the tree indexes a dropped chunk"
         for c in self.conversations.values():
-            tiers = [ch.tier for ch in c.chunks]
-            assert tiers == sorted(tiers), f"{c.conv_id}: chunks out of tier order {tiers}"
-            assert not tiers or tiers[-1] != Tier.DROPPED, f"{c.conv_id}: trailing dropped chunk"
-            assert 0 <= c.num_computed <= len(c.tokens), f"{c.conv_id}: num_computed out of range"
-            assert len(c.chunks) >= self.blocks_for(c.num_computed), f"{c.conv_id}: computed positions without chunks"
-            assert all(t == Tier.DEVICE for t in tiers[self.blocks_for(c.num_computed) :]), f"{c.conv_id}: tail"
-            assert 0 <= c.recompute_pos <= c.recompute_end <= c.num_computed, f"{c.conv_id}: recompute range"
-            assert c.pinned or c.recompute_pos == c.recompute_end, f"{c.conv_id}: idle with a recompute pending"
-            for ch in c.chunks:
-                if ch.tier in owned:
-                    owned[ch.tier].append(ch.block)
-                else:
-                    assert ch.block == -1, f"{c.conv_id}: a {ch.tier.name} chunk holds a block"
+            name = c.conv_id
+            assert len({id(ch) for ch in c.chunks}) == len(c.chunks), f"{name}: holds a chunk twice"
+            assert all(ch.index == i for i, ch in enumerate(c.chunks)), f"{name}: a chunk at another index"
+            assert not c.chunks or c.chunks[-1].tier != Tier.DROPPED, f"{name}: trailing dropped chunk"
+            assert 0 <= c.num_computed <= len(c.tokens), f"{name}: num_computed out of range"
+            computed = self.blocks_for(c.num_computed)
+            assert len(c.chunks) >= computed, f"{name}: computed positions without chunks"
+            assert all(ch.tier == Tier.DEVICE for ch in c.chunks[computed:]), f"{name}: tail off the device"
+            assert all(ch.refs == 1 and ch.key is None for ch in c.chunks[c.num_computed // bs :]), f"{name}: tail"
+            assert c.pinned or not c.recompute, f"{name}: idle with a recompute pending"
+            last = 0
+            for start, end in c.recompute:
+                assert last <= start < end <= c.num_computed, f"{name}: recompute ranges {c.recompute}"
+                assert all(ch.tier == Tier.DEVICE for ch in c.chunks[start // bs : self.blocks_for(end)]), name
+                last = end
+            keys = prefix_keys(c.tokens, bs, min(c.num_computed // bs, len(c.chunks)))
+            for i, key in enumerate(keys):
+                assert c.chunks[i].key in (None, key), f"{name}: chunk {i} keyed for other tokens"
         for tier, blocks in owned.items():
             assert len(blocks) == len(set(blocks)), f"a {tier.name} block is owned twice"
             assert set(blocks) == self.pools[tier].allocated, f"{tier.name}: allocated and owned blocks differ"
 
 
-def _normalize(conv: Conversation) -> None:
-    """A conversation whose last chunk is dropped has nothing left (the tier order): start it from scratch."""
-    if conv.chunks and conv.chunks[-1].tier == Tier.DROPPED:
-        conv.chunks, conv.num_computed = [], 0
-        conv.recompute_pos = conv.recompute_end = 0
+def _names(holders: list[Conversation]) -> str:
+    return "+".join(sorted(str(c.conv_id) for c in holders))
+
+
+def _trim(kv: KVManager, conv: Conversation) -> None:
+    """Trailing dropped chunks are let go of: recomputing them is computing those positions anew."""
+    while conv.chunks and conv.chunks[-1].tier == Tier.DROPPED:
+        kv._unhold(conv.chunks.pop())
+    if len(conv.chunks) * kv.block_size < conv.num_computed:
+        conv.num_computed = len(conv.chunks) * kv.block_size

@@ -1,30 +1,33 @@
 """Which chunks leave a tier first.
 
-Pensieve's policy (EuroSys'25 §4.3): the retention value of a chunk is the cost to recompute it divided by the
-time since its conversation was last active; the lowest value goes first. Recompute cost grows with the context a
-chunk attends to, so within one conversation the leading chunk is always the cheapest: evicting in value order
-takes every conversation's chunks from its leading end, which is what keeps the per-conversation tier order
-`[dropped][disk][host][device]`.
+Pensieve's policy (EuroSys'25 §4.3), extended to shared chunks. The retention value of a chunk is the cost to
+recompute it times how active the conversations that need it are:
+
+    value(chunk) = cost(chunk) * sum over the conversations holding it of 1 / idle(conversation)
+
+with idle(c) = seconds since c was last active (at least MIN_IDLE_S). A chunk only the prompt tree holds (a
+conversation ended, or a stateless `complete()` left it) counts as one holder idle since it was let go of. The
+lowest value leaves first. For a chunk one conversation holds this is exactly Pensieve's cost / idle time; a system
+prompt held by a hundred conversations is worth the sum of their activity, so it is the last thing to leave the
+device. Recompute cost grows with the context a chunk attends to, so among one conversation's private chunks the
+leading one is always the cheapest: they still leave from the leading end.
 
 The cost is analytic (documented in docs/architecture.md): recomputing the token at position p costs
 `2 * P` FLOPs for the weights (P = parameters outside the input/output embeddings: recomputed rows need no
-logits) plus `4 * L * Hq * D * p` for attention over
-the p positions before it (QK^T and PV, a multiply-add each). Only ratios between chunks matter.
+logits) plus `4 * L * Hq * D * p` for attention over the p positions before it (QK^T and PV, a multiply-add
+each). Only ratios between chunks matter.
 
-The LRU policy, for comparison, evicts whole conversations, least recently active first (what a prefix cache
-with whole-sequence LRU does).
+The LRU policy, for comparison, evicts by recency alone (the most recent activity of any holder), leading chunks
+first, and once it starts on a conversation's chunks moves all chunks of that recency (whole conversations, what
+a prefix cache with whole-sequence LRU does).
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-
-from pensieve.cache.tiers import leading_chunk
 
 MIN_IDLE_S = 1e-3  # a conversation that was active this instant is not infinitely valuable, just very
 
@@ -48,53 +51,59 @@ class RecomputeCost:
         return RecomputeCost(2.0 * weights, 4.0 * num_layers * num_heads * head_dim)
 
 
-# A candidate the policy may move: (conversation, chunk index). The caller moves it out of the tier before asking for
-# the next one; the policy re-reads the conversation each time, so anything moved meanwhile is skipped.
-Candidate = tuple[object, int]
+# A candidate the policy may move: (chunk, the conversations holding it). The caller re-checks each chunk's tier
+# before moving it (a cascade may have moved it meanwhile).
+Candidate = tuple[object, list]
+
+
+def _idle(now: float, since: float) -> float:
+    return max(now - since, MIN_IDLE_S)
 
 
 class PensievePolicy:
     name = "pensieve"
-    whole_conversation = False
 
     def __init__(self, cost: RecomputeCost, block_size: int) -> None:
         self.cost = cost
         self.block_size = block_size
 
-    def value(self, conv, index: int, now: float) -> float:
-        start = index * self.block_size
-        num_tokens = max(min(self.block_size, conv.num_computed - start), 1)
-        return self.cost.chunk(start, num_tokens) / max(now - conv.last_active, MIN_IDLE_S)
+    def value(self, chunk, holders: list, now: float) -> float:
+        start = chunk.index * self.block_size
+        num_tokens = self.block_size
+        if len(holders) == 1:  # a conversation's last chunk may be partial (only its own chunks are)
+            num_tokens = max(min(self.block_size, holders[0].num_computed - start), 1)
+        if holders:
+            activity = sum(1.0 / _idle(now, conv.last_active) for conv in holders)
+        else:
+            activity = 1.0 / _idle(now, chunk.last_used)
+        return self.cost.chunk(start, num_tokens) * activity
 
-    def order(self, convs: list, tier, now: float) -> Iterator[Candidate]:
-        """Chunks in `tier` of `convs`, lowest retention value first (lazily: the caller mutates as it goes)."""
-        tie = itertools.count()
-        heap = []
-        for conv in convs:
-            first = leading_chunk(conv.chunks, tier)
-            if first is not None:
-                heap.append((self.value(conv, first, now), next(tie), conv, first))
-        heapq.heapify(heap)
-        while heap:
-            _, _, conv, index = heapq.heappop(heap)
-            if index >= len(conv.chunks) or conv.chunks[index].tier != tier:
-                index = leading_chunk(conv.chunks, tier)  # moved meanwhile (e.g. dropped with an earlier chunk)
-                if index is None:
-                    continue
-            yield conv, index
-            following = leading_chunk(conv.chunks, tier)
-            if following is not None:
-                heapq.heappush(heap, (self.value(conv, following, now), next(tie), conv, following))
+    def order(self, candidates: list[Candidate], block_size: int, now: float) -> Iterator[Candidate]:
+        """Lowest retention value first (ties: the earlier position, then the order given)."""
+        keyed = [(self.value(chunk, holders, now), chunk.index, i) for i, (chunk, holders) in enumerate(candidates)]
+        for _, _, i in sorted(keyed):
+            yield candidates[i]
+
+    def continues(self, last: Candidate | None, chunk, holders: list) -> bool:
+        """Keep moving once enough room is made? Never: Pensieve moves chunk by chunk."""
+        return False
 
 
 class LRUPolicy:
     name = "lru"
-    whole_conversation = True
 
-    def order(self, convs: list, tier, now: float) -> Iterator[Candidate]:
-        for conv in sorted(convs, key=lambda c: c.last_active):
-            while (index := leading_chunk(conv.chunks, tier)) is not None:
-                yield conv, index
+    @staticmethod
+    def recency(chunk, holders: list) -> float:
+        return max((conv.last_active for conv in holders), default=chunk.last_used)
+
+    def order(self, candidates: list[Candidate], block_size: int, now: float) -> Iterator[Candidate]:
+        keyed = [(self.recency(chunk, holders), chunk.index, i) for i, (chunk, holders) in enumerate(candidates)]
+        for _, _, i in sorted(keyed):
+            yield candidates[i]
+
+    def continues(self, last: Candidate | None, chunk, holders: list) -> bool:
+        """Whole conversations: keep moving the chunks as recent as the last one moved."""
+        return last is not None and self.recency(*last) == self.recency(chunk, holders)
 
 
 def make_policy(name: str, cost: RecomputeCost, block_size: int) -> PensievePolicy | LRUPolicy:

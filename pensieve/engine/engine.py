@@ -5,6 +5,7 @@ Single-threaded by design: `StatefulGenerator` runs it on one loop thread and ha
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -36,6 +37,17 @@ class Admission:
     params: ResolvedSampling
     history_len: int
     common_prefix: int  # tokens shared by the stored history and `tokens`
+    stored: bool = True  # False: a `complete()` call: no conversation is kept
+
+
+@dataclass(frozen=True)
+class CompletionId:
+    """The id of a `complete()` call's conversation: never a str, so never a caller's conversation id."""
+
+    number: int
+
+    def __str__(self) -> str:
+        return f"<completion {self.number}>"
 
 
 class Engine:
@@ -90,6 +102,7 @@ class Engine:
         self.num_tokens_computed = 0
         self.num_turns = 0
         self.num_recomputed = 0
+        self._completions = itertools.count()
 
     # ---- admission -------------------------------------------------------------------------------------------
 
@@ -106,19 +119,40 @@ class Engine:
         if conv is not None and conv.pinned:
             raise ValueError(f"conversation {conv_id!r} already has a turn running")
         if loading and conv is not None and conv.tokens and max(conv.tokens) >= self.shape.vocab_size:
-            del self.kv.conversations[conv_id]  # back to stored-only, as before the call
+            self.kv.remove(conv_id)  # back to stored-only, as before the call
             raise ValueError(
                 f"stored conversation {conv_id!r} has token ids outside this model's vocabulary "
                 f"({max(conv.tokens)} >= {self.shape.vocab_size}): it was stored by another model"
             )
         tokens, messages = self._render(conv, msg)
         history = conv.tokens if conv is not None else []
-        self._check_fits(conv_id, len(tokens), params.max_new_tokens)
+        self._check_fits(f"conversation {conv_id!r}", len(tokens), params.max_new_tokens)
         return Admission(conv_id, tokens, messages, params, len(history), _common_prefix(history, tokens))
+
+    def prepare_complete(self, prompt, sampling: SamplingParams | None) -> Admission:
+        """Validate a stateless completion: `prompt` is token ids, or chat messages rendered with the chat template."""
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        params = self._resolve(sampling or SamplingParams())
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ValueError(f"prompt must be a non-empty list of token ids or of chat messages, got {prompt!r:.80}")
+        if all(isinstance(m, dict) for m in prompt):
+            if self.tokenizer is None:
+                raise ValueError("chat messages need a tokenizer: pass tokenizer= or send token ids")
+            bad = [m for m in prompt if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)]
+            if bad:
+                raise ValueError(f"each chat message needs a str 'role' and 'content', got {bad[0]!r:.80}")
+            tokens = list(self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, return_dict=False))
+        else:
+            tokens = self._check_token_ids(prompt)
+        conv_id = CompletionId(next(self._completions))
+        self._check_fits("a completion", len(tokens), params.max_new_tokens)
+        return Admission(conv_id, tokens, None, params, 0, 0, stored=False)
 
     def admit(self, adm: Admission, on_token=None) -> Turn:
         """Start a prepared turn. Cannot fail; call it right after prepare, on the same thread."""
         conv = self.kv.conversation(adm.conv_id)
+        conv.stored = adm.stored
         self.kv.truncate(conv, adm.common_prefix)  # never reuse KV of tokens that differ
         conv.tokens = adm.tokens
         conv.pinned = True
@@ -158,22 +192,25 @@ class Engine:
             raise ValueError(f"message must be a non-empty str or list of token ids, got {msg!r:.80}")
         if text_mode:
             raise ValueError(f"conversation {conv.conv_id!r} is in text mode; send a str")
+        return [*history, *self._check_token_ids(msg)], None
+
+    def _check_token_ids(self, ids) -> list[int]:
         vocab = self.shape.vocab_size
-        bad = [t for t in msg if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token ids must be ints in [0, {vocab}): got {bad[:5]}")
-        return [*history, *msg], None
+        return list(ids)
 
-    def _check_fits(self, conv_id: str, num_tokens: int, max_new_tokens: int) -> None:
+    def _check_fits(self, what: str, num_tokens: int, max_new_tokens: int) -> None:
         total = num_tokens + max_new_tokens
         if total > self.shape.max_positions:
             raise ValueError(
-                f"conversation {conv_id!r} would reach {total} tokens ({num_tokens} + max_new_tokens "
+                f"{what} would reach {total} tokens ({num_tokens} + max_new_tokens "
                 f"{max_new_tokens}), over the model's {self.shape.max_positions} positions"
             )
         if self.kv.blocks_for(total) > self.kv.device.num_blocks:
             raise ValueError(
-                f"conversation {conv_id!r} would need {self.kv.blocks_for(total)} KV blocks for {total} tokens; "
+                f"{what} would need {self.kv.blocks_for(total)} KV blocks for {total} tokens; "
                 f"the device pool has {self.kv.device.num_blocks} (CacheConfig.num_device_blocks)"
             )
 
@@ -228,10 +265,7 @@ class Engine:
         self.num_steps += 1
         for chunk in chunks:
             turn = chunk.turn
-            if chunk.recompute:
-                turn.conv.recompute_pos += chunk.num_tokens
-            else:
-                turn.conv.num_computed += chunk.num_tokens
+            self.kv.advance(turn.conv, chunk.num_tokens, recompute=chunk.recompute)
             turn.num_computed += chunk.num_tokens
             if turn.first_token_at is None:
                 turn.num_prefilled += chunk.num_tokens
@@ -281,15 +315,15 @@ class Engine:
         if conv.messages is not None:
             new_messages = [conv.messages[-1], {"role": "assistant", "content": text}]
             conv.messages.append(new_messages[-1])
-        if self.kv.disk is not None:  # durable before the reply is returned
+        if self.kv.disk is not None and conv.stored:  # durable before the reply is returned
             keep = turn.history_kept
-            self.kv.disk.append_turn(conv.conv_id, keep, conv.tokens[keep:], new_messages)
+            self.kv.disk.append_turn(conv.conv_id, keep, conv.tokens[keep:], new_messages, conv.tokens)
         conv.pinned = False
         conv.last_active = time.monotonic()
         restored = turn.restored
         now = time.perf_counter()
         reply = Reply(
-            conv_id=conv.conv_id,
+            conv_id=conv.conv_id if conv.stored else None,
             token_ids=list(turn.output),
             text=text,
             finish_reason=reason,
@@ -306,7 +340,10 @@ class Engine:
             num_chunks_disk=restored.chunks[Tier.DISK],
             num_chunks_dropped=restored.chunks[Tier.DROPPED],
             bytes_swapped_in=restored.bytes_in,
+            num_reused_shared=restored.shared,
         )
+        if not conv.stored:  # a completion: its full chunks stay in the prompt tree, the conversation goes
+            self.kv.remove(conv.conv_id)
         turn.future.set_result(reply)
 
     def _generator(self, seed: int) -> torch.Generator:
@@ -333,9 +370,44 @@ class Engine:
             self.kv.persist(conv)
         self.kv.remove(conv_id, forget=forget)
 
+    def fork(self, conv_id: str, new_id: str) -> None:
+        """Start conversation new_id as a copy of conv_id that shares all of its KV (a branch)."""
+        for name, value in (("conv_id", conv_id), ("new_conv_id", new_id)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty str, got {value!r}")
+        disk = self.kv.disk
+        if new_id in self.kv.conversations or (disk is not None and new_id in disk.index):
+            raise ValueError(f"conversation {new_id!r} already exists")
+        conv = self.kv.lookup(conv_id)
+        if conv is None:
+            raise KeyError(f"no conversation {conv_id!r}")
+        if conv.pinned:
+            raise ValueError(f"conversation {conv_id!r} has a turn running")
+        new = self.kv.fork(conv, new_id)
+        if disk is not None:
+            disk.append_turn(new_id, 0, list(new.tokens), new.messages, new.tokens)
+
+    def truncate(self, conv_id: str, num_tokens: int) -> None:
+        """Keep the first num_tokens tokens of a raw-mode conversation (and their KV); the rest is forgotten."""
+        if not isinstance(conv_id, str):
+            raise ValueError(f"conv_id must be a str, got {conv_id!r}")
+        conv = self.kv.lookup(conv_id)
+        if conv is None:
+            raise KeyError(f"no conversation {conv_id!r}")
+        if conv.pinned:
+            raise ValueError(f"conversation {conv_id!r} has a turn running")
+        if conv.messages is not None:
+            raise ValueError(f"conversation {conv_id!r} is in text mode: its tokens follow its messages")
+        if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or not 0 <= num_tokens <= len(conv.tokens):
+            raise ValueError(f"num_tokens must be an int in [0, {len(conv.tokens)}], got {num_tokens!r}")
+        self.kv.truncate(conv, num_tokens)
+        del conv.tokens[num_tokens:]
+        if self.kv.disk is not None and conv_id in self.kv.disk.index:
+            self.kv.disk.append_turn(conv_id, num_tokens, [], None, conv.tokens)
+
     def conversations(self) -> list[str]:
         stored = self.kv.disk.index if self.kv.disk is not None else {}
-        return sorted(set(self.kv.conversations) | set(stored))
+        return sorted({c for c in self.kv.conversations if isinstance(c, str)} | set(stored))
 
     def close(self) -> None:
         """Write every stored conversation's device and host KV to disk and release the disk_dir."""
@@ -354,6 +426,8 @@ class Engine:
             self.scheduler.remove(turn)
             turn.conv.pinned = False
             self.kv.drop_all(turn.conv)
+            if not turn.conv.stored:
+                self.kv.remove(turn.conv.conv_id)
             if not turn.future.done():
                 turn.future.set_exception(error)
         self.kv.after_forward()
@@ -361,8 +435,9 @@ class Engine:
     def stats(self) -> dict:
         kv = self.kv
         disk = kv.disk
+        chunks = [chunk for chunk, _ in kv._holders().values()]  # each chunk once, however many hold it
         return {
-            "conversations": len(kv.conversations),
+            "conversations": sum(c.stored for c in kv.conversations.values()),
             "stored_conversations": len(disk.index) if disk is not None else 0,
             "active_turns": len(self.scheduler.active),
             "turns_completed": self.num_turns,
@@ -374,10 +449,9 @@ class Engine:
             "device_blocks_free": kv.device.num_free,
             "host_blocks_total": kv.host.num_blocks,
             "host_blocks_free": kv.host.num_free,
-            "chunks_by_tier": {
-                t.name.lower(): sum(c.tier == t for conv in kv.conversations.values() for c in conv.chunks)
-                for t in Tier
-            },
+            "chunks_by_tier": {t.name.lower(): sum(c.tier == t for c in chunks) for t in Tier},
+            "tree_chunks": len(kv.tree),
+            "shared_chunks": sum(c.refs > 1 for c in chunks),
             "preemptions": self.scheduler.num_preemptions,
             **(compiled.stats() if (compiled := self.runner.compiled) is not None else CompiledForward.NO_STATS),
             "cuda_graphs": len(self.runner.graphs.graphs) if self.runner.graphs is not None else 0,
@@ -402,6 +476,7 @@ COUNTERS = (
     "bytes_swapped_out",
     "bytes_swapped_in",
     "bytes_written_disk",
+    "shared_tokens_reused",  # history positions turns found in chunks another conversation computed or holds
 )
 
 

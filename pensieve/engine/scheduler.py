@@ -1,18 +1,19 @@
 """Iteration-level FCFS scheduling with a token budget per step (Pensieve's unified batching).
 
-Every active turn needs KV for the positions its conversation has not computed: the recompute range of dropped
-leading chunks `[recompute_pos, recompute_end)`, then its new tokens `tokens[num_computed:]` — one token for a
+Every active turn needs KV for the positions its conversation has not computed: the recompute ranges of dropped
+chunks (each `[start, end)`, anywhere in the history), then its new tokens `tokens[num_computed:]` — one token for a
 decode, more for a prefill. Each step takes decodes first (oldest first), then the other turns' positions in
-order, up to the budget; a long prompt or recompute range is chunked across steps. The recompute range and the new
-tokens of one conversation are two sub-sequences of the same forward sharing one block table: the new tokens attend
-to the recomputed KV written in the same layer (DESIGN §3). New tokens are only scheduled once the recompute range
-is done, so every sub-sequence attends to positions that are either already present or computed in this step.
+order, up to the budget; a long prompt or recompute range is chunked across steps. A turn contributes at most two
+sub-sequences to a step, sharing one block table: part of its first recompute range, and — once that range is the
+last — its new tokens, which attend to the recomputed KV written in the same layer (DESIGN §3). Every sub-sequence
+attends only to positions that are already present or computed earlier in the same step.
 
-Before a turn's first chunk its conversation is *restored* (every chunk given a device block: swap-in, disk load or
-recompute). New turns may not take the device's last `decode_reserve` blocks while other turns are decoding.
-When blocks run out, idle conversations move down the tiers; if that is not enough, the youngest other active turn
-is preempted (its conversation moves down like an idle one and is restored when scheduled again). Admission
-guarantees each turn fits the device on its own, so the oldest turn can always progress.
+Before a turn's first chunk its conversation is *restored* (it takes the longest cached prefix the prompt tree holds,
+then every chunk gets a device block: swap-in, disk load or recompute). New turns may not take the device's last
+`decode_reserve` blocks while other turns are decoding. When blocks run out, chunks move down the tiers; if that is
+not enough, the youngest other active turn is preempted (its chunks move down like idle ones and its conversation is
+restored when scheduled again). Admission guarantees each turn fits the device on its own, so the oldest turn can
+always progress.
 """
 
 from __future__ import annotations
@@ -79,11 +80,12 @@ class Scheduler:
             if turn.restored is None:
                 turn.restored = stats
         pieces = []
-        if conv.recompute_pos < conv.recompute_end:
-            n = min(conv.recompute_end - conv.recompute_pos, budget)
-            pieces.append(ScheduledChunk(turn, conv.recompute_pos, n, samples=False, recompute=True))
+        if conv.recompute:
+            start, end = conv.recompute[0]
+            n = min(end - start, budget)
+            pieces.append(ScheduledChunk(turn, start, n, samples=False, recompute=True))
             budget -= n
-            if conv.recompute_pos + n < conv.recompute_end:
+            if start + n < end or len(conv.recompute) > 1:  # one recompute range a step, new tokens after the last
                 return pieces
         n = min(len(conv.tokens) - conv.num_computed, budget)
         if n > 0:
@@ -99,7 +101,10 @@ class Scheduler:
             victims = [
                 t
                 for t in self.active
-                if t.arrival > turn.arrival and t.conv.conv_id not in scheduled and _holds_device_blocks(t)
+                if t.arrival > turn.arrival
+                and t.conv.conv_id not in scheduled
+                and not t.conv.preempted
+                and _holds_device_blocks(t)
             ]
             if not victims:
                 return result
@@ -110,7 +115,7 @@ class Scheduler:
 
 def _is_decode(turn: Turn) -> bool:
     conv = turn.conv
-    restored = turn.restored is not None and conv.on_device and conv.recompute_pos == conv.recompute_end
+    restored = turn.restored is not None and conv.on_device and not conv.recompute
     return restored and conv.pending == 1
 
 

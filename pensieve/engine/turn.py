@@ -30,7 +30,7 @@ class ResolvedSampling:
 
 @dataclass(frozen=True)
 class Reply:
-    conv_id: str
+    conv_id: str | None  # None for a `complete()` call
     token_ids: list[int]
     text: str | None
     finish_reason: str  # "stop" | "length"
@@ -47,6 +47,7 @@ class Reply:
     num_chunks_disk: int = 0
     num_chunks_dropped: int = 0
     bytes_swapped_in: int = 0  # KV bytes copied to the device for this turn (host swap-in + disk loads)
+    num_reused_shared: int = 0  # of the reused positions, those another conversation computed or holds too
 
 
 _arrivals = itertools.count()

@@ -138,11 +138,11 @@ def test_restore_swaps_in_host_chunks_and_recomputes_dropped_leading_ones():
     kv.device.free([0])
     (h,) = kv.host.allocate(1)
     kv.device.free([a.chunks[1].block])
-    a.chunks[1] = Chunk(H, h)
+    a.chunks[1] = Chunk(H, h, index=1, refs=1)
     kv.check_integrity()
     a.pinned = True
     stats = kv.restore(a, set())
-    assert _tiers(a) == [D] * 4 and (a.recompute_pos, a.recompute_end) == (0, BS)
+    assert _tiers(a) == [D] * 4 and a.recompute == [[0, BS]]
     assert stats.chunks == {X: 1, K: 0, H: 1, D: 2} and stats.tokens == {X: 4, K: 0, H: 4, D: 8}
     assert kv.host.num_free == 3  # the swapped-in host block is freed only after the forward that reads it
     kv.check_integrity()
@@ -155,9 +155,9 @@ def test_preempting_a_recompute_in_progress_drops_the_range_and_moves_the_rest_d
     kv = _manager(device=8, host=8)
     a = _idle(kv, "a", 3, idle_s=1.0, tokens=11)
     a.pinned = True
-    a.recompute_pos, a.recompute_end = 2, 2 * BS  # chunks 0-1 were being recomputed
+    a.recompute = [[2, 2 * BS]]  # chunks 0-1 were being recomputed, 2 positions are done
     kv.preempt(a)
-    assert _tiers(a) == [X, X, H] and (a.recompute_pos, a.recompute_end) == (0, 0) and a.num_computed == 11
+    assert _tiers(a) == [X, X, H] and a.recompute == [] and a.num_computed == 11
     kv.check_integrity()
 
 
@@ -177,19 +177,27 @@ def test_integrity_check_catches_a_block_owned_twice():
         kv.check_integrity()
 
 
-def test_integrity_check_catches_chunks_out_of_tier_order():
-    kv = _manager(device=8, host=4)
+def test_integrity_check_catches_a_wrong_reference_count():
+    kv = _manager(device=8)
     a = _idle(kv, "a", 2, idle_s=1.0)
-    (h,) = kv.host.allocate(1)
-    kv.device.free([a.chunks[1].block])
-    a.chunks[1] = Chunk(H, h)  # [D, H]: the host chunk is after a device chunk
-    with pytest.raises(AssertionError, match="order"):
+    a.chunks[0].refs = 2
+    with pytest.raises(AssertionError, match="refs"):
+        kv.check_integrity()
+
+
+def test_integrity_check_catches_a_chunk_keyed_for_other_tokens():
+    from pensieve.cache.tree import chunk_key
+
+    kv = _manager(device=8)
+    a = _idle(kv, "a", 2, idle_s=1.0)
+    a.chunks[1].key = chunk_key(b"", [1, 2, 3, 4])
+    with pytest.raises(AssertionError, match="other tokens"):
         kv.check_integrity()
 
 
 def test_preempting_with_a_full_host_moves_its_own_host_chunk_to_disk_first(tmp_path):
-    """Found by the state machine: a preempted (pinned) conversation fills the one host block with its chunk 0; its
-    chunk 1 must not land on disk *after* a host chunk. Its own host chunk goes to disk first, then chunk 1 to host."""
+    """A preempted (pinned) conversation fills the one host block with its chunk 0; its chunk 1 makes room there by
+    the policy's order (a preempted turn's chunks may move), so chunk 0 goes to disk first, then chunk 1 to host."""
     import torch
 
     from pensieve.cache.disk import DiskStore

@@ -95,7 +95,9 @@ def test_rewriting_template_recomputes_and_still_matches(tokenizer):
         replies = _chat(gen, oracle, tok, USER_TURNS, sp)
     head = len(tok("<|im_start|>system\nturns so far: ")["input_ids"])
     for prev, reply in zip(replies, replies[1:], strict=False):
-        assert reply.num_reused_device == head  # only the head before the turn count survives the rewrite
+        # only the head before the turn count survives the rewrite, and only its full blocks: the rewrite starts
+        # inside a full (keyed, shareable) chunk, which is never written again, so its first positions are recomputed
+        assert reply.num_reused_device == head - head % 4
         assert reply.num_recomputed > prev.num_recomputed > 0 or prev is replies[0]
 
 

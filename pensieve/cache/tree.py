@@ -1,0 +1,91 @@
+"""The prompt tree: every full, computed KV chunk that still has KV somewhere (device, host or disk), by content.
+
+A radix tree at block granularity (MemServe's prompt tree; SGLang's radix cache with pages of `block_size`), stored
+the way vLLM stores its prefix cache: a node's key is the chained hash of its parent's key and its own tokens,
+
+    key(chunk 0) = H(ROOT, tokens[0:bs])        key(chunk i) = H(key(chunk i-1), tokens[i*bs:(i+1)*bs])
+
+so a key names the node's whole path from the root, and the tree is the map key -> chunk. `match` walks it from a
+given node down, one block of tokens at a time, and stops at the first block no chunk holds: the longest cached
+prefix. A node's KV depends on every token before it, which the key covers, so equal keys mean equal KV.
+
+H is BLAKE2b with a 128-bit digest over (parent key, the tokens as little-endian int64): a collision would make two
+different prefixes share KV, and at 2^-64 for 2^32 cached blocks that is not a risk to engineer around. The same
+keys name the disk tier's chunk files (pensieve/cache/disk.py); a partial block's key (fewer than `bs` tokens) names
+its file only, never a tree node.
+
+Who holds what is the manager's business (pensieve/cache/manager.py): the tree only indexes. A chunk is in the tree
+exactly while it is full, computed and not dropped; the manager deletes it when its KV is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from pensieve.cache.tiers import Chunk, Tier
+
+ROOT = b""  # the parent key of every history's first chunk
+
+
+def chunk_key(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """The content key of a block of `tokens` whose preceding blocks have key `parent` (ROOT for the first)."""
+    h = hashlib.blake2b(parent, digest_size=16)
+    h.update(np.asarray(tokens, dtype="<i8").tobytes())
+    return h.digest()
+
+
+def prefix_keys(tokens: Sequence[int], block_size: int, num_blocks: int | None = None) -> list[bytes]:
+    """Keys of the first `num_blocks` full blocks of `tokens` (all of them by default)."""
+    n = len(tokens) // block_size if num_blocks is None else num_blocks
+    keys, parent = [], ROOT
+    for i in range(n):
+        parent = chunk_key(parent, tokens[i * block_size : (i + 1) * block_size])
+        keys.append(parent)
+    return keys
+
+
+class PromptTree:
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.nodes: dict[bytes, Chunk] = {}
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __contains__(self, chunk: Chunk) -> bool:
+        return chunk.key is not None and self.nodes.get(chunk.key) is chunk
+
+    def get(self, key: bytes | None) -> Chunk | None:
+        return None if key is None else self.nodes.get(key)
+
+    def match(self, tokens: Sequence[int], start: int = 0, parent: bytes = ROOT, limit: int | None = None) -> list:
+        """The longest run of cached chunks for the full blocks of tokens[: limit], from block `start` (whose parent
+        key is `parent`) on: [(key, chunk), ...] with each chunk's tier telling where it lives."""
+        bs = self.block_size
+        end = (len(tokens) if limit is None else min(limit, len(tokens))) // bs
+        found = []
+        for i in range(start, end):
+            key = chunk_key(parent, tokens[i * bs : (i + 1) * bs])
+            chunk = self.nodes.get(key)
+            if chunk is None:
+                break
+            found.append(chunk)
+            parent = key
+        return found
+
+    def insert(self, chunk: Chunk) -> bool:
+        """Index a full, computed chunk under its key. False (nothing changed) if another chunk holds the key: the
+        tree keeps the first, the newcomer stays a private duplicate."""
+        assert chunk.key is not None and chunk.tier != Tier.DROPPED, "only chunks with KV and a key are indexed"
+        if chunk.key in self.nodes:
+            return self.nodes[chunk.key] is chunk
+        self.nodes[chunk.key] = chunk
+        return True
+
+    def delete(self, chunk: Chunk) -> None:
+        """Unindex chunk (its KV is gone); a no-op if the tree does not hold it."""
+        if chunk in self:
+            del self.nodes[chunk.key]
