@@ -261,7 +261,7 @@ class KVManager:
         """Take the tree's chunks for the full blocks of conv's tokens past its own computed KV (leaving at least one
         token to compute: the turn samples from it). A partial last chunk is replaced by the tree's full one (the
         caller lets go of it). -> the chunks taken (their refs already counted)."""
-        if not self.share_prefixes or self.trees_empty():
+        if not self.share_prefixes or not self.tree.nodes:
             return []
         bs = self.block_size
         first = conv.num_computed // bs  # the first block conv has not computed in full
@@ -277,9 +277,6 @@ class KVManager:
             conv.chunks.append(chunk)
         conv.num_computed = len(conv.chunks) * bs
         return found
-
-    def trees_empty(self) -> bool:
-        return not self.tree.nodes
 
     def reserve(self, conv: Conversation, num_tokens: int, protect: set[str], keep_free: int = 0) -> bool:
         """Device blocks covering num_tokens positions of conv (already restored). False, nothing changed, if that
@@ -431,8 +428,7 @@ class KVManager:
                 for chunk in chunks:
                     if chunk.refs == 0 and chunk in self.tree:
                         self.tree.delete(chunk)
-                        self.pools[chunk.tier].free([chunk.block]) if chunk.tier in self.pools else None
-                        chunk.tier, chunk.block = Tier.DROPPED, -1
+                        self._release(chunk)
         if forget and self.disk is not None:
             self.disk.forget(conv_id, self._disk_keys_in_use())
 
@@ -550,7 +546,8 @@ class KVManager:
     def _write_to_disk(self, conv: Conversation, i: int) -> bool:
         if self.disk is None or self.storage is None:
             return False
-        return self._write_key(conv.chunks[i], self._file_key(conv, i), i * self.block_size + self.chunk_tokens(conv, i))
+        num_tokens = i * self.block_size + self.chunk_tokens(conv, i)
+        return self._write_key(conv.chunks[i], self._file_key(conv, i), num_tokens)
 
     def _write_key(self, chunk: Chunk, key: bytes, num_tokens: int) -> bool:
         if self.disk.has(key):
@@ -567,9 +564,7 @@ class KVManager:
         if holders is None:
             holders = [c for c in self.conversations.values() if any(x is chunk for x in c.chunks)]
         self._trace_move(chunk, _names(holders), Tier.DROPPED)
-        if chunk.tier in self.pools:
-            self.pools[chunk.tier].free([chunk.block])
-        chunk.tier, chunk.block = Tier.DROPPED, -1
+        self._release(chunk)
         self.tree.delete(chunk)
         self.counters["dropped_chunks"] += 1
         for conv in holders:
@@ -585,6 +580,10 @@ class KVManager:
         if chunk in self.tree:
             chunk.last_used = time.monotonic()
             return
+        self._release(chunk)
+
+    def _release(self, chunk: Chunk) -> None:
+        """Free chunk's block (no copy): it is dropped."""
         if chunk.tier in self.pools:
             self.pools[chunk.tier].free([chunk.block])
         chunk.tier, chunk.block = Tier.DROPPED, -1

@@ -142,7 +142,8 @@ class Engine:
             bad = [m for m in prompt if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)]
             if bad:
                 raise ValueError(f"each chat message needs a str 'role' and 'content', got {bad[0]!r:.80}")
-            tokens = list(self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, return_dict=False))
+            rendered = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, return_dict=False)
+            tokens = list(rendered)
         else:
             tokens = self._check_token_ids(prompt)
         conv_id = CompletionId(next(self._completions))

@@ -216,3 +216,61 @@ def test_preempting_with_a_full_host_moves_its_own_host_chunk_to_disk_first(tmp_
     assert kv.trace == [("b", 0, D, H), ("b", 0, H, K), ("b", 1, D, H)]
     assert _tiers(b) == [K, H]
     kv.check_integrity()
+
+
+def _turn_through(kv: KVManager, conv_id: str, tokens: list[int], idle_s: float):
+    """A whole turn by the manager's verbs: restore (taking the tree's chunks), reserve, advance, finish."""
+    conv = kv.conversation(conv_id)
+    conv.tokens = list(tokens)
+    conv.pinned = True
+    assert kv.restore(conv, set()) is not None
+    assert kv.reserve(conv, len(tokens), set())
+    kv.advance(conv, len(tokens) - conv.num_computed)
+    kv.finish_turn(conv)
+    conv.pinned = False
+    conv.last_active = time.monotonic() - idle_s
+    kv.check_integrity()
+    return conv
+
+
+def test_a_shared_chunk_is_worth_the_activity_of_all_its_holders():
+    kv = _manager(device=8, host=8)
+    system = [50, 51, 52, 53, 54, 55, 56, 57]  # two full blocks, held by a, b and c
+    a = _turn_through(kv, "a", system + [60, 61, 62, 63, 64, 65, 66, 67], idle_s=10.0)
+    b = _turn_through(kv, "b", system + [70, 71, 72, 73], idle_s=10.0)
+    c = _turn_through(kv, "c", system + [80, 81, 82, 83], idle_s=10.0)
+    assert a.chunks[:2] == b.chunks[:2] == c.chunks[:2] and a.chunks[0].refs == 3
+    assert kv.device.num_free == 2  # 2 shared + a's 2 + b's 1 + c's 1
+    kv.trace.clear()
+    # cost(start, 4) = 10 + 4 * start. Shared: s0 = 10 * 3/10 = 3.0, s1 = 26 * 3/10 = 7.8; private: a2 = b2 = c2 =
+    # 42/10 = 4.2, a3 = 58/10 = 5.8. Five must move: s0, a2, b2, c2, a3 -- s1 outlasts every private chunk, and a's
+    # private chunks still leave from the leading end.
+    assert _new_turn(kv, "d", 7 * BS)
+    assert kv.trace == [("a+b+c", 0, D, H), ("a", 2, D, H), ("b", 2, D, H), ("c", 2, D, H), ("a", 3, D, H)]
+    assert _tiers(a) == [H, D, H, H] and _tiers(b) == _tiers(c) == [H, D, H]
+
+
+def test_a_chunk_only_the_tree_holds_counts_as_one_holder_idle_since_let_go():
+    kv = _manager(device=6, host=8)
+    _turn_through(kv, "a", [50, 51, 52, 53, 54, 55, 56, 57, 58], idle_s=1.0)  # 2 full chunks + 1 partial
+    kv.remove("a")  # its full chunks stay in the tree, the partial one is freed
+    assert len(kv.tree) == 2 and kv.device.num_free == 4
+    for chunk in kv.tree.nodes.values():
+        chunk.last_used = time.monotonic() - 100.0
+    b = _turn_through(kv, "b", [90, 91, 92, 93, 94, 95, 96, 97], idle_s=1.0)
+    kv.trace.clear()
+    # tree-only t0 = 10/100, t1 = 26/100; b0 = 10/1, b1 = 26/1: the tree's chunks go first
+    assert _new_turn(kv, "c", 4 * BS)
+    assert kv.trace == [("", 0, D, H), ("", 1, D, H)]
+    assert _tiers(b) == [D, D]
+
+
+def test_a_running_conversations_shared_chunk_never_moves():
+    kv = _manager(device=6, host=8)
+    system = [50, 51, 52, 53]
+    a = _turn_through(kv, "a", system + [60, 61, 62, 63], idle_s=100.0)
+    b = _turn_through(kv, "b", system + [70], idle_s=100.0)
+    b.pinned = True  # b's turn is running: the shared chunk stays, a's private chunk may go
+    kv.trace.clear()
+    assert kv.device.num_free == 3 and _new_turn(kv, "c", 4 * BS)
+    assert kv.trace == [("a", 1, D, H)] and _tiers(a) == [D, H] and a.chunks[0] is b.chunks[0]

@@ -1,8 +1,9 @@
-"""Random interleavings of turns, end() and restarts on tiny tiered caches: every reply token-identical to the oracle.
+"""Random interleavings of turns, shared system prompts, forks, truncations, stateless completions, end() and restarts
+on tiny tiered caches: every reply token-identical to the oracle.
 
 Device 4-16 blocks, host 0-16, disk on/off, both policies, random block size and step budget. After every engine
-step the manager's integrity holds (pools consistent, no block owned twice, per-conversation tier order
-[dropped][disk][host][device]); after every rule `conversations()` lists exactly what should exist.
+step the manager's integrity holds (pools consistent, no block owned twice, every chunk's ref count equal to its
+holders, tree nodes keyed by their tokens); after every rule `conversations()` lists exactly what should exist.
 """
 
 import shutil
@@ -20,6 +21,8 @@ MAX_NEW = 3
 GREEDY = SamplingParams(max_new_tokens=MAX_NEW, temperature=0, ignore_eos=True)
 CONVS = st.sampled_from("abcde")
 MESSAGES = st.lists(st.integers(3, VOCAB - 1), min_size=1, max_size=6)
+# system prompts new conversations may start with: inside a block, on a boundary, across several (block size 2 or 4)
+SYSTEM = ([11, 12, 13], [21, 22, 23, 24], [31, 32, 33, 34, 35, 36, 37, 38, 39])
 
 _MODEL = tiny_model("llama", seed=7)
 _ORACLE = oracle_copy(_MODEL)
@@ -59,8 +62,10 @@ class TieredCacheMachine(RuleBasedStateMachine):
     def _fits(self, conv_id: str, msg: list[int]) -> bool:
         return len(self.histories.get(conv_id, [])) + len(msg) + MAX_NEW <= self.capacity
 
-    @rule(conv_id=CONVS, msg=MESSAGES)
-    def turn(self, conv_id, msg):
+    @rule(conv_id=CONVS, msg=MESSAGES, system=st.sampled_from((None, 0, 1, 2)))
+    def turn(self, conv_id, msg, system):
+        if system is not None and conv_id not in self.histories:
+            msg = SYSTEM[system] + msg  # a new conversation behind a shared system prompt
         if not self._fits(conv_id, msg):
             return
         reply = self.gen.generate(conv_id, msg, GREEDY)
@@ -80,6 +85,33 @@ class TieredCacheMachine(RuleBasedStateMachine):
             assert replies[conv_id].token_ids == hf_greedy(_ORACLE, history, MAX_NEW), conv_id
             _record(replies[conv_id])
             self.histories[conv_id] = history + replies[conv_id].token_ids
+
+    @rule(src=CONVS, dst=CONVS)
+    def fork(self, src, dst):
+        if src not in self.histories or dst in self.histories:
+            return
+        self.gen.fork(src, dst)
+        self.histories[dst] = list(self.histories[src])
+        event("fork")
+
+    @rule(conv_id=CONVS, keep=st.floats(0, 1))
+    def truncate(self, conv_id, keep):
+        if conv_id not in self.histories:
+            return
+        n = int(keep * len(self.histories[conv_id]))
+        self.gen.truncate(conv_id, n)
+        del self.histories[conv_id][n:]
+        event("truncate")
+
+    @rule(conv_id=CONVS, msg=MESSAGES, system=st.sampled_from((0, 1, 2)))
+    def complete(self, conv_id, msg, system):
+        prompt = self.histories.get(conv_id, SYSTEM[system]) + msg  # a stateless client resending a history
+        if len(prompt) + MAX_NEW > self.capacity:
+            return
+        reply = self.gen.complete(prompt, GREEDY)
+        _record(reply)
+        assert reply.conv_id is None
+        assert reply.token_ids == hf_greedy(_ORACLE, prompt, MAX_NEW), ("complete", prompt, reply)
 
     @rule(conv_id=CONVS, forget=st.booleans())
     def end(self, conv_id, forget):
@@ -109,7 +141,7 @@ class TieredCacheMachine(RuleBasedStateMachine):
 
 def _record(reply) -> None:
     """Which paths the examples exercised (pytest --hypothesis-show-statistics)."""
-    for name in ("num_chunks_host", "num_chunks_disk", "num_chunks_dropped"):
+    for name in ("num_chunks_host", "num_chunks_disk", "num_chunks_dropped", "num_reused_shared"):
         if getattr(reply, name):
             event(f"turn with {name}")
     event("turn")
