@@ -33,8 +33,12 @@ class CacheConfig:
     num_device_blocks: None sizes the device tier from free memory; an int caps it.
     num_host_blocks: host tier (pinned on GPU machines); 0 disables it.
     disk_dir: a folder enables the disk tier and persistence.
-    policy: which chunks leave a tier first. "pensieve": lowest recompute cost / idle time, leading chunks first;
-        "lru": whole conversations, least recently active first.
+    policy: which chunks leave a tier first. "pensieve": lowest recompute cost x activity of the conversations
+        holding the chunk (cost / idle time for a private chunk), leading chunks first; "lru": whole conversations,
+        least recently active first.
+    share_prefixes: conversations and `complete()` calls take the longest cached prefix of any other through the
+        prompt tree (shared system prompts, resent histories); False keeps every conversation's KV to itself
+        (forks still share).
     swap_out_watermark: after each step, idle chunks move down a tier ahead of time while fewer than this
         fraction of device blocks is free (only to a tier with room: never dropped ahead of time).
     decode_reserve: new turns may not take the last fraction of device blocks while other turns are decoding.
@@ -47,9 +51,11 @@ class CacheConfig:
     policy: str = "pensieve"
     swap_out_watermark: float = 0.25
     decode_reserve: float = 0.10
+    share_prefixes: bool = True
 
     def __post_init__(self) -> None:
         _require_int(self, "block_size", 1)
+        _require(isinstance(self.share_prefixes, bool), f"share_prefixes must be a bool, got {self.share_prefixes!r}")
         _require_int(self, "num_device_blocks", 1, optional=True)
         _require_int(self, "num_host_blocks", 0)
         _require(

@@ -104,8 +104,19 @@ class StatefulGenerator:
         """A stateless turn: `prompt` is token ids, or chat messages ([{"role": ..., "content": ...}, ...]) rendered
         with the chat template. It reuses the longest cached prefix of any conversation or earlier completion and
         leaves what it computed in the prompt tree (evictable); no conversation is kept (`Reply.conv_id` is None)."""
-        future = self._result(self._call(lambda: self._engine.admit(self._engine.prepare_complete(prompt, sampling))))
-        return self._result(future.future)
+        (reply,) = self.complete_batch([prompt], sampling)
+        return reply
+
+    def complete_batch(self, prompts: list, sampling: SamplingParams | None = None) -> list[Reply]:
+        """`complete` on several prompts at once, batched together. All are validated before any starts."""
+        if not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
+
+        def admit() -> list[Future]:
+            admissions = [self._engine.prepare_complete(prompt, sampling) for prompt in prompts]
+            return [self._engine.admit(adm).future for adm in admissions]
+
+        return [self._result(f) for f in self._result(self._call(admit))]
 
     def fork(self, conv_id: str, new_conv_id: str) -> None:
         """Start `new_conv_id` as a branch of `conv_id`: the same history, sharing all of its KV (no copy). Continue

@@ -20,6 +20,7 @@ def test_defaults_are_valid():
         ({"swap_out_watermark": 1.0}, "swap_out_watermark"),
         ({"swap_out_watermark": True}, "swap_out_watermark"),
         ({"decode_reserve": -0.1}, "decode_reserve"),
+        ({"share_prefixes": 1}, "share_prefixes"),
     ],
 )
 def test_cache_config_rejects(kwargs, message):

@@ -87,6 +87,7 @@ class Engine:
             disk=disk,
             swap_out_watermark=cache_config.swap_out_watermark,
             decode_reserve=cache_config.decode_reserve,
+            share_prefixes=cache_config.share_prefixes,
         )
         self.scheduler = Scheduler(self.kv, scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs)
         self.runner = ModelRunner(
