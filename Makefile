@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-thorough bench-kernel bench-linear bench-decode bench-multiturn bench-multiturn-vllm bench-oversubscription vllm-peer install clean
+.PHONY: demo test test-thorough bench-kernel bench-linear bench-decode bench-multiturn bench-multiturn-vllm bench-oversubscription bench-shared-prefix bench-shared-prefix-vllm vllm-peer install clean
 
 demo: $(STAMP)  ## the main job: a multi-turn chat on SmolLM2-135M-Instruct with per-turn cache stats
 	$(PY) examples/chat.py
@@ -47,6 +47,12 @@ bench-multiturn-vllm: $(STAMP) $(VLLM_STAMP)  ## the multi-turn runs with vLLM's
 
 bench-oversubscription: $(STAMP)
 	$(PY) benchmarks/oversubscription.py
+
+bench-shared-prefix: $(STAMP)  ## 32 conversations behind 4 system prompts: sharing on/off, stateless client, HF CB
+	$(PY) benchmarks/shared_prefix.py
+
+bench-shared-prefix-vllm: $(STAMP) $(VLLM_STAMP)  ## the same with vLLM's CPU build as a peer
+	$(PY) benchmarks/shared_prefix.py --vllm-python $(VLLM_VENV)/bin/python
 
 install: $(STAMP)
 

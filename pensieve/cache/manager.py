@@ -185,9 +185,9 @@ class KVManager:
         saved = (list(conv.chunks), conv.num_computed)
         attached = self._attach(conv)
         need = sum(c.tier != Tier.DEVICE for c in conv.chunks)
-        if need + keep_free > self.device.num_free + self._movable(Tier.DEVICE, protect, conv):
-            for chunk in attached:
-                chunk.refs -= 1
+        short = need + keep_free - self.device.num_free  # blocks that must be made free (O(chunks) to count)
+        if short > 0 and short > self._movable(Tier.DEVICE, protect, conv):
+            self._detach(conv, attached)
             conv.chunks, conv.num_computed = saved
             return None
         conv.preempted = False
@@ -258,25 +258,43 @@ class KVManager:
         return RestoreStats(dict(tokens), dict(chunks), bytes_in, shared)
 
     def _attach(self, conv: Conversation) -> list[Chunk]:
-        """Take the tree's chunks for the full blocks of conv's tokens past its own computed KV (leaving at least one
-        token to compute: the turn samples from it). A partial last chunk is replaced by the tree's full one (the
-        caller lets go of it). -> the chunks taken (their refs already counted)."""
-        if not self.share_prefixes or not self.tree.nodes:
+        """Take the tree's chunks for the full blocks of conv's tokens past its own computed KV, then a kept tail
+        that continues them (leaving at least one token to compute: the turn samples from it). A partial last chunk
+        is replaced by the tree's full one (the caller lets go of it). -> the chunks taken (their refs counted)."""
+        if not self.share_prefixes or not (self.tree.nodes or self.tree.tails):
             return []
         bs = self.block_size
         first = conv.num_computed // bs  # the first block conv has not computed in full
         if first and conv.chunks[first - 1].key is None:
             return []  # its own KV has no key (bookkeeping-only tests): nothing to chain from
         parent = conv.chunks[first - 1].key if first else ROOT
-        found = self.tree.match(conv.tokens, first, parent, limit=len(conv.tokens) - 1)
-        if not found:
-            return []
-        del conv.chunks[first:]
+        limit = len(conv.tokens) - 1
+        found = self.tree.match(conv.tokens, first, parent, limit=limit)
+        if found:
+            del conv.chunks[first:]
+            conv.chunks += found
+            conv.num_computed = len(conv.chunks) * bs
+            parent = found[-1].key
+        if conv.num_computed == len(conv.chunks) * bs:  # no partial chunk of its own: a kept tail may continue it
+            tail = self.tree.take_tail(parent, conv.tokens, conv.num_computed, limit)
+            if tail is not None:
+                chunk, n = tail
+                chunk.index = len(conv.chunks)
+                conv.chunks.append(chunk)
+                conv.num_computed += n
+                found.append(chunk)
         for chunk in found:
             chunk.refs += 1
-            conv.chunks.append(chunk)
-        conv.num_computed = len(conv.chunks) * bs
         return found
+
+    def _detach(self, conv: Conversation, attached: list[Chunk]) -> None:
+        """Undo `_attach` (the room check failed): a tail taken goes back to the tree."""
+        for chunk in attached:
+            chunk.refs -= 1
+            if chunk.key is None:  # the tail: full chunks keep their keys
+                start = chunk.index * self.block_size
+                n = conv.num_computed - start
+                self.tree.add_tail(chunk, self._parent_key(conv, chunk.index), conv.tokens[start : start + n])
 
     def reserve(self, conv: Conversation, num_tokens: int, protect: set[str], keep_free: int = 0) -> bool:
         """Device blocks covering num_tokens positions of conv (already restored). False, nothing changed, if that
@@ -285,7 +303,8 @@ class KVManager:
         if need <= 0:
             return True
         protect = protect | {conv.conv_id}
-        if need + keep_free > self.device.num_free + self._movable(Tier.DEVICE, protect, conv):
+        short = need + keep_free - self.device.num_free
+        if short > 0 and short > self._movable(Tier.DEVICE, protect, conv):
             return False
         self._make_room(Tier.DEVICE, need, protect, allow_drop=True)
         start = len(conv.chunks)
@@ -422,6 +441,8 @@ class KVManager:
         no other conversation holds are dropped, and with a disk tier the conversation and its files are deleted."""
         conv = self.conversations.pop(conv_id, None)
         if conv is not None:
+            if not forget:
+                self._keep_tail(conv)
             chunks = list(conv.chunks)
             self.drop_all(conv)
             if forget:
@@ -431,6 +452,21 @@ class KVManager:
                         self._release(chunk)
         if forget and self.disk is not None:
             self.disk.forget(conv_id, self._disk_keys_in_use())
+
+    def _keep_tail(self, conv: Conversation) -> None:
+        """conv goes: its partial last chunk stays cached as a tree tail, for a request that continues its tokens."""
+        if not self.share_prefixes or not conv.chunks:
+            return
+        i = len(conv.chunks) - 1
+        chunk, n = conv.chunks[i], self.chunk_tokens(conv, i)
+        if 0 < n < self.block_size and chunk.refs == 1 and chunk.tier in self.pools:
+            start = i * self.block_size
+            chunk.refs = 0  # the tree takes it over from conv
+            if self.tree.add_tail(chunk, self._parent_key(conv, i), conv.tokens[start : start + n]):
+                conv.chunks.pop()
+                chunk.last_used = time.monotonic()
+            else:
+                chunk.refs = 1
 
     def _disk_keys_in_use(self) -> set[bytes]:
         """Content keys of every disk-tier chunk in memory (their files must stay)."""
@@ -465,6 +501,10 @@ class KVManager:
 
     # ---- moving chunks down ---------------------------------------------------------------------------------------
 
+    def chunks(self) -> list[Chunk]:
+        """Every chunk in memory, once however many conversations hold it (and those only the tree holds)."""
+        return [chunk for chunk, _ in self._holders().values()]
+
     def _holders(self) -> dict[int, tuple[Chunk, list[Conversation]]]:
         """Every chunk in memory (held by a conversation or only by the tree) -> (chunk, its holders)."""
         holders: dict[int, tuple[Chunk, list[Conversation]]] = {}
@@ -472,6 +512,8 @@ class KVManager:
             for chunk in conv.chunks:
                 holders.setdefault(id(chunk), (chunk, []))[1].append(conv)
         for chunk in self.tree.nodes.values():
+            holders.setdefault(id(chunk), (chunk, []))
+        for chunk, _ in self.tree.tails.values():
             holders.setdefault(id(chunk), (chunk, []))
         return holders
 
@@ -541,6 +583,8 @@ class KVManager:
             return False
         if holders:
             return self._write_to_disk(holders[0], chunk.index)
+        if self.tree.nodes.get(chunk.key) is not chunk:
+            return False  # a tail: not worth a file (its next owner continues it in memory or not at all)
         return self._write_key(chunk, chunk.key, (chunk.index + 1) * self.block_size)
 
     def _write_to_disk(self, conv: Conversation, i: int) -> bool:
@@ -617,6 +661,9 @@ class KVManager:
         for key, chunk in self.tree.nodes.items():
             assert chunk.key == key, "a tree node under another key"
             assert chunk.tier != Tier.DROPPED, "the tree indexes a dropped chunk"
+        for key, (chunk, n) in self.tree.tails.items():
+            assert chunk.key == key and chunk.refs == 0 and 0 < n < bs, "a tree tail held or misfiled"
+            assert chunk.tier in (Tier.DEVICE, Tier.HOST), "a tree tail off the device and host"
         for c in self.conversations.values():
             name = c.conv_id
             assert len({id(ch) for ch in c.chunks}) == len(c.chunks), f"{name}: holds a chunk twice"

@@ -16,6 +16,12 @@ its file only, never a tree node.
 
 Who holds what is the manager's business (pensieve/cache/manager.py): the tree only indexes. A chunk is in the tree
 exactly while it is full, computed and not dropped; the manager deletes it when its KV is dropped.
+
+Tails: the partial last chunk of a conversation that ended (a finished `complete()` call, `end()`) — positions
+[start, start + n) of a block, n < block_size — is kept as a leaf under its parent node, keyed by its n tokens.
+Nobody else can share a partial block (its owner writes the rest of it), but the next request that continues those
+exact tokens — a stateless client resending the history — takes it over whole: `take_tail` hands the chunk to
+exactly one new owner, so it never has two writers.
 """
 
 from __future__ import annotations
@@ -51,12 +57,15 @@ class PromptTree:
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self.nodes: dict[bytes, Chunk] = {}
+        self.tails: dict[bytes, tuple[Chunk, int]] = {}  # key of a partial block's tokens -> (chunk, tokens it holds)
 
     def __len__(self) -> int:
         return len(self.nodes)
 
     def __contains__(self, chunk: Chunk) -> bool:
-        return chunk.key is not None and self.nodes.get(chunk.key) is chunk
+        if chunk.key is None:
+            return False
+        return self.nodes.get(chunk.key) is chunk or self.tails.get(chunk.key, (None, 0))[0] is chunk
 
     def get(self, key: bytes | None) -> Chunk | None:
         return None if key is None else self.nodes.get(key)
@@ -88,4 +97,29 @@ class PromptTree:
     def delete(self, chunk: Chunk) -> None:
         """Unindex chunk (its KV is gone); a no-op if the tree does not hold it."""
         if chunk in self:
-            del self.nodes[chunk.key]
+            if self.nodes.get(chunk.key) is chunk:
+                del self.nodes[chunk.key]
+            else:
+                del self.tails[chunk.key]
+
+    def add_tail(self, chunk: Chunk, parent: bytes, tokens: Sequence[int]) -> bool:
+        """Keep a partial chunk nobody holds any more, holding KV for `tokens` (fewer than a block) after the node
+        keyed `parent`. False (nothing changed) if an equal tail is kept already."""
+        assert 0 < len(tokens) < self.block_size and chunk.refs == 0 and chunk.tier != Tier.DROPPED
+        key = chunk_key(parent, tokens)
+        if key in self.tails:
+            return False
+        chunk.key = key
+        self.tails[key] = (chunk, len(tokens))
+        return True
+
+    def take_tail(self, parent: bytes, tokens: Sequence[int], start: int, limit: int) -> tuple[Chunk, int] | None:
+        """The kept tail with the most of tokens[start : limit] (start: a block boundary after node `parent`),
+        handed over: it leaves the tree, unkeyed, for the caller to own and write into. None if there is none."""
+        for n in range(min(self.block_size - 1, limit - start), 0, -1):
+            key = chunk_key(parent, tokens[start : start + n])
+            if key in self.tails:
+                chunk, _ = self.tails.pop(key)
+                chunk.key = None
+                return chunk, n
+        return None

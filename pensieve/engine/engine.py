@@ -437,7 +437,7 @@ class Engine:
     def stats(self) -> dict:
         kv = self.kv
         disk = kv.disk
-        chunks = [chunk for chunk, _ in kv._holders().values()]  # each chunk once, however many hold it
+        chunks = kv.chunks()
         return {
             "conversations": sum(c.stored for c in kv.conversations.values()),
             "stored_conversations": len(disk.index) if disk is not None else 0,
@@ -453,6 +453,7 @@ class Engine:
             "host_blocks_free": kv.host.num_free,
             "chunks_by_tier": {t.name.lower(): sum(c.tier == t for c in chunks) for t in Tier},
             "tree_chunks": len(kv.tree),
+            "tree_tails": len(kv.tree.tails),
             "shared_chunks": sum(c.refs > 1 for c in chunks),
             "preemptions": self.scheduler.num_preemptions,
             **(compiled.stats() if (compiled := self.runner.compiled) is not None else CompiledForward.NO_STATS),

@@ -252,8 +252,8 @@ def test_a_shared_chunk_is_worth_the_activity_of_all_its_holders():
 
 def test_a_chunk_only_the_tree_holds_counts_as_one_holder_idle_since_let_go():
     kv = _manager(device=6, host=8)
-    _turn_through(kv, "a", [50, 51, 52, 53, 54, 55, 56, 57, 58], idle_s=1.0)  # 2 full chunks + 1 partial
-    kv.remove("a")  # its full chunks stay in the tree, the partial one is freed
+    _turn_through(kv, "a", [50, 51, 52, 53, 54, 55, 56, 57], idle_s=1.0)  # 2 full chunks
+    kv.remove("a")  # its chunks stay in the tree
     assert len(kv.tree) == 2 and kv.device.num_free == 4
     for chunk in kv.tree.nodes.values():
         chunk.last_used = time.monotonic() - 100.0
@@ -274,3 +274,26 @@ def test_a_running_conversations_shared_chunk_never_moves():
     kv.trace.clear()
     assert kv.device.num_free == 3 and _new_turn(kv, "c", 4 * BS)
     assert kv.trace == [("a", 1, D, H)] and _tiers(a) == [D, H] and a.chunks[0] is b.chunks[0]
+
+
+def test_a_partial_last_chunk_is_kept_as_a_tail_and_handed_to_the_request_that_continues_it():
+    kv = _manager(device=8, host=0)
+    history = [50, 51, 52, 53, 54, 55]  # a full chunk and 2 positions of the next
+    a = _turn_through(kv, "a", history, idle_s=1.0)
+    tail = a.chunks[1]
+    kv.remove("a")
+    assert len(kv.tree) == 1 and len(kv.tree.tails) == 1 and kv.device.num_free == 6
+    kv.check_integrity()
+    b = kv.conversation("b")
+    b.tokens = history + [60, 61, 62]  # a stateless client resends the history, and more
+    b.pinned = True
+    stats = kv.restore(b, set())
+    assert b.chunks[1] is tail and b.num_computed == 6 and tail.refs == 1 and not kv.tree.tails
+    assert stats.shared == 6 and stats.tokens[D] == 6
+    kv.check_integrity()
+    c = kv.conversation("c")  # the same history again: the tail has one owner, so c computes its own
+    c.tokens = history + [70]
+    c.pinned = True
+    kv.restore(c, set())
+    assert c.num_computed == 4 and c.chunks[0] is b.chunks[0]
+    kv.check_integrity()

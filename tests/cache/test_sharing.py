@@ -167,9 +167,9 @@ def test_complete_reuses_a_conversations_history_and_keeps_no_conversation(model
         again = prompt + reply.token_ids + _msg(4)
         second = gen.complete(again, GREEDY)
         assert second.token_ids == hf_greedy(oracle, again, 4)
-        computed = len(prompt) + 4 - 1
-        assert second.num_reused_device == computed - computed % BS
-        assert second.num_prefilled <= len(again) - second.num_reused_device
+        computed = len(prompt) + 4 - 1  # every position the first completion computed, its partial tail included
+        assert second.num_reused_device == second.num_reused_shared == computed
+        assert second.num_prefilled == len(again) - computed == 1 + 5  # its last reply token + the new message
         with pytest.raises(ValueError, match="prompt"):
             gen.complete([], GREEDY)
         with pytest.raises(ValueError, match="token ids"):

@@ -104,16 +104,16 @@ def test_end_forgets_and_stats_count(gen):
     assert stats["device_blocks_free"] < stats["device_blocks_total"]
     gen.end("a")
     stats = gen.stats()
-    # its full chunks stay cached in the prompt tree (evictable), the partial last one is freed
-    assert stats["conversations"] == 0 and stats["tree_chunks"] > 0
-    assert stats["device_blocks_free"] == stats["device_blocks_total"] - stats["tree_chunks"]
+    # its chunks stay cached in the prompt tree (evictable): the full ones as nodes, the partial last one as a tail
+    assert stats["conversations"] == 0 and stats["tree_chunks"] > 0 and stats["tree_tails"] == 1
+    assert stats["device_blocks_free"] == stats["device_blocks_total"] - stats["tree_chunks"] - 1
     with pytest.raises(KeyError):
         gen.end("a")
     reply = gen.generate("b", _msg(), sp)  # the same prompt: found in what "a" left
     assert reply.num_reused_shared == reply.num_reused_device > 0
     gen.end("b", forget=True)  # forget: nothing of it stays cached
     stats = gen.stats()
-    assert stats["tree_chunks"] == 0 and stats["device_blocks_free"] == stats["device_blocks_total"]
+    assert stats["tree_chunks"] == 0 and stats["device_blocks_free"] == stats["device_blocks_total"] - 1  # a's tail
 
 
 def test_close_restores_attention_and_rejects_use():
