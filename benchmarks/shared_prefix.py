@@ -9,7 +9,8 @@ Peers, each in the same run on the same model, dtype and threads:
   pensieve_stateless  a stateless client: complete_batch() resending each conversation's whole history every turn
   hf_cb               HF generate_batch (continuous batching, prefix sharing over 16-token pages), full histories
   vllm                vLLM's CPU build (prefix caching on), full histories, in its own venv (--vllm-python)
-Reported: output tokens/s, first-turn TTFT p50, prefilled tokens / new tokens, and for pensieve the device blocks
+Reported: output tokens/s, first-turn TTFT p50, prefilled tokens / new tokens (all turns / the turns after the
+first: a resent history's cost), and for pensieve the device blocks
 in use after each round against the bound (unique tokens / block size + 1 per conversation). Separately, the TTFT of
 one conversation's first turn with its system prompt already cached vs cold (batch 1, median of --ttft-repeats).
 
@@ -162,6 +163,8 @@ def main(argv=None) -> None:
         summary = summarize(name, rows)
         summary["first_turn_ttft_p50"] = statistics.median(r["ttft"] for r in rows if r["turn"] == 0)
         summary["prefilled_tokens"] = sum(r["prefilled"] for r in rows)
+        later = [r for r in rows if r["turn"] > 0]  # after the first turn: what a resent history costs
+        summary["later_prefilled_over_new"] = sum(r["prefilled"] for r in later) / max(1, sum(r["new"] for r in later))
         if "blocks_in_use" in rows[0]:
             by_round = [max(r["blocks_in_use"] for r in rows if r["turn"] == t) for t in range(args.turns)]
             summary["blocks_in_use"] = by_round
@@ -188,7 +191,9 @@ def report(summaries, all_rows, bounds, ttft) -> None:
     print(f"\n{'peer':20}{'out tok/s':>11}{'vs first':>10}{'turn-0 TTFT p50 ms':>20}{'prefilled':>11}"
           f"{'prefill/new':>13}{'device blocks by round':>26}")  # fmt: skip
     for s in summaries:
-        pn = f"{s['prefilled_over_new']:.2f}" if s["prefilled_over_new"] is not None else "n/a"
+        pn = "n/a"
+        if s["prefilled_over_new"] is not None:  # all turns / turns after the first
+            pn = f"{s['prefilled_over_new']:.2f}/{s['later_prefilled_over_new']:.2f}"
         prefilled = "n/a" if s["prefilled_tokens"] != s["prefilled_tokens"] else f"{s['prefilled_tokens']:.0f}"
         blocks = " ".join(map(str, s.get("blocks_in_use", []))) or "n/a"
         print(f"{s['peer']:20}{s['output_tok_s']:>11.1f}{s['output_tok_s'] / base['output_tok_s']:>9.2f}x"

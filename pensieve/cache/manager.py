@@ -15,15 +15,18 @@ chunks behind it go down. Pensieve's leading-end order still holds among one con
 the retention value grows with a chunk's position (pensieve/cache/policy.py).
 
 Life of a turn:
+- `begin_turn`: the conversation's tokens grow by the message (a rewritten history lets go of the KV past the
+  common prefix).
 - `restore`: the conversation first takes every further full block of its tokens that the tree holds (the longest
-  cached prefix of any conversation, on any tier). Then every chunk gets a device block: host chunks are swapped in
-  and disk chunks loaded (queued for the next forward, layer by layer); dropped chunks are recomputed, each run of
-  them a range `[start, end)` computed as a sub-sequence of a forward that attends to the KV before it. A dropped
-  chunk other conversations hold too is replaced by a private copy first (the recompute writes it), which joins the
-  tree once computed.
+  cached prefix of any conversation, on any tier), and a tail the tree keeps that continues them. Then every chunk
+  gets a device block: host chunks are swapped in and disk chunks loaded (queued for the next forward, layer by
+  layer); dropped chunks are recomputed, each run of them a range `[start, end)` computed as a sub-sequence of a
+  forward that attends to the KV before it. A dropped chunk other conversations hold too is replaced by a private
+  copy first (the recompute writes it), which joins the tree once computed.
 - `reserve`: device blocks for the positions about to be computed.
 - `advance`: positions were computed; chunks that became full and computed get their key and join the tree.
-- `finish_turn`: frees blocks allocated past the computed positions; the conversation is idle.
+- `end_turn`: frees blocks allocated past the computed positions; the conversation is idle. (`begin_turn`,
+  `append_token`, `end_turn`, `abort_turn` are the engine's verbs: only the manager writes a conversation.)
 
 Making room: `_make_room(tier, n)` moves chunks out of a tier in the policy's order (lowest retention value first):
 device -> host -> disk -> dropped, skipping disabled tiers; a move into a full host tier first makes room there. A
@@ -172,6 +175,43 @@ class KVManager:
     def match(self, tokens: list[int]) -> list[Chunk]:
         """The longest cached prefix of tokens, a chunk per full block, from any conversation, on any tier."""
         return self.tree.match(tokens)
+
+    # ---- a turn's life --------------------------------------------------------------------------------------------
+
+    def begin_turn(
+        self, conv_id, tokens: list[int], keep: int, messages: list[dict] | None, stored: bool = True
+    ) -> Conversation:
+        """A turn starts: the conversation's tokens become `tokens`, of which the first `keep` are its history's
+        (KV past them is let go of: those tokens differ); it is pinned until `end_turn` / `abort_turn`."""
+        conv = self.conversation(conv_id)
+        conv.stored = stored
+        self.truncate(conv, keep)
+        conv.tokens = tokens
+        conv.pinned = True
+        if messages is not None:
+            conv.messages = messages
+        return conv
+
+    def append_token(self, conv: Conversation, token: int) -> None:
+        """A token was sampled for conv's running turn (its KV is computed by the next step that feeds it)."""
+        conv.tokens.append(token)
+
+    def end_turn(self, conv: Conversation, reply_message: dict | None = None) -> None:
+        """The turn is done: blocks reserved past the computed positions are freed, the conversation is idle (and
+        in text mode has the assistant's message)."""
+        self._free_tail(conv)
+        conv.recompute = []
+        if reply_message is not None:
+            conv.messages.append(reply_message)
+        conv.pinned = conv.preempted = False
+        conv.last_active = time.monotonic()
+
+    def abort_turn(self, conv: Conversation) -> None:
+        """The turn failed: the conversation lets go of all its KV (what was computed may be partial)."""
+        conv.pinned = conv.preempted = False
+        self.drop_all(conv)
+        if not conv.stored:
+            self.remove(conv.conv_id)
 
     # ---- a turn's device blocks -----------------------------------------------------------------------------------
 
@@ -358,10 +398,6 @@ class KVManager:
                 self._demote(chunk, holders[id(chunk)][1], allow_drop=True)
         _trim(self, conv)
         self.counters["preempted_conversations"] += 1
-
-    def finish_turn(self, conv: Conversation) -> None:
-        self._free_tail(conv)
-        conv.recompute = []
 
     def after_forward(self) -> None:
         """The forward that read them is issued (and, on GPU, ordered before any later reuse): free swapped-in host

@@ -153,13 +153,7 @@ class Engine:
 
     def admit(self, adm: Admission, on_token=None) -> Turn:
         """Start a prepared turn. Cannot fail; call it right after prepare, on the same thread."""
-        conv = self.kv.conversation(adm.conv_id)
-        conv.stored = adm.stored
-        self.kv.truncate(conv, adm.common_prefix)  # never reuse KV of tokens that differ
-        conv.tokens = adm.tokens
-        conv.pinned = True
-        if adm.messages is not None:
-            conv.messages = adm.messages
+        conv = self.kv.begin_turn(adm.conv_id, adm.tokens, adm.common_prefix, adm.messages, adm.stored)
         turn = Turn(
             conv=conv,
             sampling=adm.params,
@@ -283,7 +277,7 @@ class Engine:
         if turn.first_token_at is None:
             turn.first_token_at = time.perf_counter()
         turn.output.append(token)
-        turn.conv.tokens.append(token)
+        self.kv.append_token(turn.conv, token)
         if turn.on_token is not None:
             turn.on_token(token)
         reason = self._finish_reason(turn, token)
@@ -305,7 +299,6 @@ class Engine:
     def _finish(self, turn: Turn, reason: str) -> None:
         self.scheduler.remove(turn)
         conv = turn.conv
-        self.kv.finish_turn(conv)
         self.num_turns += 1
         self.num_recomputed += turn.num_recomputed
         text = None
@@ -316,12 +309,10 @@ class Engine:
         new_messages = None
         if conv.messages is not None:
             new_messages = [conv.messages[-1], {"role": "assistant", "content": text}]
-            conv.messages.append(new_messages[-1])
+        self.kv.end_turn(conv, None if new_messages is None else new_messages[-1])
         if self.kv.disk is not None and conv.stored:  # durable before the reply is returned
             keep = turn.history_kept
             self.kv.disk.append_turn(conv.conv_id, keep, conv.tokens[keep:], new_messages, conv.tokens)
-        conv.pinned = False
-        conv.last_active = time.monotonic()
         restored = turn.restored
         now = time.perf_counter()
         reply = Reply(
@@ -426,10 +417,7 @@ class Engine:
         self.runner.storage.cancel_queued()
         for turn in list(self.scheduler.active):
             self.scheduler.remove(turn)
-            turn.conv.pinned = False
-            self.kv.drop_all(turn.conv)
-            if not turn.conv.stored:
-                self.kv.remove(turn.conv.conv_id)
+            self.kv.abort_turn(turn.conv)
             if not turn.future.done():
                 turn.future.set_exception(error)
         self.kv.after_forward()

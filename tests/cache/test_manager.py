@@ -226,8 +226,7 @@ def _turn_through(kv: KVManager, conv_id: str, tokens: list[int], idle_s: float)
     assert kv.restore(conv, set()) is not None
     assert kv.reserve(conv, len(tokens), set())
     kv.advance(conv, len(tokens) - conv.num_computed)
-    kv.finish_turn(conv)
-    conv.pinned = False
+    kv.end_turn(conv)
     conv.last_active = time.monotonic() - idle_s
     kv.check_integrity()
     return conv

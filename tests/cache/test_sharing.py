@@ -264,3 +264,27 @@ def test_files_nothing_references_are_removed_when_the_disk_dir_opens(model, ora
         assert not stray.exists() and gen._engine.kv.disk.num_removed_files > 0
         history = gen._engine.kv.lookup("kept").tokens
         assert keys and keys <= {f"{k.hex()}.safetensors" for k in referenced_keys(history, BS)}
+
+
+def test_a_failed_step_leaves_shared_chunks_intact_and_completions_gone(model, oracle, monkeypatch):
+    system = _system(12, 6)
+    histories: dict[str, list[int]] = {}
+    with _open(model) as gen:
+        _turn(gen, oracle, histories, "a", system + _msg(1))
+        runner = gen._engine.runner
+        real_run = runner.run
+
+        def failing(plan):
+            raise RuntimeError("device lost")
+
+        monkeypatch.setattr(runner, "run", failing)
+        with pytest.raises(RuntimeError, match="device lost"):
+            gen.complete(system + _msg(2), GREEDY)
+        monkeypatch.setattr(runner, "run", real_run)
+        kv = gen._engine.kv
+        kv.check_integrity()
+        assert gen.conversations() == ["a"] and all(c.refs == 1 for c in kv.conversations["a"].chunks)
+        prompt = system + _msg(3)
+        reply = gen.complete(prompt, GREEDY)  # the shared prefix is still there, and still right
+        assert reply.token_ids == hf_greedy(oracle, prompt, 4) and reply.num_reused_shared == 12
+        _turn(gen, oracle, histories, "a", _msg(4))

@@ -36,11 +36,17 @@ class TieredCacheMachine(RuleBasedStateMachine):
         disk=st.booleans(),
         policy=st.sampled_from(("pensieve", "lru")),
         budget=st.integers(3, 32),
+        share=st.booleans(),
     )
-    def start(self, block_size, device, host, disk, policy, budget):
+    def start(self, block_size, device, host, disk, policy, budget, share):
         self.disk_dir = tempfile.mkdtemp(prefix="pensieve-sm-") if disk else None
         self.config = CacheConfig(
-            block_size=block_size, num_device_blocks=device, num_host_blocks=host, disk_dir=self.disk_dir, policy=policy
+            block_size=block_size,
+            num_device_blocks=device,
+            num_host_blocks=host,
+            disk_dir=self.disk_dir,
+            policy=policy,
+            share_prefixes=share,
         )
         self.scheduler = SchedulerConfig(max_num_batched_tokens=budget)
         self.capacity = device * block_size
