@@ -256,6 +256,7 @@ class Engine:
         chunks = self.scheduler.schedule()
         if not chunks:
             raise RuntimeError("scheduler found no runnable turn although turns are active (a bug)")
+        chunks.sort(key=_first_block)
         logits = self.runner.run(self.runner.build_plan(chunks))
         self.kv.after_forward()
         self.num_steps += 1
@@ -469,6 +470,11 @@ COUNTERS = (
     "bytes_written_disk",
     "shared_tokens_reused",  # history positions turns found in chunks another conversation computed or holds
 )
+
+
+def _first_block(chunk: ScheduledChunk) -> int:
+    conv = chunk.turn.conv
+    return conv.chunks[0].block if conv.chunks else -1
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
