@@ -80,3 +80,13 @@ def hf_greedy(oracle: torch.nn.Module, history: list[int], max_new_tokens: int, 
     with torch.no_grad():
         out = oracle.generate(ids, **kwargs)
     return out[0, len(history) :].tolist()
+
+
+def oracle_turn(gen, oracle, histories: dict, conv_id: str, msg: list[int], sampling) -> object:
+    """One turn through gen, checked token for token against HF generate over the full history; histories[conv_id]
+    grows by the message and the reply."""
+    reply = gen.generate(conv_id, msg, sampling)
+    history = histories.get(conv_id, []) + msg
+    assert reply.token_ids == hf_greedy(oracle, history, sampling.max_new_tokens), conv_id
+    histories[conv_id] = history + reply.token_ids
+    return reply

@@ -372,12 +372,7 @@ class Engine:
         disk = self.kv.disk
         if new_id in self.kv.conversations or (disk is not None and new_id in disk.index):
             raise ValueError(f"conversation {new_id!r} already exists")
-        conv = self.kv.lookup(conv_id)
-        if conv is None:
-            raise KeyError(f"no conversation {conv_id!r}")
-        if conv.pinned:
-            raise ValueError(f"conversation {conv_id!r} has a turn running")
-        new = self.kv.fork(conv, new_id)
+        new = self.kv.fork(self._idle_conversation(conv_id), new_id)
         if disk is not None:
             disk.append_turn(new_id, 0, list(new.tokens), new.messages, new.tokens)
 
@@ -385,11 +380,7 @@ class Engine:
         """Keep the first num_tokens tokens of a raw-mode conversation (and their KV); the rest is forgotten."""
         if not isinstance(conv_id, str):
             raise ValueError(f"conv_id must be a str, got {conv_id!r}")
-        conv = self.kv.lookup(conv_id)
-        if conv is None:
-            raise KeyError(f"no conversation {conv_id!r}")
-        if conv.pinned:
-            raise ValueError(f"conversation {conv_id!r} has a turn running")
+        conv = self._idle_conversation(conv_id)
         if conv.messages is not None:
             raise ValueError(f"conversation {conv_id!r} is in text mode: its tokens follow its messages")
         if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or not 0 <= num_tokens <= len(conv.tokens):
@@ -398,6 +389,15 @@ class Engine:
         del conv.tokens[num_tokens:]
         if self.kv.disk is not None and conv_id in self.kv.disk.index:
             self.kv.disk.append_turn(conv_id, num_tokens, [], None, conv.tokens)
+
+    def _idle_conversation(self, conv_id: str):
+        """The conversation (loaded from disk if stored there); KeyError if none, ValueError if a turn runs on it."""
+        conv = self.kv.lookup(conv_id)
+        if conv is None:
+            raise KeyError(f"no conversation {conv_id!r}")
+        if conv.pinned:
+            raise ValueError(f"conversation {conv_id!r} has a turn running")
+        return conv
 
     def conversations(self) -> list[str]:
         stored = self.kv.disk.index if self.kv.disk is not None else {}

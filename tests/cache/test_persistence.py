@@ -18,7 +18,7 @@ from pensieve import CacheConfig, SamplingParams, StatefulGenerator
 from pensieve.cache import disk as disk_module
 from pensieve.cache.disk import DiskWarning, conv_key, referenced_keys
 from pensieve.cache.tree import prefix_keys
-from tests.tiny import VOCAB, hf_greedy, oracle_copy, tiny_model
+from tests.tiny import VOCAB, hf_greedy, oracle_copy, oracle_turn, tiny_model
 
 GREEDY = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,11 +44,7 @@ def _msg(seed: int, n: int = 6) -> list[int]:
 
 
 def _turn(gen, oracle, histories, conv_id, msg):
-    reply = gen.generate(conv_id, msg, GREEDY)
-    history = histories.get(conv_id, []) + msg
-    assert reply.token_ids == hf_greedy(oracle, history, GREEDY.max_new_tokens), conv_id
-    histories[conv_id] = history + reply.token_ids
-    return reply
+    return oracle_turn(gen, oracle, histories, conv_id, msg, GREEDY)
 
 
 def _chat(gen, oracle, histories, rounds=2, convs="abc"):

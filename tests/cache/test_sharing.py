@@ -13,7 +13,7 @@ from pensieve import CacheConfig, SamplingParams, StatefulGenerator
 from pensieve.cache.disk import referenced_keys
 from pensieve.cache.tiers import Tier
 from pensieve.cache.tree import prefix_keys
-from tests.tiny import VOCAB, hf_greedy, oracle_copy, tiny_model
+from tests.tiny import VOCAB, hf_greedy, oracle_copy, oracle_turn, tiny_model
 
 BS = 4
 GREEDY = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
@@ -51,11 +51,7 @@ def _system(length: int, seed: int) -> list[int]:
 
 
 def _turn(gen, oracle, histories, conv_id, msg):
-    reply = gen.generate(conv_id, msg, GREEDY)
-    history = histories.get(conv_id, []) + msg
-    assert reply.token_ids == hf_greedy(oracle, history, GREEDY.max_new_tokens), conv_id
-    histories[conv_id] = history + reply.token_ids
-    return reply
+    return oracle_turn(gen, oracle, histories, conv_id, msg, GREEDY)
 
 
 def _chunks(gen, conv_id):
