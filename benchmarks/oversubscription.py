@@ -167,6 +167,7 @@ def main(argv=None) -> None:
     parser.add_argument("--reply-mean", type=float, default=16, help=f"ShareGPT: {SHAREGPT['reply']}")
     parser.add_argument("--fractions", default="1,0.5,0.25,0.125")
     parser.add_argument("--tiers", default=",".join(TIERS))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a random 2-layer model (smoke test, not a measurement)")
     parser.add_argument("--out", default="results/oversubscription.json")
