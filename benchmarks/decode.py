@@ -10,7 +10,12 @@ For each dtype, context L and batch B:
              then N single-token forwards with the cache, as `generate` runs them (argmax between steps).
 Reported: median ms per step, ms per token (step / B), and pensieve compiled vs HF. JSON + PNG.
 
+On a GPU (--device cuda) the two pensieve modes are "graphs" (decode replayed from captured CUDA graphs) and
+"eager"; HF runs the same model on the same GPU. --shape picks a model shape for --random-weights runs (a device
+machine without the SmolLM2 package: step times depend on the shapes, not on the weights' values).
+
 Usage: python benchmarks/decode.py [--dtypes float32,bfloat16] [--batches 1,4,16,64] [--contexts 256,2048]
+                                   [--device cuda] [--random-weights --shape smollm2|llama-1b]
 """
 
 from __future__ import annotations
@@ -35,18 +40,44 @@ def history(b: int, length: int) -> list[int]:
     return [1000 + (b * 7919 + i * 104729) % 40000 for i in range(length)]
 
 
+# Model shapes for --random-weights (SmolLM2-135M-Instruct's own config; Llama-3.2-1B's published shape).
+SHAPES = {
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
+                    rope_theta=100000.0, max_position_embeddings=8192),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                     rope_theta=500000.0, max_position_embeddings=8192),
+}  # fmt: skip
+
+
+def load_model(dtype: torch.dtype, args) -> torch.nn.Module:
+    if not args.random_weights:
+        return load_smollm2(dtype)[0].to(args.device)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        return LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape])).to(dtype).eval()
+
+
+def fast_mode(device: str) -> str:
+    return "graphs" if device == "cuda" else "compiled"
+
+
 def bench_pensieve(gen, batch, context, args) -> dict:
     convs = {f"b{batch}-c{context}-{i}": history(i, context) for i in range(batch)}
     gen.generate_batch(convs, SamplingParams(max_new_tokens=1, ignore_eos=True))  # the prefill, untimed
     turn = SamplingParams(max_new_tokens=args.steps, ignore_eos=True, temperature=0)
-    compiled = gen._engine.runner.compiled  # the benchmark flips it between turns
-    times = {"eager": [], "compiled": []}
+    runner = gen._engine.runner  # the benchmark flips its fast path on and off between turns
+    fast = fast_mode(args.device)
+    times = {"eager": [], fast: []}
     for rep in range(args.reps + 1):
-        for mode in ("compiled", "eager"):
-            compiled.enabled = mode == "compiled"
+        for mode in (fast, "eager"):
+            (runner.graphs if fast == "graphs" else runner.compiled).enabled = mode == fast
             t0 = time.perf_counter()
             gen.generate_batch({c: [7 + rep] for c in convs}, turn)
-            if rep > 0:  # rep 0 warms both paths (the compiled one compiles its graph the first time)
+            if rep > 0:  # rep 0 warms both paths (compiles / captures the fast path's graph the first time)
                 times[mode].append((time.perf_counter() - t0) / args.steps * 1e3)
     for conv_id in convs:
         gen.end(conv_id)
@@ -57,30 +88,38 @@ def bench_pensieve(gen, batch, context, args) -> dict:
 def bench_hf(model, batch, context, args) -> float:
     from transformers import DynamicCache
 
-    ids = torch.tensor([history(i, context) for i in range(batch)])
+    ids = torch.tensor([history(i, context) for i in range(batch)], device=args.device)
     cache = DynamicCache(config=model.config)
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     times = []
     next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(args.reps):
+        synchronize(args.device)
         t0 = time.perf_counter()
         for _ in range(args.steps):
             out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
             next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        synchronize(args.device)
         times.append((time.perf_counter() - t0) / args.steps * 1e3)
     return statistics.median(times)
 
 
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def run_dtype(dtype_name: str, args) -> list[dict]:
     dtype = getattr(torch, dtype_name)
-    model = load_smollm2(dtype)[0]
+    model = load_model(dtype, args)
     hf_model = copy.deepcopy(model)
     rows = []
     most = max(args.batches) * (max(args.contexts) + (args.reps + 1) * 2 * (args.steps + 1) + 16)
     cache = CacheConfig(block_size=16, num_device_blocks=most // 16 + 64)
     sched = SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=max(64, max(args.batches)))
     points = [(c, b) for c in args.contexts for b in args.batches]
-    engine = EngineConfig(compile=True)
+    engine = EngineConfig(compile=True, cuda_graphs=True)
+    fast = fast_mode(args.device)
     with StatefulGenerator(model, cache_config=cache, scheduler_config=sched, engine_config=engine) as gen:
         for context, batch in tqdm(points, desc=f"pensieve {dtype_name}"):
             ms = bench_pensieve(gen, batch, context, args)
@@ -91,12 +130,12 @@ def run_dtype(dtype_name: str, args) -> list[dict]:
         row["hf_ms"] = bench_hf(hf_model, row["batch"], row["context"], args)
     for row in rows:
         row["compile_s"] = compile_s
-        row["compiled_vs_hf"] = row["hf_ms"] / row["pensieve_compiled_ms"]
-        row["compiled_vs_eager"] = row["pensieve_eager_ms"] / row["pensieve_compiled_ms"]
+        row[f"{fast}_vs_hf"] = row["hf_ms"] / row[f"pensieve_{fast}_ms"]
+        row[f"{fast}_vs_eager"] = row["pensieve_eager_ms"] / row[f"pensieve_{fast}_ms"]
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, fast: str) -> None:
     plt = pyplot()
     if plt is None:
         return
@@ -105,7 +144,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, (dtype, context) in zip(axes[0], groups, strict=True):
         sel = [r for r in rows if r["dtype"] == dtype and r["context"] == context]
         batches = [r["batch"] for r in sel]
-        for key, label in (("pensieve_compiled_ms", "pensieve compiled"), ("pensieve_eager_ms", "pensieve eager"),
+        for key, label in ((f"pensieve_{fast}_ms", f"pensieve {fast}"), ("pensieve_eager_ms", "pensieve eager"),
                            ("hf_ms", "HF decode step")):  # fmt: skip
             ax.plot(batches, [r[key] / r["batch"] for r in sel], marker="o", label=label)
         ax.set_xscale("log", base=2)
@@ -124,23 +163,29 @@ def main(argv=None) -> None:
     parser.add_argument("--contexts", default="256,2048")
     parser.add_argument("--steps", type=int, default=16, help="decode steps per measured turn")
     parser.add_argument("--reps", type=int, default=3, help="measured turns per mode (median)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--random-weights", action="store_true", help="a model of --shape with random weights")
+    parser.add_argument("--shape", default="smollm2", choices=sorted(SHAPES))
     parser.add_argument("--out", default="results/decode.json")
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.contexts = [int(c) for c in args.contexts.split(",")]
     threads, machine = torch.get_num_threads(), platform.machine()
-    print(f"SmolLM2-135M decode step, {threads} threads, {machine}, torch {torch.__version__}")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{threads} threads, {machine}"
+    model_name = f"random weights of {args.shape}'s shape" if args.random_weights else "SmolLM2-135M"
+    print(f"{model_name} decode step, {where}, torch {torch.__version__}")
     rows = []
     for dtype_name in args.dtypes.split(","):
         rows += run_dtype(dtype_name, args)
-    print(f"\n{'dtype':10}{'context':>8}{'batch':>6}{'eager ms':>10}{'compiled ms':>12}{'HF ms':>9}"
+    fast = fast_mode(args.device)
+    print(f"\n{'dtype':10}{'context':>8}{'batch':>6}{'eager ms':>10}{fast + ' ms':>12}{'HF ms':>9}"
           f"{'ms/token':>10}{'vs HF':>8}{'vs eager':>9}")  # fmt: skip
     for r in rows:
         print(f"{r['dtype']:10}{r['context']:>8}{r['batch']:>6}{r['pensieve_eager_ms']:>10.1f}"
-              f"{r['pensieve_compiled_ms']:>12.1f}{r['hf_ms']:>9.1f}{r['pensieve_compiled_ms'] / r['batch']:>10.2f}"
-              f"{r['compiled_vs_hf']:>7.2f}x{r['compiled_vs_eager']:>8.2f}x")  # fmt: skip
-    meta = {**vars(args), "threads": torch.get_num_threads(), "torch": torch.__version__}
-    write_results(args.out, meta, rows, plot)
+              f"{r[f'pensieve_{fast}_ms']:>12.1f}{r['hf_ms']:>9.1f}{r[f'pensieve_{fast}_ms'] / r['batch']:>10.2f}"
+              f"{r[f'{fast}_vs_hf']:>7.2f}x{r[f'{fast}_vs_eager']:>8.2f}x")  # fmt: skip
+    meta = {**vars(args), "threads": threads, "torch": torch.__version__, "where": where, "model": model_name}
+    write_results(args.out, meta, rows, lambda rows, path: plot(rows, path, fast))
 
 
 if __name__ == "__main__":

@@ -2,22 +2,25 @@
 
 B conversations get `--context`-token histories; then one turn of `--steps` decode steps runs under the profiler
 (after an unprofiled turn that warms, and compiles, the decode step). Prints ms per step and the top operators by
-self time (per step). docs/performance.md quotes its output.
+self time (per step); with --python, the top Python functions (cProfile) instead: the engine's host-side work,
+which is what is left of a step on a GPU once its forward replays from a CUDA graph. docs/performance.md quotes it.
 
 Usage: python benchmarks/profile_step.py [--batch 6] [--context 1500] [--dtype float32] [--compile on|off]
+                                         [--device cuda] [--random-weights --shape llama-1b] [--python]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 
 import torch
-from decode import history
+from decode import SHAPES, history, load_model
 from torch.profiler import ProfilerActivity, profile
 
 from pensieve import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, StatefulGenerator
-from pensieve.models.smollm2 import load_smollm2
 
 
 def main(argv=None) -> None:
@@ -28,8 +31,12 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--compile", default="on", choices=("on", "off"))
     parser.add_argument("--rows", type=int, default=12)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--random-weights", action="store_true", help="a model of --shape with random weights")
+    parser.add_argument("--shape", default="smollm2", choices=sorted(SHAPES))
+    parser.add_argument("--python", action="store_true", help="profile Python functions (cProfile), not operators")
     args = parser.parse_args(argv)
-    model = load_smollm2(getattr(torch, args.dtype))[0]
+    model = load_model(getattr(torch, args.dtype), args)
     blocks = args.batch * (args.context + 4 * args.steps + 64) // 16 + 64
     cache = CacheConfig(num_device_blocks=blocks)
     engine = EngineConfig(compile=args.compile == "on")
@@ -42,10 +49,19 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         gen.generate_batch({c: [6] for c in convs}, turn)  # unprofiled: the step time quoted
         step_ms = (time.perf_counter() - t0) / args.steps * 1e3
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            gen.generate_batch({c: [7] for c in convs}, turn)
-    print(f"SmolLM2 {args.dtype}, batch {args.batch}, context {args.context}, compile {args.compile}: "
-          f"{step_ms:.1f} ms per step ({torch.get_num_threads()} threads)")  # fmt: skip
+        if args.python:
+            prof = cProfile.Profile()
+            prof.runcall(gen.generate_batch, {c: [7] for c in convs}, turn)
+        else:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                gen.generate_batch({c: [7] for c in convs}, turn)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+    name = f"random {args.shape}" if args.random_weights else "SmolLM2"
+    print(f"{name} {args.dtype}, batch {args.batch}, context {args.context}, compile {args.compile}: "
+          f"{step_ms:.1f} ms per step ({where})")  # fmt: skip
+    if args.python:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.rows)
+        return
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.rows]
     print(f"{'operator':60}{'ms/step':>9}{'calls/step':>12}")
     for e in events:

@@ -252,6 +252,11 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.scheduler.active)
 
+    def check_integrity(self) -> None:
+        """The cache's invariants (`KVManager.check_integrity`) and the scheduler's (running turns stay in place)."""
+        self.kv.check_integrity()
+        self.scheduler.check_integrity()
+
     def step(self) -> None:
         chunks = self.scheduler.schedule()
         if not chunks:

@@ -131,6 +131,7 @@ class CudaGraphRunner:
         self.buffers = buffers
         self.block_size = block_size
         self.batch_sizes = [b for b in batch_sizes if b <= buffers.max_seqs and b <= buffers.max_tokens]
+        self.enabled = True  # benchmarks/decode.py flips it to time eager steps on the same generator
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None  # one memory pool shared by every bucket's graph
 
@@ -139,7 +140,7 @@ class CudaGraphRunner:
 
     def run(self, plan: StepPlan) -> torch.Tensor | None:
         """-> logits [S, V] of the plan's sampling rows, or None when this step cannot be replayed."""
-        bucket = self.bucket(plan.num_seqs)
+        bucket = self.bucket(plan.num_seqs) if self.enabled else None
         if bucket is None:
             return None
         self.buffers.pad(plan, bucket, self.storage.padding_block, self.block_size)

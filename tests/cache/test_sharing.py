@@ -36,7 +36,7 @@ def _open(model, device=64, host=0, disk_dir=None) -> StatefulGenerator:
 
     def checked_step():
         step()
-        engine.kv.check_integrity()
+        engine.check_integrity()
 
     engine.step = checked_step
     return gen

@@ -60,7 +60,7 @@ class TieredCacheMachine(RuleBasedStateMachine):
 
         def checked_step():  # integrity after every engine step, not just after every turn
             step()
-            engine.kv.check_integrity()
+            engine.check_integrity()
 
         engine.step = checked_step
         return gen

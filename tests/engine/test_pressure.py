@@ -25,7 +25,7 @@ def _run(engine, turns):
     steps = 0
     while engine.has_work():
         engine.step()
-        engine.kv.check_integrity()
+        engine.check_integrity()
         steps += 1
         assert steps < 10_000
     return [t.future.result() for t in turns]
