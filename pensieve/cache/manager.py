@@ -121,6 +121,10 @@ class KVManager:
         self.counters: Counter[str] = Counter()
         self.trace: list[tuple[str, int, Tier, Tier]] | None = None  # tests: (holders, chunk index, from, to) per move
         self._host_free_after_forward: list[int] = []  # host blocks a queued swap-in still reads
+        # Bumped whenever a chunk may have become movable (a holder stopped running or let go of it): an ahead-of-time
+        # swap-out that found nothing more to move does not walk the chunks again until then (`swap_out_ahead`).
+        self._epoch = 0
+        self._ahead_exhausted: tuple[int, int] | None = None
 
     # ---- lookup -----------------------------------------------------------------------------------------------
 
@@ -207,10 +211,12 @@ class KVManager:
             conv.messages.append(reply_message)
         conv.pinned = conv.preempted = False
         conv.last_active = time.monotonic()
+        self._epoch += 1
 
     def abort_turn(self, conv: Conversation) -> None:
         """The turn failed: the conversation lets go of all its KV (what was computed may be partial)."""
         conv.pinned = conv.preempted = False
+        self._epoch += 1
         self.drop_all(conv)
         if not conv.stored:
             self.remove(conv.conv_id)
@@ -389,6 +395,7 @@ class KVManager:
         chunks a running conversation holds too."""
         bs = self.block_size
         conv.preempted = True
+        self._epoch += 1
         for start, end in conv.recompute:
             for i in range(start // bs, self.blocks_for(end)):
                 self._drop(conv.chunks[i])
@@ -398,6 +405,7 @@ class KVManager:
         for chunk in list(conv.chunks):
             if chunk.tier == Tier.DEVICE and not any(h.running for h in holders[id(chunk)][1]):
                 self._demote(chunk, holders[id(chunk)][1], allow_drop=True)
+        self._flush_swap_out()
         _trim(self, conv)
         self.counters["preempted_conversations"] += 1
 
@@ -411,10 +419,13 @@ class KVManager:
     def swap_out_ahead(self) -> int:
         """Ahead-of-time swap-out: move idle chunks down while device free blocks are under the watermark; only
         into a tier with room (host, or disk when there is no host tier), never dropping. -> chunks moved."""
-        if self.device.num_free >= self.watermark_blocks or (self.host.num_blocks == 0 and self.disk is None):
-            return 0
+        if self.device.num_free >= self.watermark_blocks or (self.host.num_free == 0 and self.disk is None):
+            return 0  # (a full host tier and no disk: nothing can move without dropping; don't walk the chunks)
+        if self._ahead_exhausted == (self._epoch, self.host.num_free):
+            return 0  # every chunk that could move has (the rest belong to running turns): walking again finds none
         before = self.device.num_free
-        self._make_room(Tier.DEVICE, self.watermark_blocks, set(), allow_drop=False)
+        if not self._make_room(Tier.DEVICE, self.watermark_blocks, set(), allow_drop=False):
+            self._ahead_exhausted = (self._epoch, self.host.num_free)
         moved = self.device.num_free - before
         self.counters["ahead_swap_out_chunks"] += moved
         return moved
@@ -500,6 +511,7 @@ class KVManager:
         if 0 < n < self.block_size and chunk.refs == 1 and chunk.tier in self.pools:
             start = i * self.block_size
             chunk.refs = 0  # the tree takes it over from conv
+            self._epoch += 1
             if self.tree.add_tail(chunk, self._parent_key(conv, i), conv.tokens[start : start + n]):
                 conv.chunks.pop()
                 chunk.last_used = time.monotonic()
@@ -589,6 +601,8 @@ class KVManager:
             if not self._demote(chunk, convs, allow_drop):
                 break
             last = (chunk, convs)
+        if tier == Tier.DEVICE:  # (the outermost call: a host tier's is nested in a device chunk's demotion)
+            self._flush_swap_out()
         return pool.num_free >= n
 
     def _demote(self, chunk: Chunk, holders: list[Conversation], allow_drop: bool) -> bool:
@@ -600,7 +614,7 @@ class KVManager:
             if self.host.num_free > 0:
                 (h,) = self.host.allocate(1)
                 if self.storage is not None:
-                    self.storage.swap_out([chunk.block], [h])
+                    self.storage.defer_swap_out(chunk.block, h)
                 self.device.free([chunk.block])
                 self._trace_move(chunk, _names(holders), Tier.HOST)
                 chunk.tier, chunk.block = Tier.HOST, h
@@ -617,6 +631,10 @@ class KVManager:
             return False
         self._drop(chunk, holders)
         return True
+
+    def _flush_swap_out(self) -> None:
+        if self.storage is not None:
+            self.storage.flush_swap_out()
 
     def _to_disk(self, chunk: Chunk, holders: list[Conversation]) -> bool:
         """Chunk's KV is in its file (written now, or already there). A chunk only the tree holds is full and keyed;
@@ -661,6 +679,7 @@ class KVManager:
         """A holder lets go of chunk: freed when nobody holds it and the tree does not index it."""
         chunk.refs -= 1
         assert chunk.refs >= 0, "a chunk let go of more often than held"
+        self._epoch += 1
         if chunk.refs:
             return
         if chunk in self.tree:

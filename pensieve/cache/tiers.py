@@ -143,6 +143,7 @@ class KVStorage:
         self._queued: list[_QueuedCopy] = []
         self._side_unwaited = False  # the side stream has copies the main stream has not waited for
         self._in_flight: tuple[torch.cuda.Event | None, list] = (None, [])  # last forward's copies, staging kept alive
+        self._deferred_out: tuple[list[int], list[int]] = ([], [])  # swap-outs collected, issued by flush_swap_out
 
     # ---- copies issued now ------------------------------------------------------------------------------------
 
@@ -156,6 +157,19 @@ class KVStorage:
             self._copy_all(self.device_caches, self.host_caches, dev_ids, host_ids)
         self._side_unwaited = True
 
+    def defer_swap_out(self, dev_id: int, host_id: int) -> None:
+        """A swap-out issued later, together with the others collected (one copy per run of blocks instead of one
+        per chunk, layer and k/v): by `flush_swap_out`, which the manager calls when it has moved what it moves,
+        and before anything reads the host tier or the next forward writes the device tier."""
+        self._deferred_out[0].append(dev_id)
+        self._deferred_out[1].append(host_id)
+
+    def flush_swap_out(self) -> None:
+        dev_ids, host_ids = self._deferred_out
+        if dev_ids:
+            self._deferred_out = ([], [])
+            self.swap_out(dev_ids, host_ids)
+
     def _copy_all(self, src: LayerCaches, dst: LayerCaches, src_ids: list[int], dst_ids: list[int]) -> None:
         for layer in range(self.num_layers):
             for s, d in zip(src[layer], dst[layer], strict=True):
@@ -163,6 +177,7 @@ class KVStorage:
 
     def read_chunk(self, tier: Tier, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One chunk's KV as CPU tensors k, v [num_layers, block_size, Hkv, D] (for a disk write)."""
+        self.flush_swap_out()
         if tier == Tier.HOST:
             caches = self.host_caches
             if self.side is not None:
@@ -176,6 +191,7 @@ class KVStorage:
     # ---- copies for the next forward ----------------------------------------------------------------------------
 
     def queue_swap_in(self, host_ids: list[int], dev_ids: list[int]) -> None:
+        self.flush_swap_out()
         self._queued.append(_QueuedCopy(self.host_caches, list(host_ids), list(dev_ids)))
 
     def queue_load(self, chunks: list[tuple[torch.Tensor, torch.Tensor]], dev_ids: list[int]) -> None:
@@ -198,6 +214,7 @@ class KVStorage:
 
     def begin_forward(self) -> LayerGate:
         """Issue the queued swap-ins/loads; the returned gate orders each layer's attention after its copies."""
+        self.flush_swap_out()
         work, self._queued = self._queued, []
         if self.side is None:
             return LayerGate(self, work, None)
