@@ -41,6 +41,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+
 from pensieve.cache.blocks import BlockPool
 from pensieve.cache.disk import DiskStore
 from pensieve.cache.policy import LRUPolicy, PensievePolicy, RecomputeCost
@@ -125,6 +127,8 @@ class KVManager:
         # swap-out that found nothing more to move does not walk the chunks again until then (`swap_out_ahead`).
         self._epoch = 0
         self._ahead_exhausted: tuple[int, int] | None = None
+        # Blocks handed out by `alloc` (the MemPool's alloc_mem) and not yet inserted into the tree or freed.
+        self.held: dict[Tier, set[int]] = {Tier.DEVICE: set(), Tier.HOST: set()}
 
     # ---- lookup -----------------------------------------------------------------------------------------------
 
@@ -528,6 +532,127 @@ class KVManager:
         keys.update(c.key for c in self.tree.nodes.values() if c.tier == Tier.DISK)
         return keys
 
+    # ---- blocks by content: the MemPool verbs (pensieve/cluster/mempool.py) --------------------------------------
+
+    def alloc(self, tier: Tier, n: int) -> list[int] | None:
+        """n free blocks of `tier` (DEVICE or HOST) for KV written from outside (a transfer), moving idle chunks down
+        to make room; None, nothing changed, when even that cannot free n. Held until `insert` or `free`."""
+        pool = self.pools[tier]
+        if n > pool.num_blocks or (n > pool.num_free and n - pool.num_free > self._movable(tier, set())):
+            return None
+        if tier == Tier.HOST:
+            self._make_room(Tier.HOST, n, set(), allow_drop=True)
+        else:
+            self._make_room(Tier.DEVICE, n, set(), allow_drop=True)
+        ids = pool.allocate(n)
+        if ids is not None:
+            self.held[tier].update(ids)
+        return ids
+
+    def free(self, tier: Tier, ids: list[int]) -> None:
+        """Give back blocks from `alloc` that were not inserted."""
+        stray = [i for i in ids if i not in self.held[tier]]
+        if stray:
+            raise ValueError(f"blocks {stray[:8]} of the {tier.name.lower()} tier were not allocated by alloc")
+        self.held[tier].difference_update(ids)
+        self.pools[tier].free(list(ids))
+
+    def insert(self, tokens: list[int], start: int, num_tokens: int, tier: Tier, ids: list[int]) -> int:
+        """Index KV written into held blocks `ids` of `tier`: block j holds positions of block `start + j` of
+        `tokens`, up to position `num_tokens` (the last block may be partial: it becomes a tree tail). Blocks whose
+        content the tree holds already are freed. The tree owns the rest (cached, evictable). -> chunks indexed."""
+        bs = self.block_size
+        if len(ids) != self.blocks_for(num_tokens) - start or not start * bs < num_tokens <= len(tokens):
+            raise ValueError(f"{len(ids)} blocks from block {start} do not cover positions up to {num_tokens}")
+        stray = [i for i in ids if i not in self.held[tier]]
+        if stray:
+            raise ValueError(f"blocks {stray[:8]} of the {tier.name.lower()} tier were not allocated by alloc")
+        parent = prefix_keys(tokens, bs, start)[-1] if start else ROOT
+        now, indexed, unused = time.monotonic(), 0, []
+        for j, block in enumerate(ids):
+            index = start + j
+            end = min((index + 1) * bs, num_tokens)
+            self.held[tier].discard(block)
+            chunk = Chunk(tier, block, index=index, last_used=now)
+            if end - index * bs == bs:
+                chunk.key = parent = chunk_key(parent, tokens[index * bs : end])
+                ok = self.tree.insert(chunk)
+            else:
+                ok = self.tree.add_tail(chunk, parent, tokens[index * bs : end])
+            if ok:
+                indexed += 1
+            else:
+                unused.append(block)
+        self.pools[tier].free(unused)
+        self._epoch += 1
+        self.counters["inserted_chunks"] += indexed
+        return indexed
+
+    def delete(self, tokens: list[int], start: int = 0) -> int:
+        """Unindex the cached chunks of tokens' full blocks from block `start` on (and a tail continuing them);
+        those no conversation holds are dropped. -> chunks unindexed."""
+        bs = self.block_size
+        parent = prefix_keys(tokens, bs, start)[-1] if start else ROOT
+        found = self.tree.match(tokens, start, parent)
+        tail = self.tree.find_tail(found[-1].key if found else parent, tokens, (start + len(found)) * bs, len(tokens))
+        for chunk in found + ([tail[0]] if tail else []):
+            self.tree.delete(chunk)
+            if chunk.refs == 0:
+                self._release(chunk)
+        self._epoch += 1
+        return len(found) + (tail is not None)
+
+    def cached(self, tokens: list[int], start: int = 0, conv: Conversation | None = None) -> tuple[list[Chunk], int]:
+        """The chunks holding KV for tokens from block `start` on, and the positions they cover: `conv`'s own
+        (its computed positions, when its tokens are `tokens`), else the tree's longest match and a tail continuing
+        it. Stops at the first chunk without KV (dropped)."""
+        bs = self.block_size
+        if conv is not None:
+            chunks = conv.chunks[start : self.blocks_for(conv.num_computed)]
+            end = conv.num_computed
+        else:
+            parent = prefix_keys(tokens, bs, start)[-1] if start else ROOT
+            chunks = self.tree.match(tokens, start, parent)
+            end = (start + len(chunks)) * bs
+            tail = self.tree.find_tail(chunks[-1].key if chunks else parent, tokens, end, len(tokens))
+            if tail is not None:
+                chunks = [*chunks, tail[0]]
+                end += tail[1]
+        for j, chunk in enumerate(chunks):
+            if chunk.tier == Tier.DROPPED:
+                return chunks[:j], min(end, (start + j) * bs)
+        return chunks, end
+
+    def read_kv(self, chunks: list[Chunk], tokens: list[int], num_tokens: int) -> tuple:
+        """k, v [num_layers, len(chunks), block_size, Hkv, D] on the CPU for consecutive chunks of `tokens` (the last
+        one covering up to position num_tokens), from whichever tier each lives in. None if a disk file fails to
+        read."""
+        bs = self.block_size
+        k = torch.empty((self.storage.num_layers, len(chunks), *self.storage.chunk_shape[1:]), dtype=self.storage.dtype)
+        v = torch.empty_like(k)
+        by_tier: dict[Tier, tuple[list[int], list[int]]] = {Tier.DEVICE: ([], []), Tier.HOST: ([], [])}
+        for j, chunk in enumerate(chunks):
+            if chunk.tier in by_tier:
+                by_tier[chunk.tier][0].append(j)
+                by_tier[chunk.tier][1].append(chunk.block)
+                continue
+            end = min((chunk.index + 1) * bs, num_tokens)
+            key = chunk.key if end - chunk.index * bs == bs else None
+            if key is None:  # a partial chunk's file is named by the positions it covers
+                parent = prefix_keys(tokens, bs, chunk.index)[-1] if chunk.index else ROOT
+                key = chunk_key(parent, tokens[chunk.index * bs : end])
+            data = self.disk.read_chunk(key, end)
+            if data is None:
+                return None
+            k[:, j], v[:, j] = data
+        for tier, (slots, blocks) in by_tier.items():
+            if blocks:
+                bk, bv = self.storage.read_blocks(tier, blocks)
+                index = torch.tensor(slots)
+                k.index_copy_(1, index, bk)
+                v.index_copy_(1, index, bv)
+        return k, v
+
     # ---- keys -------------------------------------------------------------------------------------------------
 
     def _parent_key(self, conv: Conversation, i: int) -> bytes:
@@ -711,7 +836,10 @@ class KVManager:
         self.host.check_integrity()
         bs = self.block_size
         holders = self._holders()
-        owned = {Tier.DEVICE: [], Tier.HOST: list(self._host_free_after_forward)}
+        owned = {
+            Tier.DEVICE: list(self.held[Tier.DEVICE]),
+            Tier.HOST: list(self._host_free_after_forward) + list(self.held[Tier.HOST]),
+        }
         for chunk, convs in holders.values():
             assert chunk.refs == len(convs), f"chunk {chunk.index}: refs {chunk.refs} != {len(convs)} holders"
             assert len(convs) <= 1 or chunk.key is not None, f"chunk {chunk.index}: shared without a content key"

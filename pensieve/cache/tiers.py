@@ -132,10 +132,10 @@ class KVStorage:
         )
         self.padding_block = num_device_blocks
         self.device_caches: LayerCaches = [(self.device_kv[0][i], self.device_kv[1][i]) for i in range(num_layers)]
-        host_kv = tuple(
+        self.host_kv = tuple(
             torch.empty((num_layers, num_host_blocks, *block_shape), dtype=dtype, pin_memory=self.cuda) for _ in "kv"
         )
-        self.host_caches: LayerCaches = [(host_kv[0][i], host_kv[1][i]) for i in range(num_layers)]
+        self.host_caches: LayerCaches = [(self.host_kv[0][i], self.host_kv[1][i]) for i in range(num_layers)]
         self.bytes_per_block = 2 * num_layers * block_shape[0] * block_shape[1] * block_shape[2] * dtype.itemsize
         self.chunk_shape = (num_layers, *block_shape)
         self.dtype = dtype
@@ -187,6 +187,33 @@ class KVStorage:
         k = torch.stack([layer[0][block] for layer in caches]).to("cpu", copy=True)
         v = torch.stack([layer[1][block] for layer in caches]).to("cpu", copy=True)
         return k, v
+
+    def read_blocks(self, tier: Tier, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks of the device or host tier as CPU tensors k, v [num_layers, len(ids), block_size, Hkv, D]: all
+        layers of every block, one gather each (a transfer to another instance ships them as one object)."""
+        pools = self._pools(tier)
+        index = torch.tensor(ids, dtype=torch.long, device=pools[0].device)
+        return tuple(t.index_select(1, index).to("cpu") for t in pools)
+
+    def write_blocks(self, tier: Tier, ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v [num_layers, len(ids), block_size, Hkv, D] into blocks of the device or host tier, now (between
+        forwards; on GPU ordered on the main stream before the next one)."""
+        pools = self._pools(tier)
+        index = torch.tensor(ids, dtype=torch.long, device=pools[0].device)
+        for pool, src in zip(pools, (k, v), strict=True):
+            pool.index_copy_(1, index, src.to(pool.device, pool.dtype))
+
+    def _pools(self, tier: Tier) -> tuple[torch.Tensor, torch.Tensor]:
+        """The [L, num_blocks, ...] k and v tensors of a tier, safe to read or write now (swap-outs issued first)."""
+        self.flush_swap_out()
+        if tier == Tier.DEVICE:
+            if self.side is not None:
+                torch.cuda.current_stream(self.device).wait_stream(self.side)
+                self._side_unwaited = False
+            return self.device_kv
+        if self.side is not None:
+            self.side.synchronize()  # a swap-out into these blocks may still be in flight
+        return self.host_kv
 
     # ---- copies for the next forward ----------------------------------------------------------------------------
 

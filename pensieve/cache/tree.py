@@ -58,6 +58,7 @@ class PromptTree:
         self.block_size = block_size
         self.nodes: dict[bytes, Chunk] = {}
         self.tails: dict[bytes, tuple[Chunk, int]] = {}  # key of a partial block's tokens -> (chunk, tokens it holds)
+        self.removed: list[bytes] | None = None  # when a list: keys of the nodes deleted since (eviction reports)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -99,6 +100,8 @@ class PromptTree:
         if chunk in self:
             if self.nodes.get(chunk.key) is chunk:
                 del self.nodes[chunk.key]
+                if self.removed is not None:
+                    self.removed.append(chunk.key)
             else:
                 del self.tails[chunk.key]
 
@@ -113,13 +116,19 @@ class PromptTree:
         self.tails[key] = (chunk, len(tokens))
         return True
 
+    def find_tail(self, parent: bytes, tokens: Sequence[int], start: int, limit: int) -> tuple[Chunk, int] | None:
+        """The kept tail with the most of tokens[start : limit] after node `parent`, left in place. None if none."""
+        for n in range(min(self.block_size - 1, limit - start), 0, -1):
+            found = self.tails.get(chunk_key(parent, tokens[start : start + n]))
+            if found is not None:
+                return found
+        return None
+
     def take_tail(self, parent: bytes, tokens: Sequence[int], start: int, limit: int) -> tuple[Chunk, int] | None:
         """The kept tail with the most of tokens[start : limit] (start: a block boundary after node `parent`),
         handed over: it leaves the tree, unkeyed, for the caller to own and write into. None if there is none."""
-        for n in range(min(self.block_size - 1, limit - start), 0, -1):
-            key = chunk_key(parent, tokens[start : start + n])
-            if key in self.tails:
-                chunk, _ = self.tails.pop(key)
-                chunk.key = None
-                return chunk, n
-        return None
+        found = self.find_tail(parent, tokens, start, limit)
+        if found is not None:
+            chunk, _ = self.tails.pop(found[0].key)
+            chunk.key = None
+        return found

@@ -172,30 +172,12 @@ class Engine:
 
     def _render(self, conv, msg) -> tuple[list[int], list[dict] | None]:
         """The conversation's full token sequence with msg appended, and (text mode) its chat messages."""
-        history = conv.tokens if conv is not None else []
-        text_mode = conv is not None and conv.messages is not None
-        if isinstance(msg, str):
-            if self.tokenizer is None:
-                raise ValueError("a str message needs a tokenizer: pass tokenizer= or send token ids")
-            if not msg:
-                raise ValueError("message is empty")
-            if history and not text_mode:
-                raise ValueError(f"conversation {conv.conv_id!r} is in raw token mode; send token ids")
-            messages = [*(conv.messages if text_mode else []), {"role": "user", "content": msg}]
-            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-            return list(rendered), messages
-        if not isinstance(msg, (list, tuple)) or not msg:
-            raise ValueError(f"message must be a non-empty str or list of token ids, got {msg!r:.80}")
-        if text_mode:
-            raise ValueError(f"conversation {conv.conv_id!r} is in text mode; send a str")
-        return [*history, *self._check_token_ids(msg)], None
+        if conv is None:
+            return render_turn(self.tokenizer, None, [], None, msg, self._check_token_ids)
+        return render_turn(self.tokenizer, conv.conv_id, conv.tokens, conv.messages, msg, self._check_token_ids)
 
     def _check_token_ids(self, ids) -> list[int]:
-        vocab = self.shape.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token ids must be ints in [0, {vocab}): got {bad[:5]}")
-        return list(ids)
+        return check_token_ids(ids, self.shape.vocab_size)
 
     def _check_fits(self, what: str, num_tokens: int, max_new_tokens: int) -> None:
         total = num_tokens + max_new_tokens
@@ -395,6 +377,30 @@ class Engine:
         if self.kv.disk is not None and conv_id in self.kv.disk.index:
             self.kv.disk.append_turn(conv_id, num_tokens, [], None, conv.tokens)
 
+    def adopt(self, conv_id: str, tokens, messages: list[dict] | None) -> None:
+        """Make conv_id's history `tokens` (text mode: rendered from chat `messages`), as another instance had it: KV
+        for the common prefix with what is here is kept, the rest is found in the prompt tree or computed next turn."""
+        if not isinstance(conv_id, str) or not conv_id:
+            raise ValueError(f"conv_id must be a non-empty str, got {conv_id!r}")
+        tokens = self._check_token_ids(tokens) if tokens else []
+        if messages is not None and not (
+            isinstance(messages, list)
+            and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
+        ):
+            raise ValueError(f"messages must be None or a list of chat messages, got {messages!r:.80}")
+        conv = self.kv.lookup(conv_id)
+        if conv is not None and conv.pinned:
+            raise ValueError(f"conversation {conv_id!r} has a turn running")
+        conv = conv if conv is not None else self.kv.conversation(conv_id)
+        keep = _common_prefix(conv.tokens, tokens)
+        self.kv.truncate(conv, keep)
+        conv.tokens = list(tokens)
+        conv.messages = None if messages is None else [dict(m) for m in messages]
+        conv.stored = True
+        if self.kv.disk is not None:  # the stored record is replaced by the adopted one
+            self.kv.disk.forget(conv_id, self.kv._disk_keys_in_use())
+            self.kv.disk.append_turn(conv_id, 0, list(conv.tokens), conv.messages, conv.tokens)
+
     def _idle_conversation(self, conv_id: str):
         """The conversation (loaded from disk if stored there); KeyError if none, ValueError if a turn runs on it."""
         conv = self.kv.lookup(conv_id)
@@ -474,7 +480,40 @@ COUNTERS = (
     "bytes_swapped_in",
     "bytes_written_disk",
     "shared_tokens_reused",  # history positions turns found in chunks another conversation computed or holds
+    "received_chunks",  # chunks written by a transfer from another instance (MemPool.receive)
+    "inserted_chunks",  # chunks indexed by MemPool.insert (received ones included)
 )
+
+
+def check_token_ids(ids, vocab: int) -> list[int]:
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"token ids must be a list of ints, got {type(ids).__name__}")
+    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"token ids must be ints in [0, {vocab}): got {bad[:5]}")
+    return list(ids)
+
+
+def render_turn(tokenizer, conv_id, history: list[int], messages, msg, check_ids) -> tuple[list[int], list | None]:
+    """A conversation's token sequence (`history`; text mode: rendered from chat `messages`) with msg appended: a
+    str is a user turn through the chat template, a list of ids is appended raw. -> (tokens, messages or None).
+    ValueError names what is wrong; the cluster's driver renders with it too, so both reject alike."""
+    text_mode = messages is not None
+    if isinstance(msg, str):
+        if tokenizer is None:
+            raise ValueError("a str message needs a tokenizer: pass tokenizer= or send token ids")
+        if not msg:
+            raise ValueError("message is empty")
+        if history and not text_mode:
+            raise ValueError(f"conversation {conv_id!r} is in raw token mode; send token ids")
+        new_messages = [*(messages if text_mode else []), {"role": "user", "content": msg}]
+        rendered = tokenizer.apply_chat_template(new_messages, add_generation_prompt=True, return_dict=False)
+        return list(rendered), new_messages
+    if not isinstance(msg, (list, tuple)) or not msg:
+        raise ValueError(f"message must be a non-empty str or list of token ids, got {msg!r:.80}")
+    if text_mode:
+        raise ValueError(f"conversation {conv_id!r} is in text mode; send a str")
+    return [*history, *check_ids(msg)], None
 
 
 def _first_block(chunk: ScheduledChunk) -> int:

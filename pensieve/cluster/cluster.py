@@ -1,0 +1,589 @@
+"""Cluster: the StatefulGenerator API over N instances on Ray (MemServe, arXiv 2406.17565; DESIGN §8).
+
+    cluster = Cluster(make_model, tokenizer, roles=["colocated", "colocated"])
+    reply = cluster.generate("conv-42", "And in French?")
+
+The driver (this object) keeps, for every conversation, the record that makes it durable off any instance: its
+tokens (and chat messages in text mode) after each completed turn, and which instance holds it. Each turn:
+
+1. render the turn's tokens (the same function an instance uses, so bad input fails here, before anything moves);
+2. route it (pensieve/cluster/router.py) among the live instances that decode: colocated and decode roles;
+3. if the router chose to move KV (load imbalance, transfer cheaper than recompute), the holder sends it to the
+   chosen instance, which inserts it into its prompt tree (MemPool.read -> receive, through the object store);
+4. P/D: if the chosen instance is a decode instance and the cluster has prefill instances, a prefill instance
+   (routed by its own prompt tree) computes the turn's new tokens but the last, attending to its cached history,
+   and its KV goes straight to the decode instance as an argument of the turn's call;
+5. the turn runs on the chosen instance, which first adopts the driver's record if its copy differs;
+6. the record, the router's index (the tokens the instance now caches, and the keys its tree dropped) and the
+   load counts are updated; P/D: the decode instance sends the reply's KV back to the prefill instance, so the
+   next turn's prefill computes only the new message (MemServe's PD-Caching with send-back).
+
+Faults: a call that fails because its instance died marks it dead (never routed to again; `ping` brings back an
+instance that answers), and the turn runs again elsewhere from the record: the conversation loses nothing and
+its replies stay exact (what the new instance lacks is recomputed). A transfer that fails is skipped (recompute).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from pensieve.cache.tree import prefix_keys
+from pensieve.cluster.instance import ROLES, Instance, InstanceSpec
+from pensieve.cluster.router import Route, Router, RouterConfig
+from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
+from pensieve.engine.engine import check_token_ids, render_turn
+from pensieve.engine.turn import Reply
+
+DECODERS = ("colocated", "decode")
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError as error:  # pragma: no cover - the extra is part of the dev set
+        raise ImportError("pensieve.cluster needs Ray: pip install 'pensieve[cluster]'") from error
+    return ray
+
+
+@dataclass
+class _Conversation:
+    tokens: list[int] = field(default_factory=list)
+    messages: list[dict] | None = None
+    owner: str | None = None  # the instance holding it
+    computed: int = 0  # positions whose KV the owner computed (as of the last turn)
+    busy: bool = False  # a turn is running
+    sendback: object = None  # P/D: the ObjectRef of the reply's KV being sent to the prefill instance
+
+
+@dataclass
+class _Turn:
+    """A turn between its start (routed, called) and its end (result read)."""
+
+    conv_id: str | None  # None: a completion
+    msg: object
+    sampling: SamplingParams | None
+    tokens: list[int]  # the rendered sequence the turn prefills
+    keys: list[bytes]
+    instance: str = ""
+    ref: object = None
+    prefill: str | None = None  # P/D: the prefill instance
+    prefilled_ref: object = None
+    evicted_ref: object = None
+    attempts: int = 0
+
+
+class Cluster:
+    """`StatefulGenerator`'s API over N pensieve instances (Ray actors), each with a role and a prompt tree."""
+
+    def __init__(
+        self,
+        model: Callable | str,
+        tokenizer=None,
+        *,
+        roles: list[str] | tuple[str, ...] = ("colocated", "colocated"),
+        cache_config: CacheConfig | None = None,
+        scheduler_config: SchedulerConfig | None = None,
+        engine_config: EngineConfig | None = None,
+        router_config: RouterConfig | None = None,
+        address: str | None = None,
+        num_cpus: float | None = None,
+        num_threads: int | None = None,
+        object_store_memory: int | None = None,
+        min_prefill_tokens: int | None = None,
+    ) -> None:
+        """model: a picklable callable that returns the model (built on each instance), or a model path.
+        roles: one per instance, "colocated" | "prefill" | "decode" (prefill needs a decode instance).
+        address: None starts a local Ray runtime sized for this machine (or uses the one this process started);
+        "auto" (or an address) joins a running Ray cluster. num_cpus: Ray CPUs per instance (default: the free CPUs
+        shared evenly); num_threads: torch threads per instance (default: the cluster's CPUs shared evenly, >= 1).
+        min_prefill_tokens: P/D hands a turn to a prefill instance only when it has at least this many tokens to
+        prefill (default: one block); shorter ones are prefilled where they decode."""
+        roles = list(roles)
+        if not roles or any(r not in ROLES for r in roles):
+            raise ValueError(f"roles must be a non-empty list of {ROLES}, got {roles!r}")
+        if not any(r in DECODERS for r in roles):
+            raise ValueError("a cluster needs at least one colocated or decode instance")
+        if "decode" in roles and "prefill" not in roles:
+            raise ValueError("decode instances need a prefill instance (or make them colocated)")
+        cache_config = cache_config or CacheConfig()
+        if cache_config.disk_dir is not None:
+            raise ValueError("disk_dir is per instance: not supported in a Cluster yet (the driver keeps the record)")
+        ray = _ray()
+        self._ray = ray
+        self._started_ray = False
+        if not ray.is_initialized():
+            if address is None:
+                ray.init(
+                    num_cpus=os.cpu_count(),
+                    include_dashboard=False,
+                    object_store_memory=object_store_memory or 512 * 2**20,
+                    log_to_driver=True,
+                )
+            else:
+                ray.init(address=address)
+            self._started_ray = True
+        # Ray CPUs per instance: the free ones shared evenly (0 when another cluster holds them all: instances of
+        # two clusters then share cores rather than wait forever for Ray to place them).
+        free = ray.available_resources().get("CPU", 0.0)
+        share = num_cpus if num_cpus is not None else math.floor(free / len(roles) * 100) / 100
+        total = ray.cluster_resources().get("CPU", os.cpu_count() or 1)
+        threads = num_threads if num_threads is not None else max(1, int(total // len(roles)))
+        seqs = (scheduler_config or SchedulerConfig()).max_num_seqs
+        actor = ray.remote(Instance)
+        self.roles: dict[str, str] = {}
+        self._handles: dict[str, object] = {}
+        for i, role in enumerate(roles):
+            name = f"{role}-{i}"
+            spec = InstanceSpec(name, role, model, tokenizer, cache_config, scheduler_config, engine_config, threads)
+            self._handles[name] = actor.options(num_cpus=share, max_concurrency=seqs + 8).remote(spec)
+            self.roles[name] = role
+        infos = ray.get([h.info.remote() for h in self._handles.values()])
+        info = infos[0]
+        self.block_size = info["block_size"]
+        self._vocab = info["vocab_size"]
+        self._max_positions = info["max_positions"]
+        self.tokenizer = tokenizer
+        config = router_config or RouterConfig()
+        if config.bytes_per_token == 0:
+            config = RouterConfig(**{**config.__dict__, "bytes_per_token": info["bytes_per_token"]})
+        self.router = Router(list(self._handles), self.block_size, config)
+        self.min_prefill_tokens = self.block_size if min_prefill_tokens is None else min_prefill_tokens
+        self.alive: set[str] = set(self._handles)
+        self.counters: Counter[str] = Counter()
+        self._convs: dict[str, _Conversation] = {}
+        self._lock = threading.RLock()  # the driver's state: records, router, counters
+        self._closed = False
+
+    # ---- public API (StatefulGenerator's) ------------------------------------------------------------------
+
+    def generate(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> Reply:
+        """One turn on conv_id, on the instance the router picks."""
+        return self._finish(self._start(conv_id, msg, sampling))
+
+    def generate_batch(self, messages: dict, sampling: SamplingParams | None = None) -> dict[str, Reply]:
+        """One turn on each of several conversations, run concurrently across instances (and batched on each).
+        All are validated before any starts."""
+        if not isinstance(messages, dict):
+            raise ValueError(f"messages must be a dict of conv_id -> message, got {type(messages).__name__}")
+        turns = self._start_all(list(messages.items()), sampling)
+        return {turn.conv_id: self._finish(turn) for turn in turns}
+
+    def stream(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> ClusterStream:
+        """The reply's pieces as the instance produces them (str with a tokenizer, else token ids); the stream's
+        `.reply` is the whole Reply once done."""
+        turn = self._start(conv_id, msg, sampling, streaming=True)
+        return ClusterStream(self, turn)
+
+    async def agenerate(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> Reply:
+        return await asyncio.to_thread(self.generate, conv_id, msg, sampling)
+
+    def complete(self, prompt, sampling: SamplingParams | None = None) -> Reply:
+        """A stateless turn (token ids or chat messages), routed to the instance caching most of the prompt."""
+        self._check_open()
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ValueError(f"prompt must be a non-empty list of token ids or of chat messages, got {prompt!r:.80}")
+        if all(isinstance(m, dict) for m in prompt):
+            if self.tokenizer is None:
+                raise ValueError("chat messages need a tokenizer: pass tokenizer= or send token ids")
+            rendered = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, return_dict=False)
+            tokens = list(rendered)
+        else:
+            tokens = check_token_ids(prompt, self._vocab)
+        _check_sampling(sampling)
+        self._check_fits(None, len(tokens), sampling)
+        turn = _Turn(None, list(prompt), sampling, tokens, prefix_keys(tokens, self.block_size))
+        with self._lock:
+            self._dispatch(turn)
+        return self._finish(turn)
+
+    def fork(self, conv_id: str, new_conv_id: str) -> None:
+        """Start new_conv_id as a branch of conv_id: the same history; on the same instance, sharing its KV."""
+        for name, value in (("conv_id", conv_id), ("new_conv_id", new_conv_id)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty str, got {value!r}")
+        with self._lock:
+            self._check_open()
+            conv = self._idle(conv_id)
+            if new_conv_id in self._convs:
+                raise ValueError(f"conversation {new_conv_id!r} already exists")
+            new = _Conversation(list(conv.tokens), conv.messages and [dict(m) for m in conv.messages])
+            if conv.owner in self.alive:
+                try:
+                    self._call(conv.owner, "fork", conv_id, new_conv_id)
+                    new.owner, new.computed = conv.owner, conv.computed // self.block_size * self.block_size
+                except self._ray.exceptions.RayActorError:
+                    self._dead(conv.owner)
+            self._convs[new_conv_id] = new
+
+    def end(self, conv_id: str, forget: bool = False) -> None:
+        """Release a conversation everywhere: the driver's record and the instance's memory (its full chunks stay
+        cached in that instance's prompt tree unless forget)."""
+        if not isinstance(conv_id, str):
+            raise ValueError(f"conv_id must be a str, got {conv_id!r}")
+        with self._lock:
+            self._check_open()
+            conv = self._idle(conv_id)
+            del self._convs[conv_id]
+            if conv.owner in self.alive:
+                self._handles[conv.owner].end.remote(conv_id, forget)
+
+    def conversations(self) -> list[str]:
+        with self._lock:
+            return sorted(self._convs)
+
+    def stats(self) -> dict:
+        """The cluster's counters and every live instance's `stats()`."""
+        with self._lock:
+            alive = sorted(self.alive)
+            counters = dict(self.counters)
+            loads = {name: self.router.load(name) for name in self._handles}
+        per_instance = dict(zip(alive, self._ray.get([self._handles[n].stats.remote() for n in alive]), strict=True))
+        return {
+            "instances": {name: self.roles[name] for name in self._handles},
+            "alive": alive,
+            "conversations": len(self._convs),
+            "in_flight": loads,
+            **counters,
+            "per_instance": per_instance,
+        }
+
+    def ping(self, timeout_s: float = 5.0) -> list[str]:
+        """Ask every instance; those that answer within timeout_s are live (routed to), the rest are not."""
+        refs = {name: h.ping.remote() for name, h in self._handles.items()}
+        ready, _ = self._ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        answered = set()
+        for name, ref in refs.items():
+            if ref in ready:
+                try:
+                    self._ray.get(ref)
+                    answered.add(name)
+                except self._ray.exceptions.RayError:
+                    pass
+        with self._lock:
+            for name in set(self._handles) - answered:
+                self._dead(name)
+            self.alive |= answered
+        return sorted(answered)
+
+    def check_integrity(self) -> None:
+        """Every live instance's cache invariants (tests)."""
+        self._ray.get([self._handles[n].check_integrity.remote() for n in sorted(self.alive)])
+
+    def handle(self, name: str):
+        """The Ray actor of an instance (tests, and MemPool calls of your own)."""
+        return self._handles[name]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for name in sorted(self.alive):
+            try:
+                self._ray.get(self._handles[name].close.remote(), timeout=60)
+            except Exception:  # noqa: BLE001  (closing anyway)
+                pass
+        for handle in self._handles.values():
+            self._ray.kill(handle)
+        if self._started_ray:
+            self._ray.shutdown()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- a turn ------------------------------------------------------------------------------------------------
+
+    def _start(self, conv_id, msg, sampling, streaming: bool = False) -> _Turn:
+        (turn,) = self._start_all([(conv_id, msg)], sampling, streaming)
+        return turn
+
+    def _start_all(self, items, sampling, streaming: bool = False) -> list[_Turn]:
+        """Validate every turn (nothing changes if one is bad), then route and call each."""
+        _check_sampling(sampling)
+        with self._lock:
+            self._check_open()
+            ids = [conv_id for conv_id, _ in items]
+            if len(set(ids)) != len(ids):
+                raise ValueError("two messages for the same conversation in one call")
+            turns = []
+            for conv_id, msg in items:
+                if not isinstance(conv_id, str) or not conv_id:
+                    raise ValueError(f"conv_id must be a non-empty str, got {conv_id!r}")
+                conv = self._convs.get(conv_id) or _Conversation()
+                if conv.busy:
+                    raise ValueError(f"conversation {conv_id!r} already has a turn running")
+                check = lambda ids: check_token_ids(ids, self._vocab)  # noqa: E731
+                tokens, _ = render_turn(self.tokenizer, conv_id, conv.tokens, conv.messages, msg, check)
+                self._check_fits(conv_id, len(tokens), sampling)
+                turns.append(_Turn(conv_id, msg, sampling, tokens, prefix_keys(tokens, self.block_size)))
+            for turn in turns:
+                conv = self._convs.setdefault(turn.conv_id, _Conversation())
+                conv.busy = True
+                self._dispatch(turn, streaming)
+            return turns
+
+    def _dispatch(self, turn: _Turn, streaming: bool = False) -> None:
+        """Route the turn and call its instance (under the lock)."""
+        ray = self._ray
+        turn.attempts += 1
+        conv = self._convs.get(turn.conv_id) if turn.conv_id is not None else None
+        if conv is not None and conv.sendback is not None:  # P/D: the last reply's KV on its way to a prefill instance
+            ray.wait([conv.sendback], timeout=30)
+            conv.sendback = None
+        now = time.monotonic()
+        decoders = sorted(n for n in self.alive if self.roles[n] in DECODERS)
+        route = self.router.route(
+            turn.keys,
+            len(turn.tokens),
+            decoders,
+            now,
+            conv_id=turn.conv_id,
+            owner=conv.owner if conv is not None else None,
+            owner_tokens=conv.computed if conv is not None else 0,
+        )
+        turn.instance = name = route.instance
+        self.counters[f"routed_{route.reason}"] += 1
+        if conv is not None and conv.owner is not None and conv.owner != name:
+            self.counters["moved_conversations"] += 1
+        kv = self._move(turn, conv, route) if route.transfer_from else None
+        kv = self._prefill(turn, route) or kv
+        handle = self._handles[name]
+        self.router.started(name)
+        if turn.conv_id is None:
+            turn.ref = handle.complete.remote(turn.msg, turn.sampling, kv)
+            return
+        history = (list(conv.tokens), conv.messages)
+        if streaming:
+            turn.ref = handle.stream.options(num_returns="streaming").remote(
+                turn.conv_id, turn.msg, turn.sampling, history, kv
+            )
+        else:
+            turn.ref = handle.generate.remote(turn.conv_id, turn.msg, turn.sampling, history, kv)
+
+    def _move(self, turn: _Turn, conv: _Conversation | None, route: Route):
+        """The router chose to move KV: the holder reads it (its conversation's chunks if it owns this one, else its
+        tree's), and the reference goes to the chosen instance with the turn."""
+        source = route.transfer_from
+        start = route.cached // self.block_size
+        if conv is not None and conv.owner == source:
+            ref = self._handles[source].read.remote(None, start, turn.conv_id)
+        else:
+            ref = self._handles[source].read.remote(list(turn.tokens[: route.cached + route.transfer_tokens]), start)
+        self.counters["transfers"] += 1
+        self.counters["transferred_tokens"] += route.transfer_tokens
+        return [ref]  # unresolved by Ray: the instance uses it if it arrives, else recomputes
+
+    def _prefill(self, turn: _Turn, route: Route):
+        """P/D: a prefill instance computes tokens[:-1] past what the decode instance caches; -> the payload's
+        reference (None when the turn is prefilled where it decodes)."""
+        if self.roles[turn.instance] != "decode":
+            return None
+        prefills = sorted(n for n in self.alive if self.roles[n] == "prefill")
+        need = len(turn.tokens) - 1 - route.cached
+        if not prefills or need < self.min_prefill_tokens:
+            return None
+        p = self.router.route(turn.keys, len(turn.tokens), prefills, time.monotonic(), conv_id=turn.conv_id)
+        turn.prefill = p.instance
+        start = route.cached // self.block_size
+        payload, turn.prefilled_ref, turn.evicted_ref = (
+            self._handles[p.instance].prefill.options(num_returns=3).remote(list(turn.tokens[:-1]), start)
+        )
+        self.counters["pd_prefills"] += 1
+        return [payload]
+
+    def _finish(self, turn: _Turn) -> Reply:
+        """Wait for the turn's result, update the record and the router; on a dead instance, run it elsewhere."""
+        ray = self._ray
+        while True:
+            try:
+                result = ray.get(turn.ref)
+                return self._done(turn, result)
+            except ray.exceptions.RayActorError:
+                self._failed(turn)
+            except ray.exceptions.RayTaskError as error:
+                self._failed(turn, error)
+
+    def _failed(self, turn: _Turn, error=None) -> None:
+        """The turn's call failed: bad input (re-raised as the instance raised it) or a dead instance (the turn
+        runs again from the record, elsewhere)."""
+        dead = self._find_dead(turn)
+        with self._lock:
+            self.router.finished(turn.instance)
+            if not dead or turn.attempts > len(self._handles):
+                if turn.conv_id is not None:
+                    conv = self._convs.get(turn.conv_id)
+                    if conv is not None:
+                        conv.busy = False
+                        if conv.owner is None and not conv.tokens:
+                            del self._convs[turn.conv_id]
+                if error is not None:
+                    raise _cause(error) from None
+                raise RuntimeError(f"turn failed: no live instance could serve it (tried {turn.attempts})")
+            self.counters["failovers"] += 1
+            for name in dead:
+                self._dead(name)
+            conv = self._convs.get(turn.conv_id) if turn.conv_id is not None else None
+            if conv is not None and conv.owner in dead:
+                conv.owner, conv.computed = None, 0
+            turn.prefill = turn.prefilled_ref = turn.evicted_ref = None
+            self._dispatch(turn)
+
+    def _abort(self, turn: _Turn) -> None:
+        """A streamed turn failed: the record stays as before the turn; an instance that died is marked."""
+        dead = self._find_dead(turn)
+        with self._lock:
+            self.router.finished(turn.instance)
+            for name in dead:
+                self._dead(name)
+            conv = self._convs.get(turn.conv_id)
+            if conv is not None:
+                conv.busy = False
+                if conv.owner is None and not conv.tokens:
+                    del self._convs[turn.conv_id]
+
+    def _find_dead(self, turn: _Turn, names: list[str] | None = None) -> list[str]:
+        """Of the turn's instances (or `names`), those that do not answer a ping."""
+        if names is None:
+            names = [turn.instance] + ([turn.prefill] if turn.prefill else [])
+        dead = []
+        for name in names:
+            try:
+                self._ray.get(self._handles[name].ping.remote(), timeout=10)
+            except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError):
+                dead.append(name)
+        return dead
+
+    def _done(self, turn: _Turn, result: dict) -> Reply:
+        ray = self._ray
+        reply: Reply = result["reply"]
+        prefilled, prefill_evicted = 0, []
+        if turn.prefilled_ref is not None:
+            try:
+                prefilled, prefill_evicted = ray.get([turn.prefilled_ref, turn.evicted_ref])
+            except ray.exceptions.RayError:  # the prefill failed: the decode instance computed the turn itself
+                with self._lock:
+                    if turn.prefill in self._find_dead(turn, [turn.prefill]):
+                        self._dead(turn.prefill)
+                turn.prefill = None
+        now = time.monotonic()
+        with self._lock:
+            name = turn.instance
+            self.router.finished(name)
+            self.router.evicted(name, result["evicted"])
+            self.counters["turns"] += 1
+            self.counters["tokens_prefilled"] += reply.num_prefilled + prefilled
+            self.counters["tokens_prefilled_remote"] += prefilled
+            self.counters["tokens_new"] += reply.num_new_tokens
+            self.counters["tokens_recomputed"] += reply.num_recomputed
+            self.counters["tokens_reused"] += reply.num_reused_device + reply.num_reused_host + reply.num_reused_disk
+            if turn.prefill is not None:
+                self.router.evicted(turn.prefill, prefill_evicted)
+                self.router.cached(turn.prefill, turn.keys[: (len(turn.tokens) - 1) // self.block_size], now)
+            if turn.conv_id is None:
+                computed = len(turn.tokens) + len(reply.token_ids) - 1
+                self.router.cached(name, turn.keys[: computed // self.block_size], now)
+                return reply
+            conv = self._convs[turn.conv_id]
+            old = conv.owner
+            conv.tokens, conv.messages = result["tokens"], result["messages"]
+            conv.owner, conv.computed, conv.busy = name, result["computed"], False
+            held = prefix_keys(conv.tokens, self.block_size, conv.computed // self.block_size)
+            self.router.cached(name, held, now)
+            if old is not None and old != name and old in self.alive:
+                self._handles[old].end.remote(turn.conv_id)  # its chunks stay cached in old's tree
+            if turn.prefill is not None and turn.prefill in self.alive:  # send-back: the reply's KV to the prefill side
+                start = (len(turn.tokens) - 1) // self.block_size
+                payload = self._handles[name].read.remote(None, start, turn.conv_id)
+                conv.sendback = self._handles[turn.prefill].receive.remote([payload])
+                self.router.cached(turn.prefill, held, now)
+                self.counters["sendbacks"] += 1
+        return reply
+
+    # ---- helpers ----------------------------------------------------------------------------------------------
+
+    def _call(self, name: str, method: str, *args):
+        try:
+            return self._ray.get(getattr(self._handles[name], method).remote(*args))
+        except self._ray.exceptions.RayTaskError as error:
+            raise _cause(error) from None
+
+    def _dead(self, name: str) -> None:
+        if name in self.alive:
+            self.alive.discard(name)
+            self.router.forget(name)
+            self.counters["instances_lost"] += 1
+            for conv in self._convs.values():
+                if conv.owner == name:
+                    conv.owner, conv.computed = None, 0
+
+    def _idle(self, conv_id: str) -> _Conversation:
+        conv = self._convs.get(conv_id)
+        if conv is None:
+            raise KeyError(f"no conversation {conv_id!r}")
+        if conv.busy:
+            raise ValueError(f"conversation {conv_id!r} has a turn running")
+        return conv
+
+    def _check_fits(self, conv_id: str | None, num_tokens: int, sampling: SamplingParams | None) -> None:
+        """The model's positions bound a turn (as on an instance, before any instance is involved)."""
+        total = num_tokens + (sampling.max_new_tokens or 0 if sampling is not None else 0)
+        if total > self._max_positions:
+            what = "a completion" if conv_id is None else f"conversation {conv_id!r}"
+            raise ValueError(
+                f"{what} would reach {total} tokens ({num_tokens} + max_new_tokens), "
+                f"over the model's {self._max_positions} positions"
+            )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Cluster is closed")
+
+
+class ClusterStream(Iterator):
+    """The pieces of a streamed turn; `.reply` waits for the turn and returns its Reply."""
+
+    def __init__(self, cluster: Cluster, turn: _Turn) -> None:
+        self._cluster = cluster
+        self._turn = turn
+        self._reply: Reply | None = None
+
+    def __next__(self):
+        if self._reply is not None:
+            raise StopIteration
+        ray = self._cluster._ray
+        try:
+            item = ray.get(next(self._turn.ref))
+        except ray.exceptions.RayError as error:  # a stream is not re-run elsewhere: its pieces were handed out
+            self._cluster._abort(self._turn)
+            raise _cause(error) from None
+        if isinstance(item, dict):
+            self._reply = self._cluster._done(self._turn, item)
+            raise StopIteration
+        return item
+
+    @property
+    def reply(self) -> Reply:
+        for _ in self:
+            pass
+        return self._reply
+
+
+def _check_sampling(sampling) -> None:
+    if sampling is not None and not isinstance(sampling, SamplingParams):
+        raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+
+
+def _cause(error):
+    """The exception an instance raised (Ray wraps it)."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error

@@ -1,0 +1,195 @@
+"""One instance of a cluster: a `StatefulGenerator` and its `MemPool`, built where it runs (a Ray actor).
+
+Its methods are what the driver calls (pensieve/cluster/cluster.py). The actor is threaded: concurrent turns on
+different conversations arrive on different threads and the generator batches them into the same forwards, as it
+does for threads in one process (pensieve/generator.py). A turn's call carries the driver's record of the
+conversation (its tokens, and messages in text mode), so any instance can serve any turn: one that holds the
+conversation finds the same tokens and changes nothing; another adopts it and computes what its caches lack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pensieve.cluster.mempool import KVPayload, MemPool, MemPoolFull
+from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
+from pensieve.generator import StatefulGenerator
+from pensieve.models.support import model_shape
+
+ROLES = ("colocated", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """How to build an instance where it runs. `model`: a picklable callable returning the model (a module-level
+    function, or functools.partial of one), or a model path / hub id for `AutoModelForCausalLM.from_pretrained`."""
+
+    name: str
+    role: str
+    model: Callable | str
+    tokenizer: object = None
+    cache_config: CacheConfig | None = None
+    scheduler_config: SchedulerConfig | None = None
+    engine_config: EngineConfig | None = None
+    num_threads: int | None = None  # torch threads in the instance's process
+
+
+def load_model(model: Callable | str):
+    if callable(model):
+        return model()
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model).eval()
+
+
+class Instance:
+    def __init__(self, spec: InstanceSpec) -> None:
+        if spec.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {spec.role!r}")
+        if spec.num_threads is not None:
+            torch.set_num_threads(spec.num_threads)
+        self.name, self.role = spec.name, spec.role
+        model = load_model(spec.model)
+        self.gen = StatefulGenerator(
+            model,
+            spec.tokenizer,
+            spec.cache_config,
+            scheduler_config=spec.scheduler_config,
+            engine_config=spec.engine_config,
+        )
+        self.pool = MemPool(self.gen)
+        self._kv = self.gen._engine.kv
+        self._kv.tree.removed = []  # eviction reports: keys the tree dropped since the last reply
+        self.transfers_failed = 0  # KV sent for a turn that could not be used (recomputed instead)
+
+    def info(self) -> dict:
+        shape = model_shape(self.gen._engine.model)
+        storage = self._kv.storage
+        return {
+            "name": self.name,
+            "role": self.role,
+            "block_size": self._kv.block_size,
+            "vocab_size": shape.vocab_size,
+            "max_positions": shape.max_positions,
+            "bytes_per_token": storage.bytes_per_block // self._kv.block_size,
+            "device_blocks": self._kv.device.num_blocks,
+        }
+
+    def ping(self) -> str:
+        return self.name
+
+    # ---- turns --------------------------------------------------------------------------------------------
+
+    def generate(self, conv_id: str, msg, sampling: SamplingParams | None, history, kv: KVPayload | None) -> dict:
+        """One turn on conv_id, whose history is the driver's `history` = (tokens, messages); `kv`: KV a prefill
+        instance computed for the turn, inserted first."""
+        self._prepare(conv_id, history, kv)
+        reply = self.gen.generate(conv_id, msg, sampling)
+        return self._result(reply, conv_id)
+
+    def stream(self, conv_id: str, msg, sampling: SamplingParams | None, history, kv: KVPayload | None):
+        """`generate`, yielding the reply's pieces as they come, then the turn's result (a dict)."""
+        self._prepare(conv_id, history, kv)
+        pieces = self.gen.stream(conv_id, msg, sampling)
+        for piece in pieces:  # noqa: UP028  (not `yield from`: Ray drives the generator with send())
+            yield piece
+        yield self._result(pieces.reply, conv_id)
+
+    def complete(self, prompt, sampling: SamplingParams | None, kv: KVPayload | None) -> dict:
+        if kv is not None:
+            self._receive(kv)
+        return self._result(self.gen.complete(prompt, sampling), None)
+
+    def prefill(self, tokens: list[int], start: int) -> tuple[KVPayload | None, int, list[bytes]]:
+        """P/D: compute KV for tokens (attending to what this instance caches; they stay cached here) and return it
+        from block `start` on for the decode instance, with the tokens prefilled here and the eviction report. (The
+        driver calls it with num_returns=3, and hands the payload's reference straight to the decode instance.)"""
+        reply = self.gen.complete(list(tokens), SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True))
+        return self.pool.read(list(tokens), start), reply.num_prefilled, self._evicted()
+
+    def _prepare(self, conv_id: str, history, kv: KVPayload | None) -> None:
+        if kv is not None:
+            self._receive(kv)
+        if history is not None:
+            tokens, messages = history
+
+            def sync():
+                conv = self._kv.lookup(conv_id)
+                if conv is None or conv.tokens != tokens or conv.messages != messages:
+                    self.gen._engine.adopt(conv_id, tokens, messages)
+
+            self.pool._run(sync)
+
+    def _receive(self, kv) -> int:
+        """Insert KV sent for a turn: a KVPayload, or [ObjectRef] of one (left unresolved by Ray so that a transfer
+        that failed — its sender died, or had nothing — costs a recompute here instead of failing the turn)."""
+        if isinstance(kv, list):
+            import ray
+
+            try:
+                kv = ray.get(kv[0])
+            except ray.exceptions.RayError:
+                self.transfers_failed += 1
+                return 0
+        if kv is None:
+            return 0
+        try:
+            return self.pool.receive(kv)
+        except MemPoolFull:  # no room here: the turn computes it instead
+            self.transfers_failed += 1
+            return 0
+
+    def _result(self, reply, conv_id: str | None) -> dict:
+        def state():
+            conv = self._kv.conversations.get(conv_id) if conv_id is not None else None
+            if conv is None:
+                return None, None, 0
+            return list(conv.tokens), conv.messages and [dict(m) for m in conv.messages], conv.num_computed
+
+        tokens, messages, computed = self.pool._run(state)
+        return {
+            "reply": reply,
+            "tokens": tokens,
+            "messages": messages,
+            "computed": computed,
+            "evicted": self._evicted(),
+        }
+
+    def _evicted(self) -> list[bytes]:
+        def take():
+            keys, self._kv.tree.removed = self._kv.tree.removed, []
+            return keys
+
+        return self.pool._run(take)
+
+    # ---- MemPool and conversations ---------------------------------------------------------------------------
+
+    def read(self, tokens=None, start: int = 0, conv_id: str | None = None) -> KVPayload | None:
+        return self.pool.read(tokens, start, conv_id)
+
+    def receive(self, payload) -> int:
+        """Insert a payload (or [ObjectRef] of one; None: nothing was sent); a failed or refused transfer is not an
+        error here (the KV is recomputed where it is needed). -> chunks inserted."""
+        return self._receive(payload)
+
+    def match(self, tokens) -> int:
+        return self.pool.match(tokens).num_tokens
+
+    def fork(self, conv_id: str, new_conv_id: str) -> None:
+        self.gen.fork(conv_id, new_conv_id)
+
+    def end(self, conv_id: str, forget: bool = False) -> None:
+        if conv_id in self.gen.conversations():
+            self.gen.end(conv_id, forget)
+
+    def stats(self) -> dict:
+        return {**self.gen.stats(), "transfers_failed": self.transfers_failed}
+
+    def check_integrity(self) -> None:
+        self.pool._run(self.gen._engine.check_integrity)
+
+    def close(self) -> None:
+        self.gen.close()

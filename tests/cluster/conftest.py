@@ -1,0 +1,21 @@
+"""One local Ray runtime for the whole test session (started by the first cluster test, stopped at the end)."""
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def ray_runtime():
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=256 * 2**20,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},  # instances import tests.tiny's model factories
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,215 @@
+"""Cluster on a local Ray runtime: every reply equals HF generate over the full history (float64 tiny models),
+for colocated, P/D and mixed roles, after KV transfers and rebalancing, and after an instance is killed."""
+
+import asyncio
+import functools
+
+import pytest
+
+from pensieve import CacheConfig, SamplingParams
+from pensieve.models.smollm2 import GGUF_NAME, smollm2_path
+from tests.tiny import hf_greedy, oracle_copy, tiny_model
+
+pytestmark = pytest.mark.slow
+
+BS = 4
+GREEDY = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+
+
+def _msg(seed: int, n: int = 6) -> list[int]:
+    return [3 + (seed * 37 + i * 13) % 110 for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path(), gguf_file=GGUF_NAME)
+
+
+@pytest.fixture(scope="module")
+def mixed(ray_runtime, tokenizer):
+    """A colocated instance, a prefill instance and a decode instance; a text-capable tiny model."""
+    from pensieve.cluster import Cluster
+
+    factory = functools.partial(tiny_model, "llama", seed=5, vocab=len(tokenizer))
+    cluster = Cluster(
+        factory,
+        tokenizer,
+        roles=["colocated", "prefill", "decode"],
+        cache_config=CacheConfig(block_size=BS, num_device_blocks=96),
+        num_threads=1,
+    )
+    oracle = oracle_copy(factory())
+    oracle.generation_config.eos_token_id = None
+    yield cluster, oracle
+    cluster.close()
+
+
+def _turn(cluster, oracle, histories, conv_id, msg):
+    reply = cluster.generate(conv_id, msg, GREEDY)
+    history = histories.get(conv_id, []) + msg
+    assert reply.token_ids == hf_greedy(oracle, history, GREEDY.max_new_tokens), conv_id
+    histories[conv_id] = history + reply.token_ids
+    return reply
+
+
+def test_colocated_and_pd_turns_are_exact(mixed):
+    cluster, oracle = mixed
+    histories: dict = {}
+    for turn in range(3):
+        for conv in ("a", "b", "c", "d"):
+            _turn(cluster, oracle, histories, conv, _msg(turn * 5 + ord(conv), 6 + turn))
+        cluster.check_integrity()
+    owners = {cluster._convs[c].owner for c in "abcd"}
+    assert owners == {"colocated-0", "decode-2"}  # new conversations spread over both decoding instances
+    batch = {c: _msg(ord(c), 5) for c in "abcd"}
+    replies = cluster.generate_batch(batch, GREEDY)
+    for c, reply in replies.items():
+        histories[c] += batch[c]
+        assert reply.token_ids == hf_greedy(oracle, histories[c], GREEDY.max_new_tokens)
+        histories[c] += reply.token_ids
+    cluster.check_integrity()
+    stats = cluster.stats()
+    assert stats["pd_prefills"] > 0 and stats["sendbacks"] > 0 and stats.get("failovers", 0) == 0
+
+
+def test_pd_with_send_back_prefills_only_the_new_tokens(mixed):
+    cluster, oracle = mixed
+    histories: dict = {}
+    conv = None
+    for i in range(4):  # find a new conversation the router puts on the decode instance
+        name = f"pd-{i}"
+        _turn(cluster, oracle, histories, name, _msg(40 + i, 9))
+        if cluster._convs[name].owner == "decode-2":
+            conv = name
+            break
+    assert conv is not None
+    for turn in range(3):
+        before = cluster.stats()["tokens_prefilled_remote"]
+        reply = _turn(cluster, oracle, histories, conv, _msg(50 + turn, 7))
+        remote = cluster.stats()["tokens_prefilled_remote"] - before
+        # the prefill instance computed the new tokens only (the reply came back), the decode instance the last one
+        assert remote == reply.num_new_tokens, (turn, remote, reply.num_new_tokens)
+        assert reply.num_prefilled == 1 and reply.num_recomputed == 0
+    cluster.check_integrity()
+
+
+def test_text_mode_stream_complete_fork_end(mixed, tokenizer):
+    cluster, oracle = mixed
+    sp = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
+
+    def hf(messages):
+        ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+        return hf_greedy(oracle, ids, sp.max_new_tokens)
+
+    messages = []
+    for text in ("Hello there", "Tell me about cats"):
+        reply = cluster.generate("text", text, sp)
+        messages.append({"role": "user", "content": text})
+        assert reply.token_ids == hf(messages)
+        messages.append({"role": "assistant", "content": reply.text})
+    stream = cluster.stream("text", "And dogs?", sp)
+    pieces = list(stream)
+    messages.append({"role": "user", "content": "And dogs?"})
+    assert stream.reply.token_ids == hf(messages) and "".join(pieces) == stream.reply.text
+    messages.append({"role": "assistant", "content": stream.reply.text})
+    reply = asyncio.run(cluster.agenerate("text", "Thanks!", sp))
+    assert reply.token_ids == hf([*messages, {"role": "user", "content": "Thanks!"}])
+    done = cluster.complete([{"role": "user", "content": "Hello there"}], sp)
+    assert done.conv_id is None and done.token_ids == hf(messages[:1])
+    cluster.fork("text", "text-branch")
+    branch = cluster.generate("text-branch", "Bye", sp)
+    later = [{"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": reply.text}]
+    assert branch.token_ids == hf([*messages, *later, {"role": "user", "content": "Bye"}])
+    cluster.end("text-branch")
+    assert "text-branch" not in cluster.conversations()
+    with pytest.raises(KeyError):
+        cluster.end("text-branch")
+    cluster.check_integrity()
+
+
+def test_bad_input_gets_the_single_instance_errors_and_changes_nothing(mixed):
+    cluster, oracle = mixed
+    histories: dict = {}
+    _turn(cluster, oracle, histories, "bad", _msg(1))
+    before = cluster.conversations()
+    cases = [
+        (lambda: cluster.generate(7, _msg(2)), "conv_id must be a non-empty str"),
+        (lambda: cluster.generate("bad", "a str in raw mode"), "raw token mode"),
+        (lambda: cluster.generate("bad", [10**6]), r"token ids must be ints in \[0, "),
+        (lambda: cluster.generate("bad", []), "non-empty str or list of token ids"),
+        (lambda: cluster.generate("bad", _msg(2), {"max_new_tokens": 3}), "sampling must be a SamplingParams"),
+        (lambda: cluster.generate_batch({"bad": _msg(2), "new": [10**6]}), "token ids must be ints"),
+        (lambda: cluster.generate("huge", _msg(3, 200), SamplingParams(max_new_tokens=400)), "positions"),
+        (lambda: cluster.complete([]), "prompt must be a non-empty list"),
+        (lambda: cluster.fork("nobody", "x"), "nobody"),
+    ]
+    for call, message in cases:
+        with pytest.raises((ValueError, KeyError), match=message):
+            call()
+    assert cluster.conversations() == before
+    _turn(cluster, oracle, histories, "bad", _msg(4))  # unchanged: the next turn is exact
+    cluster.check_integrity()
+
+
+@pytest.fixture(scope="module")
+def pair(ray_runtime):
+    """Two colocated instances; the router moves KV as soon as load is imbalanced (transfer priced cheap)."""
+    from pensieve.cluster import Cluster, RouterConfig
+
+    factory = functools.partial(tiny_model, "llama", seed=6)
+    router = RouterConfig(balance_abs_threshold=1, balance_rel_threshold=1.0, prefill_tokens_per_s=50.0, queue_s=1.0)
+    cluster = Cluster(
+        factory,
+        roles=["colocated", "colocated"],
+        cache_config=CacheConfig(block_size=BS, num_device_blocks=128),
+        router_config=router,
+        num_threads=1,
+    )
+    yield cluster, oracle_copy(factory())
+    cluster.close()
+
+
+def test_rebalancing_moves_conversations_with_their_kv_exactly(pair):
+    cluster, oracle = pair
+    system = _msg(99, 10 * BS)
+    histories: dict = {}
+    for i in range(6):  # one after another: all on the instance holding the shared system prompt
+        _turn(cluster, oracle, histories, f"r{i}", system + _msg(i))
+    assert {cluster._convs[f"r{i}"].owner for i in range(6)} == {"colocated-0"}
+    batch = {f"r{i}": _msg(10 + i) for i in range(6)}
+    replies = cluster.generate_batch(batch, GREEDY)  # dispatched together: the load on colocated-0 piles up
+    for conv, reply in replies.items():
+        histories[conv] += batch[conv]
+        assert reply.token_ids == hf_greedy(oracle, histories[conv], GREEDY.max_new_tokens), conv
+        histories[conv] += reply.token_ids
+    stats = cluster.stats()
+    assert stats["routed_balance"] > 0 and stats["transfers"] > 0 and stats["moved_conversations"] > 0
+    moved = [c for c in batch if cluster._convs[c].owner == "colocated-1"]
+    assert moved
+    received = stats["per_instance"]["colocated-1"]["received_chunks"]
+    assert received > 0
+    for conv in moved:  # they go on there, exactly, from the KV that was moved
+        reply = _turn(cluster, oracle, histories, conv, _msg(30))
+        assert reply.num_recomputed == 0
+    cluster.check_integrity()
+
+
+def test_a_killed_instance_loses_no_conversation(pair, ray_runtime):
+    cluster, oracle = pair
+    histories: dict = {}
+    for conv in ("k0", "k1", "k2"):
+        _turn(cluster, oracle, histories, conv, _msg(ord(conv[1]), 9))
+    victim = cluster._convs["k0"].owner
+    ray_runtime.kill(cluster.handle(victim))
+    for turn in range(2):
+        for conv in ("k0", "k1", "k2"):
+            _turn(cluster, oracle, histories, conv, _msg(turn + ord(conv[1]), 5))
+    stats = cluster.stats()
+    assert victim not in stats["alive"] and stats["failovers"] >= 1 and stats["instances_lost"] == 1
+    assert {cluster._convs[c].owner for c in ("k0", "k1", "k2")} == set(stats["alive"])
+    assert cluster.ping() == stats["alive"]
+    survivor = stats["alive"][0]
+    assert stats["per_instance"][survivor]["tokens_recomputed"] > 0  # the victim's conversations, recomputed
+    cluster.check_integrity()
