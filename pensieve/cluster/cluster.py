@@ -26,6 +26,7 @@ its replies stay exact (what the new instance lacks is recomputed). A transfer t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import threading
@@ -97,6 +98,7 @@ class Cluster:
         num_threads: int | None = None,
         object_store_memory: int | None = None,
         min_prefill_tokens: int | None = None,
+        send_back: bool = True,
     ) -> None:
         """model: a picklable callable that returns the model (built on each instance), or a model path.
         roles: one per instance, "colocated" | "prefill" | "decode" (prefill needs a decode instance).
@@ -104,7 +106,8 @@ class Cluster:
         "auto" (or an address) joins a running Ray cluster. num_cpus: Ray CPUs per instance (default: the free CPUs
         shared evenly); num_threads: torch threads per instance (default: the cluster's CPUs shared evenly, >= 1).
         min_prefill_tokens: P/D hands a turn to a prefill instance only when it has at least this many tokens to
-        prefill (default: one block); shorter ones are prefilled where they decode."""
+        prefill (default: one block); shorter ones are prefilled where they decode. send_back: P/D sends each reply's
+        KV back to the prefill instance (False: the next turn's prefill recomputes it; benchmarks' baseline)."""
         roles = list(roles)
         if not roles or any(r not in ROLES for r in roles):
             raise ValueError(f"roles must be a non-empty list of {ROLES}, got {roles!r}")
@@ -155,6 +158,7 @@ class Cluster:
             config = RouterConfig(**{**config.__dict__, "bytes_per_token": info["bytes_per_token"]})
         self.router = Router(list(self._handles), self.block_size, config)
         self.min_prefill_tokens = self.block_size if min_prefill_tokens is None else min_prefill_tokens
+        self.send_back = send_back
         self.alive: set[str] = set(self._handles)
         self.counters: Counter[str] = Counter()
         self._convs: dict[str, _Conversation] = {}
@@ -475,13 +479,15 @@ class Cluster:
                     if turn.prefill in self._find_dead(turn, [turn.prefill]):
                         self._dead(turn.prefill)
                 turn.prefill = None
+        if prefilled:  # the turn's prefill, wherever it ran
+            reply = dataclasses.replace(reply, num_prefilled=reply.num_prefilled + prefilled)
         now = time.monotonic()
         with self._lock:
             name = turn.instance
             self.router.finished(name)
             self.router.evicted(name, result["evicted"])
             self.counters["turns"] += 1
-            self.counters["tokens_prefilled"] += reply.num_prefilled + prefilled
+            self.counters["tokens_prefilled"] += reply.num_prefilled
             self.counters["tokens_prefilled_remote"] += prefilled
             self.counters["tokens_new"] += reply.num_new_tokens
             self.counters["tokens_recomputed"] += reply.num_recomputed
@@ -501,7 +507,7 @@ class Cluster:
             self.router.cached(name, held, now)
             if old is not None and old != name and old in self.alive:
                 self._handles[old].end.remote(turn.conv_id)  # its chunks stay cached in old's tree
-            if turn.prefill is not None and turn.prefill in self.alive:  # send-back: the reply's KV to the prefill side
+            if self.send_back and turn.prefill is not None and turn.prefill in self.alive:  # the reply's KV goes back
                 start = (len(turn.tokens) - 1) // self.block_size
                 payload = self._handles[name].read.remote(None, start, turn.conv_id)
                 conv.sendback = self._handles[turn.prefill].receive.remote([payload])

@@ -84,3 +84,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     return model, tokenizer
+
+
+def smollm2_model(dtype: str = "float32"):
+    """The model alone: a picklable factory for cluster instances (`functools.partial(smollm2_model, "bfloat16")`)."""
+    return load_smollm2(getattr(torch, dtype))[0]

@@ -91,7 +91,7 @@ def test_pd_with_send_back_prefills_only_the_new_tokens(mixed):
         remote = cluster.stats()["tokens_prefilled_remote"] - before
         # the prefill instance computed the new tokens only (the reply came back), the decode instance the last one
         assert remote == reply.num_new_tokens, (turn, remote, reply.num_new_tokens)
-        assert reply.num_prefilled == 1 and reply.num_recomputed == 0
+        assert reply.num_prefilled == reply.num_new_tokens + 1 and reply.num_recomputed == 0  # + the last one
     cluster.check_integrity()
 
 
