@@ -117,6 +117,43 @@ def run_config(name: str, args, convs) -> dict:
     return summarize(name, roles, policy, turns, stats, jct, args)
 
 
+def measure_transfer(args, sizes=(256, 1024, 2048)) -> list[dict]:
+    """Moving a prefix between two instances (MemPool read -> receive through the object store) vs computing it
+    there: what the router's cost model weighs."""
+    import ray
+
+    from pensieve.cluster import Cluster
+
+    cluster = Cluster(
+        functools.partial(smollm2_model, args.dtype),
+        roles=["colocated", "colocated"],
+        cache_config=CacheConfig(block_size=BLOCK_SIZE, num_device_blocks=args.device_blocks),
+        engine_config=EngineConfig(compile=args.compile),
+        num_threads=1,
+    )
+    rows = []
+    try:
+        a, b = cluster.handle("colocated-0"), cluster.handle("colocated-1")
+        one = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
+        rng = random.Random(args.seed + 1)
+        for n in tqdm(sizes, desc="transfer", leave=False):
+            tokens = [rng.randrange(1000, 40000) for _ in range(n)]
+            t0 = time.perf_counter()
+            ray.get(a.complete.remote(tokens, one, None))
+            compute = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            payload = a.read.remote(tokens, 0)
+            inserted = ray.get(b.receive.remote([payload]))
+            move = time.perf_counter() - t0
+            nbytes = ray.get(payload).nbytes
+            assert ray.get(b.match.remote(tokens)) == n, "the moved prefix is not cached on the receiver"
+            rows.append({"tokens": n, "compute_s": compute, "transfer_s": move, "bytes": nbytes, "chunks": inserted,
+                         "transfer_MB_s": nbytes / move / 1e6, "prefill_tok_s": n / compute})  # fmt: skip
+    finally:
+        cluster.close()
+    return rows
+
+
 def summarize(name, roles, policy, turns, stats, jct, args) -> dict:
     prefilled = sum(t["prefilled"] for t in turns)
     reused = sum(t["reused"] for t in turns)
@@ -199,6 +236,7 @@ def main(argv=None) -> None:
     names = list(CONFIGS) if args.configs == "all" else args.configs.split(",")
     convs, _ = make_workload(args)
     summaries = [run_config(name, args, convs) for name in names]
+    transfers = measure_transfer(args)
     ray.shutdown()
     print(f"\n{len(convs)} conversations x {args.turns} turns, {args.prompts} system prompts of {args.system_tokens}"
           f" tokens, replies {args.reply_tokens} tokens, {args.dtype}, 2 instances x 1 thread")  # fmt: skip
@@ -215,10 +253,14 @@ def main(argv=None) -> None:
         print(f"prompt_tree recomputes {1 - pt['recomputed'] / max(rr['recomputed'], 1):.0%} fewer tokens than "
               f"round_robin, {1 - pt['recomputed'] / max(se['recomputed'], 1):.0%} fewer than session; "
               f"TTFT p99 {pt['ttft_p99_s']:.3f} vs {rr['ttft_p99_s']:.3f} / {se['ttft_p99_s']:.3f} s")  # fmt: skip
+    print("moving a prefix between instances vs computing it (one instance, 1 thread):")
+    for t in transfers:
+        print(f"  {t['tokens']} tokens: compute {t['compute_s']:.2f} s ({t['prefill_tok_s']:.0f} tok/s), transfer "
+              f"{t['transfer_s'] * 1e3:.0f} ms ({t['bytes'] / 1e6:.1f} MB, {t['transfer_MB_s']:.0f} MB/s)")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"args": vars(args), "machine": platform.platform(), "torch": torch.__version__, "time": time.ctime()}
-    out.write_text(json.dumps({"meta": meta, "rows": summaries}, indent=1))
+    out.write_text(json.dumps({"meta": meta, "rows": summaries, "transfer": transfers}, indent=1))
     print(f"results: {out}")
     plot(summaries, out.with_suffix(".png"))
 

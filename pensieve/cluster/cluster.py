@@ -18,9 +18,10 @@ tokens (and chat messages in text mode) after each completed turn, and which ins
    load counts are updated; P/D: the decode instance sends the reply's KV back to the prefill instance, so the
    next turn's prefill computes only the new message (MemServe's PD-Caching with send-back).
 
-Faults: a call that fails because its instance died marks it dead (never routed to again; `ping` brings back an
-instance that answers), and the turn runs again elsewhere from the record: the conversation loses nothing and
-its replies stay exact (what the new instance lacks is recomputed). A transfer that fails is skipped (recompute).
+Faults: a call that fails because its instance died marks it gone (never routed to again), and the turn runs
+again elsewhere from the record: the conversation loses nothing and its replies stay exact (what the new instance
+lacks is recomputed). Instances are pinged every `health_check_s` without waiting; one that has not answered within
+`ping_timeout_s` is not routed to until it answers. A transfer that fails is skipped (the receiver recomputes).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from pensieve.cache.tree import prefix_keys
 from pensieve.cluster.instance import ROLES, Instance, InstanceSpec
 from pensieve.cluster.router import Route, Router, RouterConfig
 from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
-from pensieve.engine.engine import check_token_ids, render_turn
+from pensieve.engine.engine import check_token_ids, render_turn, require_idle
 from pensieve.engine.turn import Reply
 
 DECODERS = ("colocated", "decode")
@@ -99,6 +100,8 @@ class Cluster:
         object_store_memory: int | None = None,
         min_prefill_tokens: int | None = None,
         send_back: bool = True,
+        health_check_s: float = 5.0,
+        ping_timeout_s: float = 10.0,
     ) -> None:
         """model: a picklable callable that returns the model (built on each instance), or a model path.
         roles: one per instance, "colocated" | "prefill" | "decode" (prefill needs a decode instance).
@@ -107,7 +110,9 @@ class Cluster:
         shared evenly); num_threads: torch threads per instance (default: the cluster's CPUs shared evenly, >= 1).
         min_prefill_tokens: P/D hands a turn to a prefill instance only when it has at least this many tokens to
         prefill (default: one block); shorter ones are prefilled where they decode. send_back: P/D sends each reply's
-        KV back to the prefill instance (False: the next turn's prefill recomputes it; benchmarks' baseline)."""
+        KV back to the prefill instance (False: the next turn's prefill recomputes it; benchmarks' baseline).
+        health_check_s / ping_timeout_s: how often instances are pinged (without waiting), and how long one may take
+        to answer before it is not routed to (until it answers)."""
         roles = list(roles)
         if not roles or any(r not in ROLES for r in roles):
             raise ValueError(f"roles must be a non-empty list of {ROLES}, got {roles!r}")
@@ -159,7 +164,11 @@ class Cluster:
         self.router = Router(list(self._handles), self.block_size, config)
         self.min_prefill_tokens = self.block_size if min_prefill_tokens is None else min_prefill_tokens
         self.send_back = send_back
-        self.alive: set[str] = set(self._handles)
+        self.alive: set[str] = set(self._handles)  # routed to
+        self._gone: set[str] = set()  # dead actors
+        self._pings: dict[str, tuple] = {}  # instance -> (ObjectRef of a ping not yet answered, when it was sent)
+        self.health_check_s, self.ping_timeout_s = health_check_s, ping_timeout_s
+        self._last_health = time.monotonic()
         self.counters: Counter[str] = Counter()
         self._convs: dict[str, _Conversation] = {}
         self._lock = threading.RLock()  # the driver's state: records, router, counters
@@ -246,12 +255,16 @@ class Cluster:
         """The cluster's counters and every live instance's `stats()`."""
         with self._lock:
             alive = sorted(self.alive)
+            reachable = sorted(set(self._handles) - self._gone)
             counters = dict(self.counters)
             loads = {name: self.router.load(name) for name in self._handles}
-        per_instance = dict(zip(alive, self._ray.get([self._handles[n].stats.remote() for n in alive]), strict=True))
+        per_instance = dict(
+            zip(reachable, self._ray.get([self._handles[n].stats.remote() for n in reachable]), strict=True)
+        )
         return {
             "instances": {name: self.roles[name] for name in self._handles},
             "alive": alive,
+            "gone": sorted(self._gone),
             "conversations": len(self._convs),
             "in_flight": loads,
             **counters,
@@ -259,26 +272,50 @@ class Cluster:
         }
 
     def ping(self, timeout_s: float = 5.0) -> list[str]:
-        """Ask every instance; those that answer within timeout_s are live (routed to), the rest are not."""
-        refs = {name: h.ping.remote() for name, h in self._handles.items()}
-        ready, _ = self._ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-        answered = set()
-        for name, ref in refs.items():
-            if ref in ready:
-                try:
-                    self._ray.get(ref)
-                    answered.add(name)
-                except self._ray.exceptions.RayError:
-                    pass
+        """Ask every instance now: those that answer within timeout_s are routed to; the others are not until they
+        answer (a dead one never does). -> the live instances."""
+        refs = {name: self._handles[name].ping.remote() for name in self._handles if name not in self._gone}
+        self._ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
         with self._lock:
-            for name in set(self._handles) - answered:
-                self._dead(name)
-            self.alive |= answered
-        return sorted(answered)
+            now = time.monotonic()
+            for name, ref in refs.items():
+                self._pings[name] = (ref, now - timeout_s)  # (counts as sent timeout_s ago)
+            self._check_pings(now, timeout_s)
+            return sorted(self.alive)
+
+    def _health(self) -> None:
+        """Every `health_check_s`, ping every instance without waiting; look at earlier pings' answers (under the
+        lock, at each dispatch): answered -> live again; no answer after `ping_timeout_s` -> not routed to; the actor
+        died -> gone for good."""
+        now = time.monotonic()
+        self._check_pings(now, self.ping_timeout_s)
+        if now - self._last_health >= self.health_check_s:
+            self._last_health = now
+            for name, handle in self._handles.items():
+                if name not in self._gone and name not in self._pings:
+                    self._pings[name] = (handle.ping.remote(), now)
+
+    def _check_pings(self, now: float, timeout_s: float) -> None:
+        ray = self._ray
+        for name, (ref, sent) in list(self._pings.items()):
+            ready, _ = ray.wait([ref], timeout=0)
+            if ready:
+                del self._pings[name]
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError:
+                    self._dead(name)
+                    continue
+                if name not in self.alive:
+                    self.alive.add(name)
+                    self.counters["instances_back"] += 1
+            elif now - sent >= timeout_s and name in self.alive:
+                self.alive.discard(name)  # slow: not routed to until it answers (its index is kept)
+                self.counters["instances_unresponsive"] += 1
 
     def check_integrity(self) -> None:
         """Every live instance's cache invariants (tests)."""
-        self._ray.get([self._handles[n].check_integrity.remote() for n in sorted(self.alive)])
+        self._ray.get([self._handles[n].check_integrity.remote() for n in sorted(set(self._handles) - self._gone)])
 
     def handle(self, name: str):
         """The Ray actor of an instance (tests, and MemPool calls of your own)."""
@@ -289,7 +326,7 @@ class Cluster:
             if self._closed:
                 return
             self._closed = True
-        for name in sorted(self.alive):
+        for name in sorted(set(self._handles) - self._gone):
             try:
                 self._ray.get(self._handles[name].close.remote(), timeout=60)
             except Exception:  # noqa: BLE001  (closing anyway)
@@ -344,6 +381,7 @@ class Cluster:
         if conv is not None and conv.sendback is not None:  # P/D: the last reply's KV on its way to a prefill instance
             ray.wait([conv.sendback], timeout=30)
             conv.sendback = None
+        self._health()
         now = time.monotonic()
         decoders = sorted(n for n in self.alive if self.roles[n] in DECODERS)
         route = self.router.route(
@@ -434,8 +472,6 @@ class Cluster:
                     raise _cause(error) from None
                 raise RuntimeError(f"turn failed: no live instance could serve it (tried {turn.attempts})")
             self.counters["failovers"] += 1
-            for name in dead:
-                self._dead(name)
             conv = self._convs.get(turn.conv_id) if turn.conv_id is not None else None
             if conv is not None and conv.owner in dead:
                 conv.owner, conv.computed = None, 0
@@ -444,11 +480,9 @@ class Cluster:
 
     def _abort(self, turn: _Turn) -> None:
         """A streamed turn failed: the record stays as before the turn; an instance that died is marked."""
-        dead = self._find_dead(turn)
+        self._find_dead(turn)
         with self._lock:
             self.router.finished(turn.instance)
-            for name in dead:
-                self._dead(name)
             conv = self._convs.get(turn.conv_id)
             if conv is not None:
                 conv.busy = False
@@ -456,16 +490,26 @@ class Cluster:
                     del self._convs[turn.conv_id]
 
     def _find_dead(self, turn: _Turn, names: list[str] | None = None) -> list[str]:
-        """Of the turn's instances (or `names`), those that do not answer a ping."""
+        """Of the turn's instances (or `names`), those that do not answer a ping within ping_timeout_s. Each is
+        marked: gone for good if its actor died, else not routed to until it answers."""
         if names is None:
             names = [turn.instance] + ([turn.prefill] if turn.prefill else [])
-        dead = []
+        failed = []
         for name in names:
             try:
-                self._ray.get(self._handles[name].ping.remote(), timeout=10)
-            except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError):
-                dead.append(name)
-        return dead
+                self._ray.get(self._handles[name].ping.remote(), timeout=self.ping_timeout_s)
+            except self._ray.exceptions.RayActorError:
+                failed.append(name)
+                with self._lock:
+                    self._dead(name)
+            except self._ray.exceptions.GetTimeoutError:
+                failed.append(name)
+                with self._lock:
+                    if name in self.alive:
+                        self.alive.discard(name)
+                        self.counters["instances_unresponsive"] += 1
+                        self._pings.setdefault(name, (self._handles[name].ping.remote(), time.monotonic()))
+        return failed
 
     def _done(self, turn: _Turn, result: dict) -> Reply:
         ray = self._ray
@@ -475,9 +519,7 @@ class Cluster:
             try:
                 prefilled, prefill_evicted = ray.get([turn.prefilled_ref, turn.evicted_ref])
             except ray.exceptions.RayError:  # the prefill failed: the decode instance computed the turn itself
-                with self._lock:
-                    if turn.prefill in self._find_dead(turn, [turn.prefill]):
-                        self._dead(turn.prefill)
+                self._find_dead(turn, [turn.prefill])
                 turn.prefill = None
         if prefilled:  # the turn's prefill, wherever it ran
             reply = dataclasses.replace(reply, num_prefilled=reply.num_prefilled + prefilled)
@@ -524,7 +566,10 @@ class Cluster:
             raise _cause(error) from None
 
     def _dead(self, name: str) -> None:
-        if name in self.alive:
+        """The instance's actor is gone: never routed to again, and nothing is cached there."""
+        if name not in self._gone:
+            self._gone.add(name)
+            self._pings.pop(name, None)
             self.alive.discard(name)
             self.router.forget(name)
             self.counters["instances_lost"] += 1
@@ -534,11 +579,7 @@ class Cluster:
 
     def _idle(self, conv_id: str) -> _Conversation:
         conv = self._convs.get(conv_id)
-        if conv is None:
-            raise KeyError(f"no conversation {conv_id!r}")
-        if conv.busy:
-            raise ValueError(f"conversation {conv_id!r} has a turn running")
-        return conv
+        return require_idle(conv_id, conv, conv is not None and conv.busy)
 
     def _check_fits(self, conv_id: str | None, num_tokens: int, sampling: SamplingParams | None) -> None:
         """The model's positions bound a turn (as on an instance, before any instance is involved)."""

@@ -404,11 +404,7 @@ class Engine:
     def _idle_conversation(self, conv_id: str):
         """The conversation (loaded from disk if stored there); KeyError if none, ValueError if a turn runs on it."""
         conv = self.kv.lookup(conv_id)
-        if conv is None:
-            raise KeyError(f"no conversation {conv_id!r}")
-        if conv.pinned:
-            raise ValueError(f"conversation {conv_id!r} has a turn running")
-        return conv
+        return require_idle(conv_id, conv, conv is not None and conv.pinned)
 
     def conversations(self) -> list[str]:
         stored = self.kv.disk.index if self.kv.disk is not None else {}
@@ -483,6 +479,15 @@ COUNTERS = (
     "received_chunks",  # chunks written by a transfer from another instance (MemPool.receive)
     "inserted_chunks",  # chunks indexed by MemPool.insert (received ones included)
 )
+
+
+def require_idle(conv_id: str, conv, running: bool):
+    """conv, unless there is none (KeyError) or a turn runs on it (ValueError): the errors every API gives."""
+    if conv is None:
+        raise KeyError(f"no conversation {conv_id!r}")
+    if running:
+        raise ValueError(f"conversation {conv_id!r} has a turn running")
+    return conv
 
 
 def check_token_ids(ids, vocab: int) -> list[int]:

@@ -3,6 +3,7 @@ for colocated, P/D and mixed roles, after KV transfers and rebalancing, and afte
 
 import asyncio
 import functools
+import time
 
 import pytest
 
@@ -194,6 +195,21 @@ def test_rebalancing_moves_conversations_with_their_kv_exactly(pair):
         reply = _turn(cluster, oracle, histories, conv, _msg(30))
         assert reply.num_recomputed == 0
     cluster.check_integrity()
+
+
+def test_an_unanswered_ping_stops_routing_until_the_answer_comes(pair):
+    cluster, oracle = pair
+    before = cluster.stats()
+    live = cluster.ping(timeout_s=0)  # nobody answers within no time: not routed to (until they answer)
+    stats = cluster.stats()
+    lost = stats.get("instances_unresponsive", 0) - before.get("instances_unresponsive", 0)
+    assert lost == 2 - len(live) and sorted(live) == stats["alive"]
+    time.sleep(0.5)
+    histories: dict = {}
+    _turn(cluster, oracle, histories, "p0", _msg(77))  # the answers arrived: both are routed to again
+    stats = cluster.stats()
+    assert stats["alive"] == ["colocated-0", "colocated-1"]
+    assert stats.get("instances_back", 0) - before.get("instances_back", 0) == lost
 
 
 def test_a_killed_instance_loses_no_conversation(pair, ray_runtime):
