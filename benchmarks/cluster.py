@@ -118,8 +118,12 @@ def run_config(name: str, args, convs) -> dict:
 
 
 def measure_transfer(args, sizes=(256, 1024, 2048)) -> list[dict]:
-    """Moving a prefix between two instances (MemPool read -> receive through the object store) vs computing it
-    there: what the router's cost model weighs."""
+    """Moving a prefix between two instances (MemPool read -> receive, through the object store or the collective
+    group) vs computing it there: what the router's cost model weighs."""
+    return [row for transport in ("object_store", "collective") for row in _measure_transfer(args, transport, sizes)]
+
+
+def _measure_transfer(args, transport: str, sizes) -> list[dict]:
     import ray
 
     from pensieve.cluster import Cluster
@@ -130,25 +134,34 @@ def measure_transfer(args, sizes=(256, 1024, 2048)) -> list[dict]:
         cache_config=CacheConfig(block_size=BLOCK_SIZE, num_device_blocks=args.device_blocks),
         engine_config=EngineConfig(compile=args.compile),
         num_threads=1,
+        transport=transport,
     )
     rows = []
     try:
         a, b = cluster.handle("colocated-0"), cluster.handle("colocated-1")
         one = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
         rng = random.Random(args.seed + 1)
+        warm = [rng.randrange(1000, 40000) for _ in range(2 * BLOCK_SIZE)]  # untimed: the first transfer's setup
+        ray.get(a.complete.remote(warm, one, None))
+        ray.get(
+            b.receive.remote(
+                cluster._send("colocated-0", "colocated-1", a.read.remote(warm, 0, None, transport == "collective"))
+            )
+        )
         for n in tqdm(sizes, desc="transfer", leave=False):
             tokens = [rng.randrange(1000, 40000) for _ in range(n)]
             t0 = time.perf_counter()
             ray.get(a.complete.remote(tokens, one, None))
             compute = time.perf_counter() - t0
             t0 = time.perf_counter()
-            payload = a.read.remote(tokens, 0)
-            inserted = ray.get(b.receive.remote([payload]))
+            payload = a.read.remote(tokens, 0, None, transport == "collective")
+            inserted = ray.get(b.receive.remote(cluster._send("colocated-0", "colocated-1", payload)))
             move = time.perf_counter() - t0
             nbytes = ray.get(payload).nbytes
             assert ray.get(b.match.remote(tokens)) == n, "the moved prefix is not cached on the receiver"
-            rows.append({"tokens": n, "compute_s": compute, "transfer_s": move, "bytes": nbytes, "chunks": inserted,
-                         "transfer_MB_s": nbytes / move / 1e6, "prefill_tok_s": n / compute})  # fmt: skip
+            rows.append({"transport": transport, "tokens": n, "compute_s": compute, "transfer_s": move,
+                         "bytes": nbytes, "chunks": inserted, "transfer_MB_s": nbytes / move / 1e6,
+                         "prefill_tok_s": n / compute})  # fmt: skip
     finally:
         cluster.close()
     return rows
@@ -255,8 +268,9 @@ def main(argv=None) -> None:
               f"TTFT p99 {pt['ttft_p99_s']:.3f} vs {rr['ttft_p99_s']:.3f} / {se['ttft_p99_s']:.3f} s")  # fmt: skip
     print("moving a prefix between instances vs computing it (one instance, 1 thread):")
     for t in transfers:
-        print(f"  {t['tokens']} tokens: compute {t['compute_s']:.2f} s ({t['prefill_tok_s']:.0f} tok/s), transfer "
-              f"{t['transfer_s'] * 1e3:.0f} ms ({t['bytes'] / 1e6:.1f} MB, {t['transfer_MB_s']:.0f} MB/s)")  # fmt: skip
+        print(f"  {t['transport']}, {t['tokens']} tokens: compute {t['compute_s']:.2f} s "
+              f"({t['prefill_tok_s']:.0f} tok/s), transfer {t['transfer_s'] * 1e3:.0f} ms "
+              f"({t['bytes'] / 1e6:.1f} MB, {t['transfer_MB_s']:.0f} MB/s)")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"args": vars(args), "machine": platform.platform(), "torch": torch.__version__, "time": time.ctime()}

@@ -623,12 +623,13 @@ class KVManager:
                 return chunks[:j], min(end, (start + j) * bs)
         return chunks, end
 
-    def read_kv(self, chunks: list[Chunk], tokens: list[int], num_tokens: int) -> tuple:
-        """k, v [num_layers, len(chunks), block_size, Hkv, D] on the CPU for consecutive chunks of `tokens` (the last
+    def read_kv(self, chunks: list[Chunk], tokens: list[int], num_tokens: int, device: str = "cpu") -> tuple:
+        """k, v [num_layers, len(chunks), block_size, Hkv, D] on `device` for consecutive chunks of `tokens` (the last
         one covering up to position num_tokens), from whichever tier each lives in. None if a disk file fails to
         read."""
         bs = self.block_size
-        k = torch.empty((self.storage.num_layers, len(chunks), *self.storage.chunk_shape[1:]), dtype=self.storage.dtype)
+        shape = (self.storage.num_layers, len(chunks), *self.storage.chunk_shape[1:])
+        k = torch.empty(shape, dtype=self.storage.dtype, device=device)
         v = torch.empty_like(k)
         by_tier: dict[Tier, tuple[list[int], list[int]]] = {Tier.DEVICE: ([], []), Tier.HOST: ([], [])}
         for j, chunk in enumerate(chunks):
@@ -644,11 +645,11 @@ class KVManager:
             data = self.disk.read_chunk(key, end)
             if data is None:
                 return None
-            k[:, j], v[:, j] = data
+            k[:, j], v[:, j] = data[0].to(device), data[1].to(device)
         for tier, (slots, blocks) in by_tier.items():
             if blocks:
-                bk, bv = self.storage.read_blocks(tier, blocks)
-                index = torch.tensor(slots)
+                bk, bv = self.storage.read_blocks(tier, blocks, device)
+                index = torch.tensor(slots, device=device)
                 k.index_copy_(1, index, bk)
                 v.index_copy_(1, index, bv)
         return k, v

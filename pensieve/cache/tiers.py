@@ -188,12 +188,12 @@ class KVStorage:
         v = torch.stack([layer[1][block] for layer in caches]).to("cpu", copy=True)
         return k, v
 
-    def read_blocks(self, tier: Tier, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks of the device or host tier as CPU tensors k, v [num_layers, len(ids), block_size, Hkv, D]: all
-        layers of every block, one gather each (a transfer to another instance ships them as one object)."""
+    def read_blocks(self, tier: Tier, ids: list[int], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks of the device or host tier as tensors k, v [num_layers, len(ids), block_size, Hkv, D] on `device`:
+        all layers of every block, one gather each (a transfer to another instance ships them as one object)."""
         pools = self._pools(tier)
         index = torch.tensor(ids, dtype=torch.long, device=pools[0].device)
-        return tuple(t.index_select(1, index).to("cpu") for t in pools)
+        return tuple(t.index_select(1, index).to(device) for t in pools)
 
     def write_blocks(self, tier: Tier, ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [num_layers, len(ids), block_size, Hkv, D] into blocks of the device or host tier, now (between

@@ -32,6 +32,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class Cluster:
         send_back: bool = True,
         health_check_s: float = 5.0,
         ping_timeout_s: float = 10.0,
+        transport: str = "object_store",
     ) -> None:
         """model: a picklable callable that returns the model (built on each instance), or a model path.
         roles: one per instance, "colocated" | "prefill" | "decode" (prefill needs a decode instance).
@@ -112,7 +114,9 @@ class Cluster:
         prefill (default: one block); shorter ones are prefilled where they decode. send_back: P/D sends each reply's
         KV back to the prefill instance (False: the next turn's prefill recomputes it; benchmarks' baseline).
         health_check_s / ping_timeout_s: how often instances are pinged (without waiting), and how long one may take
-        to answer before it is not routed to (until it answers)."""
+        to answer before it is not routed to (until it answers). transport: how KV moves between instances,
+        "object_store" (Ray's object store; CPU bytes) or "collective" (ray.util.collective send/recv between the
+        instances' devices: NCCL on GPUs, gloo on CPUs)."""
         roles = list(roles)
         if not roles or any(r not in ROLES for r in roles):
             raise ValueError(f"roles must be a non-empty list of {ROLES}, got {roles!r}")
@@ -120,6 +124,8 @@ class Cluster:
             raise ValueError("a cluster needs at least one colocated or decode instance")
         if "decode" in roles and "prefill" not in roles:
             raise ValueError("decode instances need a prefill instance (or make them colocated)")
+        if transport not in ("object_store", "collective"):
+            raise ValueError(f'transport must be "object_store" or "collective", got {transport!r}')
         cache_config = cache_config or CacheConfig()
         if cache_config.disk_dir is not None:
             raise ValueError("disk_dir is per instance: not supported in a Cluster yet (the driver keeps the record)")
@@ -154,6 +160,15 @@ class Cluster:
             self.roles[name] = role
         infos = ray.get([h.info.remote() for h in self._handles.values()])
         info = infos[0]
+        self.transport = transport
+        self._stage = transport == "collective"  # instances keep what they read for send_kv
+        self._ranks = {name: rank for rank, name in enumerate(self._handles)}
+        self._seq: Counter[tuple[str, str]] = Counter()  # collective transfers issued per (sender, receiver)
+        if transport == "collective":
+            backend = "nccl" if info["device"].startswith("cuda") else "gloo"
+            group = f"pensieve-{uuid.uuid4().hex[:12]}"
+            n = len(self._handles)
+            ray.get([h.join_group.remote(n, self._ranks[name], backend, group) for name, h in self._handles.items()])
         self.block_size = info["block_size"]
         self._vocab = info["vocab_size"]
         self._max_positions = info["max_positions"]
@@ -418,12 +433,25 @@ class Cluster:
         source = route.transfer_from
         start = route.cached // self.block_size
         if conv is not None and conv.owner == source:
-            ref = self._handles[source].read.remote(None, start, turn.conv_id)
+            ref = self._handles[source].read.remote(None, start, turn.conv_id, self._stage)
         else:
-            ref = self._handles[source].read.remote(list(turn.tokens[: route.cached + route.transfer_tokens]), start)
+            tokens = list(turn.tokens[: route.cached + route.transfer_tokens])
+            ref = self._handles[source].read.remote(tokens, start, None, self._stage)
         self.counters["transfers"] += 1
         self.counters["transferred_tokens"] += route.transfer_tokens
-        return [ref]  # unresolved by Ray: the instance uses it if it arrives, else recomputes
+        return self._send(source, turn.instance, ref)
+
+    def _send(self, source: str, dest: str, ref):
+        """The `kv` argument for `dest`'s call, for KV that `source` read into `ref`: through the object store,
+        [ref] (unresolved by Ray: the receiver uses it if it arrives, else recomputes); through the collective
+        group, the source sends the bytes (numbered per pair, so send and recv meet in order) and dest gets the
+        header's ref to receive them."""
+        if self.transport == "object_store":
+            return [ref]
+        seq = self._seq[(source, dest)]
+        self._seq[(source, dest)] += 1
+        self._handles[source].send_kv.remote([ref], self._ranks[dest], seq)
+        return ("collective", self._ranks[source], seq, [ref])
 
     def _prefill(self, turn: _Turn, route: Route):
         """P/D: a prefill instance computes tokens[:-1] past what the decode instance caches; -> the payload's
@@ -438,10 +466,10 @@ class Cluster:
         turn.prefill = p.instance
         start = route.cached // self.block_size
         payload, turn.prefilled_ref, turn.evicted_ref = (
-            self._handles[p.instance].prefill.options(num_returns=3).remote(list(turn.tokens[:-1]), start)
+            self._handles[p.instance].prefill.options(num_returns=3).remote(list(turn.tokens[:-1]), start, self._stage)
         )
         self.counters["pd_prefills"] += 1
-        return [payload]
+        return self._send(p.instance, turn.instance, payload)
 
     def _finish(self, turn: _Turn) -> Reply:
         """Wait for the turn's result, update the record and the router; on a dead instance, run it elsewhere."""
@@ -551,8 +579,8 @@ class Cluster:
                 self._handles[old].end.remote(turn.conv_id)  # its chunks stay cached in old's tree
             if self.send_back and turn.prefill is not None and turn.prefill in self.alive:  # the reply's KV goes back
                 start = (len(turn.tokens) - 1) // self.block_size
-                payload = self._handles[name].read.remote(None, start, turn.conv_id)
-                conv.sendback = self._handles[turn.prefill].receive.remote([payload])
+                payload = self._handles[name].read.remote(None, start, turn.conv_id, self._stage)
+                conv.sendback = self._handles[turn.prefill].receive.remote(self._send(name, turn.prefill, payload))
                 self.router.cached(turn.prefill, held, now)
                 self.counters["sendbacks"] += 1
         return reply

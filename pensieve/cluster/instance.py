@@ -9,6 +9,10 @@ conversation finds the same tokens and changes nothing; another adopts it and co
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+import uuid
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,6 +68,11 @@ class Instance:
         self._kv = self.gen._engine.kv
         self._kv.tree.removed = []  # eviction reports: keys the tree dropped since the last reply
         self.transfers_failed = 0  # KV sent for a turn that could not be used (recomputed instead)
+        self._staged: dict[str, torch.Tensor] = {}  # collective transport: data read, waiting for send_kv
+        self._sent: dict[int, int] = defaultdict(int)  # transfers done per peer rank (send_kv / _recv_kv order)
+        self._received: dict[int, int] = defaultdict(int)
+        self._order = threading.Condition()
+        self._group: str | None = None
 
     def info(self) -> dict:
         shape = model_shape(self.gen._engine.model)
@@ -76,6 +85,7 @@ class Instance:
             "max_positions": shape.max_positions,
             "bytes_per_token": storage.bytes_per_block // self._kv.block_size,
             "device_blocks": self._kv.device.num_blocks,
+            "device": str(storage.device),
         }
 
     def ping(self) -> str:
@@ -103,12 +113,12 @@ class Instance:
             self._receive(kv)
         return self._result(self.gen.complete(prompt, sampling), None)
 
-    def prefill(self, tokens: list[int], start: int) -> tuple[KVPayload | None, int, list[bytes]]:
+    def prefill(self, tokens: list[int], start: int, stage: bool = False) -> tuple[KVPayload | None, int, list]:
         """P/D: compute KV for tokens (attending to what this instance caches; they stay cached here) and return it
         from block `start` on for the decode instance, with the tokens prefilled here and the eviction report. (The
         driver calls it with num_returns=3, and hands the payload's reference straight to the decode instance.)"""
         reply = self.gen.complete(list(tokens), SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True))
-        return self.pool.read(list(tokens), start), reply.num_prefilled, self._evicted()
+        return self.read(list(tokens), start, stage=stage), reply.num_prefilled, self._evicted()
 
     def _prepare(self, conv_id: str, history, kv: KVPayload | None) -> None:
         if kv is not None:
@@ -123,9 +133,82 @@ class Instance:
 
             self.pool._run(sync)
 
+    # ---- the collective transport (ray.util.collective: NCCL between GPUs, gloo between CPUs) -------------------
+
+    def join_group(self, world_size: int, rank: int, backend: str, group: str) -> int:
+        """Join the cluster's collective group (every instance, one rank each)."""
+        import ray.util.collective as collective
+
+        collective.init_collective_group(world_size, rank, backend=backend, group_name=group)
+        self._group, self._rank = group, rank
+        return rank
+
+    def _in_order(self, table: dict, peer: int, seq: int):
+        """Wait until `seq` is the next transfer with `peer` in `table` (sends or receives): the driver numbers the
+        transfers of each (sender, receiver) pair, and both sides run them in that order, so every send meets its
+        own recv (collective point-to-point has no tags)."""
+        with self._order:
+            self._order.wait_for(lambda: table[peer] == seq)
+
+    def _next(self, table: dict, peer: int) -> None:
+        with self._order:
+            table[peer] += 1
+            self._order.notify_all()
+
+    def send_kv(self, header, dst: int, seq: int) -> None:
+        """The sending side: `header` ([ObjectRef] of a staged payload from read/prefill with stage=True, resolved
+        here so a failed read still takes its turn) -> its bytes to rank dst."""
+        import ray
+        import ray.util.collective as collective
+
+        self._in_order(self._sent, dst, seq)
+        try:
+            try:
+                payload = ray.get(header[0])
+            except ray.exceptions.RayError:
+                payload = None
+            data = self._staged.pop(payload.staged, None) if payload is not None else None
+            if data is not None:
+                collective.send(data, dst, self._group)
+        finally:
+            self._next(self._sent, dst)
+
+    def _recv_kv(self, src: int, seq: int, header) -> KVPayload | None:
+        """The receiving side, in the pair's order: the header, then its bytes into a tensor on this device."""
+        import ray
+        import ray.util.collective as collective
+
+        self._in_order(self._received, src, seq)
+        try:
+            try:
+                payload = ray.get(header[0])
+            except ray.exceptions.RayError:
+                return None
+            if payload is None:
+                return None
+            data = torch.empty(payload.nbytes, dtype=torch.uint8, device=self._kv.storage.device)
+            collective.recv(data, src, self._group)
+            return dataclasses.replace(payload, data=data, staged=None)
+        finally:
+            self._next(self._received, src)
+
+    def _stage(self, payload: KVPayload | None) -> KVPayload | None:
+        """Keep a payload's data here for send_kv; -> its header."""
+        if payload is None:
+            return None
+        header = dataclasses.replace(payload, data=None, staged=uuid.uuid4().hex)
+        self._staged[header.staged] = payload.data
+        return header
+
     def _receive(self, kv) -> int:
-        """Insert KV sent for a turn: a KVPayload, or [ObjectRef] of one (left unresolved by Ray so that a transfer
-        that failed — its sender died, or had nothing — costs a recompute here instead of failing the turn)."""
+        """Insert KV sent for a turn: a KVPayload, [ObjectRef] of one (left unresolved by Ray so that a transfer
+        that failed — its sender died, or had nothing — costs a recompute here instead of failing the turn), or
+        ("collective", src rank, seq, [ObjectRef] of the header) for bytes sent by send_kv."""
+        if isinstance(kv, tuple) and kv and kv[0] == "collective":
+            kv = self._recv_kv(*kv[1:])
+            if kv is None:
+                self.transfers_failed += 1
+                return 0
         if isinstance(kv, list):
             import ray
 
@@ -167,8 +250,11 @@ class Instance:
 
     # ---- MemPool and conversations ---------------------------------------------------------------------------
 
-    def read(self, tokens=None, start: int = 0, conv_id: str | None = None) -> KVPayload | None:
-        return self.pool.read(tokens, start, conv_id)
+    def read(self, tokens=None, start: int = 0, conv_id: str | None = None, stage: bool = False) -> KVPayload | None:
+        """The KV for a transfer; stage=True keeps the data here for send_kv and returns the header."""
+        if not stage:
+            return self.pool.read(tokens, start, conv_id)
+        return self._stage(self.pool.read(tokens, start, conv_id, device=self._kv.storage.device))
 
     def receive(self, payload) -> int:
         """Insert a payload (or [ObjectRef] of one; None: nothing was sent); a failed or refused transfer is not an

@@ -25,6 +25,7 @@ it never races a forward.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -53,7 +54,9 @@ class PrefixMatch:
 @dataclass(frozen=True)
 class KVPayload:
     """KV of consecutive chunks of `tokens` (blocks start, start + 1, ... covering positions up to num_tokens), as it
-    travels between instances."""
+    travels between instances. Through Ray's object store `data` is a numpy byte array; through a collective
+    group (pensieve/cluster/instance.py) the payload travels without data (a header) and the bytes follow by
+    send/recv into a uint8 tensor on the receiver's device."""
 
     fingerprint: str  # the model's (pensieve/cache/disk.py): KV of another model is refused
     block_size: int
@@ -62,7 +65,8 @@ class KVPayload:
     num_tokens: int
     dtype: str  # torch dtype name
     shape: tuple[int, ...]  # k and v each [num_layers, num_blocks, block_size, Hkv, D]
-    data: np.ndarray  # uint8: k's bytes, then v's
+    data: np.ndarray | torch.Tensor | None  # uint8: k's bytes, then v's (None: a header, the bytes come apart)
+    staged: str | None = None  # a header's id on its sender (the collective transport)
 
     @property
     def num_blocks(self) -> int:
@@ -70,10 +74,12 @@ class KVPayload:
 
     @property
     def nbytes(self) -> int:
-        return int(self.data.nbytes)
+        return 2 * math.prod(self.shape) * getattr(torch, self.dtype).itemsize
 
     @classmethod
-    def pack(cls, fingerprint, block_size, tokens, start, num_tokens, k: torch.Tensor, v: torch.Tensor) -> KVPayload:
+    def pack(
+        cls, fingerprint, block_size, tokens, start, num_tokens, k: torch.Tensor, v: torch.Tensor, as_numpy=True
+    ) -> KVPayload:
         data = torch.cat([k.contiguous().reshape(-1).view(torch.uint8), v.contiguous().reshape(-1).view(torch.uint8)])
         return cls(
             fingerprint,
@@ -83,13 +89,18 @@ class KVPayload:
             num_tokens,
             str(k.dtype).removeprefix("torch."),
             tuple(k.shape),
-            data.numpy(),
+            data.numpy() if as_numpy else data,
         )
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
-        with warnings.catch_warnings():  # the object store hands out read-only arrays; we only read them
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.from_numpy(self.data)
+        if isinstance(self.data, torch.Tensor):
+            flat = self.data
+        else:
+            with warnings.catch_warnings():  # the object store hands out read-only arrays; we only read them
+                warnings.simplefilter("ignore", UserWarning)
+                flat = torch.from_numpy(self.data)
+        if flat.numel() != self.nbytes:
+            raise ValueError(f"the payload holds {flat.numel()} bytes, its header says {self.nbytes}")
         k, v = flat.view(getattr(torch, self.dtype)).view(2, *self.shape)
         return k, v
 
@@ -194,10 +205,11 @@ class MemPool:
 
     # ---- transfer ------------------------------------------------------------------------------------------------
 
-    def read(self, tokens=None, start: int = 0, conv_id: str | None = None) -> KVPayload | None:
+    def read(self, tokens=None, start: int = 0, conv_id: str | None = None, device=None) -> KVPayload | None:
         """The KV this instance holds for tokens from block `start` on (the sending side of a transfer): the tree's
         longest match, or with `conv_id` that conversation's own chunks (its tokens; tokens must be None). None if
-        there is nothing to send."""
+        there is nothing to send. With `device`, the data is a uint8 tensor there (a collective send) instead of a
+        numpy array."""
         if not isinstance(start, int) or isinstance(start, bool) or start < 0:
             raise ValueError(f"start must be an int >= 0, got {start!r}")
         if conv_id is None:
@@ -216,10 +228,10 @@ class MemPool:
             chunks, end = self._kv.cached(toks, start, conv)
             if not chunks:
                 return None
-            kv = self._kv.read_kv(chunks, toks, end)
+            kv = self._kv.read_kv(chunks, toks, end, device or "cpu")
             if kv is None:
                 return None
-            return KVPayload.pack(self.fingerprint, self._kv.block_size, toks, start, end, *kv)
+            return KVPayload.pack(self.fingerprint, self._kv.block_size, toks, start, end, *kv, as_numpy=device is None)
 
         return self._run(read)
 
@@ -228,6 +240,8 @@ class MemPool:
         (MemPoolFull when there is no room). Chunks already cached here are not copied. -> chunks indexed."""
         if not isinstance(payload, KVPayload):
             raise ValueError(f"payload must be a KVPayload, got {type(payload).__name__}")
+        if payload.data is None:
+            raise ValueError("the payload is a header without its data")
         if payload.fingerprint != self.fingerprint:
             raise ValueError("the payload's KV was computed by another model (fingerprints differ)")
         t = tier_of(tier)

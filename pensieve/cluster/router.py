@@ -36,9 +36,11 @@ class RouterConfig:
     balance_rel_threshold: float = 1.5
     cache_threshold: float = 0.5  # below this fraction of the request cached anywhere: the emptiest instance
     ttl_s: float = 600.0  # an index entry not confirmed for this long is not trusted
-    # The cost model (seconds): measured per machine; the defaults are SmolLM2-135M fp32 on 2 cores (README).
-    prefill_tokens_per_s: float = 400.0
-    transfer_bytes_per_s: float = 1.0e9
+    # The cost model (seconds): measure on your machines (benchmarks/cluster.py prints both rates); the defaults were
+    # measured here: SmolLM2-135M fp32 prefill on one thread ~200-300 tok/s, a 47-94 MB prefix moved between two
+    # instances through the object store or gloo at ~140-230 MB/s.
+    prefill_tokens_per_s: float = 250.0
+    transfer_bytes_per_s: float = 2.0e8
     transfer_overhead_s: float = 0.005  # per transfer (object store put/get, actor calls)
     bytes_per_token: int = 0  # KV bytes per token (the cluster fills it in from the model)
     queue_s: float = 0.05  # the delay one in-flight turn ahead adds to a new turn

@@ -229,3 +229,30 @@ def test_a_killed_instance_loses_no_conversation(pair, ray_runtime):
     survivor = stats["alive"][0]
     assert stats["per_instance"][survivor]["tokens_recomputed"] > 0  # the victim's conversations, recomputed
     cluster.check_integrity()
+
+
+def test_the_collective_transport_is_exact(ray_runtime):
+    """KV through ray.util.collective (gloo between CPU instances; NCCL on GPUs): P/D and send-back, several
+    conversations at once (transfers between the same pair in both directions, matched in order)."""
+    from pensieve.cluster import Cluster
+
+    factory = functools.partial(tiny_model, "llama", seed=7)
+    oracle = oracle_copy(factory())
+    config = CacheConfig(block_size=BS, num_device_blocks=128)
+    with Cluster(factory, roles=["prefill", "decode"], cache_config=config, num_threads=1, transport="collective") as c:
+        histories: dict = {}
+        for turn in range(3):
+            batch = {f"g{i}": _msg(turn * 11 + i, 6 + i) for i in range(4)}
+            replies = c.generate_batch(batch, GREEDY)
+            for conv, reply in replies.items():
+                histories[conv] = histories.get(conv, []) + batch[conv]
+                assert reply.token_ids == hf_greedy(oracle, histories[conv], GREEDY.max_new_tokens), conv
+                histories[conv] += reply.token_ids
+                if turn:  # the prefill instance had the reply back: it computed the new tokens only
+                    assert reply.num_prefilled == reply.num_new_tokens + 1 and reply.num_recomputed == 0
+        stats = c.stats()
+        assert stats["pd_prefills"] == 12 and stats["sendbacks"] == 12
+        assert stats["per_instance"]["decode-1"]["received_chunks"] > 0
+        assert stats["per_instance"]["prefill-0"]["received_chunks"] > 0
+        assert stats["per_instance"]["decode-1"]["transfers_failed"] == 0
+        c.check_integrity()
