@@ -165,7 +165,7 @@ class Cluster:
         self._ranks = {name: rank for rank, name in enumerate(self._handles)}
         self._seq: Counter[tuple[str, str]] = Counter()  # collective transfers issued per (sender, receiver)
         if transport == "collective":
-            backend = "nccl" if info["device"].startswith("cuda") else "gloo"
+            backend = "nccl" if info["device"].startswith("cuda") and all(i["nccl"] for i in infos) else "gloo"
             group = f"pensieve-{uuid.uuid4().hex[:12]}"
             n = len(self._handles)
             ray.get([h.join_group.remote(n, self._ranks[name], backend, group) for name, h in self._handles.items()])

@@ -73,6 +73,7 @@ class Instance:
         self._received: dict[int, int] = defaultdict(int)
         self._order = threading.Condition()
         self._group: str | None = None
+        self._wire_device = torch.device("cpu")
 
     def info(self) -> dict:
         shape = model_shape(self.gen._engine.model)
@@ -86,6 +87,7 @@ class Instance:
             "bytes_per_token": storage.bytes_per_block // self._kv.block_size,
             "device_blocks": self._kv.device.num_blocks,
             "device": str(storage.device),
+            "nccl": _nccl_available(),
         }
 
     def ping(self) -> str:
@@ -141,6 +143,8 @@ class Instance:
 
         collective.init_collective_group(world_size, rank, backend=backend, group_name=group)
         self._group, self._rank = group, rank
+        # NCCL moves device tensors; gloo moves CPU tensors (on a GPU without NCCL, KV is staged through the host)
+        self._wire_device = self._kv.storage.device if backend == "nccl" else torch.device("cpu")
         return rank
 
     def _in_order(self, table: dict, peer: int, seq: int):
@@ -186,7 +190,7 @@ class Instance:
                 return None
             if payload is None:
                 return None
-            data = torch.empty(payload.nbytes, dtype=torch.uint8, device=self._kv.storage.device)
+            data = torch.empty(payload.nbytes, dtype=torch.uint8, device=self._wire_device)
             collective.recv(data, src, self._group)
             return dataclasses.replace(payload, data=data, staged=None)
         finally:
@@ -254,7 +258,7 @@ class Instance:
         """The KV for a transfer; stage=True keeps the data here for send_kv and returns the header."""
         if not stage:
             return self.pool.read(tokens, start, conv_id)
-        return self._stage(self.pool.read(tokens, start, conv_id, device=self._kv.storage.device))
+        return self._stage(self.pool.read(tokens, start, conv_id, device=self._wire_device))
 
     def receive(self, payload) -> int:
         """Insert a payload (or [ObjectRef] of one; None: nothing was sent); a failed or refused transfer is not an
@@ -279,3 +283,12 @@ class Instance:
 
     def close(self) -> None:
         self.gen.close()
+
+
+def _nccl_available() -> bool:
+    try:
+        import ray.util.collective as collective
+
+        return bool(collective.nccl_available())
+    except ImportError:
+        return False
