@@ -254,4 +254,3 @@ def test_a_killed_instance_loses_no_conversation(pair, ray_runtime):
     survivor = stats["alive"][0]
     assert stats["per_instance"][survivor]["tokens_recomputed"] > 0  # the victim's conversations, recomputed
     cluster.check_integrity()
-
