@@ -97,6 +97,7 @@ class Cluster:
         router_config: RouterConfig | None = None,
         address: str | None = None,
         num_cpus: float | None = None,
+        num_gpus: float | None = None,
         num_threads: int | None = None,
         object_store_memory: int | None = None,
         min_prefill_tokens: int | None = None,
@@ -109,7 +110,9 @@ class Cluster:
         roles: one per instance, "colocated" | "prefill" | "decode" (prefill needs a decode instance).
         address: None starts a local Ray runtime sized for this machine (or uses the one this process started);
         "auto" (or an address) joins a running Ray cluster. num_cpus: Ray CPUs per instance (default: the free CPUs
-        shared evenly); num_threads: torch threads per instance (default: the cluster's CPUs shared evenly, >= 1).
+        shared evenly); num_gpus: Ray GPUs per instance (default: the free GPUs shared evenly, so instances see them
+        — Ray hides GPUs from actors that ask for none; the model factory puts the model on "cuda"); num_threads:
+        torch threads per instance (default: the cluster's CPUs shared evenly, >= 1).
         min_prefill_tokens: P/D hands a turn to a prefill instance only when it has at least this many tokens to
         prefill (default: one block); shorter ones are prefilled where they decode. send_back: P/D sends each reply's
         KV back to the prefill instance (False: the next turn's prefill recomputes it; benchmarks' baseline).
@@ -147,6 +150,8 @@ class Cluster:
         # two clusters then share cores rather than wait forever for Ray to place them).
         free = ray.available_resources().get("CPU", 0.0)
         share = num_cpus if num_cpus is not None else math.floor(free / len(roles) * 100) / 100
+        free_gpus = ray.available_resources().get("GPU", 0.0)
+        gpus = num_gpus if num_gpus is not None else math.floor(free_gpus / len(roles) * 100) / 100
         total = ray.cluster_resources().get("CPU", os.cpu_count() or 1)
         threads = num_threads if num_threads is not None else max(1, int(total // len(roles)))
         seqs = (scheduler_config or SchedulerConfig()).max_num_seqs
@@ -156,7 +161,10 @@ class Cluster:
         for i, role in enumerate(roles):
             name = f"{role}-{i}"
             spec = InstanceSpec(name, role, model, tokenizer, cache_config, scheduler_config, engine_config, threads)
-            self._handles[name] = actor.options(num_cpus=share, max_concurrency=seqs + 8).remote(spec)
+            options = dict(num_cpus=share, max_concurrency=seqs + 8)
+            if gpus:
+                options["num_gpus"] = gpus
+            self._handles[name] = actor.options(**options).remote(spec)
             self.roles[name] = role
         infos = ray.get([h.info.remote() for h in self._handles.values()])
         info = infos[0]
@@ -366,6 +374,11 @@ class Cluster:
     def _start_all(self, items, sampling, streaming: bool = False) -> list[_Turn]:
         """Validate every turn (nothing changes if one is bad), then route and call each."""
         _check_sampling(sampling)
+        # P/D: a conversation's last reply may still be on its way back to the prefill instance; wait for that
+        # here, not under the lock (it takes milliseconds, unless an instance is stuck: then 30 s at most).
+        pending = [c.sendback for conv_id, _ in items if (c := self._convs.get(conv_id)) and c.sendback is not None]
+        if pending:
+            self._ray.wait(pending, num_returns=len(pending), timeout=30)
         with self._lock:
             self._check_open()
             ids = [conv_id for conv_id, _ in items]
