@@ -47,7 +47,7 @@ from pensieve.cache.blocks import BlockPool
 from pensieve.cache.disk import DiskStore
 from pensieve.cache.policy import LRUPolicy, PensievePolicy, RecomputeCost
 from pensieve.cache.tiers import Chunk, KVStorage, Tier
-from pensieve.cache.tree import ROOT, PromptTree, chunk_key, prefix_keys
+from pensieve.cache.tree import ROOT, PromptTree, chunk_key, parent_key, prefix_keys
 
 EVICTION_SLICE = 64  # an eviction that must walk the chunks frees (at least) 1/EVICTION_SLICE of the tier
 
@@ -540,20 +540,21 @@ class KVManager:
         pool = self.pools[tier]
         if n > pool.num_blocks or (n > pool.num_free and n - pool.num_free > self._movable(tier, set())):
             return None
-        if tier == Tier.HOST:
-            self._make_room(Tier.HOST, n, set(), allow_drop=True)
-        else:
-            self._make_room(Tier.DEVICE, n, set(), allow_drop=True)
+        self._make_room(tier, n, set(), allow_drop=True)
         ids = pool.allocate(n)
         if ids is not None:
             self.held[tier].update(ids)
         return ids
 
-    def free(self, tier: Tier, ids: list[int]) -> None:
-        """Give back blocks from `alloc` that were not inserted."""
+    def check_held(self, tier: Tier, ids: list[int]) -> None:
+        """ValueError unless every block of ids was handed out by `alloc` and is still held."""
         stray = [i for i in ids if i not in self.held[tier]]
         if stray:
             raise ValueError(f"blocks {stray[:8]} of the {tier.name.lower()} tier were not allocated by alloc")
+
+    def free(self, tier: Tier, ids: list[int]) -> None:
+        """Give back blocks from `alloc` that were not inserted."""
+        self.check_held(tier, ids)
         self.held[tier].difference_update(ids)
         self.pools[tier].free(list(ids))
 
@@ -564,10 +565,8 @@ class KVManager:
         bs = self.block_size
         if len(ids) != self.blocks_for(num_tokens) - start or not start * bs < num_tokens <= len(tokens):
             raise ValueError(f"{len(ids)} blocks from block {start} do not cover positions up to {num_tokens}")
-        stray = [i for i in ids if i not in self.held[tier]]
-        if stray:
-            raise ValueError(f"blocks {stray[:8]} of the {tier.name.lower()} tier were not allocated by alloc")
-        parent = prefix_keys(tokens, bs, start)[-1] if start else ROOT
+        self.check_held(tier, ids)
+        parent = parent_key(tokens, bs, start)
         now, indexed, unused = time.monotonic(), 0, []
         for j, block in enumerate(ids):
             index = start + j
@@ -592,7 +591,7 @@ class KVManager:
         """Unindex the cached chunks of tokens' full blocks from block `start` on (and a tail continuing them);
         those no conversation holds are dropped. -> chunks unindexed."""
         bs = self.block_size
-        parent = prefix_keys(tokens, bs, start)[-1] if start else ROOT
+        parent = parent_key(tokens, bs, start)
         found = self.tree.match(tokens, start, parent)
         tail = self.tree.find_tail(found[-1].key if found else parent, tokens, (start + len(found)) * bs, len(tokens))
         for chunk in found + ([tail[0]] if tail else []):
@@ -611,7 +610,7 @@ class KVManager:
             chunks = conv.chunks[start : self.blocks_for(conv.num_computed)]
             end = conv.num_computed
         else:
-            parent = prefix_keys(tokens, bs, start)[-1] if start else ROOT
+            parent = parent_key(tokens, bs, start)
             chunks = self.tree.match(tokens, start, parent)
             end = (start + len(chunks)) * bs
             tail = self.tree.find_tail(chunks[-1].key if chunks else parent, tokens, end, len(tokens))
@@ -640,7 +639,7 @@ class KVManager:
             end = min((chunk.index + 1) * bs, num_tokens)
             key = chunk.key if end - chunk.index * bs == bs else None
             if key is None:  # a partial chunk's file is named by the positions it covers
-                parent = prefix_keys(tokens, bs, chunk.index)[-1] if chunk.index else ROOT
+                parent = parent_key(tokens, bs, chunk.index)
                 key = chunk_key(parent, tokens[chunk.index * bs : end])
             data = self.disk.read_chunk(key, end)
             if data is None:

@@ -53,6 +53,11 @@ def prefix_keys(tokens: Sequence[int], block_size: int, num_blocks: int | None =
     return keys
 
 
+def parent_key(tokens: Sequence[int], block_size: int, index: int) -> bytes:
+    """The key of block `index - 1` of tokens (ROOT for block 0): what block `index`'s key chains from."""
+    return prefix_keys(tokens, block_size, index)[-1] if index else ROOT
+
+
 class PromptTree:
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size

@@ -403,12 +403,10 @@ class Cluster:
 
     def _dispatch(self, turn: _Turn, streaming: bool = False) -> None:
         """Route the turn and call its instance (under the lock)."""
-        ray = self._ray
         turn.attempts += 1
         conv = self._convs.get(turn.conv_id) if turn.conv_id is not None else None
-        if conv is not None and conv.sendback is not None:  # P/D: the last reply's KV on its way to a prefill instance
-            ray.wait([conv.sendback], timeout=30)
-            conv.sendback = None
+        if conv is not None:
+            conv.sendback = None  # (waited for in _start_all)
         self._health()
         now = time.monotonic()
         decoders = sorted(n for n in self.alive if self.roles[n] in DECODERS)
@@ -425,8 +423,11 @@ class Cluster:
         self.counters[f"routed_{route.reason}"] += 1
         if conv is not None and conv.owner is not None and conv.owner != name:
             self.counters["moved_conversations"] += 1
-        kv = self._move(turn, conv, route) if route.transfer_from else None
-        kv = self._prefill(turn, route) or kv
+        # A P/D prefill delivers everything past what the decode instance caches; else the router may move KV.
+        # (Never both: with the collective transport every send issued must meet its receive.)
+        kv = self._prefill(turn, route)
+        if kv is None and route.transfer_from:
+            kv = self._move(turn, conv, route)
         handle = self._handles[name]
         self.router.started(name)
         if turn.conv_id is None:

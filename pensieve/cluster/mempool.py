@@ -34,7 +34,7 @@ import torch
 
 from pensieve.cache.disk import model_fingerprint
 from pensieve.cache.tiers import Tier
-from pensieve.cache.tree import ROOT, prefix_keys
+from pensieve.cache.tree import parent_key
 
 TIERS = {"device": Tier.DEVICE, "host": Tier.HOST}
 
@@ -169,9 +169,7 @@ class MemPool:
             raise ValueError(f"k and v must be {want}, got {tuple(k.shape)} and {tuple(v.shape)}")
 
         def write():
-            stray = [b for b in ids if b not in self._kv.held[t]]
-            if stray:
-                raise ValueError(f"blocks {stray[:8]} were not allocated by alloc_mem")
+            self._kv.check_held(t, ids)
             storage.write_blocks(t, ids, k, v)
 
         self._run(write)
@@ -256,7 +254,7 @@ class MemPool:
 
         def receive():
             start, end = payload.start, payload.num_tokens
-            parent = prefix_keys(tokens, bs, start)[-1] if start else ROOT
+            parent = parent_key(tokens, bs, start)
             skip = len(kv.tree.match(tokens, start, parent, limit=end))  # full blocks cached here already
             first = start + skip
             n = kv.blocks_for(end) - first
