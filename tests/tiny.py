@@ -54,10 +54,13 @@ def _configs(vocab: int) -> dict:
 FAMILIES = tuple(_configs(VOCAB))
 
 
-def tiny_model(family: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
+def tiny_model(
+    family: str, seed: int = 0, vocab: int = VOCAB, dtype: torch.dtype = torch.float64, device: str = "cpu"
+) -> torch.nn.Module:
+    """A tiny random model (float64 on CPU unless asked otherwise; the weights depend on the seed alone)."""
     config_cls, model_cls, kwargs = _configs(vocab)[family]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**kwargs)).double().eval()
+    model = model_cls(config_cls(**kwargs)).double().eval().to(dtype=dtype, device=device)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 2
     return model

@@ -119,7 +119,8 @@ class Cluster:
         health_check_s / ping_timeout_s: how often instances are pinged (without waiting), and how long one may take
         to answer before it is not routed to (until it answers). transport: how KV moves between instances,
         "object_store" (Ray's object store; CPU bytes) or "collective" (ray.util.collective send/recv between the
-        instances' devices: NCCL on GPUs, gloo on CPUs)."""
+        instances' devices: NCCL when every instance has a GPU of its own, else gloo through the host; `backend`
+        says which)."""
         roles = list(roles)
         if not roles or any(r not in ROLES for r in roles):
             raise ValueError(f"roles must be a non-empty list of {ROLES}, got {roles!r}")
@@ -169,11 +170,17 @@ class Cluster:
         infos = ray.get([h.info.remote() for h in self._handles.values()])
         info = infos[0]
         self.transport = transport
+        self.backend: str | None = None  # the collective transport's backend ("nccl" or "gloo")
         self._stage = transport == "collective"  # instances keep what they read for send_kv
         self._ranks = {name: rank for rank, name in enumerate(self._handles)}
         self._seq: Counter[tuple[str, str]] = Counter()  # collective transfers issued per (sender, receiver)
         if transport == "collective":
-            backend = "nccl" if info["device"].startswith("cuda") and all(i["nccl"] for i in infos) else "gloo"
+            # NCCL needs every rank on a GPU of its own (two ranks of one communicator on one device: invalid
+            # usage, seen on an H100 shared by two instances); otherwise gloo, staged through the host
+            uuids = [i["gpu_uuid"] for i in infos]
+            own_gpus = None not in uuids and len(set(uuids)) == len(uuids)
+            backend = "nccl" if own_gpus and all(i["nccl"] for i in infos) else "gloo"
+            self.backend = backend
             group = f"pensieve-{uuid.uuid4().hex[:12]}"
             n = len(self._handles)
             ray.get([h.join_group.remote(n, self._ranks[name], backend, group) for name, h in self._handles.items()])

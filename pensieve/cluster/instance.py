@@ -87,6 +87,9 @@ class Instance:
             "bytes_per_token": storage.bytes_per_block // self._kv.block_size,
             "device_blocks": self._kv.device.num_blocks,
             "device": str(storage.device),
+            "gpu_uuid": str(torch.cuda.get_device_properties(storage.device).uuid)
+            if storage.device.type == "cuda"
+            else None,
             "nccl": _nccl_available(),
         }
 

@@ -1,5 +1,6 @@
 """One local Ray runtime for the whole test session (started by the first cluster test, stopped at the end)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ def ray_runtime():
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=256 * 2**20,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},  # instances import tests.tiny's model factories
+        # instances import tests.tiny's model factories; the caller's own PYTHONPATH is kept behind the checkout
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.getenv("PYTHONPATH")]))}},
         log_to_driver=False,
     )
     yield ray
