@@ -5,6 +5,10 @@ steps the shared engine (applying every command queued by any thread first), els
 So concurrent callers on different conversations share forwards, and a single-threaded caller runs every step
 on its own thread. Measured on CPU: torch ops on a second thread, after the main thread has run parallel ops,
 are 25-45% slower (a second OpenMP team), and the model is always loaded on the main thread.
+
+A server instead dedicates one thread to the engine (`serve`, on the main thread): it holds the driver lock, steps
+while there is work and sleeps on the command queue when there is none; callers on other threads then only wait
+(`submit` / `submit_complete` return at once with a Future, `on_token` is called on the engine's thread).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pensieve.models.linear import use_fast_linears
 
 _DONE = object()
 _WAIT_S = 0.002  # how often a waiting caller checks whether it can take over driving
+_IDLE_S = 0.05  # how long an idle `serve` loop sleeps on the command queue before checking its stop event
 
 
 class ReplyStream(Iterator):
@@ -74,6 +79,7 @@ class StatefulGenerator:
         )
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._driver = threading.Lock()  # held by the thread stepping the engine
+        self._server_thread: threading.Thread | None = None  # the thread in `serve`, if one is
         self._closed = False
 
     # ---- public API ------------------------------------------------------------------------------------------
@@ -117,6 +123,45 @@ class StatefulGenerator:
             return [self._engine.admit(adm).future for adm in admissions]
 
         return [self._result(f) for f in self._result(self._call(admit))]
+
+    def submit(self, conv_id: str, msg, sampling: SamplingParams | None = None, on_token=None) -> Future:
+        """Start a turn without waiting: -> a Future of its Reply (bad input: the Future raises ValueError / KeyError
+        and nothing changed). on_token(token_id) is called on the engine's thread as each token is sampled. The turn
+        runs while some thread drives: `serve` on a thread of its own, or any blocking call."""
+        return self._submit_async(lambda on: self._admit([(conv_id, msg)], sampling, on)[0], on_token)
+
+    def submit_complete(self, prompt, sampling: SamplingParams | None = None, on_token=None) -> Future:
+        """`complete` without waiting, as `submit`: -> a Future of its Reply (`abort` takes that Future)."""
+        return self._submit_async(
+            lambda on: self._engine.admit(self._engine.prepare_complete(prompt, sampling), on).future, on_token
+        )
+
+    def abort(self, target) -> bool:
+        """Stop a turn that has not finished: target is its conversation id, or the Future `submit` /
+        `submit_complete` returned. None of the turn is kept: the conversation is exactly as before it (its KV
+        included; what the turn computed beyond its history is released), one the turn started is gone, and the
+        turn's caller gets `TurnAborted`. -> whether a running turn was found (False: it had finished)."""
+        # a Future from submit* stands for its turn's own Future, known once the submission ran (commands run in order)
+        return self._result(self._call(lambda: self._engine.abort(getattr(target, "turn_future", target))))
+
+    def serve(self, stop: threading.Event) -> None:
+        """Drive the engine on this thread until `stop` is set (a server's engine loop: run it on the main thread,
+        where the model was loaded). Meanwhile other threads' calls only wait for it."""
+        with self._driver:
+            self._server_thread = threading.current_thread()
+            try:
+                while not stop.is_set() and not self._closed:
+                    self._apply_commands()
+                    if self._engine.has_work():
+                        self._step()
+                        continue
+                    try:  # idle: sleep until a command comes (bounded, so `stop` is seen)
+                        fn, future = self._commands.get(timeout=_IDLE_S)
+                    except queue.Empty:
+                        continue
+                    self._run_command(fn, future)
+            finally:
+                self._server_thread = None
 
     def fork(self, conv_id: str, new_conv_id: str) -> None:
         """Start `new_conv_id` as a branch of `conv_id`: the same history, sharing all of its KV (no copy). Continue
@@ -180,9 +225,35 @@ class StatefulGenerator:
         self._commands.put((fn, future))
         return future
 
+    def _submit_async(self, start: Callable, on_token) -> Future:
+        """Queue start(on_token) -> the turn's Future; -> a Future that follows it (or raises start's error)."""
+        outer: Future = Future()
+
+        def chain(turn_future: Future) -> None:
+            error = turn_future.exception()
+            outer.set_exception(error) if error is not None else outer.set_result(turn_future.result())
+
+        def command() -> None:
+            try:
+                turn_future = start(on_token)
+            except BaseException as error:  # noqa: BLE001  (handed to the caller)
+                outer.set_exception(error)
+                return
+            outer.turn_future = turn_future  # what `abort` is given this Future for
+            turn_future.add_done_callback(chain)
+
+        self._call(command)
+        return outer
+
     def _result(self, future: Future):
+        if self._served_elsewhere():
+            return future.result()
         self._drive_until(future.done)
         return future.result()
+
+    def _served_elsewhere(self) -> bool:
+        server = self._server_thread
+        return server is not None and server is not threading.current_thread()
 
     def _drive_until(self, done: Callable[[], bool]) -> None:
         while not done():
@@ -214,10 +285,14 @@ class StatefulGenerator:
 
     def _apply_commands(self) -> None:
         for fn, future in self._queued_commands():
-            try:
-                future.set_result(fn())
-            except BaseException as error:  # noqa: BLE001  (handed to the caller)
-                future.set_exception(error)
+            self._run_command(fn, future)
+
+    @staticmethod
+    def _run_command(fn: Callable, future: Future) -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as error:  # noqa: BLE001  (handed to the caller)
+            future.set_exception(error)
 
     def _fail_commands(self) -> None:
         for _, future in self._queued_commands():
@@ -234,7 +309,8 @@ class StatefulGenerator:
         tokenizer = self._engine.tokenizer
         text = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
         while True:
-            self._drive_until(lambda: not tokens.empty())
+            if not self._served_elsewhere():
+                self._drive_until(lambda: not tokens.empty())
             item = tokens.get()
             if item is _DONE:
                 future.result()  # re-raise an engine error

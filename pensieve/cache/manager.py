@@ -436,16 +436,20 @@ class KVManager:
 
     # ---- idle conversations -------------------------------------------------------------------------------------
 
-    def truncate(self, conv: Conversation, num_tokens: int) -> None:
+    def truncate(self, conv: Conversation, num_tokens: int, reclaim: bool = False) -> None:
         """Keep KV for the first num_tokens positions only (the rest of the history was rewritten). A cut inside a
         chunk conv may not write into (shared, in the tree, or on disk / dropped) lets go of that chunk too: its
-        first positions are computed again, into a private chunk."""
+        first positions are computed again, into a private chunk. `reclaim` (an aborted turn handing back what it
+        filled): a chunk only conv holds is taken back out of the tree instead, and kept."""
         bs = self.block_size
         if num_tokens < conv.num_computed:
             conv.num_computed = num_tokens
             i = num_tokens // bs
             if num_tokens % bs:
                 chunk = conv.chunks[i]
+                if reclaim and chunk.refs == 1 and chunk.tier not in (Tier.DISK, Tier.DROPPED):
+                    self.tree.delete(chunk)
+                    chunk.key = None
                 if chunk.key is not None or chunk.refs > 1 or chunk.tier in (Tier.DISK, Tier.DROPPED):
                     conv.num_computed = i * bs
         self._free_tail(conv)

@@ -21,7 +21,7 @@ from pensieve.engine.graphs import CompiledForward
 from pensieve.engine.runner import ModelRunner, default_num_blocks
 from pensieve.engine.sampler import sample
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
-from pensieve.engine.turn import Reply, ResolvedSampling, Turn
+from pensieve.engine.turn import Reply, ResolvedSampling, Turn, TurnAborted
 from pensieve.models.support import model_shape
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -153,6 +153,8 @@ class Engine:
 
     def admit(self, adm: Admission, on_token=None) -> Turn:
         """Start a prepared turn. Cannot fail; call it right after prepare, on the same thread."""
+        prev = self.kv.conversations.get(adm.conv_id) if adm.stored else None
+        before = None if prev is None else (prev.tokens, prev.messages, prev.num_computed)  # begin_turn replaces them
         conv = self.kv.begin_turn(adm.conv_id, adm.tokens, adm.common_prefix, adm.messages, adm.stored)
         turn = Turn(
             conv=conv,
@@ -164,6 +166,7 @@ class Engine:
             # (dropped) or invalid (the template rewrote them) are recomputed now.
             history_kv=min(max(adm.history_len - 1, 0), len(adm.tokens)),
             on_token=on_token,
+            before=before,
             generator=None if adm.params.seed is None else self._generator(adm.params.seed),
             detokenizer=IncrementalDetokenizer(self.tokenizer) if adm.params.stop else None,
         )
@@ -420,6 +423,26 @@ class Engine:
                     self.kv.persist(conv)
         finally:
             self.kv.disk.close()
+
+    def abort(self, target) -> bool:
+        """Stop a turn that has not finished: target is its conversation id or the Future its caller holds. None of
+        the turn is kept: the conversation is as it was before it (tokens, messages, and the KV of the history the
+        turn kept; what the turn computed past that is released), a conversation the turn started is removed, and
+        the turn's Future raises TurnAborted. -> False if no such turn runs (it finished, or never started)."""
+        turn = next((t for t in self.scheduler.active if t.future is target or t.conv.conv_id == target), None)
+        if turn is None:
+            return False
+        self.scheduler.remove(turn)
+        conv = turn.conv
+        if turn.before is None:  # a completion, or a conversation this turn started
+            self.kv.remove(conv.conv_id)
+        else:
+            tokens, messages, computed = turn.before
+            self.kv.truncate(conv, min(turn.history_kept, computed), reclaim=True)
+            conv.tokens, conv.messages = tokens, messages
+            self.kv.end_turn(conv)
+        turn.future.set_exception(TurnAborted(f"the turn on {conv.conv_id!s} was aborted"))
+        return True
 
     def fail_all(self, error: BaseException) -> None:
         self.runner.storage.cancel_queued()

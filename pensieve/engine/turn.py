@@ -15,6 +15,10 @@ from pensieve.cache.tiers import Tier
 from pensieve.engine.detokenizer import IncrementalDetokenizer
 
 
+class TurnAborted(Exception):
+    """The turn was aborted (`StatefulGenerator.abort`): none of it was kept, the conversation is as before it."""
+
+
 @dataclass(frozen=True)
 class ResolvedSampling:
     """SamplingParams with the model's defaults filled in; what the sampler and stop checks read."""
@@ -72,6 +76,7 @@ class Turn:
     num_computed: int = 0  # tokens fed to the model for this turn
     num_prefilled: int = 0  # of which before the first reply token
     restored: RestoreStats | None = None  # where the history's KV was when the turn started
+    before: tuple[list[int], list[dict] | None, int] | None = None  # (tokens, messages, num_computed) before it
 
     @property
     def num_reused(self) -> int:
