@@ -1,0 +1,148 @@
+"""`pensieve serve`: the OpenAI-compatible server. The engine runs on the main thread (where the model was loaded:
+torch on a second thread is slower on CPU, docs/serving.md), uvicorn's event loop on a thread of its own."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+import time
+
+from pensieve.server.app import ServerConfig, create_app
+from pensieve.server.store import Store
+
+
+class Server:
+    """uvicorn serving the API on a thread of its own; the engine driven by `run` (this thread) or by `start`'s
+    own thread (`engine_thread=True`: tests, notebooks)."""
+
+    def __init__(self, gen, tokenizer, host: str = "127.0.0.1", port: int = 0, config: ServerConfig | None = None,
+                 disk_dir=None, log_level: str = "warning") -> None:  # fmt: skip
+        import uvicorn
+
+        self.gen = gen
+        self.store = Store(disk_dir)
+        self.app = create_app(gen, tokenizer, self.store, config)
+        self._uvicorn = uvicorn.Server(
+            uvicorn.Config(self.app, host=host, port=port, log_level=log_level, lifespan="off", timeout_keep_alive=30)
+        )
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._engine_thread = False
+        self.host, self.port = host, port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, engine_thread: bool = False) -> Server:
+        """Start serving HTTP (returns once the socket listens); the engine too when engine_thread."""
+        self._engine_thread = engine_thread
+        if engine_thread:
+            self._spawn(self.gen.serve, self._stop)
+        self._spawn(self._uvicorn.run)
+        deadline = time.monotonic() + 60
+        while not self._uvicorn.started:
+            if not self._threads[-1].is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP server did not start on {self.host}:{self.port}")
+            time.sleep(0.01)
+        self.port = self._uvicorn.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def run(self) -> None:
+        """Until `stop` (or SIGINT / SIGTERM on the main thread): drive the engine on this thread, or just wait if
+        `start(engine_thread=True)` gave it a thread of its own."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        try:
+            if self._engine_thread:
+                while not self._stop.wait(0.5):
+                    pass
+            else:
+                self.gen.serve(self._stop)
+        except KeyboardInterrupt:
+            pass
+
+    def stop(self) -> None:
+        """Stop HTTP and the engine; the generator stays open (close it to write its KV to disk)."""
+        self._uvicorn.should_exit = True
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self.store.close()
+
+    def _spawn(self, target, *args) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+
+def load(model: str | None, dtype: str):
+    """-> (model, tokenizer, name): a local HF checkpoint folder, or the bundled SmolLM2-135M-Instruct."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    if model is None:
+        from pensieve.models.smollm2 import load_smollm2
+
+        return (*load_smollm2(torch_dtype), "SmolLM2-135M-Instruct")
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).eval()
+    return lm, AutoTokenizer.from_pretrained(model), Path(model).name
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="pensieve serve", description="An OpenAI-compatible server whose "
+                                     "conversations keep their KV (docs/serving.md).")  # fmt: skip
+    parser.add_argument("--model", help="local HF checkpoint folder (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $PENSIEVE_API_KEY, if set)")
+    parser.add_argument("--disk-dir", help="keep KV and stored responses/conversations here: they survive restarts")
+    parser.add_argument("--device-blocks", type=int, help="cap the device KV pool (blocks)")
+    parser.add_argument("--host-blocks", type=int, default=0, help="a host KV tier of this many blocks")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=4096, help="the most tokens a request may generate")
+    parser.add_argument("--max-body-bytes", type=int, default=4 * 2**20)
+    parser.add_argument("--max-messages", type=int, default=1024)
+    parser.add_argument("--no-compile", action="store_true", help="run every step eagerly (no torch.compile)")
+    parser.add_argument("--engine-thread", choices=["main", "worker"], default="main",
+                        help="which thread steps the engine (main: measured faster on CPU)")  # fmt: skip
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+
+    import os
+
+    from pensieve import CacheConfig, EngineConfig, StatefulGenerator
+
+    t0 = time.perf_counter()
+    model, tokenizer, name = load(args.model, args.dtype)
+    cache = CacheConfig(
+        block_size=args.block_size,
+        num_device_blocks=args.device_blocks,
+        num_host_blocks=args.host_blocks,
+        disk_dir=args.disk_dir,
+    )
+    engine = EngineConfig(compile=False) if args.no_compile else EngineConfig()
+    config = ServerConfig(
+        model_name=args.served_model_name or name,
+        api_key=args.api_key or os.environ.get("PENSIEVE_API_KEY") or None,
+        max_body_bytes=args.max_body_bytes,
+        max_tokens=args.max_tokens,
+        max_messages=args.max_messages,
+    )
+    with StatefulGenerator(model, tokenizer, cache, engine_config=engine) as gen:
+        server = Server(gen, tokenizer, args.host, args.port, config, args.disk_dir, args.log_level)
+        server.start(engine_thread=args.engine_thread == "worker")
+        print(f"pensieve: serving {config.model_name!r} on {server.url}/v1 (loaded in {time.perf_counter() - t0:.1f} s;"
+              f" engine on the {args.engine_thread} thread; Ctrl-C stops)", flush=True)  # fmt: skip
+        try:
+            server.run()
+        finally:
+            server.stop()
+    print("pensieve: stopped" + (f"; KV kept in {args.disk_dir}" if args.disk_dir else ""), flush=True)

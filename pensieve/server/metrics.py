@@ -1,0 +1,50 @@
+"""Prometheus metrics (prometheus_client, a registry per app): requests, tokens, time to first token, where each
+turn's history KV was found, what was recomputed, and the cache's blocks per tier (read from `stats()` at scrape)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("pensieve_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("pensieve_prompt_tokens", "Prompt tokens of finished turns", registry=r)
+        self.generation_tokens = Counter("pensieve_generation_tokens", "Tokens generated", registry=r)
+        self.prefilled = Counter("pensieve_prefilled_tokens", "Tokens fed before a first token", registry=r)
+        self.cache_hits = Counter(
+            "pensieve_cache_hit_tokens", "Prompt tokens whose KV was reused, by tier", ["tier"], registry=r
+        )
+        self.recomputed = Counter("pensieve_recomputed_tokens", "History tokens computed again", registry=r)
+        self.ttft = Histogram("pensieve_ttft_seconds", "Time to first token", buckets=TTFT_BUCKETS, registry=r)
+        self.blocks = Gauge("pensieve_kv_blocks", "KV blocks per tier", ["tier", "state"], registry=r)
+        self.conversations = Gauge("pensieve_conversations", "Conversations in memory", registry=r)
+        self.running = Gauge("pensieve_running_turns", "Turns running", registry=r)
+
+    def request(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+
+    def turn(self, reply, prompt_tokens: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(len(reply.token_ids))
+        self.prefilled.inc(reply.num_prefilled)
+        self.cache_hits.labels("device").inc(reply.num_reused_device)
+        self.cache_hits.labels("host").inc(reply.num_reused_host)
+        self.cache_hits.labels("disk").inc(reply.num_reused_disk)
+        self.recomputed.inc(reply.num_recomputed)
+        self.ttft.observe(reply.ttft_s)
+
+    def render(self, stats: dict) -> bytes:
+        for tier in ("device", "host"):
+            total, free = stats[f"{tier}_blocks_total"], stats[f"{tier}_blocks_free"]
+            self.blocks.labels(tier, "used").set(total - free)
+            self.blocks.labels(tier, "free").set(free)
+        self.conversations.set(stats["conversations"])
+        self.running.set(stats["active_turns"])
+        return generate_latest(self.registry)

@@ -1,0 +1,113 @@
+"""What the server keeps beside the engine's KV: stored responses, conversation objects, and the token sequence of
+each pensieve conversation ("thread") they live on. In memory; with a disk_dir also in one SQLite file there
+(`server.sqlite`), written through on every change, so a restarted server continues where it stopped. Every key is
+an id the server made (never a path): the engine's disk tier holds the KV, this holds the records."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+def new_id(prefix: str) -> str:
+    """An unguessable id: 128 random bits (OpenAI-style prefix)."""
+    return f"{prefix}_{secrets.token_hex(16)}"
+
+
+@dataclass
+class Thread:
+    """A pensieve conversation (raw token mode) the server continues: its whole token sequence."""
+
+    id: str
+    tokens: list[int] = field(default_factory=list)
+    busy: bool = False  # a turn runs on it (not persisted)
+
+
+@dataclass
+class ResponseRecord:
+    id: str
+    thread_id: str | None  # None: not stored as a pensieve conversation (store=false)
+    num_tokens: int  # the thread's length once this response's reply was appended
+    previous_response_id: str | None
+    conversation_id: str | None
+    input_messages: list[dict]  # the chat messages this response added (instructions excluded: not carried over)
+    output_message: dict  # the assistant's reply as a chat message
+    body: dict  # the Response object returned to the client
+    deleted: bool = False  # deleted by the client; kept (hidden) while later responses build on it
+
+
+@dataclass
+class ConversationRecord:
+    id: str
+    created_at: int
+    metadata: dict
+    items: list[dict]  # conversation items (messages) in order
+    deleted: bool = False
+
+
+_SCHEMA = "CREATE TABLE IF NOT EXISTS records (kind TEXT, id TEXT, body TEXT, PRIMARY KEY (kind, id))"
+_KINDS = {"thread": Thread, "response": ResponseRecord, "conversation": ConversationRecord}
+
+
+class Store:
+    def __init__(self, disk_dir: str | Path | None = None) -> None:
+        self.threads: dict[str, Thread] = {}
+        self.responses: dict[str, ResponseRecord] = {}
+        self.conversations: dict[str, ConversationRecord] = {}
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        if disk_dir is not None:
+            path = Path(disk_dir) / "server.sqlite"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(_SCHEMA)
+            for kind, _id, body in self._db.execute("SELECT kind, id, body FROM records"):
+                self._table(kind)[_id] = _KINDS[kind](**json.loads(body))
+
+    def _table(self, kind: str) -> dict:
+        return {"thread": self.threads, "response": self.responses, "conversation": self.conversations}[kind]
+
+    def save(self, record) -> None:
+        kind = next(k for k, cls in _KINDS.items() if isinstance(record, cls))
+        self._table(kind)[record.id] = record
+        if self._db is not None:
+            body = asdict(record)
+            body.pop("busy", None)
+            with self._lock:
+                self._db.execute("INSERT OR REPLACE INTO records VALUES (?, ?, ?)", (kind, record.id, json.dumps(body)))
+
+    def remove(self, record) -> None:
+        kind = next(k for k, cls in _KINDS.items() if isinstance(record, cls))
+        self._table(kind).pop(record.id, None)
+        if self._db is not None:
+            with self._lock:
+                self._db.execute("DELETE FROM records WHERE kind = ? AND id = ?", (kind, record.id))
+
+    def context(self, response: ResponseRecord) -> list[dict]:
+        """The chat messages up to and including `response` (its chain of previous responses, oldest first)."""
+        chain = []
+        node: ResponseRecord | None = response
+        while node is not None:
+            chain.append(node)
+            node = self.responses.get(node.previous_response_id) if node.previous_response_id else None
+        messages: list[dict] = []
+        for node in reversed(chain):
+            messages += node.input_messages
+            messages.append(node.output_message)
+        return messages
+
+    def thread_in_use(self, thread_id: str) -> bool:
+        """Whether a live response or conversation still continues from this thread."""
+        return thread_id in self.conversations or any(
+            r.thread_id == thread_id and not r.deleted for r in self.responses.values()
+        )
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
