@@ -24,8 +24,9 @@ class Server:
         self.store = Store(disk_dir)
         self.app = create_app(gen, tokenizer, self.store, config)
         self._uvicorn = uvicorn.Server(
-            uvicorn.Config(self.app, host=host, port=port, log_level=log_level, lifespan="off", timeout_keep_alive=30)
-        )
+            uvicorn.Config(self.app, host=host, port=port, log_level=log_level, lifespan="off", timeout_keep_alive=30,
+                           timeout_graceful_shutdown=10)
+        )  # fmt: skip
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._engine_thread = False
@@ -52,8 +53,9 @@ class Server:
     def run(self) -> None:
         """Until `stop` (or SIGINT / SIGTERM on the main thread): drive the engine on this thread, or just wait if
         `start(engine_thread=True)` gave it a thread of its own."""
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        if threading.current_thread() is threading.main_thread():  # stop between steps, never inside one
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: self.shutdown())
         try:
             if self._engine_thread:
                 while not self._stop.wait(0.5):
@@ -62,6 +64,17 @@ class Server:
                 self.gen.serve(self._stop)
         except KeyboardInterrupt:
             pass
+
+    def shutdown(self) -> None:
+        """Stop taking requests, let the running ones finish (10 s at most), then stop the engine; returns at once."""
+        self._uvicorn.should_exit = True
+        http = self._threads[-1]
+
+        def then_stop_engine() -> None:
+            http.join()
+            self._stop.set()
+
+        threading.Thread(target=then_stop_engine, daemon=True).start()
 
     def stop(self) -> None:
         """Stop HTTP and the engine; the generator stays open (close it to write its KV to disk)."""
@@ -99,7 +112,7 @@ def main(argv=None) -> None:
                                      "conversations keep their KV (docs/serving.md).")  # fmt: skip
     parser.add_argument("--model", help="local HF checkpoint folder (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $PENSIEVE_API_KEY, if set)")

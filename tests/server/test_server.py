@@ -8,10 +8,10 @@ import concurrent.futures as cf
 import json
 
 import pytest
-import torch
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator
-from tests.tiny import oracle_copy, tiny_model
+from tests.server.common import MAX_OUT, hf_reply, make_model
+from tests.tiny import oracle_copy
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx2")
@@ -19,23 +19,6 @@ httpx = pytest.importorskip("httpx2")
 from pensieve.server import Server, ServerConfig  # noqa: E402
 
 KEY = "sk-test-key"
-MAX_OUT = 6
-SEED = 11
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from pensieve.models.smollm2 import GGUF_NAME, smollm2_path
-
-    return AutoTokenizer.from_pretrained(smollm2_path(), gguf_file=GGUF_NAME)
-
-
-def make_model(tokenizer):
-    model = tiny_model("llama", seed=SEED, vocab=len(tokenizer))
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    return model
 
 
 CONFIG = ServerConfig(model_name="tiny", api_key=KEY, max_body_bytes=64 * 1024, max_tokens=64, max_messages=12)
@@ -65,13 +48,6 @@ def reference(tokenizer):
     """The same weights behind a StatefulGenerator in text mode (the API this server must agree with)."""
     with StatefulGenerator(make_model(tokenizer), tokenizer, CacheConfig(block_size=4, num_device_blocks=1024)) as g:
         yield g
-
-
-def hf_reply(oracle, tokenizer, messages, max_new_tokens=MAX_OUT) -> str:
-    ids = torch.tensor([tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)])
-    with torch.no_grad():
-        out = oracle.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
 
 
 def integrity(gen) -> None:
@@ -365,8 +341,9 @@ def test_concurrent_turn_on_one_conversation_is_409(client, served):
 def test_metrics(client, served):
     client.responses.create(model="tiny", input="Count me", **GREEDY)
     text = httpx.get(served[1].url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-    for name in ("pensieve_requests_total", "pensieve_generation_tokens_total", "pensieve_ttft_seconds_bucket",
-                 "pensieve_cache_hit_tokens_total", "pensieve_kv_blocks", "pensieve_recomputed_tokens_total"):  # fmt: skip
+    names = ["pensieve_requests_total", "pensieve_generation_tokens_total", "pensieve_ttft_seconds_bucket",
+             "pensieve_cache_hit_tokens_total", "pensieve_kv_blocks", "pensieve_recomputed_tokens_total"]  # fmt: skip
+    for name in names:
         assert name in text, name
     assert 'endpoint="/v1/responses",status="200"' in text
     assert client.models.list().data[0].id == "tiny"
