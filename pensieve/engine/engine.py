@@ -128,7 +128,7 @@ class Engine:
         tokens, messages = self._render(conv, msg)
         history = conv.tokens if conv is not None else []
         self._check_fits(f"conversation {conv_id!r}", len(tokens), params.max_new_tokens)
-        return Admission(conv_id, tokens, messages, params, len(history), _common_prefix(history, tokens))
+        return Admission(conv_id, tokens, messages, params, len(history), common_prefix(history, tokens))
 
     def prepare_complete(self, prompt, sampling: SamplingParams | None) -> Admission:
         """Validate a stateless completion: `prompt` is token ids, or chat messages rendered with the chat template."""
@@ -395,7 +395,7 @@ class Engine:
         if conv is not None and conv.pinned:
             raise ValueError(f"conversation {conv_id!r} has a turn running")
         conv = conv if conv is not None else self.kv.conversation(conv_id)
-        keep = _common_prefix(conv.tokens, tokens)
+        keep = common_prefix(conv.tokens, tokens)
         self.kv.truncate(conv, keep)
         conv.tokens = list(tokens)
         conv.messages = None if messages is None else [dict(m) for m in messages]
@@ -549,7 +549,8 @@ def _first_block(chunk: ScheduledChunk) -> int:
     return conv.chunks[0].block if conv.chunks else -1
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pensieve.config import SamplingParams
 from pensieve.engine.detokenizer import IncrementalDetokenizer, find_stop
+from pensieve.engine.engine import common_prefix
 from pensieve.engine.turn import Reply, TurnAborted
 from pensieve.server.metrics import Metrics
 from pensieve.server.store import ConversationRecord, ResponseRecord, Store, Thread, new_id
@@ -444,7 +445,7 @@ def create_app(gen, tokenizer, store: Store | None = None, config: ServerConfig 
         delta = tokens
         if thread is not None:
             # what the thread holds that the rendering keeps (at least one token is left to feed)
-            p = min(_common_prefix(thread.tokens, tokens), len(tokens) - 1)
+            p = min(common_prefix(thread.tokens, tokens), len(tokens) - 1)
             try:
                 if p < len(thread.tokens):  # a conversation whose rendering changed past p, or a fork cut back
                     await turns.call(gen.truncate, thread.id, p)
@@ -675,7 +676,7 @@ async def _claim_thread(store: Store, turns: Turns, gen, previous, conversation,
     if base.busy:
         raise APIError(409, f"response {previous.id!r} has a follow-up in progress", "conflict_error")
     n = previous.num_tokens
-    if len(base.tokens) == n and min(_common_prefix(base.tokens, tokens), len(tokens) - 1) == n:
+    if len(base.tokens) == n and min(common_prefix(base.tokens, tokens), len(tokens) - 1) == n:
         base.busy = True
         return base, False
     thread = Thread(new_id("thread"), tokens=base.tokens[:n], busy=True)
@@ -839,11 +840,3 @@ def _live(table: dict, record_id: str, what: str):
     if record is None or getattr(record, "deleted", False):
         raise APIError(404, f"no {what} {record_id!r}", "not_found_error")
     return record
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
