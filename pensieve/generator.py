@@ -94,13 +94,13 @@ class StatefulGenerator:
         futures = self._submit(list(messages.items()), sampling)
         return {conv_id: self._result(f) for conv_id, f in zip(messages, futures, strict=True)}
 
-    def stream(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> ReplyStream:
-        """Iterate over the reply as it is generated: str pieces with a tokenizer, token ids without one.
-        The returned stream's `.reply` is the whole Reply (with its stats) once the turn is done."""
+    def stream(self, conv_id: str, msg, sampling: SamplingParams | None = None, token_ids: bool = False) -> ReplyStream:
+        """Iterate over the reply as it is generated: str pieces with a tokenizer, token ids without one (or with
+        `token_ids`). The returned stream's `.reply` is the whole Reply (with its stats) once the turn is done."""
         tokens: queue.SimpleQueue = queue.SimpleQueue()
         (future,) = self._submit([(conv_id, msg)], sampling, on_token=tokens.put)
         future.add_done_callback(lambda _: tokens.put(_DONE))
-        return ReplyStream(self._pieces(tokens, future), future)
+        return ReplyStream(self._pieces(tokens, future, token_ids), future)
 
     async def agenerate(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> Reply:
         """`generate` for asyncio: the turn is driven on a worker thread, never on the event loop."""
@@ -303,11 +303,11 @@ class StatefulGenerator:
         if self._driver.acquire(timeout=_WAIT_S):
             self._driver.release()
 
-    def _pieces(self, tokens: queue.SimpleQueue, future: Future) -> Iterator:
-        """Token ids as the turn produces them -> ids (no tokenizer) or str deltas that never split a character,
-        decoded incrementally (O(new tokens) per token)."""
+    def _pieces(self, tokens: queue.SimpleQueue, future: Future, token_ids: bool = False) -> Iterator:
+        """Token ids as the turn produces them -> ids (no tokenizer, or token_ids) or str deltas that never split a
+        character, decoded incrementally (O(new tokens) per token)."""
         tokenizer = self._engine.tokenizer
-        text = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
+        text = IncrementalDetokenizer(tokenizer) if tokenizer is not None and not token_ids else None
         while True:
             if not self._served_elsewhere():
                 self._drive_until(lambda: not tokens.empty())

@@ -1,7 +1,9 @@
 """Test-wide settings. Imported before any test module, so TRITON_INTERPRET is set before triton is imported."""
 
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -9,6 +11,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # CI keeps the budgets small; PENSIEVE_THOROUGH=1 runs the big ones.
 settings.register_profile(
@@ -21,3 +25,19 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("thorough" if os.environ.get("PENSIEVE_THOROUGH") else "ci")
+
+
+@pytest.fixture(scope="session")
+def ray_runtime():
+    """One local Ray runtime for the whole test session (started by the first test that needs it)."""
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=256 * 2**20,
+        # instances import tests' model factories; the caller's own PYTHONPATH is kept behind the checkout
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.getenv("PYTHONPATH")]))}},
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()

@@ -35,6 +35,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pensieve.cache.tree import prefix_keys
@@ -80,6 +81,7 @@ class _Turn:
     prefilled_ref: object = None
     evicted_ref: object = None
     attempts: int = 0
+    token_ids: bool = False  # a stream of token ids (not text pieces)
 
 
 class Cluster:
@@ -201,6 +203,8 @@ class Cluster:
         self._last_health = time.monotonic()
         self.counters: Counter[str] = Counter()
         self._convs: dict[str, _Conversation] = {}
+        self._running: dict[str, _Turn] = {}  # conversation id -> its turn on an instance
+        self._pool: ThreadPoolExecutor | None = None  # `submit`'s threads (made at first use)
         self._lock = threading.RLock()  # the driver's state: records, router, counters
         self._closed = False
 
@@ -218,11 +222,94 @@ class Cluster:
         turns = self._start_all(list(messages.items()), sampling)
         return {turn.conv_id: self._finish(turn) for turn in turns}
 
-    def stream(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> ClusterStream:
-        """The reply's pieces as the instance produces them (str with a tokenizer, else token ids); the stream's
-        `.reply` is the whole Reply once done."""
-        turn = self._start(conv_id, msg, sampling, streaming=True)
+    def stream(self, conv_id: str, msg, sampling: SamplingParams | None = None, token_ids: bool = False):
+        """The reply's pieces as the instance produces them (str with a tokenizer, else or with `token_ids` token
+        ids); the stream's `.reply` is the whole Reply once done."""
+        turn = self._start(conv_id, msg, sampling, streaming=True, token_ids=token_ids)
         return ClusterStream(self, turn)
+
+    def submit(self, conv_id: str, msg, sampling: SamplingParams | None = None, on_token=None) -> Future:
+        """Start a turn without waiting (as `StatefulGenerator.submit`): -> a Future of its Reply; on_token(token_id)
+        is called (on a driver thread) as the instance streams the reply."""
+        future: Future = Future()
+        future.conv_id = conv_id  # what `abort` is given this Future for
+
+        def run() -> None:
+            try:
+                stream = self.stream(conv_id, msg, sampling, token_ids=True)
+                for token in stream:
+                    if on_token is not None:
+                        on_token(token)
+                future.set_result(stream.reply)
+            except BaseException as error:  # noqa: BLE001  (handed to the caller)
+                future.set_exception(error)
+
+        self._workers().submit(run)
+        return future
+
+    def submit_complete(self, prompt, sampling: SamplingParams | None = None, on_token=None) -> Future:
+        """`complete` without waiting: -> a Future of its Reply. A completion is not streamed by the instance: on_token
+        sees the reply's tokens when it is done, and `abort` cannot stop it."""
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                reply = self.complete(prompt, sampling)
+                for token in reply.token_ids if on_token is not None else ():
+                    on_token(token)
+                future.set_result(reply)
+            except BaseException as error:  # noqa: BLE001  (handed to the caller)
+                future.set_exception(error)
+
+        self._workers().submit(run)
+        return future
+
+    def abort(self, target) -> bool:
+        """Abort a conversation's running turn (target: its id, or the Future `submit` returned) on its instance:
+        none of it is kept there or in the driver's record; its caller gets TurnAborted. -> False if no turn of it
+        was running on an instance yet (or any more)."""
+        conv_id = getattr(target, "conv_id", target)
+        with self._lock:
+            turn = self._running.get(conv_id) if isinstance(conv_id, str) else None
+        if turn is None:
+            return False
+        try:
+            return bool(self._call(turn.instance, "abort", conv_id))
+        except self._ray.exceptions.RayError:
+            return False
+
+    def truncate(self, conv_id: str, num_tokens: int) -> None:
+        """Keep the first num_tokens tokens of a raw-mode conversation (its record, and its KV where it lives)."""
+        if not isinstance(conv_id, str):
+            raise ValueError(f"conv_id must be a str, got {conv_id!r}")
+        with self._lock:
+            self._check_open()
+            conv = self._idle(conv_id)
+            if conv.messages is not None:
+                raise ValueError(f"conversation {conv_id!r} is in text mode: its tokens follow its messages")
+            n = len(conv.tokens)
+            if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or not 0 <= num_tokens <= n:
+                raise ValueError(f"num_tokens must be an int in [0, {len(conv.tokens)}], got {num_tokens!r}")
+            del conv.tokens[num_tokens:]
+            conv.computed = min(conv.computed, num_tokens)
+            owner = conv.owner if conv.owner in self.alive else None
+        if owner is not None:  # (if this fails, the instance adopts the record at the next turn)
+            try:
+                self._call(owner, "truncate", conv_id, num_tokens)
+            except (self._ray.exceptions.RayError, KeyError, ValueError):
+                pass
+
+    def serve(self, stop: threading.Event) -> None:
+        """Wait until `stop` is set (the instances step their engines themselves; a server calls this as it calls
+        `StatefulGenerator.serve`)."""
+        while not stop.wait(0.5):
+            pass
+
+    def _workers(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=128, thread_name_prefix="pensieve-cluster")
+            return self._pool
 
     async def agenerate(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> Reply:
         return await asyncio.to_thread(self.generate, conv_id, msg, sampling)
@@ -356,6 +443,9 @@ class Cluster:
             if self._closed:
                 return
             self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         for name in sorted(set(self._handles) - self._gone):
             try:
                 self._ray.get(self._handles[name].close.remote(), timeout=60)
@@ -374,11 +464,11 @@ class Cluster:
 
     # ---- a turn ------------------------------------------------------------------------------------------------
 
-    def _start(self, conv_id, msg, sampling, streaming: bool = False) -> _Turn:
-        (turn,) = self._start_all([(conv_id, msg)], sampling, streaming)
+    def _start(self, conv_id, msg, sampling, streaming: bool = False, token_ids: bool = False) -> _Turn:
+        (turn,) = self._start_all([(conv_id, msg)], sampling, streaming, token_ids)
         return turn
 
-    def _start_all(self, items, sampling, streaming: bool = False) -> list[_Turn]:
+    def _start_all(self, items, sampling, streaming: bool = False, token_ids: bool = False) -> list[_Turn]:
         """Validate every turn (nothing changes if one is bad), then route and call each."""
         _check_sampling(sampling)
         # P/D: a conversation's last reply may still be on its way back to the prefill instance; wait for that
@@ -401,10 +491,12 @@ class Cluster:
                 check = lambda ids: check_token_ids(ids, self._vocab)  # noqa: E731
                 tokens, _ = render_turn(self.tokenizer, conv_id, conv.tokens, conv.messages, msg, check)
                 self._check_fits(conv_id, len(tokens), sampling)
-                turns.append(_Turn(conv_id, msg, sampling, tokens, prefix_keys(tokens, self.block_size)))
+                keys = prefix_keys(tokens, self.block_size)
+                turns.append(_Turn(conv_id, msg, sampling, tokens, keys, token_ids=token_ids))
             for turn in turns:
                 conv = self._convs.setdefault(turn.conv_id, _Conversation())
                 conv.busy = True
+                self._running[turn.conv_id] = turn
                 self._dispatch(turn, streaming)
             return turns
 
@@ -443,7 +535,7 @@ class Cluster:
         history = (list(conv.tokens), conv.messages)
         if streaming:
             turn.ref = handle.stream.options(num_returns="streaming").remote(
-                turn.conv_id, turn.msg, turn.sampling, history, kv
+                turn.conv_id, turn.msg, turn.sampling, history, kv, turn.token_ids
             )
         else:
             turn.ref = handle.generate.remote(turn.conv_id, turn.msg, turn.sampling, history, kv)
@@ -512,6 +604,7 @@ class Cluster:
             self.router.finished(turn.instance)
             if not dead or turn.attempts > len(self._handles):
                 if turn.conv_id is not None:
+                    self._running.pop(turn.conv_id, None)
                     conv = self._convs.get(turn.conv_id)
                     if conv is not None:
                         conv.busy = False
@@ -532,6 +625,7 @@ class Cluster:
         self._find_dead(turn)
         with self._lock:
             self.router.finished(turn.instance)
+            self._running.pop(turn.conv_id, None)
             conv = self._convs.get(turn.conv_id)
             if conv is not None:
                 conv.busy = False
@@ -590,6 +684,7 @@ class Cluster:
                 computed = len(turn.tokens) + len(reply.token_ids) - 1
                 self.router.cached(name, turn.keys[: computed // self.block_size], now)
                 return reply
+            self._running.pop(turn.conv_id, None)
             conv = self._convs[turn.conv_id]
             old = conv.owner
             conv.tokens, conv.messages = result["tokens"], result["messages"]

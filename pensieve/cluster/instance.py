@@ -105,13 +105,21 @@ class Instance:
         reply = self.gen.generate(conv_id, msg, sampling)
         return self._result(reply, conv_id)
 
-    def stream(self, conv_id: str, msg, sampling: SamplingParams | None, history, kv: KVPayload | None):
+    def stream(self, conv_id: str, msg, sampling: SamplingParams | None, history, kv: KVPayload | None,
+               token_ids: bool = False):  # fmt: skip
         """`generate`, yielding the reply's pieces as they come, then the turn's result (a dict)."""
         self._prepare(conv_id, history, kv)
-        pieces = self.gen.stream(conv_id, msg, sampling)
+        pieces = self.gen.stream(conv_id, msg, sampling, token_ids=token_ids)
         for piece in pieces:  # noqa: UP028  (not `yield from`: Ray drives the generator with send())
             yield piece
         yield self._result(pieces.reply, conv_id)
+
+    def abort(self, conv_id: str) -> bool:
+        """Abort conv_id's running turn here (`StatefulGenerator.abort`): its stream ends with TurnAborted."""
+        return self.gen.abort(conv_id)
+
+    def truncate(self, conv_id: str, num_tokens: int) -> None:
+        self.gen.truncate(conv_id, num_tokens)
 
     def complete(self, prompt, sampling: SamplingParams | None, kv: KVPayload | None) -> dict:
         if kv is not None:

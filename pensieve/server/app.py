@@ -146,6 +146,7 @@ class Turns:
     async def run(self, thread_id: str | None, tokens: list[int], sampling: SamplingParams, on_token) -> Reply:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())  # (also when nobody awaits it any more)
 
         def pass_token(token: int) -> None:
             if not loop.is_closed():
@@ -168,7 +169,10 @@ class Turns:
         try:
             return await asyncio.shield(done)
         except asyncio.CancelledError:
-            await asyncio.to_thread(self.gen.abort, future)
+            if not await asyncio.to_thread(self.gen.abort, future):
+                # not found running: it finished, or (a cluster) has not reached its instance yet: let it end, so
+                # that what it leaves is known when the caller releases its thread
+                await asyncio.to_thread(_outcome, future)
             raise
 
     async def call(self, fn: Callable, *args):
@@ -692,6 +696,13 @@ async def _claim_thread(store: Store, turns: Turns, gen, previous, conversation,
     finally:
         base.busy = False
     return thread, True
+
+
+def _outcome(future) -> None:
+    try:
+        future.result()
+    except BaseException:  # noqa: BLE001, S110  (only its end is waited for)
+        pass
 
 
 _DETACHED: set[asyncio.Task] = set()

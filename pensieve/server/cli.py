@@ -90,6 +90,11 @@ class Server:
         self._threads.append(thread)
 
 
+def load_model(model: str | None, dtype: str):
+    """The model alone (a picklable factory for cluster instances: `functools.partial(load_model, path, dtype)`)."""
+    return load(model, dtype)[0]
+
+
 def load(model: str | None, dtype: str):
     """-> (model, tokenizer, name): a local HF checkpoint folder, or the bundled SmolLM2-135M-Instruct."""
     import torch
@@ -124,6 +129,12 @@ def main(argv=None) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=4 * 2**20)
     parser.add_argument("--max-messages", type=int, default=1024)
     parser.add_argument("--no-compile", action="store_true", help="run every step eagerly (no torch.compile)")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=0,
+        help="serve through a local Cluster of N instances on Ray (0: one generator in this process)",
+    )
     parser.add_argument("--engine-thread", choices=["main", "worker"], default="main",
                         help="which thread steps the engine (main: measured faster on CPU)")  # fmt: skip
     parser.add_argument("--log-level", default="info")
@@ -149,11 +160,27 @@ def main(argv=None) -> None:
         max_tokens=args.max_tokens,
         max_messages=args.max_messages,
     )
-    with StatefulGenerator(model, tokenizer, cache, engine_config=engine) as gen:
+    if args.instances:
+        if args.instances < 1:
+            parser.error("--instances must be >= 1")
+        if args.disk_dir:
+            parser.error("--disk-dir is not supported with --instances (a cluster keeps no disk tier yet)")
+        import functools
+
+        from pensieve.cluster import Cluster
+
+        del model  # each instance loads its own
+        factory = functools.partial(load_model, args.model, args.dtype)
+        roles = ["colocated"] * args.instances
+        gen = Cluster(factory, tokenizer, roles=roles, cache_config=cache, engine_config=engine)
+    else:
+        gen = StatefulGenerator(model, tokenizer, cache, engine_config=engine)
+    with gen:
         server = Server(gen, tokenizer, args.host, args.port, config, args.disk_dir, args.log_level)
         server.start(engine_thread=args.engine_thread == "worker")
+        where = f"{args.instances} instances on Ray" if args.instances else f"engine on the {args.engine_thread} thread"
         print(f"pensieve: serving {config.model_name!r} on {server.url}/v1 (loaded in {time.perf_counter() - t0:.1f} s;"
-              f" engine on the {args.engine_thread} thread; Ctrl-C stops)", flush=True)  # fmt: skip
+              f" {where}; Ctrl-C stops)", flush=True)  # fmt: skip
         try:
             server.run()
         finally:

@@ -41,10 +41,13 @@ class Metrics:
         self.ttft.observe(reply.ttft_s)
 
     def render(self, stats: dict) -> bytes:
+        """`stats()` of a StatefulGenerator, or of a Cluster (its instances' summed)."""
+        instances = list(stats["per_instance"].values()) if "per_instance" in stats else [stats]
         for tier in ("device", "host"):
-            total, free = stats[f"{tier}_blocks_total"], stats[f"{tier}_blocks_free"]
+            total = sum(s[f"{tier}_blocks_total"] for s in instances)
+            free = sum(s[f"{tier}_blocks_free"] for s in instances)
             self.blocks.labels(tier, "used").set(total - free)
             self.blocks.labels(tier, "free").set(free)
         self.conversations.set(stats["conversations"])
-        self.running.set(stats["active_turns"])
+        self.running.set(sum(s["active_turns"] for s in instances))
         return generate_latest(self.registry)

@@ -11,8 +11,13 @@ SEED = 11
 
 
 def make_model(tokenizer):
-    model = tiny_model("llama", seed=SEED, vocab=len(tokenizer))
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return tiny_chat_model(len(tokenizer), tokenizer.convert_tokens_to_ids("<|im_end|>"))
+
+
+def tiny_chat_model(vocab: int, eos: int):
+    """The model factory (picklable: cluster instances build it): seeded weights, ChatML's end of turn as EOS."""
+    model = tiny_model("llama", seed=SEED, vocab=vocab)
+    model.generation_config.eos_token_id = eos
     return model
 
 

@@ -1,0 +1,104 @@
+"""The server over a `Cluster` (`pensieve serve --instances N`): two colocated instances on the session's Ray
+runtime, driven by the openai client; replies equal HF generate, a disconnect aborts the turn on its instance."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+
+import pytest
+
+from tests.server.common import MAX_OUT, hf_reply, make_model, tiny_chat_model
+from tests.tiny import oracle_copy
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx2")
+pytest.importorskip("ray")
+
+from pensieve import CacheConfig, EngineConfig  # noqa: E402
+from pensieve.server import Server, ServerConfig  # noqa: E402
+
+GREEDY = dict(temperature=0, max_output_tokens=MAX_OUT)
+
+
+@pytest.fixture(scope="module")
+def cluster_server(ray_runtime, tokenizer):
+    from pensieve.cluster import Cluster
+
+    factory = functools.partial(tiny_chat_model, len(tokenizer), tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    config = CacheConfig(block_size=4, num_device_blocks=512)
+    cluster = Cluster(factory, tokenizer, roles=["colocated", "colocated"], cache_config=config, num_threads=1,
+                      engine_config=EngineConfig(compile=False))  # fmt: skip
+    server = Server(cluster, tokenizer, config=ServerConfig(model_name="tiny")).start(engine_thread=True)
+    yield cluster, server
+    server.stop()
+    cluster.close()
+
+
+def test_responses_and_chat_through_a_cluster(cluster_server, tokenizer):
+    cluster, server = cluster_server
+    oracle = oracle_copy(make_model(tokenizer))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    history, previous = [], None
+    for text in ["Hello there", "Tell me about cats", "And dogs?"]:
+        response = client.responses.create(model="tiny", input=text, previous_response_id=previous, **GREEDY)
+        history.append({"role": "user", "content": text})
+        assert response.output_text == hf_reply(oracle, tokenizer, history)
+        if previous is not None:
+            assert response.usage.input_tokens_details.cached_tokens > 0
+        history.append({"role": "assistant", "content": response.output_text})
+        previous = response.id
+    branch = client.responses.create(model="tiny", input="Birds?", previous_response_id=previous, **GREEDY)
+    fork = client.responses.create(model="tiny", input="Fish?", previous_response_id=previous, **GREEDY)
+    assert branch.output_text == hf_reply(oracle, tokenizer, [*history, {"role": "user", "content": "Birds?"}])
+    assert fork.output_text == hf_reply(oracle, tokenizer, [*history, {"role": "user", "content": "Fish?"}])
+    messages = [{"role": "user", "content": "Name a color."}]
+    pieces = [
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(
+            model="tiny", messages=messages, temperature=0, max_tokens=MAX_OUT, stream=True
+        )
+        if chunk.choices
+    ]
+    assert "".join(pieces) == hf_reply(oracle, tokenizer, messages)
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "pensieve_kv_blocks" in metrics
+    cluster.check_integrity()
+
+
+def test_disconnect_aborts_on_the_instance(cluster_server, tokenizer):
+    cluster, server = cluster_server
+    oracle = oracle_copy(make_model(tokenizer))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    base = client.responses.create(model="tiny", input="Start here", **GREEDY)
+    thread = server.store.responses[base.id].thread_id
+    before = list(server.store.threads[thread].tokens)
+
+    def completed() -> int:
+        return sum(s["turns_completed"] for s in cluster.stats()["per_instance"].values())
+
+    turns_before = completed()
+    body = {"model": "tiny", "input": "Write a long story", "previous_response_id": base.id, "stream": True,
+            "temperature": 0, "max_output_tokens": 64}  # fmt: skip
+    with httpx.Client(base_url=server.url) as http, http.stream("POST", "/v1/responses", json=body) as stream:
+        deltas = 0
+        for line in stream.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["type"] == "response.output_text.delta":
+                deltas += 1
+                if deltas == 2:
+                    break
+    deadline = time.monotonic() + 60
+    while server.store.threads[thread].busy:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert server.store.threads[thread].tokens == before
+    assert completed() == turns_before  # aborted on its instance, not run to its end
+    after = client.responses.create(model="tiny", input="Go on", previous_response_id=base.id, **GREEDY)
+    history = [
+        {"role": "user", "content": "Start here"},
+        {"role": "assistant", "content": base.output_text},
+        {"role": "user", "content": "Go on"},
+    ]
+    assert after.output_text == hf_reply(oracle, tokenizer, history)
+    cluster.check_integrity()
