@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import torch
 
 from tests.tiny import tiny_model
@@ -27,3 +30,38 @@ def hf_reply(oracle, tokenizer, messages, max_new_tokens=MAX_OUT) -> str:
     with torch.no_grad():
         out = oracle.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+
+
+def abort_mid_stream(server, key: str | None, previous_id: str) -> str:
+    """Start a long streamed follow-up of previous_id and go away after two text deltas; wait until the server has
+    released the thread. -> the aborted response's id."""
+    import httpx2
+
+    thread = server.store.responses[previous_id].thread_id
+    body = {"model": "tiny", "input": "Write a long story", "previous_response_id": previous_id, "stream": True,
+            "temperature": 0, "max_output_tokens": 60}  # fmt: skip
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    aborted_id, deltas = None, 0
+    with httpx2.Client(base_url=server.url, headers=headers) as http:
+        with http.stream("POST", "/v1/responses", json=body) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    if event["type"] == "response.created":
+                        aborted_id = event["response"]["id"]
+                    deltas += event["type"] == "response.output_text.delta"
+                    if deltas == 2:
+                        break  # the client goes away mid-stream
+    deadline = time.monotonic() + 60
+    while server.store.threads[thread].busy:
+        assert time.monotonic() < deadline, "the aborted turn never released its thread"
+        time.sleep(0.02)
+    return aborted_id
+
+
+def follow_up_history(first_input: str, first_output: str, follow: str) -> list[dict]:
+    return [
+        {"role": "user", "content": first_input},
+        {"role": "assistant", "content": first_output},
+        {"role": "user", "content": follow},
+    ]

@@ -4,12 +4,10 @@ runtime, driven by the openai client; replies equal HF generate, a disconnect ab
 from __future__ import annotations
 
 import functools
-import json
-import time
 
 import pytest
 
-from tests.server.common import MAX_OUT, hf_reply, make_model, tiny_chat_model
+from tests.server.common import MAX_OUT, abort_mid_stream, follow_up_history, hf_reply, make_model, tiny_chat_model
 from tests.tiny import oracle_copy
 
 openai = pytest.importorskip("openai")
@@ -79,26 +77,10 @@ def test_disconnect_aborts_on_the_instance(cluster_server, tokenizer):
         return sum(s["turns_completed"] for s in cluster.stats()["per_instance"].values())
 
     turns_before = completed()
-    body = {"model": "tiny", "input": "Write a long story", "previous_response_id": base.id, "stream": True,
-            "temperature": 0, "max_output_tokens": 64}  # fmt: skip
-    with httpx.Client(base_url=server.url) as http, http.stream("POST", "/v1/responses", json=body) as stream:
-        deltas = 0
-        for line in stream.iter_lines():
-            if line.startswith("data: ") and json.loads(line[6:])["type"] == "response.output_text.delta":
-                deltas += 1
-                if deltas == 2:
-                    break
-    deadline = time.monotonic() + 60
-    while server.store.threads[thread].busy:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    abort_mid_stream(server, None, base.id)
     assert server.store.threads[thread].tokens == before
     assert completed() == turns_before  # aborted on its instance, not run to its end
     after = client.responses.create(model="tiny", input="Go on", previous_response_id=base.id, **GREEDY)
-    history = [
-        {"role": "user", "content": "Start here"},
-        {"role": "assistant", "content": base.output_text},
-        {"role": "user", "content": "Go on"},
-    ]
+    history = follow_up_history("Start here", base.output_text, "Go on")
     assert after.output_text == hf_reply(oracle, tokenizer, history)
     cluster.check_integrity()

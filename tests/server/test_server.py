@@ -5,12 +5,11 @@ SmolLM2's tokenizer and chat template, greedy)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 
 import pytest
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator
-from tests.server.common import MAX_OUT, hf_reply, make_model
+from tests.server.common import MAX_OUT, abort_mid_stream, follow_up_history, hf_reply, make_model
 from tests.tiny import oracle_copy
 
 openai = pytest.importorskip("openai")
@@ -213,47 +212,20 @@ def test_concurrent_clients_equal_serial(client, served):
 # ---- disconnects, bad input, restarts -----------------------------------------------------------------------------
 
 
-def _wait_idle(server, thread_id: str) -> None:
-    import time
-
-    deadline = time.monotonic() + 30
-    while server.store.threads[thread_id].busy:
-        assert time.monotonic() < deadline, "the aborted turn never released its thread"
-        time.sleep(0.02)
-
-
 def test_disconnect_mid_stream_keeps_none_of_the_turn(client, served, tokenizer):
     gen, server = served
     oracle = oracle_copy(make_model(tokenizer))
     base = client.responses.create(model="tiny", input="Start here", **GREEDY)
     thread = server.store.responses[base.id].thread_id
     tokens_before = list(server.store.threads[thread].tokens)
-    body = {"model": "tiny", "input": "Write a long story", "previous_response_id": base.id, "stream": True,
-            "temperature": 0, "max_output_tokens": 60}  # fmt: skip
-    aborted_id = None
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}) as http:
-        with http.stream("POST", "/v1/responses", json=body) as stream:
-            deltas = 0
-            for line in stream.iter_lines():
-                if line.startswith("data: "):
-                    event = json.loads(line[6:])
-                    if event["type"] == "response.created":
-                        aborted_id = event["response"]["id"]
-                    deltas += event["type"] == "response.output_text.delta"
-                    if deltas == 2:
-                        break  # the client goes away mid-stream
-    _wait_idle(server, thread)
+    aborted_id = abort_mid_stream(server, KEY, base.id)
     assert server.store.threads[thread].tokens == tokens_before
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(aborted_id)  # nothing of the aborted turn was stored
     integrity(gen)
     # the next turn continues from `base` exactly, with its KV reused
     after = client.responses.create(model="tiny", input="Go on", previous_response_id=base.id, **GREEDY)
-    history = [
-        {"role": "user", "content": "Start here"},
-        {"role": "assistant", "content": base.output_text},
-        {"role": "user", "content": "Go on"},
-    ]
+    history = follow_up_history("Start here", base.output_text, "Go on")
     assert after.output_text == hf_reply(oracle, tokenizer, history)
     assert after.usage.input_tokens_details.cached_tokens >= len(tokens_before) - 1
 
@@ -363,11 +335,7 @@ def test_restart_on_the_same_disk_dir_continues(tokenizer, tmp_path):
         c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
         assert c.responses.retrieve(first.id).output_text == first.output_text
         after = c.responses.create(model="tiny", input="Which word?", previous_response_id=first.id, **GREEDY)
-        history = [
-            {"role": "user", "content": "Remember the word apple"},
-            {"role": "assistant", "content": first.output_text},
-            {"role": "user", "content": "Which word?"},
-        ]
+        history = follow_up_history("Remember the word apple", first.output_text, "Which word?")
         assert after.output_text == hf_reply(oracle, tokenizer, history)
         assert after.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens  # from the disk tier
         more = c.responses.create(model="tiny", input="And now?", conversation=conv.id, **GREEDY)
