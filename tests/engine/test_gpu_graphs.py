@@ -76,3 +76,49 @@ def test_padded_rows_write_only_the_padding_block():
                 if b not in owned and b != block:
                     assert t[:, b].isnan().all(), f"block {b} was written by a padded row"
         assert gen.stats()["cuda_graphs"] > 0
+
+
+@cuda
+def test_serve_thread_abort_with_graphs_and_host_tier():
+    """The engine on a thread of its own (`serve`) on a GPU with CUDA graphs and a pinned host tier: concurrent
+    turns equal HF's; a turn aborted mid-decode leaves its conversation exactly as before, the next turn is exact."""
+    import threading
+
+    from pensieve import TurnAborted
+
+    model = tiny_model("llama").float().cuda()
+    oracle = oracle_copy(model)
+    config = CacheConfig(block_size=4, num_device_blocks=64, num_host_blocks=32)
+    rng = random.Random(1)
+    with StatefulGenerator(model, None, config) as gen:
+        stop = threading.Event()
+        engine = threading.Thread(target=gen.serve, args=(stop,))
+        engine.start()
+        try:
+            histories: dict = {}
+            for _ in range(2):
+                batch = _msgs(rng, [f"s{i}" for i in range(6)])
+                futures = {c: gen.submit(c, m, GREEDY) for c, m in batch.items()}
+                for conv_id, future in futures.items():
+                    history = histories.get(conv_id, []) + batch[conv_id]
+                    tokens = future.result(timeout=120).token_ids
+                    assert tokens == hf_greedy(oracle, history, 6), conv_id
+                    histories[conv_id] = history + tokens
+            conv = gen._engine.kv.conversations["s0"]
+            before = (list(conv.tokens), conv.num_computed, list(conv.chunks))
+            started = threading.Event()
+            endless = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
+            long = gen.submit("s0", [5, 6, 7], endless, on_token=lambda _: started.set())
+            assert started.wait(timeout=120)
+            assert gen.abort(long) is True
+            with pytest.raises(TurnAborted):
+                long.result(timeout=120)
+            gen._result(gen._call(gen._engine.check_integrity))
+            conv = gen._engine.kv.conversations["s0"]
+            assert (conv.tokens, conv.num_computed, conv.chunks) == before
+            tokens = gen.submit("s0", [9, 10], GREEDY).result(timeout=120).token_ids
+            assert tokens == hf_greedy(oracle, histories["s0"] + [9, 10], 6)
+            assert gen.stats()["cuda_graphs"] > 0
+        finally:
+            stop.set()
+            engine.join()
