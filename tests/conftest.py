@@ -14,6 +14,23 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny float64 Llama most cache and engine tests run (a module may define its own `model`)."""
+    from tests.tiny import tiny_model
+
+    return tiny_model("llama", seed=3)
+
+
+@pytest.fixture(scope="module")
+def oracle(model):
+    """An independent copy of `model` for HF generate."""
+    from tests.tiny import oracle_copy
+
+    return oracle_copy(model)
+
+
 # CI keeps the budgets small; PENSIEVE_THOROUGH=1 runs the big ones.
 settings.register_profile(
     "ci", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]

@@ -603,13 +603,7 @@ class Cluster:
         with self._lock:
             self.router.finished(turn.instance)
             if not dead or turn.attempts > len(self._handles):
-                if turn.conv_id is not None:
-                    self._running.pop(turn.conv_id, None)
-                    conv = self._convs.get(turn.conv_id)
-                    if conv is not None:
-                        conv.busy = False
-                        if conv.owner is None and not conv.tokens:
-                            del self._convs[turn.conv_id]
+                self._release(turn)
                 if error is not None:
                     raise _cause(error) from None
                 raise RuntimeError(f"turn failed: no live instance could serve it (tried {turn.attempts})")
@@ -625,12 +619,18 @@ class Cluster:
         self._find_dead(turn)
         with self._lock:
             self.router.finished(turn.instance)
-            self._running.pop(turn.conv_id, None)
-            conv = self._convs.get(turn.conv_id)
-            if conv is not None:
-                conv.busy = False
-                if conv.owner is None and not conv.tokens:
-                    del self._convs[turn.conv_id]
+            self._release(turn)
+
+    def _release(self, turn: _Turn) -> None:
+        """The turn ended without a result: its conversation is idle again, as before it (a new one is forgotten)."""
+        if turn.conv_id is None:
+            return
+        self._running.pop(turn.conv_id, None)
+        conv = self._convs.get(turn.conv_id)
+        if conv is not None:
+            conv.busy = False
+            if conv.owner is None and not conv.tokens:
+                del self._convs[turn.conv_id]
 
     def _find_dead(self, turn: _Turn, names: list[str] | None = None) -> list[str]:
         """Of the turn's instances (or `names`), those that do not answer a ping within ping_timeout_s. Each is

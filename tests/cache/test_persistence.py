@@ -29,11 +29,6 @@ def model():
     return tiny_model("llama", seed=11)
 
 
-@pytest.fixture(scope="module")
-def oracle(model):
-    return oracle_copy(model)
-
-
 def _open(model, disk_dir, device=16, host=0) -> StatefulGenerator:
     config = CacheConfig(block_size=4, num_device_blocks=device, num_host_blocks=host, disk_dir=disk_dir)
     return StatefulGenerator(model, None, config)

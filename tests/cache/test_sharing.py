@@ -19,16 +19,6 @@ BS = 4
 GREEDY = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama", seed=3)
-
-
-@pytest.fixture(scope="module")
-def oracle(model):
-    return oracle_copy(model)
-
-
 def _open(model, device=64, host=0, disk_dir=None) -> StatefulGenerator:
     config = CacheConfig(block_size=BS, num_device_blocks=device, num_host_blocks=host, disk_dir=disk_dir)
     gen = StatefulGenerator(model, None, config)

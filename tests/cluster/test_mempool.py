@@ -11,20 +11,10 @@ from hypothesis import strategies as st
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator
 from pensieve.cache.tiers import Tier
 from pensieve.cluster.mempool import KVPayload, MemPool, MemPoolFull
-from tests.tiny import VOCAB, hf_greedy, oracle_copy, tiny_model
+from tests.tiny import VOCAB, hf_greedy, tiny_model
 
 BS = 4
 GREEDY = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama", seed=3)
-
-
-@pytest.fixture(scope="module")
-def oracle(model):
-    return oracle_copy(model)
 
 
 def _pool(model, device=64, host=0) -> MemPool:

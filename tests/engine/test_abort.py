@@ -15,16 +15,6 @@ GREEDY = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
 LONG = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama", seed=3)
-
-
-@pytest.fixture(scope="module")
-def oracle(model):
-    return oracle_copy(model)
-
-
 def _abort_after(gen, conv_id, msg, pieces: int) -> int:
     """Stream a turn, abort it after `pieces` tokens; -> tokens seen. The stream must end with TurnAborted."""
     stream = gen.stream(conv_id, msg, LONG)
