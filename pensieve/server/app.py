@@ -17,7 +17,7 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -175,10 +175,6 @@ class Turns:
                 await asyncio.to_thread(_outcome, future)
             raise
 
-    async def call(self, fn: Callable, *args):
-        """A blocking generator call (fork, truncate, end, stats), waited for on a worker thread."""
-        return await asyncio.to_thread(fn, *args)
-
 
 class TextStream:
     """Reply text as it grows, never emitting what may turn out to be part of a stop string: pieces are prefixes
@@ -222,7 +218,6 @@ def create_app(gen, tokenizer, store: Store | None = None, config: ServerConfig 
     turns = Turns(gen)
     metrics = Metrics()
     app = FastAPI(title="pensieve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.store, app.state.metrics, app.state.config = store, metrics, config
 
     # ---- middleware: key, body size, metrics -------------------------------------------------------------------
 
@@ -302,13 +297,6 @@ def create_app(gen, tokenizer, store: Store | None = None, config: ServerConfig 
             raise APIError(404, f"model {model!r} is not served here (this server serves {config.model_name!r})",
                            param="model")  # fmt: skip
 
-    def usage_numbers(reply: Reply, prompt_tokens: int) -> tuple[int, int, int]:
-        cached = reply.num_reused_device + reply.num_reused_host + reply.num_reused_disk
-        return prompt_tokens, cached, len(reply.token_ids)
-
-    def record_metrics(reply: Reply, prompt_tokens: int) -> None:
-        metrics.turn(reply, prompt_tokens)
-
     async def run_turn(request: Request, thread_id, tokens, sampling, on_piece) -> Reply:
         """One turn, aborted if the client disconnects (checked while it runs)."""
         text = TextStream(tokenizer, sampling.stop)
@@ -345,7 +333,7 @@ def create_app(gen, tokenizer, store: Store | None = None, config: ServerConfig 
 
     @app.get("/metrics")
     async def prometheus():
-        stats = await turns.call(gen.stats)
+        stats = await asyncio.to_thread(gen.stats)
         return Response(metrics.render(stats), media_type=metrics.content_type)
 
     @app.get("/v1/models")
@@ -371,7 +359,7 @@ def create_app(gen, tokenizer, store: Store | None = None, config: ServerConfig 
         head = {"id": completion_id, "created": created, "model": config.model_name}
 
         def usage(reply: Reply) -> dict:
-            prompt, cached, completion = usage_numbers(reply, len(tokens))
+            prompt, cached, completion = len(tokens), _cached(reply), len(reply.token_ids)
             return {
                 "prompt_tokens": prompt,
                 "completion_tokens": completion,
@@ -381,7 +369,7 @@ def create_app(gen, tokenizer, store: Store | None = None, config: ServerConfig 
 
         if not body.stream:
             reply = await run_turn(request, None, tokens, sampling, None)
-            record_metrics(reply, len(tokens))
+            metrics.turn(reply, len(tokens))
             message = {"role": "assistant", "content": reply.text}
             choice = {"index": 0, "message": message, "finish_reason": reply.finish_reason, "logprobs": None}
             return {**head, "object": "chat.completion", "choices": [choice], "usage": usage(reply)}
@@ -406,7 +394,7 @@ def create_app(gen, tokenizer, store: Store | None = None, config: ServerConfig 
             except BaseException:  # the client went away (this generator was cancelled or closed), or the turn failed
                 task.cancel()  # its turn is aborted by the task itself
                 raise
-            record_metrics(reply, len(tokens))
+            metrics.turn(reply, len(tokens))
             yield chunk({}, reply.finish_reason)
             if include_usage:
                 data = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(reply)}
@@ -443,7 +431,7 @@ def create_app(gen, tokenizer, store: Store | None = None, config: ServerConfig 
         tokens = await render(system + context + new_messages)
 
         keep = body.store or conversation is not None
-        thread, made = await _claim_thread(store, turns, gen, previous, conversation, keep, tokens)
+        thread, made = await _claim_thread(store, gen, previous, conversation, keep, tokens)
         response_id, created = new_id("resp"), int(time.time())
         message_id = new_id("msg")
         delta = tokens
@@ -452,10 +440,10 @@ def create_app(gen, tokenizer, store: Store | None = None, config: ServerConfig 
             p = min(common_prefix(thread.tokens, tokens), len(tokens) - 1)
             try:
                 if p < len(thread.tokens):  # a conversation whose rendering changed past p, or a fork cut back
-                    await turns.call(gen.truncate, thread.id, p)
+                    await asyncio.to_thread(gen.truncate, thread.id, p)
                     thread.tokens = thread.tokens[:p]
             except BaseException:
-                await _release_thread(store, turns, gen, thread, made)
+                await _release_thread(store, gen, thread, made)
                 raise
             delta = tokens[p:]
 
@@ -483,8 +471,8 @@ def create_app(gen, tokenizer, store: Store | None = None, config: ServerConfig 
         }
 
         async def finish(reply: Reply) -> dict:
-            record_metrics(reply, len(tokens))
-            prompt, cached, completion = usage_numbers(reply, len(tokens))
+            metrics.turn(reply, len(tokens))
+            prompt, cached, completion = len(tokens), _cached(reply), len(reply.token_ids)
             text = reply.text or ""
             output_item = _output_message(message_id, text)
             response = {
@@ -531,7 +519,7 @@ def create_app(gen, tokenizer, store: Store | None = None, config: ServerConfig 
             try:
                 reply = await run_turn(request, thread_id, delta, sampling, on_piece)
             except BaseException:
-                await _release_thread(store, turns, gen, thread, made)
+                await _release_thread(store, gen, thread, made)
                 raise
             return await finish(reply)
 
@@ -582,7 +570,7 @@ def create_app(gen, tokenizer, store: Store | None = None, config: ServerConfig 
             store.save(record)  # later responses build on its messages: kept, hidden
         else:
             store.remove(record)
-        await _forget_thread(store, turns, gen, record.thread_id)
+        await _forget_thread(store, gen, record.thread_id)
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 
     @app.get("/v1/responses/{response_id}/input_items")
@@ -622,7 +610,7 @@ def create_app(gen, tokenizer, store: Store | None = None, config: ServerConfig 
         if thread is not None and thread.busy:
             raise APIError(409, f"conversation {conversation_id!r} has a response in progress", "conflict_error")
         store.remove(record)
-        await _forget_thread(store, turns, gen, record.id)
+        await _forget_thread(store, gen, record.id)
         return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
     @app.get("/v1/conversations/{conversation_id}/items")
@@ -660,7 +648,7 @@ class ClientGone(Exception):
 # ---- threads: which pensieve conversation a response continues -----------------------------------------------
 
 
-async def _claim_thread(store: Store, turns: Turns, gen, previous, conversation, keep: bool, tokens: list[int]):
+async def _claim_thread(store: Store, gen, previous, conversation, keep: bool, tokens: list[int]):
     """-> (the thread the turn runs on or None (not kept), whether it was made for this turn). A conversation's own
     thread; the thread of the response continued when that response is its last and its rendering extends it (in
     place); else a fork of it cut back to that response (KV shared, not copied); a new thread for a new chain."""
@@ -687,11 +675,11 @@ async def _claim_thread(store: Store, turns: Turns, gen, previous, conversation,
     store.threads[thread.id] = thread
     base.busy = True  # no turn starts on the base while it is forked
     try:
-        await turns.call(gen.fork, base.id, thread.id)
-        await turns.call(gen.truncate, thread.id, n)
+        await asyncio.to_thread(gen.fork, base.id, thread.id)
+        await asyncio.to_thread(gen.truncate, thread.id, n)
     except BaseException:
         store.threads.pop(thread.id, None)
-        await turns.call(_end_quietly, gen, thread.id)
+        await asyncio.to_thread(_end_quietly, gen, thread.id)
         raise
     finally:
         base.busy = False
@@ -717,28 +705,28 @@ def _detach(coro) -> asyncio.Task:
     return task
 
 
-async def _release_thread(store: Store, turns: Turns, gen, thread: Thread | None, made: bool) -> None:
+async def _release_thread(store: Store, gen, thread: Thread | None, made: bool) -> None:
     """The turn did not complete: a thread made for it goes; a shared one is free again (the engine restored it)."""
     if thread is None:
         return
     try:
         if made:
             store.threads.pop(thread.id, None)
-            await turns.call(_end_quietly, gen, thread.id)
+            await asyncio.to_thread(_end_quietly, gen, thread.id)
         else:  # an abort that came too late (the turn had finished) left its reply: cut back to what the store holds
-            await turns.call(_truncate_quietly, gen, thread.id, len(thread.tokens))
+            await asyncio.to_thread(_truncate_quietly, gen, thread.id, len(thread.tokens))
     finally:
         thread.busy = False
 
 
-async def _forget_thread(store: Store, turns: Turns, gen, thread_id: str | None) -> None:
+async def _forget_thread(store: Store, gen, thread_id: str | None) -> None:
     """Delete a thread (its KV and stored record) once no live response or conversation continues from it."""
     if thread_id is None or store.thread_in_use(thread_id):
         return
     thread = store.threads.get(thread_id)
     if thread is not None and not thread.busy:
         store.remove(thread)
-        await turns.call(_end_quietly, gen, thread_id)
+        await asyncio.to_thread(_end_quietly, gen, thread_id)
 
 
 def _truncate_quietly(gen, thread_id: str, num_tokens: int) -> None:
@@ -792,6 +780,11 @@ def _endpoint(path: str) -> str:
     label = "/" + "/".join(parts[:5])
     known = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/responses", "/v1/conversations")
     return label if label.startswith(known) else "other"
+
+
+def _cached(reply: Reply) -> int:
+    """Prompt tokens whose KV was found (any tier): OpenAI's cached_tokens."""
+    return reply.num_reused_device + reply.num_reused_host + reply.num_reused_disk
 
 
 def _text(content: Any) -> str:
