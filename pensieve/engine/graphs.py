@@ -63,6 +63,16 @@ def _private_forward(model):
     return types.FunctionType(code, forward.__globals__, forward.__name__, forward.__defaults__)
 
 
+# Per-call overhead of the compiled step, measured at batch 1 (SmolLM2 fp32, ~27 ms steps; docs/performance.md):
+# - Dynamo's guards on the model's ~270 parameters and module attributes cost ~1.5 ms per call. The model belongs
+#   to the generator and is not changed while it serves (its linears are already switched and packed once), and
+#   each generator has a code object of its own, so only the guards on the step's inputs (shapes: batch 1 vs other)
+#   are kept.
+# - inductor's Python wrapper checks the size and stride of every input and custom-op output (~700 asserts per
+#   call, ~1 ms); the inputs are the runner's own persistent buffers.
+_OPTIONS = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "size_asserts": False}
+
+
 class CompiledForward:
     """The packed forward under torch.compile (inductor), compiled at first use and cached on disk by inductor."""
 
@@ -87,7 +97,7 @@ class CompiledForward:
     def __call__(self, input_ids, position_ids, logits_rows, batch: AttentionBatch) -> torch.Tensor:
         if self._fn is None:
             log.warning("pensieve: compiling the decode step (tens of seconds the first time on a machine; cached)")
-            self._fn = torch.compile(_private_forward(self.model), fullgraph=True, dynamic=False)
+            self._fn = torch.compile(_private_forward(self.model), fullgraph=True, dynamic=False, options=_OPTIONS)
         # Only the step's sizes vary; everything else (the KV pools above all) stays static: dynamic=False turns off
         # automatic dynamic shapes. With the pools' shapes symbolic, inductor loses the per-layer storage offset of
         # the views a mutating custom op writes through (measured: every layer's write_kv wrote layer 0's pool).
