@@ -166,10 +166,24 @@ inline int64_t query_tile(const Problem& p) { return std::clamp<int64_t>(kMaxRow
 // One partial result: [query_tile * Hq rows][D + 2] (unnormalized output, running max, running sum).
 inline int64_t partial_stride(const Problem& p) { return query_tile(p) * p.num_q_heads * (p.head_dim + 2); }
 
-// Into L2 (a hint of 2): measured faster than into L1 (the fill buffers saturate) and than none for fp32.
-inline void prefetch(const void* ptr, int64_t bytes) {
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(ptr) + off, 0, 2);
-}
+// Prefetches `bytes` from `ptr` into L2 in `parts` calls of step(). Into L2 (a hint of 2): measured faster than
+// into L1 or the LLC; spread over the block's computation rather than issued in one burst at its start (which stalls
+// the core once the fill buffers are full: fp32 2-12% faster, bf16 ~30%, op benchmark, 30 layers of 4-6 x 2000 keys).
+class LinePrefetcher {
+ public:
+  LinePrefetcher() = default;
+  LinePrefetcher(const void* ptr, int64_t bytes, int64_t parts)
+      : p_(static_cast<const char*>(ptr)), end_(p_ + bytes), per_step_((bytes / 64 + parts - 1) / parts * 64) {}
+  inline void step() {
+    const char* stop = std::min(p_ + per_step_, end_);
+    for (; p_ < stop; p_ += 64) __builtin_prefetch(p_, 0, 2);
+  }
+
+ private:
+  const char* p_ = nullptr;
+  const char* end_ = nullptr;
+  int64_t per_step_ = 0;
+};
 
 template <typename scalar_t>
 struct Scratch {
@@ -189,8 +203,8 @@ struct Scratch {
 // Rows of an item: r = (i - q_begin) * Hq + query head, so the rows of one query and KV head h are the G rows from
 // (i - q_begin) * Hq + h * G, and the item's output rows are contiguous in `out`. The block's memory is read front
 // to back (all KV heads of a slot together; 12 KB per block for SmolLM2 in fp32), and the next block of the
-// sequence is prefetched while this one is computed. NV: vectors per head_dim row, a compile-time constant for
-// the common head dims (registers, unrolled loops), 0 for any other.
+// sequence is prefetched while this one is computed (LinePrefetcher). NV: vectors per head_dim row, a compile-time
+// constant for the common head dims (registers, unrolled loops), 0 for any other.
 template <typename scalar_t, int NV>
 void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_stride0, int64_t q_stride1,
               const scalar_t* k_cache, const scalar_t* v_cache, scalar_t* out, acc_t<scalar_t>* partials,
@@ -243,10 +257,13 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
     const int64_t slot0 = static_cast<int64_t>(table[col]) * bs + (j0 - col * bs);
     const acc* kb = block_rows(k_cache + slot0 * slot_numel, n * slot_numel, s.k_block);
     const acc* vb = block_rows(v_cache + slot0 * slot_numel, n * slot_numel, s.v_block);
-    if (!kConvert && col < last_col) {  // bf16/fp16 blocks are read in one streaming pass (measured: no gain)
+    // The next block's lines are requested a few at a time while this block is computed (after each row of the
+    // score and the V loops), so that its loads overlap the arithmetic instead of stalling it in one burst.
+    LinePrefetcher pk, pv;
+    if (col < last_col) {
       const int64_t next = static_cast<int64_t>(table[col + 1]) * bs * slot_numel;
-      prefetch(k_cache + next, bs * slot_bytes);
-      prefetch(v_cache + next, bs * slot_bytes);
+      pk = LinePrefetcher(k_cache + next, bs * slot_bytes, rows);
+      pv = LinePrefetcher(v_cache + next, bs * slot_bytes, rows);
     }
     // A key is hidden from some row iff it lies after the tile's first query, or (window) too far behind its last.
     const bool masked = j1 - 1 > lo_pos || (p.window > 0 && hi_pos - j0 >= p.window);
@@ -272,6 +289,7 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
               dots[u] = a;
             }
             reduce_lanes<acc>(dots).store(s.scores.data() + r * BSp + t0);
+            pk.step();
           }
         }
       }
@@ -333,6 +351,7 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
             for (int64_t c = 0; c < nv; ++c) ov[c] = at::vec::fmadd(w, vv[c], ov[c]);
           }
           for (int64_t c = 0; c < nv; ++c) ov[c].store(o + c * W);
+          pv.step();
         }
       }
     }
