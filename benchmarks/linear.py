@@ -1,7 +1,7 @@
 """The linears of a decode step: pensieve's streaming kernel vs the packed (brgemm) path vs at::linear, by rows.
 
-SmolLM2-135M's linear shapes (30 layers of q, k, v, o, gate, up, down; the LM head apart, `--head`) with random
-weights, x of M rows. Each rep runs all 30 layers once per path, the paths alternated rep by rep so that drift of
+SmolLM2-135M's linear shapes (30 layers of q, k, v, o, gate, up, down, each layer with weights of its own; the LM
+head with `--head`) with random weights, x of M rows. Each rep runs all 30 layers once per path, the paths alternated rep by rep so that drift of
 this shared machine hits them alike; the median is reported. "streaming" is `pensieve_cpu::linear` without a packed
 weight (it hands M above 24 fp32 / 10 bf16 rows to at::linear itself), "packed" the same op with the weights packed by
 `pensieve_cpu::pack_weight` (2..256 rows through brgemm, the rest as streaming), "at::linear" is `F.linear`.
@@ -39,8 +39,12 @@ SHAPES = [
 
 def run_dtype(dtype: torch.dtype, args) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
-    shapes = SHAPES + ([(VOCAB, HIDDEN)] if args.head else [])
-    weights = [(torch.randn(n, k, generator=gen) * 0.05).to(dtype) for n, k in shapes]
+    # Every layer has weights of its own, as in the model: a pass streams them all from memory (reusing one layer's
+    # weights 30 times would measure the caches, not the memory).
+    layers = [[(torch.randn(n, k, generator=gen) * 0.05).to(dtype) for n, k in SHAPES] for _ in range(LAYERS)]
+    head = [(torch.randn(VOCAB, HIDDEN, generator=gen) * 0.05).to(dtype)] if args.head else []
+    weights = [w for layer in layers for w in layer] + head  # in the order of a forward pass
+    inputs = [w.shape[1] for w in weights]
     packable = bool(torch.ops.pensieve_cpu.can_pack(dtype))
     packed = [torch.ops.pensieve_cpu.pack_weight(w) if packable else None for w in weights]
     ops = torch.ops.pensieve_cpu
@@ -52,15 +56,13 @@ def run_dtype(dtype: torch.dtype, args) -> list[dict]:
         paths["packed"] = lambda x, i: ops.linear(x, weights[i], None, packed[i])
     rows = []
     for m in tqdm(args.rows, desc=str(dtype).removeprefix("torch.")):
-        xs = {k: torch.randn(m, k, generator=gen).to(dtype) for k in {k for _, k in shapes}}
+        xs = {k: torch.randn(m, k, generator=gen).to(dtype) for k in set(inputs)}
         times: dict[str, list[float]] = {name: [] for name in paths}
         for rep in range(args.reps + 1):
             for name, fn in paths.items():
                 t0 = time.perf_counter()
-                for layer in range(LAYERS):
-                    for i, (_, k) in enumerate(shapes):
-                        if i < len(SHAPES) or layer == 0:  # the LM head once, not per layer
-                            fn(xs[k], i)
+                for i, k in enumerate(inputs):
+                    fn(xs[k], i)
                 if rep > 0:  # rep 0 warms every path
                     times[name].append((time.perf_counter() - t0) * 1e3)
         row = {"dtype": str(dtype).removeprefix("torch."), "rows": m}
