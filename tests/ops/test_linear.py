@@ -69,7 +69,8 @@ def test_packed_linear_matches_reference(dtype, data):
 
 
 def test_packed_linear_covers_row_tiles_and_the_row_bounds():
-    """Rows 2..256 take the packed weight (32-row tiles, a padded last column block); 1 and 257+ do not."""
+    """Rows 2..256 take the packed weight (fp32: 2..16 rows through the FMA loop, every count of rows its own
+    kernel; above, brgemm in 32-row tiles; a padded last column block); 1 and 257+ do not."""
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         if not torch.ops.pensieve_cpu.can_pack(dtype):
@@ -77,7 +78,7 @@ def test_packed_linear_covers_row_tiles_and_the_row_bounds():
         weight, bias = torch.randn(70, 96, generator=gen).to(dtype), torch.randn(70, generator=gen).to(dtype)
         packed = torch.ops.pensieve_cpu.pack_weight(weight)
         assert packed.shape == (3, 96 * 32)
-        for rows in (1, 2, 31, 33, 65, 256, 257, 300):
+        for rows in (*range(1, 18), 31, 33, 65, 256, 257, 300):
             _check(torch.randn(rows, 96, generator=gen).to(dtype), weight, bias, packed)
 
 

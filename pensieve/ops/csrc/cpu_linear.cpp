@@ -25,6 +25,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <cstring>
 #include <mutex>
 #include <optional>
@@ -217,6 +219,56 @@ void linear_packed_impl(const scalar_t* x, int64_t x_stride, const scalar_t* pac
   });
 }
 
+// fp32, 1..kMaxPackedFma rows: the packed blocks through a plain FMA loop instead of brgemm. For each k of a block,
+// its kPackN weights of row k (contiguous) times x[m][k] broadcast, for all M rows at once (M * kPackN / W
+// accumulators in registers). The stream of blocks is prefetched kFmaAhead bytes ahead, two lines per k, into L2.
+// Measured against brgemm on SmolLM2's linears with every layer's weights from memory (benchmarks/linear.py,
+// docs/performance.md): 1.1-1.25x faster at 2..16 rows; brgemm is faster past 16 (tiles of rows that reread a
+// block from L2 lost to it), and the streaming kernel at 1 row.
+constexpr int64_t kMaxPackedFma = 16;
+constexpr int64_t kFmaAhead = 8192;
+
+template <int M>
+void linear_packed_fma(const float* x, int64_t x_stride, const float* packed, const float* bias, float* out,
+                       int64_t N, int64_t K) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size(), NV = kPackN / Vec::size();
+  static_assert(kPackN % Vec::size() == 0, "a block row is whole vectors");
+  const int64_t n_blocks = (N + kPackN - 1) / kPackN;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb) {  // a thread's blocks are contiguous: one stream
+      const float* w = packed + nb * K * kPackN;
+      Vec acc[M][NV];
+      for (int m = 0; m < M; ++m)
+        for (int v = 0; v < NV; ++v) acc[m][v] = Vec(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const float* row = w + k * kPackN;
+        for (int64_t b = 0; b < kPackN * 4; b += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(row) + kFmaAhead + b, 0, 2);
+        Vec wv[NV];
+        for (int v = 0; v < NV; ++v) wv[v] = Vec::loadu(row + v * W);
+        for (int m = 0; m < M; ++m) {
+          const Vec xb(x[m * x_stride + k]);
+          for (int v = 0; v < NV; ++v) acc[m][v] = at::vec::fmadd(xb, wv[v], acc[m][v]);
+        }
+      }
+      const int64_t n0 = nb * kPackN, cols = std::min(kPackN, N - n0);
+      for (int v = 0; v < NV; ++v) {
+        const int64_t c0 = v * W, c = std::min<int64_t>(W, cols - c0);
+        if (c <= 0) break;
+        const Vec b = bias ? Vec::loadu(bias + n0 + c0, c) : Vec(0);
+        for (int m = 0; m < M; ++m) (acc[m][v] + b).store(out + m * N + n0 + c0, c);
+      }
+    }
+  });
+}
+
+template <int... Ms>
+constexpr auto fma_kernels(std::integer_sequence<int, Ms...>) {
+  using Kernel = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t);
+  return std::array<Kernel, sizeof...(Ms)>{linear_packed_fma<Ms + 1>...};
+}
+
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                          int64_t N) {
   const auto type = x.scalar_type();
@@ -240,6 +292,12 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, const st
   const at::Tensor xc = x2.stride(1) == 1 ? x2 : x2.contiguous();
   const std::optional<at::Tensor> bc = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   AT_DISPATCH_SWITCH(type, "pensieve_linear_packed", AT_DISPATCH_CASE(at::kFloat, [&] {
+    if (M <= kMaxPackedFma) {
+      static constexpr auto kernels = fma_kernels(std::make_integer_sequence<int, kMaxPackedFma>{});
+      kernels[M - 1](xc.data_ptr<float>(), xc.stride(0), packed.data_ptr<float>(),
+                     bc ? bc->data_ptr<float>() : nullptr, out.data_ptr<float>(), N, K);
+      return;
+    }
     linear_packed_impl<scalar_t>(xc.data_ptr<scalar_t>(), xc.stride(0), packed.data_ptr<scalar_t>(),
                                  bc ? bc->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, K);
   }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
