@@ -7,8 +7,10 @@ the model stays self-contained, and switched back by `restore()`. Anything the k
 other devices or dtypes) takes `F.linear`.
 
 With `pack=True`, each fp32/bf16 weight is also copied once, at switch time, into the blocked layout of oneDNN's
-brgemm micro-kernel (VNNI pairs for bf16's AMX tiles; `pensieve_cpu::pack_weight`), and batches of 2..256 rows use
-it: measured fp32 1.2-1.6x and bf16 1.5-2.3x faster than the streaming kernel at 8-64 rows (docs/performance.md).
+brgemm micro-kernel (VNNI pairs for bf16's AMX tiles; `pensieve_cpu::pack_weight`), and batches of 2..256 rows (bf16:
+1..256) use it — fp32 up to 16 rows through an FMA loop of the op's own, the rest through brgemm: measured on
+SmolLM2's linears from memory, fp32 1.3-1.6x and bf16 1.4-1.75x faster than the streaming kernel at 4-16 rows
+(docs/performance.md).
 The price is a second copy of those weights in memory, and the copy is a snapshot: weights changed in place
 afterwards are not seen by it (switch back and again to repack). Where brgemm does not run
 (`pensieve_cpu::can_pack`), nothing is packed.

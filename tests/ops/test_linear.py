@@ -69,8 +69,8 @@ def test_packed_linear_matches_reference(dtype, data):
 
 
 def test_packed_linear_covers_row_tiles_and_the_row_bounds():
-    """Rows 2..256 take the packed weight (fp32: 2..16 rows through the FMA loop, every count of rows its own
-    kernel; above, brgemm in 32-row tiles; a padded last column block); 1 and 257+ do not."""
+    """Rows 2..256 (bf16: 1..256) take the packed weight (fp32: 2..16 rows through the FMA loop, every count of
+    rows its own kernel; above, brgemm in 32-row tiles; a padded last column block); fp32's 1 and 257+ do not."""
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         if not torch.ops.pensieve_cpu.can_pack(dtype):

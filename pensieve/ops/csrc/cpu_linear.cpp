@@ -10,7 +10,8 @@
 // (vdpbf16ps) where the CPU has them. Threads split N. For larger M it calls at::linear (BLAS/oneDNN), which
 // is compute-efficient there (see max_rows). Measured since (docs/performance.md): this kernel streams at ~11-17 GB/s,
 // below the machine's bandwidth, and at M = 8 in bf16 it is compute-bound (~50 GFLOPS). Hence the packed path at the
-// end of this file: weights packed once for oneDNN's brgemm (AMX for bf16), used for 2..256 rows when given.
+// end of this file: weights packed once for oneDNN's brgemm (AMX for bf16), used for 1 (bf16) or 2 (fp32) to 256 rows
+// when given; fp32 up to 16 rows reads them with its own FMA loop.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -152,7 +153,7 @@ void linear_small(const scalar_t* x, int64_t x_stride, const scalar_t* w, const 
 // ---- Packed weights: oneDNN's brgemm micro-kernel (AMX tiles for bf16, AVX-512 FMAs for fp32) ----
 //
 //   pensieve_cpu::pack_weight(weight [N, K]) -> packed [ceil(N / 32), K * 32]
-//   pensieve_cpu::linear(x, weight, bias, packed) -> 2..256 rows through the packed weight
+//   pensieve_cpu::linear(x, weight, bias, packed) -> 2..256 rows (bf16: 1..256) through the packed weight
 //   pensieve_cpu::can_pack(dtype) -> bool   (whether brgemm runs here for fp32 / bf16)
 //
 // brgemm reads B as [K, BN] blocks; bf16 B must be in the VNNI layout AMX reads (pairs of K interleaved,
@@ -162,7 +163,9 @@ void linear_small(const scalar_t* x, int64_t x_stride, const scalar_t* w, const 
 // streaming kernel above, fp32 M = 16 at 1.6x. Threads split the N blocks; x rows go in tiles of kPackM.
 constexpr int64_t kPackN = 32;
 constexpr int64_t kPackM = 32;
-// One row: the streaming kernel above is as fast. Past 256 rows (prefill): at::linear was as fast or faster.
+// One fp32 row: the streaming kernel above is as fast (its vdpbf16ps bf16 row is not: 15.1 vs 13.3 ms for SmolLM2's
+// linears from memory). Past 256 rows (prefill): at::linear was as fast or faster.
+inline int64_t min_packed_rows(at::ScalarType type) { return type == at::kBFloat16 ? 1 : 2; }
 constexpr int64_t kMaxPackedRows = 256;
 
 template <typename scalar_t>
@@ -330,7 +333,7 @@ bool can_pack(at::ScalarType type) {
   return ok[slot];
 }
 
-// out = x @ weight^T + bias. With `packed` (pack_weight(weight)), 2..kMaxPackedRows rows go through brgemm on it.
+// out = x @ weight^T + bias. With `packed` (pack_weight(weight)), min_packed_rows..kMaxPackedRows rows use it.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& packed) {
   TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be [N, K], got rank ", weight.dim());
@@ -346,7 +349,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   const int64_t K = weight.size(1), N = weight.size(0);
   const int64_t M = K > 0 ? x.numel() / K : 0;
   const auto type = x.scalar_type();
-  if (packed && M >= 2 && M <= kMaxPackedRows) return linear_packed(x, *packed, bias, N);
+  if (packed && M >= min_packed_rows(type) && M <= kMaxPackedRows) return linear_packed(x, *packed, bias, N);
   const bool supported = type == at::kFloat || type == at::kDouble || type == at::kBFloat16;
   if (!supported || M > max_rows(type) || M == 0 || K == 0) return at::linear(x, weight, bias);
   const at::Tensor x2 = x.reshape({M, K});
