@@ -1,10 +1,11 @@
 """The linears of a decode step: pensieve's streaming kernel vs the packed (brgemm) path vs at::linear, by rows.
 
 SmolLM2-135M's linear shapes (30 layers of q, k, v, o, gate, up, down, each layer with weights of its own; the LM
-head with `--head`) with random weights, x of M rows. Each rep runs all 30 layers once per path, the paths alternated rep by rep so that drift of
-this shared machine hits them alike; the median is reported. "streaming" is `pensieve_cpu::linear` without a packed
-weight (it hands M above 24 fp32 / 10 bf16 rows to at::linear itself), "packed" the same op with the weights packed by
-`pensieve_cpu::pack_weight` (2..256 rows through brgemm, the rest as streaming), "at::linear" is `F.linear`.
+head with `--head`) with random weights, x of M rows. Each rep runs all 30 layers once per path, the paths
+alternated rep by rep so that drift of this shared machine hits them alike; the median is reported. "streaming" is
+`pensieve_cpu::linear` without a packed weight (it hands M above 24 fp32 / 10 bf16 rows to at::linear itself),
+"packed" the same op with the weights packed by `pensieve_cpu::pack_weight` (fp32: 2..16 rows through the op's FMA
+loop, 17..256 through brgemm; bf16: 1..256 through brgemm; the rest as streaming), "at::linear" is `F.linear`.
 JSON + PNG.
 
 Usage: python benchmarks/linear.py [--dtypes float32,bfloat16] [--rows 1,2,4,8,16,32,64,256,1024] [--reps 7]
