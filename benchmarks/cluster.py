@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from multiturn import SHAREGPT, lognormal_int
-from plotting import pyplot, save
+from plotting import pyplot, run_threads, save
 from tqdm import tqdm
 
 from pensieve import CacheConfig, EngineConfig, SamplingParams
@@ -102,11 +102,7 @@ def run_config(name: str, args, convs) -> dict:
                     progress.update()
                 time.sleep(args.think_s)
 
-        threads = [threading.Thread(target=conversation, args=(i,)) for i in range(len(convs))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_threads([threading.Thread(target=conversation, args=(i,)) for i in range(len(convs))])
         jct = time.perf_counter() - start
         progress.close()
         stats = cluster.stats()

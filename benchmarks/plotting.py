@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,3 +35,13 @@ def write_results(path: str | Path, meta: dict, rows: list[dict], plot: Callable
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"json: {out}")
     plot(rows, out.with_suffix(".png"))
+
+
+def run_threads(threads: list[threading.Thread]) -> float:
+    """Start every thread, wait for all of them; -> wall seconds from the first start to the last join."""
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0

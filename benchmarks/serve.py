@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx2
 import openai
-from plotting import pyplot, save
+from plotting import pyplot, run_threads, save
 from tqdm import tqdm
 
 MESSAGES = [
@@ -117,25 +117,15 @@ def run_config(name: str, args, port: int) -> dict:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
         model = client.models.list().data[0].id
         # warm-up: a burst as wide as the run, so compiling decode steps (batch shapes included) is not timed
-        t0 = time.perf_counter()
         burst = [threading.Thread(target=client.responses.create,
                                   kwargs=dict(model=model, input=f"Warm up {i}.", max_output_tokens=args.max_tokens,
                                               temperature=0, store=False)) for i in range(args.clients)]  # fmt: skip
-        for t in burst:
-            t.start()
-        for t in burst:
-            t.join()
-        warmup = time.perf_counter() - t0
+        warmup = run_threads(burst)
         turns: list = []
         bar = tqdm(total=args.clients * args.turns, desc=name, unit="turn")
         threads = [threading.Thread(target=one_client, args=(client, model, api, i, args, turns, bar))
                    for i in range(args.clients)]  # fmt: skip
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        wall = run_threads(threads)
         bar.close()
     finally:
         proc.terminate()
