@@ -3,10 +3,13 @@
 B conversations get `--context`-token histories; then one turn of `--steps` decode steps runs under the profiler
 (after an unprofiled turn that warms, and compiles, the decode step). Prints ms per step and the top operators by
 self time (per step); with --python, the top Python functions (cProfile) instead: the engine's host-side work,
-which is what is left of a step on a GPU once its forward replays from a CUDA graph. docs/performance.md quotes it.
+which is what is left of a step on a GPU once its forward replays from a CUDA graph. With --prefill N, a prefill
+step instead: each conversation sends N new tokens (on top of its --context history; --context 0 for a first turn)
+and one token is generated; `--compile-prefill` picks EngineConfig.compile_prefill. docs/performance.md quotes it.
 
 Usage: python benchmarks/profile_step.py [--batch 6] [--context 1500] [--dtype float32] [--compile on|off]
                                          [--device cuda] [--random-weights --shape llama-1b] [--python]
+       python benchmarks/profile_step.py --prefill 1500 --batch 1 --context 0 --dtype bfloat16 [--compile-prefill off]
 """
 
 from __future__ import annotations
@@ -35,7 +38,11 @@ def main(argv=None) -> None:
     parser.add_argument("--random-weights", action="store_true", help="a model of --shape with random weights")
     parser.add_argument("--shape", default="smollm2", choices=sorted(SHAPES))
     parser.add_argument("--python", action="store_true", help="profile Python functions (cProfile), not operators")
+    parser.add_argument("--prefill", type=int, default=0, help="a prefill step of N new tokens per conversation")
+    parser.add_argument("--compile-prefill", default="on", choices=("on", "off"))
     args = parser.parse_args(argv)
+    if args.prefill:
+        return profile_prefill(args)
     model = load_model(getattr(torch, args.dtype), args)
     blocks = args.batch * (args.context + 4 * args.steps + 64) // 16 + 64
     cache = CacheConfig(num_device_blocks=blocks)
@@ -66,6 +73,41 @@ def main(argv=None) -> None:
     print(f"{'operator':60}{'ms/step':>9}{'calls/step':>12}")
     for e in events:
         print(f"{e.key[:58]:60}{e.self_cpu_time_total / 1e3 / args.steps:>9.2f}{e.count / args.steps:>12.1f}")
+
+
+def profile_prefill(args) -> None:
+    model = load_model(getattr(torch, args.dtype), args)
+    blocks = 5 * args.batch * (args.context + args.prefill + 64) // 16 + 64
+    engine = EngineConfig(compile=args.compile == "on", compile_prefill=args.compile_prefill == "on")
+    one = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    with StatefulGenerator(model, cache_config=CacheConfig(num_device_blocks=blocks),
+                           scheduler_config=SchedulerConfig(max(2048, args.batch * args.prefill)),
+                           engine_config=engine) as gen:  # fmt: skip
+
+        def turn(r: int):
+            convs = {f"r{r}c{i}": history(7 * r + i, args.context) for i in range(args.batch)}
+            if args.context:
+                gen.generate_batch(convs, one)
+            new = {c: history(100 + 7 * r + i, args.prefill) for i, c in enumerate(convs)}
+            return lambda: gen.generate_batch(new, one)
+
+        turn(0)()  # warm (and compile)
+        times = []
+        for r in range(1, 4):
+            step = turn(r)
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        step = turn(4)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+    print(f"SmolLM2 {args.dtype}, {args.batch} x {args.prefill} new tokens over {args.context}-token histories, "
+          f"compile {args.compile}, compile_prefill {args.compile_prefill}: {min(times):.0f}-{max(times):.0f} ms "
+          f"per prefill step ({torch.get_num_threads()} threads)")  # fmt: skip
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.rows]
+    print(f"{'operator':60}{'ms':>9}{'calls':>8}")
+    for e in events:
+        print(f"{e.key[:58]:60}{e.self_cpu_time_total / 1e3:>9.2f}{e.count:>8}")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def test_sampling_params_reject(kwargs, message):
         ({"compile": "yes"}, "compile"),
         ({"compile": 1}, "compile"),
         ({"compile_prefill": "no"}, "compile_prefill"),
+        ({"compile_prefill": 1}, "compile_prefill"),
         ({"cpu_linear": None}, "cpu_linear"),
         ({"pack_weights": 1}, "pack_weights"),
         ({"cuda_graphs": 1}, "cuda_graphs"),

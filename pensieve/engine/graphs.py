@@ -3,7 +3,9 @@
 `CompiledForward` (CPU): `torch.compile` (inductor) of the packed forward, pensieve's attention inside as opaque
 custom ops. One graph for every batch size: the token/sequence dims are dynamic (Dynamo specializes sizes 0 and 1,
 so batch 1 is a second graph); the block table is the full-width persistent buffer, so its width never changes.
-Decode-only steps use it; steps with prefill chunks too with EngineConfig.compile_prefill (docs/performance.md).
+Decode-only steps use it; steps with prefill or recompute chunks too, per EngineConfig.compile_prefill: padded to
+two or more sub-sequences and sampled rows (`StepBuffers.pad_mixed`), they run the graph batched decode steps use,
+so they add no graph of their own ("auto": once that graph exists; docs/performance.md).
 
 `CudaGraphRunner` (GPU): captures decode-only forwards for a few batch buckets over the fixed KV pools and the
 runner's persistent buffers, and replays them; padded rows write to the storage's padding block and sample nothing.
@@ -17,6 +19,7 @@ import types
 import warnings
 
 import torch
+import torch.fx.experimental._config as shape_config
 from torch._dynamo.utils import counters
 
 from pensieve.engine.plan import StepPlan
@@ -76,10 +79,11 @@ _OPTIONS = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsaf
 class CompiledForward:
     """The packed forward under torch.compile (inductor), compiled at first use and cached on disk by inductor."""
 
-    def __init__(self, model: torch.nn.Module, enabled: bool, prefill: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, enabled: bool, prefill: str | bool = "auto") -> None:
         self.model = model
         self.enabled = enabled
-        self.prefill = prefill  # also steps with prefill/recompute chunks
+        self.prefill = prefill  # steps with prefill/recompute chunks: True, False, or "auto" (once `batched`)
+        self.batched = False  # the graph for batches (every step but batch-1 decode) has run
         self.num_steps = 0  # steps run compiled
         self.num_graphs = 0  # graphs compiled (batch 1 specializes: usually 2)
         self.compile_s = 0.0  # wall time of the calls that compiled one
@@ -92,7 +96,9 @@ class CompiledForward:
         return {"compiled_graphs": self.num_graphs, "compiled_steps": self.num_steps, "compile_s": self.compile_s}
 
     def wants(self, plan: StepPlan) -> bool:
-        return self.enabled and not self._failed and (plan.decode_only or self.prefill)
+        if not self.enabled or self._failed:
+            return False
+        return plan.decode_only or self.prefill is True or (self.prefill == "auto" and self.batched)
 
     def __call__(self, input_ids, position_ids, logits_rows, batch: AttentionBatch) -> torch.Tensor:
         if self._fn is None:
@@ -108,7 +114,14 @@ class CompiledForward:
         graphs_before = counters["stats"]["unique_graphs"]
         t0 = time.perf_counter()
         try:
-            logits = self._fn(input_ids, position_ids, logits_rows, batch)
+            # No duck shaping: sizes equal when a graph is traced (a decode step's tokens, sequences and logits rows
+            # all equal the batch) must not become one symbol, or the graph guards on their equality and every step
+            # with prefill chunks (more tokens than sequences) compiles a graph of its own.
+            duck, shape_config.use_duck_shape = shape_config.use_duck_shape, False
+            try:
+                logits = self._fn(input_ids, position_ids, logits_rows, batch)
+            finally:
+                shape_config.use_duck_shape = duck
         except Exception as error:  # noqa: BLE001  (a model inductor cannot compile: run it eagerly)
             self._failed = True
             warnings.warn(
@@ -119,6 +132,7 @@ class CompiledForward:
             )
             return _forward(self.model, input_ids, position_ids, logits_rows, batch)
         self.num_steps += 1
+        self.batched = self.batched or input_ids.shape[1] > 1
         if counters["stats"]["unique_graphs"] > graphs_before:
             self.num_graphs += counters["stats"]["unique_graphs"] - graphs_before
             self.compile_s += time.perf_counter() - t0

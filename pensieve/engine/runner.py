@@ -88,6 +88,23 @@ class StepBuffers:
         b["seq_lens_k"][n:num_seqs] = pad % block_size + 1
         b["block_tables"][n:num_seqs, 0] = padding_block
 
+    def pad_mixed(self, plan: StepPlan) -> tuple[int, int]:
+        """Pad a step with prefill chunks to >= 2 sub-sequences and >= 2 logits rows -> (sub-sequences, rows) to
+        upload. The compiled forward specializes sizes 0 and 1 (docs/performance.md): padded like this, every such
+        step runs the one graph that batched decode steps use, instead of a graph each for one sequence, one
+        sampled row or none. The padded sub-sequence has no tokens and no keys (the attention op skips it); padded
+        rows repeat the step's last token and are not sampled."""
+        b = self.np
+        num_seqs, num_rows = plan.num_seqs, plan.num_logits
+        if num_seqs < 2:
+            b["cu_seqlens_q"][num_seqs + 1 : 3] = plan.num_tokens
+            b["seq_lens_k"][num_seqs:2] = 0
+            num_seqs = 2
+        if num_rows < 2:
+            b["logits_rows"][num_rows:2] = plan.num_tokens - 1
+            num_rows = 2
+        return num_seqs, num_rows
+
     def upload(self, num_tokens: int, num_seqs: int, num_rows: int) -> dict[str, torch.Tensor]:
         """Copy the filled prefixes to the device (non_blocking from pinned memory); -> device views of them."""
         sizes = {"input_ids": num_tokens, "position_ids": num_tokens, "slot_mapping": num_tokens,
@@ -171,8 +188,11 @@ class ModelRunner:
                 logits = self.graphs.run(plan)
             if logits is not None:
                 return logits
-        views = self.buffers.upload(plan.num_tokens, plan.num_seqs, plan.num_logits)
         compiled = self.compiled is not None and self.compiled.wants(plan)
+        num_seqs, num_rows = plan.num_seqs, plan.num_logits
+        if compiled and not plan.decode_only:
+            num_seqs, num_rows = self.buffers.pad_mixed(plan)
+        views = self.buffers.upload(plan.num_tokens, num_seqs, num_rows)
         if compiled:
             gate.finish()  # CPU: the copies are plain copies on this thread; all of them now, then one graph
         batch = AttentionBatch(
@@ -187,7 +207,7 @@ class ModelRunner:
         # The plan was built from the manager's own block tables: the ops' value checks would re-verify it per layer.
         with trusted_inputs():
             if compiled:
-                logits = self.compiled(input_ids, position_ids, views["logits_rows"], batch)
+                logits = self.compiled(input_ids, position_ids, views["logits_rows"], batch)[: plan.num_logits]
             else:
                 logits = forward(self.model, input_ids, position_ids, views["logits_rows"], batch)
         gate.finish()

@@ -70,17 +70,45 @@ def test_compiled_across_batch_sizes_recompute_and_swap_in_and_bounded_compiles(
 
 
 def test_compiled_prefill_steps_match_hf():
-    """EngineConfig.compile_prefill: steps with prefill chunks (and the decodes batched with them) compiled too."""
+    """EngineConfig.compile_prefill=True: steps with prefill chunks (and the decodes batched with them) compiled too,
+    one conversation alone (padded to two sub-sequences and two sampled rows) and three together, with no graph
+    beyond the two that decode steps need (batch 1, and every other batch)."""
     model = tiny_model("mistral")  # a sliding window: prefill chunks mask inside the window
     oracle = oracle_copy(model)
     rng = random.Random(5)
     engine = EngineConfig(compile=True, compile_prefill=True)
     histories: dict = {}
     with StatefulGenerator(model, None, CacheConfig(block_size=4, num_device_blocks=96), engine_config=engine) as gen:
+        graphs_before = counters["stats"]["unique_graphs"]
+        _turns(gen, oracle, histories, {"solo": _msg(rng, 6, 20)})
         for _ in range(2):
             _turns(gen, oracle, histories, {f"c{i}": _msg(rng, 6, 20) for i in range(3)})
+        _turns(gen, oracle, histories, {"solo": _msg(rng, 6, 20)})
         stats = gen.stats()
         assert stats["compiled_steps"] == stats["steps"]  # prefill steps included
+        assert counters["stats"]["unique_graphs"] - graphs_before == stats["compiled_graphs"] <= 2
+
+
+def test_compile_prefill_auto_waits_for_the_batched_graph():
+    """compile_prefill="auto" (the default): a prefill step runs eagerly until a batched step has compiled the graph
+    it would use, then compiled; every reply equals HF's."""
+    model = tiny_model("llama")
+    oracle = oracle_copy(model)
+    rng = random.Random(6)
+    histories: dict = {}
+    one_token = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
+    with StatefulGenerator(model, None, CacheConfig(block_size=4, num_device_blocks=96), engine_config=COMPILED) as gen:
+        compiled = gen._engine.runner.compiled
+        assert compiled.prefill == "auto"
+        _turns(gen, oracle, histories, {"solo": _msg(rng, 6, 12)}, one_token)  # one prefill step: eager
+        assert gen.stats()["compiled_steps"] == 0 and not compiled.batched
+        _turns(gen, oracle, histories, {"a": [7, 8, 9], "b": [8, 9]}, one_token)  # a batched prefill: still eager
+        assert gen.stats()["compiled_steps"] == 0
+        _turns(gen, oracle, histories, {"a": [9, 10], "b": [10, 11]})  # prefill eager, then batched decodes compile
+        assert compiled.batched
+        steps, compiled_steps = gen.stats()["steps"], gen.stats()["compiled_steps"]
+        _turns(gen, oracle, histories, {"solo": _msg(rng, 6, 12)}, one_token)  # now compiled
+        assert gen.stats()["steps"] - steps == gen.stats()["compiled_steps"] - compiled_steps == 1
 
 
 def test_compiled_equals_eager_bit_for_bit_on_float64():
