@@ -62,17 +62,28 @@ def main(argv=None) -> None:
         else:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 gen.generate_batch({c: [7] for c in convs}, turn)
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
-    name = f"random {args.shape}" if args.random_weights else "SmolLM2"
-    print(f"{name} {args.dtype}, batch {args.batch}, context {args.context}, compile {args.compile}: "
-          f"{step_ms:.1f} ms per step ({where})")  # fmt: skip
+    print(f"{_name(args)} {args.dtype}, batch {args.batch}, context {args.context}, compile {args.compile}: "
+          f"{step_ms:.1f} ms per step ({_where(args)})")  # fmt: skip
     if args.python:
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.rows)
         return
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.rows]
+    _print_ops(prof, args.rows, args.steps)
+
+
+def _name(args) -> str:
+    return f"random {args.shape}" if args.random_weights else "SmolLM2"
+
+
+def _where(args) -> str:
+    return torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+
+
+def _print_ops(prof, rows: int, steps: int) -> None:
+    """The top operators by self time, per step of the `steps` the profiler saw."""
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:rows]
     print(f"{'operator':60}{'ms/step':>9}{'calls/step':>12}")
     for e in events:
-        print(f"{e.key[:58]:60}{e.self_cpu_time_total / 1e3 / args.steps:>9.2f}{e.count / args.steps:>12.1f}")
+        print(f"{e.key[:58]:60}{e.self_cpu_time_total / 1e3 / steps:>9.2f}{e.count / steps:>12.1f}")
 
 
 def profile_prefill(args) -> None:
@@ -101,13 +112,10 @@ def profile_prefill(args) -> None:
         step = turn(4)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
-    print(f"SmolLM2 {args.dtype}, {args.batch} x {args.prefill} new tokens over {args.context}-token histories, "
-          f"compile {args.compile}, compile_prefill {args.compile_prefill}: {min(times):.0f}-{max(times):.0f} ms "
-          f"per prefill step ({torch.get_num_threads()} threads)")  # fmt: skip
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.rows]
-    print(f"{'operator':60}{'ms':>9}{'calls':>8}")
-    for e in events:
-        print(f"{e.key[:58]:60}{e.self_cpu_time_total / 1e3:>9.2f}{e.count:>8}")
+    print(f"{_name(args)} {args.dtype}, {args.batch} x {args.prefill} new tokens over {args.context}-token "
+          f"histories, compile {args.compile}, compile_prefill {args.compile_prefill}: {min(times):.0f}-"
+          f"{max(times):.0f} ms per prefill step ({_where(args)})")  # fmt: skip
+    _print_ops(prof, args.rows, 1)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@
 // (vdpbf16ps) where the CPU has them. Threads split N. For larger M it calls at::linear (BLAS/oneDNN), which
 // is compute-efficient there (see max_rows). Measured since with every layer's weights from memory
 // (benchmarks/linear.py, docs/performance.md): one fp32 row streams at the memory's bandwidth (540 MB in ~21 ms), but
-// more rows cost it 1.2-2.2x that, and bf16 rows are slower than AMX's. Hence the packed path at the end of this file: weights packed once for oneDNN's brgemm (AMX for bf16), used for 1 (bf16) or 2 (fp32) to 256 rows
-// when given; fp32 up to 16 rows reads them with its own FMA loop.
+// more rows cost it 1.2-2.2x that, and bf16 rows are slower than AMX's. Hence the packed path at the end of this
+// file: weights packed once for oneDNN's brgemm (AMX for bf16), used for 1 (bf16) or 2 (fp32) to 256 rows when
+// given; fp32 up to 16 rows reads them with its own FMA loop.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -160,7 +161,8 @@ void linear_small(const scalar_t* x, int64_t x_stride, const scalar_t* w, const 
 // [K/2, BN, 2], made by cpublas::pack). The weight is packed once, when the model is handed to pensieve, into
 // blocks of kPackN output columns (the last block padded with zero columns), so a step reads each block as one
 // contiguous stream. Measured on SmolLM2-135M's linears from memory (2 threads, docs/performance.md): bf16 M = 8 at
-// 2.3x the streaming kernel above, fp32 M = 16 at 1.6x (through the FMA loop below). Threads split the N blocks; x rows go in tiles of kPackM.
+// 2.3x the streaming kernel above, fp32 M = 16 at 1.6x (through the FMA loop below). Threads split the N blocks;
+// x rows go in tiles of kPackM.
 constexpr int64_t kPackN = 32;
 constexpr int64_t kPackM = 32;
 // One fp32 row: the streaming kernel above is as fast (its vdpbf16ps bf16 row is not: 15.1 vs 13.3 ms for SmolLM2's
@@ -222,9 +224,9 @@ void linear_packed_impl(const scalar_t* x, int64_t x_stride, const scalar_t* pac
   });
 }
 
-// fp32, 2..kMaxPackedFma rows (instantiated from 1): the packed blocks through a plain FMA loop instead of brgemm. For each k of a block,
-// its kPackN weights of row k (contiguous) times x[m][k] broadcast, for all M rows at once (M * kPackN / W
-// accumulators in registers). The stream of blocks is prefetched kFmaAhead bytes ahead, two lines per k, into L2.
+// fp32, 2..kMaxPackedFma rows (instantiated from 1): the packed blocks through a plain FMA loop instead of brgemm.
+// For each k of a block, its kPackN weights of row k (contiguous) times x[m][k] broadcast, for all M rows at once
+// (M * kPackN / W accumulators in registers). The stream of blocks is prefetched kFmaAhead bytes ahead, two lines per k, into L2.
 // Measured against brgemm on SmolLM2's linears with every layer's weights from memory (benchmarks/linear.py,
 // docs/performance.md): 1.1-1.25x faster at 2..16 rows; brgemm is faster past 16 (tiles of rows that reread a
 // block from L2 lost to it), and the streaming kernel at 1 row.
