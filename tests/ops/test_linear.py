@@ -70,7 +70,8 @@ def test_packed_linear_matches_reference(dtype, data):
 
 def test_packed_linear_covers_row_tiles_and_the_row_bounds():
     """Rows 2..256 (bf16: 1..256) take the packed weight (fp32: 2..16 rows through the FMA loop, every count of
-    rows its own kernel; above, brgemm in 32-row tiles; a padded last column block); fp32's 1 and 257+ do not."""
+    rows its own kernel; above, brgemm in 32-row tiles; bf16 1..32 rows through pensieve's AMX tiles where this CPU
+    has them, one or two row tiles; a padded last column block); fp32's 1 and 257+ do not."""
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         if not torch.ops.pensieve_cpu.can_pack(dtype):
@@ -78,8 +79,32 @@ def test_packed_linear_covers_row_tiles_and_the_row_bounds():
         weight, bias = torch.randn(70, 96, generator=gen).to(dtype), torch.randn(70, generator=gen).to(dtype)
         packed = torch.ops.pensieve_cpu.pack_weight(weight)
         assert packed.shape == (3, 96 * 32)
-        for rows in (*range(1, 18), 31, 33, 65, 256, 257, 300):
+        for rows in (*range(1, 18), 31, 32, 33, 65, 256, 257, 300):
             _check(torch.randn(rows, 96, generator=gen).to(dtype), weight, bias, packed)
+
+
+def test_amx_linear_leaves_aten_brgemm_and_sdpa_correct():
+    """pensieve's AMX linear loads tile configurations of its own, between ATen's brgemm calls (its packed-linear
+    path here, and its bf16 SDPA): they alternate on one thread, with shapes that keep brgemm's cached kernel, every
+    result against float64. ATen's brgemm remembers which configuration it loaded last on a thread; the AMX kernel
+    releases its tiles and clears that. (Measured: ATen's callers release after themselves as well, so a kernel that
+    skipped the clearing passes this today; the test guards the interleaving, not that one line.)"""
+    if not torch.ops.pensieve_cpu.can_pack(torch.bfloat16):
+        pytest.skip("brgemm does not run here for bf16")
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(64, 96, generator=gen).bfloat16()
+    packed = torch.ops.pensieve_cpu.pack_weight(weight)
+    q, k, v = (torch.randn(1, 2, 300, 32, generator=gen).bfloat16() for _ in range(3))
+    ref_attn = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # every call on this thread
+    try:
+        for rows in (40, 8, 40, 20, 8, 40, 20):  # 40: brgemm (ATen's tiles); 8, 20: AMX (pensieve's)
+            _check(torch.randn(rows, 96, generator=gen).bfloat16(), weight, None, packed)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            torch.testing.assert_close(out.double(), ref_attn, atol=3e-2, rtol=3e-2)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_packed_linear_rejects_a_packed_weight_of_another_shape():
