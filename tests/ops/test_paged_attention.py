@@ -1,6 +1,8 @@
 """The CPU op (C++ kernels), the C++ kernel with a poisoned output at several thread counts, the torch fallback path
 and the Triton launcher, against the float64 reference on random paged problems."""
 
+import os
+
 import pytest
 import torch
 from hypothesis import given
@@ -94,6 +96,15 @@ def test_decode_chunks_longest_first_within_budget():
 def test_float32(impl, data):
     case = data.draw(cases(dtype=torch.float32))
     _check(impl(*case.args(), **case.kwargs()), case)
+
+
+@needs_cpp
+def test_amx_kernels_run_where_oneDNN_runs_amx():
+    """Where oneDNN packs bf16 for AMX here, pensieve's own AMX paths (bf16 scores with block sizes of 16k and head
+    dims of 32k, bf16 linears of 1..32 rows) must be the ones the bf16 tests exercise, not a silent fallback."""
+    if not torch.ops.pensieve_cpu.can_pack(torch.bfloat16):
+        pytest.skip("no AMX for bf16 here")
+    assert torch.ops.pensieve_cpu.uses_amx() == (os.environ.get("PENSIEVE_CPU_AMX") != "0")
 
 
 @pytest.mark.parametrize("impl", [paged_attention, torch_paged_attention], ids=["op", "torch_path"])

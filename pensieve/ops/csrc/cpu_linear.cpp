@@ -460,6 +460,7 @@ TORCH_LIBRARY_FRAGMENT(pensieve_cpu, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? packed=None) -> Tensor");
   m.def("pack_weight(Tensor weight) -> Tensor");
   m.def("can_pack(ScalarType dtype) -> bool", &can_pack);
+  m.def("uses_amx() -> bool", &amx_ready);  // pensieve's AMX kernels (bf16 linears of 1..32 rows, bf16 scores)
 }
 
 TORCH_LIBRARY_IMPL(pensieve_cpu, CPU, m) {

@@ -13,8 +13,9 @@
 // ranges are split so that there are enough items to keep every thread busy; the partial (max, sum, acc) of the
 // splits are combined at the end. Items are dealt to threads longest-first (LPT), one bucket per thread.
 // Inner loops use at::vec (AVX-512 or AVX2, chosen when the extension is built) with fp32 accumulation
-// (fp64 for double inputs). Sequences with many queries and no softcap go to gather + SDPA instead: there the
-// work is GEMM-shaped and ATen's flash kernel is faster than this one.
+// (fp64 for double inputs); bf16 scores go through AMX tiles where the CPU has them (amx_block_scores). Sequences
+// with many queries and no softcap go to gather + SDPA instead: there the work is GEMM-shaped and ATen's flash
+// kernel is faster than this one.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -36,6 +37,7 @@
 #include <optional>
 #include <vector>
 
+#include "amx.h"
 #include "reduce_lanes.h"
 
 namespace pensieve_cpu {
@@ -57,6 +59,7 @@ struct Problem {
   const int32_t* tables;
   const int32_t* cu;
   const int32_t* seq_lens;
+  bool amx_scores = false;  // bf16: q . k by AMX tiles (amx_scores_apply)
 };
 
 struct Item {
@@ -188,10 +191,10 @@ class LinePrefetcher {
 template <typename scalar_t>
 struct Scratch {
   using acc = acc_t<scalar_t>;
-  std::vector<acc> q, out, scores, row_max, row_sum, k_block, v_block;
+  std::vector<acc> q, out, scores, row_max, row_sum, k_block;
+  std::vector<uint32_t> q_pairs;  // AMX scores: the item's queries as B tiles (amx_query_tiles)
   void resize(int64_t rows, int64_t padded_dim, int64_t padded_block, int64_t block_numel) {
     k_block.resize(block_numel);
-    v_block.resize(block_numel);
     q.assign(rows * padded_dim, 0);
     out.assign(rows * padded_dim, 0);
     scores.assign(rows * padded_block, 0);
@@ -199,6 +202,100 @@ struct Scratch {
     row_sum.assign(rows, 0);
   }
 };
+
+// ---- bf16 scores by AMX tiles -------------------------------------------------------------------------------------
+//
+// In bf16 the kernel's arithmetic, not only its loads, sets its speed (each K element converted to fp32, then one
+// FMA per element per query row): AMX takes the q . k products. Per 16 keys of a block (block_size a multiple of
+// 16), KV head h and up to 16 of the item's rows of that head: S^T [16 keys x 16 rows] = K [16 keys x D] . Q_h^T,
+// with the K rows loaded as A tiles straight from the pool (a 16-row tile at the pool's slot stride: no conversion,
+// no copy) and the queries as B tiles in the pair-interleaved layout AMX reads (made once per item). Each row's 16
+// scores are gathered out of the stored tile and scaled; masking and the online softmax are the FMA path's. Products
+// of bf16 pairs are exact in fp32 and summed in fp32, as there. Keys of a tile outside the block's [j0, j1) (past a
+// sequence's end, before a window's start) are computed and dropped: their rows never reach a score.
+constexpr int64_t kAmxKeys = 16;   // keys per A tile (tile rows)
+constexpr int64_t kAmxCols = 16;   // item rows per B tile (tile columns)
+constexpr int64_t kAmxDepth = 32;  // head_dim elements per tile product (16 pairs)
+
+inline bool amx_scores_apply(at::ScalarType type, int64_t head_dim, int64_t block_size) {
+  return type == at::kBFloat16 && head_dim % kAmxDepth == 0 && block_size % kAmxKeys == 0 && amx_ready();
+}
+
+#ifdef PENSIEVE_AMX
+// Row r of the item (query i, q head h * G + g) is column (i * G + g) % 16 of B tile (h, (i * G + g) / 16, dc);
+// a B tile holds 16 pairs (rows) x 16 columns of one 32-element slice dc of head_dim.
+inline int64_t amx_row_groups(const Problem& p, int64_t num_q) { return (num_q * p.group + kAmxCols - 1) / kAmxCols; }
+
+void amx_query_tiles(const Problem& p, const c10::BFloat16* q, int64_t q_stride0, int64_t q_stride1, int64_t token0,
+                     int64_t num_q, std::vector<uint32_t>& tiles) {
+  const int64_t G = p.group, D = p.head_dim, groups = amx_row_groups(p, num_q), slices = D / kAmxDepth;
+  tiles.assign(p.num_kv_heads * groups * slices * kAmxCols * kAmxCols, 0u);
+  for (int64_t h = 0; h < p.num_kv_heads; ++h) {
+    for (int64_t lr = 0; lr < num_q * G; ++lr) {
+      const auto* src =
+          reinterpret_cast<const uint32_t*>(q + (token0 + lr / G) * q_stride0 + (h * G + lr % G) * q_stride1);
+      uint32_t* dst = tiles.data() + (h * groups + lr / kAmxCols) * slices * kAmxCols * kAmxCols + lr % kAmxCols;
+      for (int64_t pair = 0; pair < D / 2; ++pair) {
+        dst[(pair / kAmxCols) * kAmxCols * kAmxCols + (pair % kAmxCols) * kAmxCols] = src[pair];
+      }
+    }
+  }
+}
+
+// Tiles: 0 = A (K rows), 1 = B (queries), 2 = C (scores); loaded once per thread by the op.
+inline void amx_scores_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 3; ++t) cfg.set(t, 16, 64);
+  _tile_loadconfig(&cfg);
+}
+
+// The scores of keys [j0, j1) of block `block` (column `col` of the sequence's table) for every row of the item,
+// into s.scores[r * score_stride + key - j0], by tiles of 16 keys (the block's, from its start). `pk` (the next
+// block's K lines) steps once per tile product.
+void amx_block_scores(const Problem& p, const Item& it, int32_t block, int64_t col, int64_t j0, int64_t j1,
+                      const c10::BFloat16* k_cache, Scratch<c10::BFloat16>& s, int64_t score_stride, int64_t groups,
+                      LinePrefetcher& pk) {
+  const int64_t bs = p.block_size, D = p.head_dim, G = p.group, Hq = p.num_q_heads, Hkv = p.num_kv_heads;
+  const int64_t item_rows = (it.q_end - it.q_begin) * G, slices = D / kAmxDepth, slot_numel = Hkv * D;
+  const __m512i lane_offsets = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(kAmxCols));
+  const __m512 scale = _mm512_set1_ps(static_cast<float>(p.scale));
+  alignas(64) float tile[kAmxKeys * kAmxCols];
+  for (int64_t u0 = (j0 - col * bs) / kAmxKeys * kAmxKeys; col * bs + u0 < j1; u0 += kAmxKeys) {
+    const int64_t key0 = col * bs + u0;
+    const int64_t lo = std::max<int64_t>(j0 - key0, 0), hi = std::min<int64_t>(j1 - key0, kAmxKeys);
+    const auto valid = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+    const c10::BFloat16* keys = k_cache + (static_cast<int64_t>(block) * bs + u0) * slot_numel;
+    for (int64_t h = 0; h < Hkv; ++h) {
+      for (int64_t cg = 0; cg < groups; ++cg) {
+        const uint32_t* queries = s.q_pairs.data() + (h * groups + cg) * slices * kAmxCols * kAmxCols;
+        _tile_zero(2);
+        for (int64_t dc = 0; dc < slices; ++dc) {
+          _tile_loadd(0, keys + h * D + dc * kAmxDepth, slot_numel * 2);
+          _tile_loadd(1, queries + dc * kAmxCols * kAmxCols, kAmxCols * 4);
+          _tile_dpbf16ps(2, 0, 1);
+          pk.step();
+        }
+        _tile_stored(2, tile, kAmxCols * 4);
+        for (int64_t c = 0; c < std::min(kAmxCols, item_rows - cg * kAmxCols); ++c) {
+          const int64_t lr = cg * kAmxCols + c, r = lr / G * Hq + h * G + lr % G;
+          const __m512 v = _mm512_mul_ps(
+              _mm512_i32gather_ps(_mm512_add_epi32(lane_offsets, _mm512_set1_epi32(static_cast<int>(c))), tile, 4),
+              scale);
+          float* row = s.scores.data() + r * score_stride;
+          if (lo == 0) {
+            _mm512_mask_storeu_ps(row + (key0 - j0), valid, v);
+          } else {  // the tile starts before j0 (a window's first block)
+            alignas(64) float lanes[kAmxKeys];
+            _mm512_store_ps(lanes, v);
+            for (int64_t l = lo; l < hi; ++l) row[key0 + l - j0] = lanes[l];
+          }
+        }
+      }
+    }
+  }
+}
+#endif
 
 // Rows of an item: r = (i - q_begin) * Hq + query head, so the rows of one query and KV head h are the G rows from
 // (i - q_begin) * Hq + h * G, and the item's output rows are contiguous in `out`. The block's memory is read front
@@ -217,7 +314,8 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
   const int64_t nv = NV > 0 ? NV : (D + W - 1) / W, Dp = nv * W, BSp = (bs + W - 1) / W * W;
   const int64_t tail = D - (nv - 1) * W;  // elements in a row's last vector
   const int64_t num_q = it.q_end - it.q_begin, rows = num_q * Hq;
-  // bf16/fp16 KV: each block is converted to fp32 once (into s.k_block/s.v_block), not once per query row.
+  // bf16/fp16 K: each block is converted to fp32 once (into s.k_block), not once per query row (bf16 with AMX: not
+  // at all). V rows are converted in registers, once per pass of the p . V loop.
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc>;
   s.resize(rows, Dp, BSp, kConvert ? bs * Hkv * D : 0);
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
@@ -246,6 +344,19 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc>(src[d]) * static_cast<acc>(p.scale);
   }
   std::fill(s.row_max.begin(), s.row_max.end(), neg_inf);
+#ifdef PENSIEVE_AMX
+  const bool amx = std::is_same_v<scalar_t, c10::BFloat16> && p.amx_scores;
+  const int64_t amx_groups = amx ? amx_row_groups(p, num_q) : 0;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (amx) amx_query_tiles(p, q, q_stride0, q_stride1, token0, num_q, s.q_pairs);
+  }
+#else
+  constexpr bool amx = false;
+  constexpr int64_t amx_groups = 0;
+#endif
+  // p . V rows of one KV head in passes of up to kPvRows (registers: kPvRows x nv accumulators + nv V vectors)
+  constexpr int64_t kPvRows = NV > 0 ? std::clamp<int64_t>(16 / NV, 1, 4) : 1;
+  const int64_t pv_passes = Hkv * ((num_q * G + kPvRows - 1) / kPvRows);
 
   const int64_t lo_pos = first_pos + it.q_begin, hi_pos = first_pos + it.q_end - 1;  // query positions in the tile
   const int64_t slot_numel = Hkv * D, slot_bytes = slot_numel * static_cast<int64_t>(sizeof(scalar_t));
@@ -255,21 +366,25 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
   for (int64_t col = it.key_begin / bs; col <= last_col; ++col) {
     const int64_t j0 = std::max(col * bs, it.key_begin), j1 = std::min((col + 1) * bs, it.key_end), n = j1 - j0;
     const int64_t slot0 = static_cast<int64_t>(table[col]) * bs + (j0 - col * bs);
-    const acc* kb = block_rows(k_cache + slot0 * slot_numel, n * slot_numel, s.k_block);
-    const acc* vb = block_rows(v_cache + slot0 * slot_numel, n * slot_numel, s.v_block);
+    const acc* kb = amx ? nullptr : block_rows(k_cache + slot0 * slot_numel, n * slot_numel, s.k_block);
     // The next block's lines are requested a few at a time while this block is computed (after each row of the
     // score and the V loops), so that its loads overlap the arithmetic instead of stalling it in one burst.
     LinePrefetcher pk, pv;
     if (col < last_col) {
       const int64_t next = static_cast<int64_t>(table[col + 1]) * bs * slot_numel;
-      pk = LinePrefetcher(k_cache + next, bs * slot_bytes, rows);
-      pv = LinePrefetcher(v_cache + next, bs * slot_bytes, rows);
+      pk = LinePrefetcher(k_cache + next, bs * slot_bytes, amx ? bs / kAmxKeys * Hkv * amx_groups * (D / kAmxDepth) : rows);
+      pv = LinePrefetcher(v_cache + next, bs * slot_bytes, pv_passes);
     }
     // A key is hidden from some row iff it lies after the tile's first query, or (window) too far behind its last.
     const bool masked = j1 - 1 > lo_pos || (p.window > 0 && hi_pos - j0 >= p.window);
 
+#ifdef PENSIEVE_AMX
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (amx) amx_block_scores(p, it, table[col], col, j0, j1, k_cache, s, BSp, amx_groups, pk);
+    }
+#endif
     // scores[r][t] = q_r . k_t (k of the row's KV head), W slots at a time
-    for (int64_t h = 0; h < Hkv; ++h) {
+    for (int64_t h = 0; h < Hkv && !amx; ++h) {
       for (int64_t t0 = 0; t0 < n; t0 += W) {
         const int64_t m = std::min(W, n - t0);
         for (int64_t i = 0; i < num_q; ++i) {
@@ -335,23 +450,40 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
       s.row_sum[r] += block_sum;
       s.row_max[r] = new_max;
     }
-    // out[r] += sum_t p[r][t] * v_t, the row's accumulator held in registers across the block
+    // out[r] += sum_t p[r][t] * v_t: for each KV head, its rows in passes of up to kPvRows, the passes' accumulators
+    // in registers across the block. Each V row is loaded (and, for bf16/fp16, converted to fp32) once per pass.
+    const scalar_t* vb = v_cache + slot0 * slot_numel;
+    auto pv_pass = [&](int64_t h, int64_t lr0, auto count) {
+      constexpr int64_t R = decltype(count)::value;
+      acc* o[R];
+      const acc* pr[R];
+      Vec ov[R][kVecs];
+      for (int64_t k = 0; k < R; ++k) {
+        const int64_t lr = lr0 + k, r = lr / G * Hq + h * G + lr % G;
+        o[k] = s.out.data() + r * Dp;
+        pr[k] = s.scores.data() + r * BSp;
+        for (int64_t c = 0; c < nv; ++c) ov[k][c] = Vec::loadu(o[k] + c * W);
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        const scalar_t* vrow = vb + t * slot_numel + h * D;
+        Vec vv[kVecs];
+        for (int64_t c = 0; c < nv; ++c) vv[c] = load_acc(vrow + c * W, c < nv - 1 ? W : tail);
+        for (int64_t k = 0; k < R; ++k) {
+          const Vec w(pr[k][t]);
+          for (int64_t c = 0; c < nv; ++c) ov[k][c] = at::vec::fmadd(w, vv[c], ov[k][c]);
+        }
+      }
+      for (int64_t k = 0; k < R; ++k)
+        for (int64_t c = 0; c < nv; ++c) ov[k][c].store(o[k] + c * W);
+      pv.step();
+    };
     for (int64_t h = 0; h < Hkv; ++h) {
-      for (int64_t i = 0; i < num_q; ++i) {
-        for (int64_t r = i * Hq + h * G; r < i * Hq + (h + 1) * G; ++r) {
-          acc* o = s.out.data() + r * Dp;
-          const acc* pr = s.scores.data() + r * BSp;
-          Vec ov[kVecs];
-          for (int64_t c = 0; c < nv; ++c) ov[c] = Vec::loadu(o + c * W);
-          for (int64_t t = 0; t < n; ++t) {
-            if (pr[t] == acc(0)) continue;
-            const Vec w(pr[t]);
-            Vec vv[kVecs];
-            load_row(vb + t * slot_numel + h * D, vv);
-            for (int64_t c = 0; c < nv; ++c) ov[c] = at::vec::fmadd(w, vv[c], ov[c]);
-          }
-          for (int64_t c = 0; c < nv; ++c) ov[c].store(o + c * W);
-          pv.step();
+      for (int64_t lr0 = 0; lr0 < num_q * G; lr0 += kPvRows) {
+        switch (std::min(kPvRows, num_q * G - lr0)) {
+          case 4: if constexpr (kPvRows >= 4) pv_pass(h, lr0, std::integral_constant<int64_t, 4>{}); break;
+          case 3: if constexpr (kPvRows >= 3) pv_pass(h, lr0, std::integral_constant<int64_t, 3>{}); break;
+          case 2: if constexpr (kPvRows >= 2) pv_pass(h, lr0, std::integral_constant<int64_t, 2>{}); break;
+          default: pv_pass(h, lr0, std::integral_constant<int64_t, 1>{});
         }
       }
     }
@@ -538,6 +670,7 @@ void paged_attention_out(const at::Tensor& q_in, const at::Tensor& k_cache, cons
   Problem p{block_tables.size(0), q.size(0), q.size(1), k_cache.size(2), q.size(1) / k_cache.size(2), q.size(2),
             k_cache.size(1), k_cache.size(0), block_tables.size(1), sliding_window.value_or(0), scale, softcap,
             block_tables.data_ptr<int32_t>(), cu_seqlens_q.data_ptr<int32_t>(), seq_lens_k.data_ptr<int32_t>()};
+  p.amx_scores = amx_scores_apply(q.scalar_type(), p.head_dim, p.block_size);
   std::vector<int64_t> native, by_sdpa;
   for (int64_t b = 0; b < p.num_seqs; ++b) {
     const int64_t q_len = p.cu[b + 1] - p.cu[b];
@@ -562,11 +695,17 @@ void paged_attention_out(const at::Tensor& q_in, const at::Tensor& k_cache, cons
       scalar_t* op = out.data_ptr<scalar_t>();
       at::parallel_for(0, num_threads, 1, [&](int64_t begin, int64_t end) {
         Scratch<scalar_t> scratch;
+#ifdef PENSIEVE_AMX
+        if (p.amx_scores) amx_scores_config();
+#endif
         for (int64_t t = begin; t < end; ++t) {
           for (int64_t i : plan.buckets[t]) {
             run(p, plan.items[i], qp, q.stride(0), q.stride(1), kp, vp, op, partials.data(), scratch);
           }
         }
+#ifdef PENSIEVE_AMX
+        if (p.amx_scores) release_tiles();
+#endif
       });
       for (auto [first, count] : plan.groups) combine<scalar_t>(p, plan.items[first], count, partials.data(), op);
     });
