@@ -19,6 +19,7 @@ HF folder) in the same dtype and binds the same number of threads.
 
 Usage: python benchmarks/multiturn.py [--workload sharegpt] [--conversations 4] [--reply-mean 32] [--dtype float32]
        python benchmarks/multiturn.py --suite [--vllm-python .venv-vllm/bin/python]   # the issue-8 tables
+                                          [--suite-dtypes bfloat16]
 """
 
 from __future__ import annotations
@@ -269,6 +270,7 @@ def parse_args(argv=None):
     parser.add_argument("--peers", default="pensieve,hf,hf_cb", help="comma-separated: " + ",".join(PEERS))
     parser.add_argument("--vllm-python", help="python of vLLM's venv: adds the vllm peer")
     parser.add_argument("--suite", action="store_true", help="sharegpt + docqa, float32 + bfloat16, every peer")
+    parser.add_argument("--suite-dtypes", default="float32,bfloat16", help="the suite's dtypes (comma-separated)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/multiturn.json")
     return parser.parse_args(argv)
@@ -332,7 +334,7 @@ def main(argv=None) -> None:
     if args.peers == "pensieve,hf,hf_cb" and args.vllm_python:
         args.peers = "pensieve,hf,hf_cb,vllm"
     results = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in args.suite_dtypes.split(","):
         for name, settings in SUITE.items():
             run_args = argparse.Namespace(**{**vars(args), **settings, "dtype": dtype})
             results[f"{name}-{dtype}"] = run(run_args)

@@ -27,6 +27,7 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <torch/library.h>
 
@@ -621,6 +622,40 @@ Plan plan_items(const Problem& p, const std::vector<int64_t>& seqs, int64_t num_
 
 // ---- long prefills: gather the sequence's blocks, ATen's SDPA ---------------------------------------------------
 
+// out[q_start + i] = the two attention results [1, Hq, q_len, D] of disjoint key sets, weighted by their
+// log-sum-exps [1, Hq, q_len] (in opmath: fp32, fp64 for double), in one pass.
+void merge_by_lse(const Problem& p, int64_t q_start, int64_t q_len, const at::Tensor& out_a, const at::Tensor& lse_a,
+                  const at::Tensor& out_b, const at::Tensor& lse_b, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "pensieve_merge_by_lse", [&] {
+    using acc = acc_t<scalar_t>;
+    const int64_t Hq = p.num_q_heads, D = p.head_dim;
+    const scalar_t* a = out_a.data_ptr<scalar_t>();
+    const scalar_t* b = out_b.data_ptr<scalar_t>();
+    const acc* la = lse_a.data_ptr<acc>();
+    const acc* lb = lse_b.data_ptr<acc>();
+    scalar_t* dst = out.data_ptr<scalar_t>() + q_start * Hq * D;
+    const int64_t ah = out_a.stride(1), ai = out_a.stride(2), ad = out_a.stride(3);
+    const int64_t bh = out_b.stride(1), bi = out_b.stride(2), bd = out_b.stride(3);
+    at::parallel_for(0, q_len, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        for (int64_t h = 0; h < Hq; ++h) {
+          const acc x = la[h * q_len + i], y = lb[h * q_len + i], top = std::max(x, y);
+          acc wa = std::exp(x - top), wb = std::exp(y - top);
+          const acc inv = acc(1) / (wa + wb);
+          wa *= inv;
+          wb *= inv;
+          const scalar_t* ra = a + h * ah + i * ai;
+          const scalar_t* rb = b + h * bh + i * bi;
+          scalar_t* o = dst + (i * Hq + h) * D;
+          for (int64_t d = 0; d < D; ++d) {
+            o[d] = static_cast<scalar_t>(static_cast<acc>(ra[d * ad]) * wa + static_cast<acc>(rb[d * bd]) * wb);
+          }
+        }
+      }
+    });
+  });
+}
+
 void attend_by_sdpa(const Problem& p, int64_t b, const at::Tensor& q, const at::Tensor& k_cache,
                     const at::Tensor& v_cache, at::Tensor& out) {
   const int64_t q_start = p.cu[b], q_len = p.cu[b + 1] - p.cu[b], seq_len = p.seq_lens[b];
@@ -641,8 +676,22 @@ void attend_by_sdpa(const Problem& p, int64_t b, const at::Tensor& q, const at::
   auto kt = k.narrow(0, 0, keys).transpose(0, 1).unsqueeze(0);  // [1, Hkv, L, D]
   auto vt = v.narrow(0, 0, keys).transpose(0, 1).unsqueeze(0);
   auto qs = q.narrow(0, q_start, q_len).transpose(0, 1).unsqueeze(0);  // [1, Hq, q_len, D]
-  std::optional<at::Tensor> mask;
   const bool plain_causal = first_col == 0 && seq_len == q_len && p.window == 0;
+  if (!plain_causal && p.window == 0) {
+    // A chunk over a history (chunked prefill, a later turn, recompute): every query sees the whole history and
+    // the chunk's keys up to its own. Two flash calls without a mask — the history in full, the chunk top-left
+    // causal — merged by their log-sum-exps, instead of one call with a [q_len, seq_len] mask: the masked call
+    // computes the whole rectangle (the chunk's upper triangle too) and reads the mask, and the mask is built
+    // again in every layer (docs/performance.md).
+    const int64_t hist = seq_len - q_len;
+    auto [out_hist, lse_hist] = at::_scaled_dot_product_flash_attention_for_cpu(
+        qs, kt.narrow(2, 0, hist), vt.narrow(2, 0, hist), 0.0, false, std::nullopt, p.scale);
+    auto [out_new, lse_new] = at::_scaled_dot_product_flash_attention_for_cpu(
+        qs, kt.narrow(2, hist, q_len), vt.narrow(2, hist, q_len), 0.0, true, std::nullopt, p.scale);
+    merge_by_lse(p, q_start, q_len, out_hist, lse_hist.contiguous(), out_new, lse_new.contiguous(), out);
+    return;
+  }
+  std::optional<at::Tensor> mask;
   if (!plain_causal) {
     auto query_pos = at::arange(seq_len - q_len, seq_len, at::kLong).unsqueeze(1);
     auto key_pos = at::arange(first_col * p.block_size, key_end, at::kLong).unsqueeze(0);
