@@ -145,9 +145,10 @@ class EngineConfig:
     cpu_linear: on CPU, run the model's nn.Linear layers (fp32/bf16) through pensieve's linear kernel, which streams
         each weight once for decode-sized batches, faster than BLAS there (pensieve/models/linear.py); restored by
         close().
-    pack_weights: with cpu_linear, also keep each fp32/bf16 linear weight packed for oneDNN's brgemm micro-kernel
-        (AMX for bf16), used for batches of 2..256 rows: 1.2-2.3x faster linears at 8-64 rows (measured), for a second
-        copy of the weights in memory. Packed when the generator is made: weights changed later are not seen.
+    pack_weights: with cpu_linear, also keep each fp32/bf16 linear weight packed in the blocked layout of oneDNN's
+        brgemm micro-kernel, used for batches of 2..256 rows (bf16: 1..256; 1..32 of them through pensieve's own AMX
+        tiles where the CPU has AMX): 1.2-2.3x faster linears at 8-64 rows (measured), for a second copy of the
+        weights in memory. Packed when the generator is made: weights changed later are not seen.
     """
 
     compile: str | bool = "auto"

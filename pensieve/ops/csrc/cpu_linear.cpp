@@ -12,7 +12,7 @@
 // (benchmarks/linear.py, docs/performance.md): one fp32 row streams at the memory's bandwidth (540 MB in ~21 ms), but
 // more rows cost it 1.2-2.2x that, and bf16 rows are slower than AMX's. Hence the packed path at the end of this
 // file: weights packed once for oneDNN's brgemm (AMX for bf16), used for 1 (bf16) or 2 (fp32) to 256 rows when
-// given; fp32 up to 16 rows reads them with its own FMA loop.
+// given; fp32 up to 16 rows reads them with its own FMA loop, bf16 up to 32 rows with its own AMX tiles.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -157,6 +157,7 @@ void linear_small(const scalar_t* x, int64_t x_stride, const scalar_t* w, const 
 //   pensieve_cpu::pack_weight(weight [N, K]) -> packed [ceil(N / 32), K * 32]
 //   pensieve_cpu::linear(x, weight, bias, packed) -> 2..256 rows (bf16: 1..256) through the packed weight
 //   pensieve_cpu::can_pack(dtype) -> bool   (whether brgemm runs here for fp32 / bf16)
+//   pensieve_cpu::uses_amx() -> bool        (whether pensieve's own AMX kernels run: linear_amx, bf16 attention scores)
 //
 // brgemm reads B as [K, BN] blocks; bf16 B must be in the VNNI layout AMX reads (pairs of K interleaved,
 // [K/2, BN, 2], made by cpublas::pack). The weight is packed once, when the model is handed to pensieve, into
@@ -327,7 +328,9 @@ void linear_amx(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* p
       for (int64_t m = 0; m < M; ++m) {
         c10::BFloat16* o = out + m * N + n0;
         const float* a = acc + m * kPackN;
-        for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<c10::BFloat16>(bias ? a[j] + static_cast<float>(bias[n0 + j]) : a[j]);
+        for (int64_t j = 0; j < cols; ++j) {
+          o[j] = static_cast<c10::BFloat16>(bias ? a[j] + static_cast<float>(bias[n0 + j]) : a[j]);
+        }
       }
     }
     release_tiles();

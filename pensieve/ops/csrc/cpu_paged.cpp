@@ -373,7 +373,8 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
     LinePrefetcher pk, pv;
     if (col < last_col) {
       const int64_t next = static_cast<int64_t>(table[col + 1]) * bs * slot_numel;
-      pk = LinePrefetcher(k_cache + next, bs * slot_bytes, amx ? bs / kAmxKeys * Hkv * amx_groups * (D / kAmxDepth) : rows);
+      const int64_t k_steps = amx ? bs / kAmxKeys * Hkv * amx_groups * (D / kAmxDepth) : rows;  // tile products
+      pk = LinePrefetcher(k_cache + next, bs * slot_bytes, k_steps);
       pv = LinePrefetcher(v_cache + next, bs * slot_bytes, pv_passes);
     }
     // A key is hidden from some row iff it lies after the tile's first query, or (window) too far behind its last.
