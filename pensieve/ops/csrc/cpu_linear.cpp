@@ -278,10 +278,10 @@ void linear_packed_fma(const float* x, int64_t x_stride, const float* packed, co
 // brgemm's AMX kernel (the outputs are bit-identical), but no kernel lookup per 32-column block: SmolLM2's 210
 // linears of 30 layers from memory, 1-16 rows, 8.2-9.0 ms against brgemm's 9.8-10.0 (25-26 GB/s, what a plain sum
 // streams in the same minute); 32 rows 10.6 vs 12.3.
+#ifdef PENSIEVE_AMX
 constexpr int64_t kMaxAmxRows = 32;
 constexpr int64_t kAmxAhead = 2048;
 
-#ifdef PENSIEVE_AMX
 template <int MT>  // 16-row tiles of x: 1 (M <= 16) or 2 (M <= 32)
 void linear_amx(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* packed, const c10::BFloat16* bias,
                 c10::BFloat16* out, int64_t M, int64_t N, int64_t K) {
@@ -336,17 +336,10 @@ void linear_amx(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* p
     release_tiles();
   });
 }
-#endif
 
 // Whether the AMX kernel above takes this problem.
-inline bool use_amx(int64_t M, int64_t K) {
-#ifdef PENSIEVE_AMX
-  return M <= kMaxAmxRows && K % 32 == 0 && amx_ready();
-#else
-  (void)M, (void)K;
-  return false;
+inline bool use_amx(int64_t M, int64_t K) { return M <= kMaxAmxRows && K % 32 == 0 && amx_ready(); }
 #endif
-}
 
 template <int... Ms>
 constexpr auto fma_kernels(std::integer_sequence<int, Ms...>) {

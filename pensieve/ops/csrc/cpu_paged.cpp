@@ -369,7 +369,8 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
     const int64_t slot0 = static_cast<int64_t>(table[col]) * bs + (j0 - col * bs);
     const acc* kb = amx ? nullptr : block_rows(k_cache + slot0 * slot_numel, n * slot_numel, s.k_block);
     // The next block's lines are requested a few at a time while this block is computed (after each row of the
-    // score and the V loops), so that its loads overlap the arithmetic instead of stalling it in one burst.
+    // score loop, or each tile product with AMX, and each pass of the V loop), so that its loads overlap the
+    // arithmetic instead of stalling it in one burst.
     LinePrefetcher pk, pv;
     if (col < last_col) {
       const int64_t next = static_cast<int64_t>(table[col + 1]) * bs * slot_numel;
