@@ -89,8 +89,8 @@ def test_amx_linear_leaves_aten_brgemm_and_sdpa_correct():
     result against float64. ATen's brgemm remembers which configuration it loaded last on a thread; the AMX kernel
     releases its tiles and clears that. (Measured: ATen's callers release after themselves as well, so a kernel that
     skipped the clearing passes this today; the test guards the interleaving, not that one line.)"""
-    if not torch.ops.pensieve_cpu.can_pack(torch.bfloat16):
-        pytest.skip("brgemm does not run here for bf16")
+    if not torch.ops.pensieve_cpu.uses_amx():
+        pytest.skip("pensieve's AMX kernels do not run here")
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(64, 96, generator=gen).bfloat16()
     packed = torch.ops.pensieve_cpu.pack_weight(weight)
@@ -118,6 +118,28 @@ def test_packed_linear_rejects_a_packed_weight_of_another_shape():
     assert not torch.ops.pensieve_cpu.can_pack(torch.float64)
 
 
+def test_bf16_packs_wherever_fp32_does():
+    """bf16 weights pack for brgemm's bf16 kernel (VNNI) where the CPU has bf16 dot products, and into fp32's plain
+    blocks, widened per block when used, where it has not (AVX2): either way bf16 is not left to at::linear, whose
+    bf16 GEMM without them is a generic loop (~10x slower than fp32 there; docs/performance.md)."""
+    assert torch.ops.pensieve_cpu.can_pack(torch.bfloat16) == torch.ops.pensieve_cpu.can_pack(torch.float32)
+
+
+@pytest.mark.parametrize("n", [1, 70, 130])
+def test_bf16_linear_past_the_streaming_kernel(n):
+    """bf16 rows past the streaming kernel without a packed weight (prefill chunks: 257+ rows always; 11+ where the
+    CPU has no bf16 dot products, through fp32 panels of the weight and sgemm), and with one (1..256 rows), every
+    panel count and a bias or none, against float64."""
+    gen = torch.Generator().manual_seed(n)
+    weight = torch.randn(n, 96, generator=gen).bfloat16()
+    packed = _packed(weight)
+    for rows in (11, 40, 257, 513):
+        for bias in (None, torch.randn(n, generator=gen).bfloat16()):
+            x = torch.randn(rows, 96, generator=gen).bfloat16()
+            _check(x, weight, bias)
+            _check(x, weight, bias, packed)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_linear_at_other_thread_counts(threads):
     before = torch.get_num_threads()
@@ -128,6 +150,10 @@ def test_linear_at_other_thread_counts(threads):
             weight = torch.randn(43, 96, generator=gen)
             _check(torch.randn(m, 96, generator=gen), weight, None)
             _check(torch.randn(m, 96, generator=gen), weight, None, _packed(weight))
+        weight = torch.randn(43, 96, generator=gen).bfloat16()  # bf16: panels split over the threads
+        for m in (1, 5, 16, 300):
+            _check(torch.randn(m, 96, generator=gen).bfloat16(), weight, None)
+            _check(torch.randn(m, 96, generator=gen).bfloat16(), weight, None, _packed(weight))
     finally:
         torch.set_num_threads(before)
 

@@ -20,7 +20,9 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/native/CPUBlas.h>
@@ -36,6 +38,9 @@
 #include <vector>
 
 #include "amx.h"
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 #include "reduce_lanes.h"
 
 namespace pensieve_cpu {
@@ -46,7 +51,10 @@ using at::vec::Vectorized;
 // Larger batches go to at::linear (measured crossovers on SmolLM2's linears, 2 threads: fp32 ~24 rows; bf16 ~10,
 // past which oneDNN's AMX kernels win).
 inline int64_t max_rows(at::ScalarType type) { return type == at::kBFloat16 ? 10 : 24; }
-constexpr int64_t kAcc = 16;  // accumulators per tile: TM x rows x TN weight rows, TM * TN = 16
+// Accumulators per tile: TM x rows x TN weight rows, TM * TN = kAcc. 16 with AVX-512's 32 registers; 8 where
+// vectors are 256-bit (AVX2 has 16 registers: 16 accumulators and their operands spilled, and bf16 rows streamed at
+// half the memory's bandwidth on an AVX2 host).
+constexpr int64_t kAcc = Vectorized<float>::size() >= 16 ? 16 : 8;
 
 // acc[i * TN + j] += x[i] . w[j] over one step of K starting at k; `n` valid elements (tail: masked loads).
 template <typename scalar_t>
@@ -89,6 +97,16 @@ struct Dot<c10::BFloat16> {
     return Vec::loadu(tmp);
   }
   static inline Vec madd(const Raw& x, const Raw& w, const Vec& acc) { return at::vec::fmadd(x, w, acc); }
+  // x already in fp32 (converted once per call, not once per weight tile): see `linear`
+  template <int TM, int TN>
+  static inline void step(const float* const* x, const c10::BFloat16* const* w, int64_t k, int64_t n, Vec* acc) {
+    Raw wv[TN];
+    for (int j = 0; j < TN; ++j) wv[j] = load(w[j] + k, n);
+    for (int i = 0; i < TM; ++i) {
+      const Vec xv = n == kStep ? Vec::loadu(x[i] + k) : Vec::loadu(x[i] + k, n);
+      for (int j = 0; j < TN; ++j) acc[i * TN + j] = at::vec::fmadd(xv, wv[j], acc[i * TN + j]);
+    }
+  }
 #endif
   template <int TM, int TN>
   static inline void step(const c10::BFloat16* const* x, const c10::BFloat16* const* w, int64_t k, int64_t n,
@@ -106,8 +124,8 @@ struct Dot<c10::BFloat16> {
 // rows are in L1; K is walked in chunks of ~512 bytes per row so that the x chunk (M rows) and the weight chunk stay
 // in L1 together (the accumulators of all x tiles wait in a small buffer between chunks). TM = 1 for M = 1 (no
 // padded rows), 2 for M = 2, else 4.
-template <typename scalar_t, int TM>
-void linear_small(const scalar_t* x, int64_t x_stride, const scalar_t* w, const scalar_t* bias, scalar_t* out,
+template <typename scalar_t, int TM, typename x_t = scalar_t>
+void linear_small(const x_t* x, int64_t x_stride, const scalar_t* w, const scalar_t* bias, scalar_t* out,
                   int64_t M, int64_t N, int64_t K) {
   constexpr int TN = kAcc / TM;
   using D = Dot<scalar_t>;
@@ -128,7 +146,7 @@ void linear_small(const scalar_t* x, int64_t x_stride, const scalar_t* w, const 
       for (int64_t k0 = 0; k0 < K; k0 += chunk) {
         const int64_t k1 = std::min(K, k0 + chunk);
         for (int64_t mt = 0; mt < num_m_tiles; ++mt) {
-          const scalar_t* xr[TM];
+          const x_t* xr[TM];
           for (int i = 0; i < TM; ++i) xr[i] = x + std::min(mt * TM + i, M - 1) * x_stride;  // past M: repeated
           Vec acc[kAcc];
           for (int a = 0; a < kAcc; ++a) acc[a] = saved[mt * kAcc + a];
@@ -175,6 +193,26 @@ constexpr int64_t kMaxPackedRows = 256;
 template <typename scalar_t>
 constexpr bool is_vnni() { return std::is_same_v<scalar_t, c10::BFloat16>; }
 
+// bf16 -> fp32 (exact: the bf16 bits are fp32's upper half). 2.5x at::vec::convert on the AVX2 host (L2-resident).
+inline void widen_bf16(const c10::BFloat16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  for (; i + 8 <= n; i += 8) {
+    const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// Whether brgemm takes bf16 here (AVX-512 BF16 / AMX): then bf16 weights pack in the VNNI layout. Elsewhere (AVX2)
+// they pack in fp32's plain blocks, still bf16, and each block is widened to fp32 when a step uses it
+// (linear_packed_widened).
+inline bool bf16_vnni() {
+  static const bool vnni = at::native::cpublas::could_pack(at::kBFloat16);
+  return vnni;
+}
+
 at::Tensor pack_weight(const at::Tensor& weight) {
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.device().is_cpu(), "pack_weight takes a CPU weight [N, K]");
   const auto type = weight.scalar_type();
@@ -186,6 +224,17 @@ at::Tensor pack_weight(const at::Tensor& weight) {
   at::Tensor wt = at::zeros({K, blocks * kPackN}, weight.options());
   wt.narrow(1, 0, N).copy_(weight.t());
   at::Tensor packed = at::empty({blocks, K * kPackN}, weight.options());
+  if (type == at::kBFloat16 && !bf16_vnni()) {  // plain [K, kPackN] blocks, widened to fp32 per block when used
+    const auto* src = static_cast<const char*>(wt.data_ptr());
+    auto* dst = static_cast<char*>(packed.data_ptr());
+    constexpr int64_t item = sizeof(c10::BFloat16);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        for (int64_t k = 0; k < K; ++k)
+          std::memcpy(dst + (b * K + k) * kPackN * item, src + (k * blocks * kPackN + b * kPackN) * item, kPackN * item);
+    });
+    return packed;
+  }
   AT_DISPATCH_SWITCH(type, "pensieve_pack_weight", AT_DISPATCH_CASE(at::kFloat, [&] {
     const scalar_t* src = wt.data_ptr<scalar_t>();
     scalar_t* dst = packed.data_ptr<scalar_t>();
@@ -223,6 +272,36 @@ void linear_packed_impl(const scalar_t* x, int64_t x_stride, const scalar_t* pac
       }
     }
     at::native::cpublas::brgemm_release(is_vnni<scalar_t>());
+  });
+}
+
+// bf16 blocks packed without VNNI (no bf16 brgemm here): x widened to fp32 once, each weight block widened into a
+// thread's fp32 buffer once (items run m fastest) and multiplied by brgemm's fp32 kernel. Products of bf16 values
+// are exact in fp32 and summed in fp32, as with native bf16.
+void linear_packed_widened(const float* x, int64_t x_stride, const c10::BFloat16* packed, const c10::BFloat16* bias,
+                           c10::BFloat16* out, int64_t M, int64_t N, int64_t K) {
+  const int64_t n_blocks = (N + kPackN - 1) / kPackN, m_blocks = (M + kPackM - 1) / kPackM;
+  at::parallel_for(0, n_blocks * m_blocks, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[kPackM * kPackN];
+    std::vector<float> block(K * kPackN);
+    int64_t widened = -1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t nb = item / m_blocks, mb = item % m_blocks;
+      if (nb != widened) {
+        widen_bf16(packed + nb * K * kPackN, block.data(), K * kPackN);
+        widened = nb;
+      }
+      const int64_t m0 = mb * kPackM, rows = std::min(kPackM, M - m0);
+      const int64_t n0 = nb * kPackN, cols = std::min(kPackN, N - n0);
+      at::native::cpublas::brgemm(rows, kPackN, K, x_stride, kPackN, kPackN, false, x + m0 * x_stride, block.data(),
+                                  acc, false);
+      for (int64_t i = 0; i < rows; ++i) {
+        c10::BFloat16* o = out + (m0 + i) * N + n0;
+        const float* a = acc + i * kPackN;
+        for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<c10::BFloat16>(bias ? a[j] + static_cast<float>(bias[n0 + j]) : a[j]);
+      }
+    }
+    at::native::cpublas::brgemm_release(false);
   });
 }
 
@@ -379,6 +458,12 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, const st
     linear_packed_impl<scalar_t>(xc.data_ptr<scalar_t>(), xc.stride(0), packed.data_ptr<scalar_t>(),
                                  bc ? bc->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, K);
   }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+    if (!bf16_vnni()) {
+      const at::Tensor xf = xc.to(at::kFloat).contiguous();
+      linear_packed_widened(xf.data_ptr<float>(), xf.stride(0), packed.data_ptr<scalar_t>(),
+                            bc ? bc->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, K);
+      return;
+    }
 #ifdef PENSIEVE_AMX
     if (use_amx(M, K)) {
       (M <= 16 ? linear_amx<1> : linear_amx<2>)(xc.data_ptr<scalar_t>(), xc.stride(0), packed.data_ptr<scalar_t>(),
@@ -402,7 +487,6 @@ bool can_pack(at::ScalarType type) {
   const int slot = type == at::kBFloat16;
   std::call_once(once[slot], [&] {
     try {
-      if (type == at::kBFloat16 && !at::native::cpublas::could_pack(at::kBFloat16)) return;
       const int64_t N = 40, K = 18, M = 3;
       at::Tensor w = at::arange(N * K, at::TensorOptions().dtype(at::kFloat)).remainder(7).sub(3).reshape({N, K});
       at::Tensor x = at::arange(M * K, at::TensorOptions().dtype(at::kFloat)).remainder(5).sub(2).reshape({M, K});
@@ -414,6 +498,79 @@ bool can_pack(at::ScalarType type) {
     }
   });
   return ok[slot];
+}
+
+// ---- bf16 on CPUs without bf16 dot products (AVX2; AVX-512 without BF16) ----
+//
+// There at::linear's bf16 GEMM is a generic loop: 14 GFLOP/s at M = 512 on a 2-core AMD EPYC (Zen 2, AVX2) against
+// MKL's fp32 sgemm at 135 (docs/performance.md), which made a bf16 prefill ~10x slower than an fp32 one. bf16 rows
+// past max_rows are widened instead: x is converted to fp32 once; each thread takes panels of weight rows, converts
+// a panel into an fp32 buffer of its own (kWidenPanel x K: L2-sized), multiplies it by sgemm (one thread each) and
+// writes the panel's outputs back in bf16 (bias added in fp32). Products of bf16 values are exact in fp32 and summed in
+// fp32, as in the native bf16 kernels; the weights are read once, in bf16.
+inline bool native_bf16_dot() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return has;
+}
+constexpr int64_t kWidenPanel = 64;  // weight rows per panel, at most
+
+// The BLAS sgemm torch links (MKL's in the x86 wheels), called directly: ATen's cpublas::gemm is not exported to
+// extensions, and at::mm per panel pays the dispatcher per call. Weak, so a torch without it still loads this file
+// (then at::mm_out computes the panel).
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+// Row-major c [M, nr] = x [M, K] . w [nr, K]^T, on the calling thread.
+void panel_gemm(const float* x, const float* w, float* c, int64_t M, int64_t nr, int64_t K) {
+  if (sgemm_ != nullptr && std::max({M, nr, K}) < (int64_t{1} << 31)) {
+    // column-major: C^T [nr x M] = W [nr x K] . X^T
+    const int m = static_cast<int>(nr), n = static_cast<int>(M), k = static_cast<int>(K);
+    const float one = 1.0f, zero = 0.0f;
+    sgemm_("T", "N", &m, &n, &k, &one, w, &k, x, &k, &zero, c, &m);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor ct = at::from_blob(c, {M, nr}, opts);
+  at::mm_out(ct, at::from_blob(const_cast<float*>(x), {M, K}, opts),
+             at::from_blob(const_cast<float*>(w), {nr, K}, opts).t());
+}
+
+void linear_bf16_widened(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         at::Tensor& out, int64_t M, int64_t N, int64_t K) {
+  using Vec = Vectorized<float>;
+  const at::Tensor xf = x.to(at::kFloat).contiguous();  // [M, K]
+  const std::optional<at::Tensor> bf = bias ? std::optional<at::Tensor>(bias->to(at::kFloat).contiguous()) : std::nullopt;
+  const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+  // Panels of equal size, their count a multiple of the threads (e.g. N = 576: 10 panels of 64 rows left a thread
+  // idle for one panel in ten; 10 of 58 do not).
+  int64_t panels = ((N + kWidenPanel - 1) / kWidenPanel + threads - 1) / threads * threads;
+  const int64_t rows = ((N + panels - 1) / panels + 7) / 8 * 8;
+  panels = (N + rows - 1) / rows;
+  const c10::BFloat16* w = weight.data_ptr<c10::BFloat16>();
+  const float* xp = xf.data_ptr<float>();
+  const float* bp = bf ? bf->data_ptr<float>() : nullptr;
+  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> w32(rows * K), c32(M * rows);
+    for (int64_t panel = begin; panel < end; ++panel) {
+      const int64_t n0 = panel * rows, nr = std::min(rows, N - n0);
+      widen_bf16(w + n0 * K, w32.data(), nr * K);
+      panel_gemm(xp, w32.data(), c32.data(), M, nr, K);
+      for (int64_t m = 0; m < M; ++m) {
+        float* c = c32.data() + m * nr;
+        if (bp != nullptr) {
+          int64_t j = 0;
+          for (; j + Vec::size() <= nr; j += Vec::size()) (Vec::loadu(c + j) + Vec::loadu(bp + n0 + j)).store(c + j);
+          for (; j < nr; ++j) c[j] += bp[n0 + j];
+        }
+        at::vec::convert(c, op + m * N + n0, nr);
+      }
+    }
+  });
 }
 
 // out = x @ weight^T + bias. With `packed` (pack_weight(weight)), min_packed_rows..kMaxPackedRows rows use it.
@@ -434,7 +591,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   const auto type = x.scalar_type();
   if (packed && M >= min_packed_rows(type) && M <= kMaxPackedRows) return linear_packed(x, *packed, bias, N);
   const bool supported = type == at::kFloat || type == at::kDouble || type == at::kBFloat16;
-  if (!supported || M > max_rows(type) || M == 0 || K == 0) return at::linear(x, weight, bias);
+  const bool widen = type == at::kBFloat16 && M > max_rows(type) && K > 0 && !native_bf16_dot();
+  if (!supported || (M > max_rows(type) && !widen) || M == 0 || K == 0) return at::linear(x, weight, bias);
   const at::Tensor x2 = x.reshape({M, K});
   const at::Tensor xc = x2.stride(1) == 1 ? x2 : x2.contiguous();
   const at::Tensor wc = weight.contiguous();
@@ -442,6 +600,20 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   at::Tensor out = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (widen) {
+    linear_bf16_widened(xc, wc, bc, out, M, N, K);
+    return out;
+  }
+#if !(defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__))
+  if (type == at::kBFloat16) {  // no bf16 dot products in this build: x to fp32 once, not once per weight tile
+    const at::Tensor xf = xc.to(at::kFloat).contiguous();
+    using bf16 = c10::BFloat16;
+    auto run = M == 1 ? linear_small<bf16, 1, float> : M == 2 ? linear_small<bf16, 2, float> : linear_small<bf16, 4, float>;
+    run(xf.data_ptr<float>(), xf.stride(0), wc.data_ptr<bf16>(), bc ? bc->data_ptr<bf16>() : nullptr,
+        out.data_ptr<bf16>(), M, N, K);
+    return out;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, type, "pensieve_linear", [&] {
     auto run = M == 1 ? linear_small<scalar_t, 1> : M == 2 ? linear_small<scalar_t, 2> : linear_small<scalar_t, 4>;
     run(xc.data_ptr<scalar_t>(), xc.stride(0), wc.data_ptr<scalar_t>(), bc ? bc->data_ptr<scalar_t>() : nullptr,
@@ -456,6 +628,7 @@ TORCH_LIBRARY_FRAGMENT(pensieve_cpu, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? packed=None) -> Tensor");
   m.def("pack_weight(Tensor weight) -> Tensor");
   m.def("can_pack(ScalarType dtype) -> bool", &can_pack);
+  m.def("packs_bf16_vnni() -> bool", &bf16_vnni);  // bf16 weights pack for brgemm's bf16 kernel (else: widened)
   m.def("uses_amx() -> bool", &amx_ready);  // pensieve's AMX kernels (bf16 linears of 1..32 rows, bf16 scores)
 }
 
