@@ -12,7 +12,9 @@
 // (benchmarks/linear.py, docs/performance.md): one fp32 row streams at the memory's bandwidth (540 MB in ~21 ms), but
 // more rows cost it 1.2-2.2x that, and bf16 rows are slower than AMX's. Hence the packed path at the end of this
 // file: weights packed once for oneDNN's brgemm (AMX for bf16), used for 1 (bf16) or 2 (fp32) to 256 rows when
-// given; fp32 up to 16 rows reads them with its own FMA loop, bf16 up to 32 rows with its own AMX tiles.
+// given; fp32 up to 16 rows reads them with its own FMA loop, bf16 up to 32 rows with its own AMX tiles. Where the CPU
+// has no bf16 dot products (AVX2), bf16 is widened to fp32 on the way in: packed blocks one at a time
+// (linear_packed_widened), prefill rows by panels of the weight (linear_bf16_widened).
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -170,11 +172,12 @@ void linear_small(const x_t* x, int64_t x_stride, const scalar_t* w, const scala
 }
 
 
-// ---- Packed weights: oneDNN's brgemm micro-kernel (AMX tiles for bf16, AVX-512 FMAs for fp32) ----
+// ---- Packed weights: oneDNN's brgemm micro-kernel (AMX tiles for bf16, AVX-512/AVX2 FMAs for fp32) ----
 //
 //   pensieve_cpu::pack_weight(weight [N, K]) -> packed [ceil(N / 32), K * 32]
 //   pensieve_cpu::linear(x, weight, bias, packed) -> 2..256 rows (bf16: 1..256) through the packed weight
 //   pensieve_cpu::can_pack(dtype) -> bool   (whether brgemm runs here for fp32 / bf16)
+//   pensieve_cpu::packs_bf16_vnni() -> bool (bf16 packs in the VNNI layout for brgemm's bf16 kernel; else plain blocks)
 //   pensieve_cpu::uses_amx() -> bool        (whether pensieve's own AMX kernels run: linear_amx, bf16 attention scores)
 //
 // brgemm reads B as [K, BN] blocks; bf16 B must be in the VNNI layout AMX reads (pairs of K interleaved,
