@@ -14,7 +14,7 @@
 // file: weights packed once for oneDNN's brgemm (AMX for bf16), used for 1 (bf16) or 2 (fp32) to 256 rows when
 // given; fp32 up to 16 rows reads them with its own FMA loop, bf16 up to 32 rows with its own AMX tiles. Where the CPU
 // has no bf16 dot products (AVX2), bf16 is widened to fp32 on the way in: packed blocks one at a time
-// (linear_packed_widened), prefill rows by panels of the weight (linear_bf16_widened).
+// (linear_packed_impl<float, bf16>), prefill rows by panels of the weight (linear_bf16_widened).
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -210,7 +210,7 @@ inline void widen_bf16(const c10::BFloat16* src, float* dst, int64_t n) {
 
 // Whether brgemm takes bf16 here (AVX-512 BF16 / AMX): then bf16 weights pack in the VNNI layout. Elsewhere (AVX2)
 // they pack in fp32's plain blocks, still bf16, and each block is widened to fp32 when a step uses it
-// (linear_packed_widened).
+// (linear_packed_impl<float, bf16>).
 inline bool bf16_vnni() {
   static const bool vnni = at::native::cpublas::could_pack(at::kBFloat16);
   return vnni;
@@ -227,84 +227,59 @@ at::Tensor pack_weight(const at::Tensor& weight) {
   at::Tensor wt = at::zeros({K, blocks * kPackN}, weight.options());
   wt.narrow(1, 0, N).copy_(weight.t());
   at::Tensor packed = at::empty({blocks, K * kPackN}, weight.options());
-  if (type == at::kBFloat16 && !bf16_vnni()) {  // plain [K, kPackN] blocks, widened to fp32 per block when used
-    const auto* src = static_cast<const char*>(wt.data_ptr());
-    auto* dst = static_cast<char*>(packed.data_ptr());
-    constexpr int64_t item = sizeof(c10::BFloat16);
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b)
-        for (int64_t k = 0; k < K; ++k)
-          std::memcpy(dst + (b * K + k) * kPackN * item, src + (k * blocks * kPackN + b * kPackN) * item, kPackN * item);
-    });
-    return packed;
-  }
-  AT_DISPATCH_SWITCH(type, "pensieve_pack_weight", AT_DISPATCH_CASE(at::kFloat, [&] {
-    const scalar_t* src = wt.data_ptr<scalar_t>();
-    scalar_t* dst = packed.data_ptr<scalar_t>();
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b)
-        for (int64_t k = 0; k < K; ++k)
-          std::memcpy(dst + (b * K + k) * kPackN, src + k * blocks * kPackN + b * kPackN, kPackN * sizeof(scalar_t));
-    });
-  }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-    const scalar_t* src = wt.data_ptr<scalar_t>();
-    scalar_t* dst = packed.data_ptr<scalar_t>();
+  if (type == at::kBFloat16 && bf16_vnni()) {
+    const auto* src = wt.data_ptr<c10::BFloat16>();
+    auto* dst = packed.data_ptr<c10::BFloat16>();
     for (int64_t b = 0; b < blocks; ++b)
       at::native::cpublas::pack(K, kPackN, blocks * kPackN, kPackN, type, type, src + b * kPackN, dst + b * K * kPackN);
-  }));
+    return packed;
+  }
+  // Plain [K, kPackN] blocks: fp32, and bf16 where brgemm has no bf16 kernel (widened per block when used).
+  const auto* src = static_cast<const char*>(wt.data_ptr());
+  auto* dst = static_cast<char*>(packed.data_ptr());
+  const int64_t item = weight.element_size();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      for (int64_t k = 0; k < K; ++k)
+        std::memcpy(dst + (b * K + k) * kPackN * item, src + (k * blocks * kPackN + b * kPackN) * item, kPackN * item);
+  });
   return packed;
 }
 
-template <typename scalar_t>
-void linear_packed_impl(const scalar_t* x, int64_t x_stride, const scalar_t* packed, const scalar_t* bias,
-                        scalar_t* out, int64_t M, int64_t N, int64_t K) {
+// x_t: the rows as brgemm reads them; w_t: the packed blocks. bf16 blocks with fp32 rows (no bf16 brgemm here: x
+// widened to fp32 once by the caller) are widened into a thread's fp32 buffer once per block (items run m fastest)
+// for brgemm's fp32 kernel: products of bf16 values are exact in fp32 and summed in fp32, as with native bf16.
+template <typename x_t, typename w_t = x_t>
+void linear_packed_impl(const x_t* x, int64_t x_stride, const w_t* packed, const w_t* bias, w_t* out, int64_t M,
+                        int64_t N, int64_t K) {
+  constexpr bool widen = !std::is_same_v<x_t, w_t>;
   const int64_t n_blocks = (N + kPackN - 1) / kPackN, m_blocks = (M + kPackM - 1) / kPackM;
   // Work item = (n block, m block), m fastest: a thread keeps one weight block in cache across the x tiles.
   at::parallel_for(0, n_blocks * m_blocks, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float acc[kPackM * kPackN];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t nb = item / m_blocks, mb = item % m_blocks;
-      const int64_t m0 = mb * kPackM, rows = std::min(kPackM, M - m0);
-      const int64_t n0 = nb * kPackN, cols = std::min(kPackN, N - n0);
-      at::native::cpublas::brgemm(rows, kPackN, K, x_stride, kPackN, kPackN, false, x + m0 * x_stride,
-                                  packed + nb * K * kPackN, acc, is_vnni<scalar_t>());
-      for (int64_t i = 0; i < rows; ++i) {
-        scalar_t* o = out + (m0 + i) * N + n0;
-        const float* a = acc + i * kPackN;
-        for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<scalar_t>(bias ? a[j] + static_cast<float>(bias[n0 + j]) : a[j]);
-      }
-    }
-    at::native::cpublas::brgemm_release(is_vnni<scalar_t>());
-  });
-}
-
-// bf16 blocks packed without VNNI (no bf16 brgemm here): x widened to fp32 once, each weight block widened into a
-// thread's fp32 buffer once (items run m fastest) and multiplied by brgemm's fp32 kernel. Products of bf16 values
-// are exact in fp32 and summed in fp32, as with native bf16.
-void linear_packed_widened(const float* x, int64_t x_stride, const c10::BFloat16* packed, const c10::BFloat16* bias,
-                           c10::BFloat16* out, int64_t M, int64_t N, int64_t K) {
-  const int64_t n_blocks = (N + kPackN - 1) / kPackN, m_blocks = (M + kPackM - 1) / kPackM;
-  at::parallel_for(0, n_blocks * m_blocks, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float acc[kPackM * kPackN];
-    std::vector<float> block(K * kPackN);
+    std::vector<x_t> block(widen ? K * kPackN : 0);
     int64_t widened = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t nb = item / m_blocks, mb = item % m_blocks;
-      if (nb != widened) {
-        widen_bf16(packed + nb * K * kPackN, block.data(), K * kPackN);
-        widened = nb;
-      }
       const int64_t m0 = mb * kPackM, rows = std::min(kPackM, M - m0);
       const int64_t n0 = nb * kPackN, cols = std::min(kPackN, N - n0);
-      at::native::cpublas::brgemm(rows, kPackN, K, x_stride, kPackN, kPackN, false, x + m0 * x_stride, block.data(),
-                                  acc, false);
+      const x_t* b;
+      if constexpr (widen) {
+        if (nb != widened) widen_bf16(packed + nb * K * kPackN, block.data(), K * kPackN);
+        widened = nb;
+        b = block.data();
+      } else {
+        b = packed + nb * K * kPackN;
+      }
+      at::native::cpublas::brgemm(rows, kPackN, K, x_stride, kPackN, kPackN, false, x + m0 * x_stride, b, acc,
+                                  is_vnni<x_t>());
       for (int64_t i = 0; i < rows; ++i) {
-        c10::BFloat16* o = out + (m0 + i) * N + n0;
+        w_t* o = out + (m0 + i) * N + n0;
         const float* a = acc + i * kPackN;
-        for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<c10::BFloat16>(bias ? a[j] + static_cast<float>(bias[n0 + j]) : a[j]);
+        for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<w_t>(bias ? a[j] + static_cast<float>(bias[n0 + j]) : a[j]);
       }
     }
-    at::native::cpublas::brgemm_release(false);
+    at::native::cpublas::brgemm_release(is_vnni<x_t>());
   });
 }
 
@@ -463,8 +438,8 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, const st
   }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
     if (!bf16_vnni()) {
       const at::Tensor xf = xc.to(at::kFloat).contiguous();
-      linear_packed_widened(xf.data_ptr<float>(), xf.stride(0), packed.data_ptr<scalar_t>(),
-                            bc ? bc->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, K);
+      linear_packed_impl<float, scalar_t>(xf.data_ptr<float>(), xf.stride(0), packed.data_ptr<scalar_t>(),
+                                          bc ? bc->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, K);
       return;
     }
 #ifdef PENSIEVE_AMX
@@ -511,6 +486,9 @@ bool can_pack(at::ScalarType type) {
 // a panel into an fp32 buffer of its own (kWidenPanel x K: L2-sized), multiplies it by sgemm (one thread each) and
 // writes the panel's outputs back in bf16 (bias added in fp32). Products of bf16 values are exact in fp32 and summed in
 // fp32, as in the native bf16 kernels; the weights are read once, in bf16.
+// Whether the CPU has bf16 dot products (AVX-512 BF16), which oneDNN's bf16 GEMM behind at::linear uses. Not the
+// same question as bf16_vnni() (brgemm's bf16 kernel, which pensieve's packing targets): a CPU may have the first
+// without the second, and then at::linear stays the faster path for unpacked rows.
 inline bool native_bf16_dot() {
   static const bool has = [] {
     __builtin_cpu_init();
@@ -594,7 +572,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   const auto type = x.scalar_type();
   if (packed && M >= min_packed_rows(type) && M <= kMaxPackedRows) return linear_packed(x, *packed, bias, N);
   const bool supported = type == at::kFloat || type == at::kDouble || type == at::kBFloat16;
-  const bool widen = type == at::kBFloat16 && M > max_rows(type) && K > 0 && !native_bf16_dot();
+  const bool widen = type == at::kBFloat16 && M > max_rows(type) && !native_bf16_dot();
   if (!supported || (M > max_rows(type) && !widen) || M == 0 || K == 0) return at::linear(x, weight, bias);
   const at::Tensor x2 = x.reshape({M, K});
   const at::Tensor xc = x2.stride(1) == 1 ? x2 : x2.contiguous();
