@@ -50,7 +50,7 @@ def _lengths(draw, kind: str, num_seqs: int) -> list[tuple[int, int]]:
 
 
 @st.composite
-def cases(draw, dtype=torch.float64, head_dims=(32, 64, 80, 128), block_sizes=(1, 8, 16, 32)) -> Case:
+def cases(draw, dtype=torch.float64, head_dims=(32, 36, 64, 80, 128), block_sizes=(1, 8, 16, 32)) -> Case:
     kind = draw(st.sampled_from(KINDS))
     block_size = draw(st.sampled_from(block_sizes))
     head_dim = draw(st.sampled_from(head_dims))

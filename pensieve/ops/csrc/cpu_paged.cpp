@@ -302,7 +302,7 @@ void amx_block_scores(const Problem& p, const Item& it, int32_t block, int64_t c
 // (i - q_begin) * Hq + h * G, and the item's output rows are contiguous in `out`. The block's memory is read front
 // to back (all KV heads of a slot together; 12 KB per block for SmolLM2 in fp32), and the next block of the
 // sequence is prefetched while this one is computed (LinePrefetcher). NV: vectors per head_dim row, a compile-time
-// constant for the common head dims (registers, unrolled loops), 0 for any other.
+// constant for the common head dims that are a whole number of vectors (registers, unrolled loops), 0 for others.
 template <typename scalar_t, int NV>
 void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_stride0, int64_t q_stride1,
               const scalar_t* k_cache, const scalar_t* v_cache, scalar_t* out, acc_t<scalar_t>* partials,
@@ -313,7 +313,7 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
   constexpr int64_t kVecs = NV > 0 ? NV : kMaxVecs;
   const int64_t D = p.head_dim, G = p.group, Hq = p.num_q_heads, Hkv = p.num_kv_heads, bs = p.block_size;
   const int64_t nv = NV > 0 ? NV : (D + W - 1) / W, Dp = nv * W, BSp = (bs + W - 1) / W * W;
-  const int64_t tail = D - (nv - 1) * W;  // elements in a row's last vector
+  const int64_t tail = NV > 0 ? W : D - (nv - 1) * W;  // elements in a row's last vector (NV > 0: D = NV * W)
   const int64_t num_q = it.q_end - it.q_begin, rows = num_q * Hq;
   // bf16/fp16 K: each block is converted to fp32 once (into s.k_block), not once per query row (bf16 with AMX: not
   // at all). V rows are converted in registers, once per pass of the p . V loop.
@@ -356,7 +356,10 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
   constexpr int64_t amx_groups = 0;
 #endif
   // p . V rows of one KV head in passes of up to kPvRows (registers: kPvRows x nv accumulators + nv V vectors)
-  constexpr int64_t kPvRows = NV > 0 ? std::clamp<int64_t>(16 / NV, 1, 4) : 1;
+  // accumulators and one broadcast weight per row, plus one V vector: R * (NV + 1) + 1 vector registers (16 with
+  // AVX2, 32 with AVX-512); more spills the accumulators to the stack inside the key loop.
+  constexpr int64_t kVecRegs = sizeof(Vec) >= 64 ? 32 : 16;
+  constexpr int64_t kPvRows = NV > 0 ? std::clamp<int64_t>((kVecRegs - 1) / (NV + 1), 1, 4) : 1;
   const int64_t pv_passes = Hkv * ((num_q * G + kPvRows - 1) / kPvRows);
 
   const int64_t lo_pos = first_pos + it.q_begin, hi_pos = first_pos + it.q_end - 1;  // query positions in the tile
@@ -394,6 +397,20 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
           for (int64_t r = i * Hq + h * G; r < i * Hq + (h + 1) * G; ++r) {
             Vec qv[kVecs], dots[W];
             const acc* qr = s.q.data() + r * Dp;
+            if (m == W && tail == W) {
+              // c outer, keys inner: W independent accumulators (a dependency chain per key would leave the FMA
+              // units waiting on latency), one q vector live at a time (fits AVX2's 16 registers).
+              const acc* kt = kb + t0 * slot_numel + h * D;
+              for (int64_t u = 0; u < W; ++u) dots[u] = Vec::loadu(qr) * Vec::loadu(kt + u * slot_numel);
+              for (int64_t c = 1; c < nv; ++c) {
+                const Vec qc = Vec::loadu(qr + c * W);
+                for (int64_t u = 0; u < W; ++u)
+                  dots[u] = at::vec::fmadd(qc, Vec::loadu(kt + u * slot_numel + c * W), dots[u]);
+              }
+              reduce_lanes<acc>(dots).store(s.scores.data() + r * BSp + t0);
+              pk.step();
+              continue;
+            }
             for (int64_t c = 0; c < nv; ++c) qv[c] = Vec::loadu(qr + c * W);
             for (int64_t u = 0; u < W; ++u) {
               if (u >= m) {
@@ -469,11 +486,11 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
       }
       for (int64_t t = 0; t < n; ++t) {
         const scalar_t* vrow = vb + t * slot_numel + h * D;
-        Vec vv[kVecs];
-        for (int64_t c = 0; c < nv; ++c) vv[c] = load_acc(vrow + c * W, c < nv - 1 ? W : tail);
-        for (int64_t k = 0; k < R; ++k) {
-          const Vec w(pr[k][t]);
-          for (int64_t c = 0; c < nv; ++c) ov[k][c] = at::vec::fmadd(w, vv[c], ov[k][c]);
+        Vec w[R];
+        for (int64_t k = 0; k < R; ++k) w[k] = Vec(pr[k][t]);
+        for (int64_t c = 0; c < nv; ++c) {  // one V vector live at a time
+          const Vec vv = load_acc(vrow + c * W, c < nv - 1 ? W : tail);
+          for (int64_t k = 0; k < R; ++k) ov[k][c] = at::vec::fmadd(w[k], vv, ov[k][c]);
         }
       }
       for (int64_t k = 0; k < R; ++k)
@@ -513,12 +530,15 @@ using ItemRunner = void (*)(const Problem&, const Item&, const scalar_t*, int64_
                             const scalar_t*, scalar_t*, acc_t<scalar_t>*, Scratch<scalar_t>&);
 
 template <typename scalar_t>
-ItemRunner<scalar_t> item_runner(int64_t nv) {
-  switch (nv) {
+ItemRunner<scalar_t> item_runner(int64_t head_dim) {
+  // a specialization per whole number of vectors (the row's last vector is full: no masked loads in the loops)
+  constexpr int64_t W = Vectorized<acc_t<scalar_t>>::size();
+  switch (head_dim % W == 0 ? head_dim / W : 0) {
     case 1: return run_item<scalar_t, 1>;
     case 2: return run_item<scalar_t, 2>;
     case 4: return run_item<scalar_t, 4>;
     case 8: return run_item<scalar_t, 8>;
+    case 16: return run_item<scalar_t, 16>;
     default: return run_item<scalar_t, 0>;
   }
 }
@@ -734,7 +754,7 @@ void paged_attention_out(const at::Tensor& q_in, const at::Tensor& k_cache, cons
       TORCH_CHECK_VALUE(p.head_dim <= kMaxVecs * Vectorized<acc>::size(), "head_dim ", p.head_dim,
                         " is larger than this kernel supports (", kMaxVecs * Vectorized<acc>::size(), ")");
       const int64_t num_threads = at::get_num_threads();
-      const auto run = item_runner<scalar_t>((p.head_dim + Vectorized<acc>::size() - 1) / Vectorized<acc>::size());
+      const auto run = item_runner<scalar_t>(p.head_dim);
       Plan plan = plan_items(p, native, num_threads);
       std::vector<acc> partials;
       if (plan.num_partials > 0) {
