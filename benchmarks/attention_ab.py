@@ -18,19 +18,18 @@ import hashlib
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from kernel import SHAPE, paged_problem
 from torch.utils import cpp_extension
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pensieve.ops.cpu_kernel import CSRC, _build_flags
 
-from pensieve.ops.cpu_kernel import CSRC, _build_flags  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 KERNEL = "pensieve/ops/csrc/cpu_paged.cpp"
 
@@ -62,7 +61,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", nargs="+", help="cpu_paged.cpp paths or git:REV")
     parser.add_argument("--batch", type=int, default=6)
-    parser.add_argument("--context", type=int, default=1500)
+    parser.add_argument("--context", type=int, default=1500, help="keys per sequence")
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--hot", type=int, default=0, help="every table on this many blocks (0: scattered)")
@@ -75,22 +74,14 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ops = [build(source_of(v, Path(tmp)), f"attention_ab{i}") for i, v in enumerate(args.variants)]
 
-    # SmolLM2's attention shape: 9 query heads, 3 KV heads, head_dim 64, blocks of 16
-    block, kv_heads, head_dim, q_heads = 16, 3, 64, 9
+    # SmolLM2's attention shape (kernel.SHAPE); one query per sequence that sees --context keys
     gen = torch.Generator().manual_seed(0)
-    per_seq = -(-args.context // block)
-    blocks = args.batch * per_seq + 4
-    tables = torch.randperm(blocks, generator=gen)[: args.batch * per_seq].view(args.batch, per_seq).int()
+    q, pools, _, (tables, cu, seq_lens) = paged_problem(
+        args.batch, args.context - 1, 1, args.layers, dtype, torch.device("cpu"), gen, dense=False
+    )
     if args.hot:
         tables = tables % args.hot
-    shape = (blocks, block, kv_heads, head_dim)
-    pools = [
-        (torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype))
-        for _ in range(args.layers)
-    ]
-    q = torch.randn(args.batch, q_heads, head_dim, generator=gen).to(dtype)
-    cu = torch.arange(args.batch + 1, dtype=torch.int32)
-    seq_lens = torch.full((args.batch,), args.context, dtype=torch.int32)
+    head_dim = SHAPE["head_dim"]
 
     def step(op):
         return [op(q, k, v, tables, cu, seq_lens, head_dim**-0.5, None, None) for k, v in pools]
@@ -115,8 +106,8 @@ def main(argv=None) -> None:
             v.sum()
         stream.append(time.perf_counter() - t0)
 
-    kv_bytes = 2 * args.layers * args.batch * per_seq * block * kv_heads * head_dim * q.element_size()
-    pool_bytes = 2 * args.layers * blocks * block * kv_heads * head_dim * q.element_size()
+    kv_bytes = 2 * args.layers * tables.numel() * pools[0][0][0].numel() * q.element_size()  # the blocks read
+    pool_bytes = 2 * args.layers * pools[0][0].numel() * q.element_size()
     rows = []
     for i, variant in enumerate(args.variants):
         ms = statistics.median(times[i]) * 1e3

@@ -45,21 +45,21 @@ def _median_ms(fn, device, reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def _paged_problem(batch, context, q_len, layers, dtype, device, gen):
-    """Per-layer pools with randomly permuted blocks, plus the same KV as contiguous tensors."""
+def paged_problem(batch, context, q_len, layers, dtype, device, gen, dense=True):
+    """Per-layer pools with randomly permuted blocks, plus (`dense`) the same KV as contiguous tensors."""
     bs, hkv, d, hq = SHAPE["block_size"], SHAPE["num_kv_heads"], SHAPE["head_dim"], SHAPE["num_q_heads"]
     seq_len = context + q_len
     blocks_per_seq = (seq_len + bs - 1) // bs
     num_blocks = batch * blocks_per_seq + 16
     tables = torch.randperm(num_blocks, generator=gen)[: batch * blocks_per_seq].view(batch, blocks_per_seq)
-    pools, dense = [], []
+    pools, copies = [], []
     for _ in range(layers):
         k_cache = torch.randn(num_blocks, bs, hkv, d, generator=gen).to(device, dtype)
         v_cache = torch.randn(num_blocks, bs, hkv, d, generator=gen).to(device, dtype)
-        pos = torch.arange(seq_len)
-        idx = tables[:, pos // bs].to(device), (pos % bs).to(device)
-        # contiguous copies of the same KV: [B, Hkv, L, D]
-        dense.append((k_cache[idx].transpose(1, 2).contiguous(), v_cache[idx].transpose(1, 2).contiguous()))
+        if dense:  # contiguous copies of the same KV: [B, Hkv, L, D]
+            pos = torch.arange(seq_len)
+            idx = tables[:, pos // bs].to(device), (pos % bs).to(device)
+            copies.append((k_cache[idx].transpose(1, 2).contiguous(), v_cache[idx].transpose(1, 2).contiguous()))
         pools.append((k_cache, v_cache))
     q = torch.randn(batch * q_len, hq, d, generator=gen).to(device, dtype)
     meta = (
@@ -67,14 +67,14 @@ def _paged_problem(batch, context, q_len, layers, dtype, device, gen):
         torch.arange(0, batch * q_len + 1, q_len, dtype=torch.int32, device=device),
         torch.full((batch,), seq_len, dtype=torch.int32, device=device),
     )
-    return q, pools, dense, meta
+    return q, pools, copies, meta
 
 
 def bench_case(kind, batch, context, q_len, args, device, gen) -> dict:
     dtype = getattr(torch, args.dtype)
     hq, hkv, d = SHAPE["num_q_heads"], SHAPE["num_kv_heads"], SHAPE["head_dim"]
     scale = d**-0.5
-    q, pools, dense, meta = _paged_problem(batch, context, q_len, args.layers, dtype, device, gen)
+    q, pools, dense, meta = paged_problem(batch, context, q_len, args.layers, dtype, device, gen)
     seq_len = context + q_len
 
     def paged_step():

@@ -379,8 +379,7 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
       const int64_t next = static_cast<int64_t>(table[col + 1]) * bs * slot_numel;
       // as many parts as the score loop calls step(): per tile product (AMX), else per row and W keys (spreading
       // the lines over half the loop, as rows alone did on 8-wide AVX2, was 14-16% slower from memory)
-      const int64_t k_steps =
-          amx ? bs / kAmxKeys * Hkv * amx_groups * (D / kAmxDepth) : rows * ((bs + W - 1) / W);
+      const int64_t k_steps = amx ? bs / kAmxKeys * Hkv * amx_groups * (D / kAmxDepth) : rows * (BSp / W);
       pk = LinePrefetcher(k_cache + next, bs * slot_bytes, k_steps);
       pv = LinePrefetcher(v_cache + next, bs * slot_bytes, pv_passes);
     }
