@@ -103,7 +103,11 @@ class CompiledForward:
     def __call__(self, input_ids, position_ids, logits_rows, batch: AttentionBatch) -> torch.Tensor:
         if self._fn is None:
             log.warning("pensieve: compiling the decode step (tens of seconds the first time on a machine; cached)")
-            self._fn = torch.compile(_private_forward(self.model), fullgraph=True, dynamic=False, options=_OPTIONS)
+            # a copy: torch.compile pops guard_filter_fn out of the dict it is given (every later generator in the
+            # process compiled with Dynamo's guards on all ~270 parameters again)
+            self._fn = torch.compile(
+                _private_forward(self.model), fullgraph=True, dynamic=False, options=dict(_OPTIONS)
+            )
         # Only the step's sizes vary; everything else (the KV pools above all) stays static: dynamic=False turns off
         # automatic dynamic shapes. With the pools' shapes symbolic, inductor loses the per-layer storage offset of
         # the views a mutating custom op writes through (measured: every layer's write_kv wrote layer 0's pool).

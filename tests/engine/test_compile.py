@@ -147,6 +147,29 @@ def test_a_model_that_cannot_compile_runs_eagerly_with_one_warning(monkeypatch):
     assert len(messages) == 1 and "LlamaForCausalLM" in messages[0]
 
 
+def test_every_generator_compiles_with_the_guard_filter(monkeypatch):
+    """torch.compile pops guard_filter_fn out of the options dict it is given: the second generator in a process
+    must still ask for it (it once got Dynamo's guards on every parameter: ~1.5 ms a step)."""
+    import pensieve.engine.graphs as graphs
+
+    real_compile, seen = torch.compile, []
+
+    def spy(fn, **kwargs):
+        seen.append(dict(kwargs["options"]))
+        real_compile(fn, **kwargs)  # lazy: handles (and pops from) the options, compiles nothing yet
+        return fn  # run eagerly: this test is about the options
+
+    monkeypatch.setattr(graphs.torch, "compile", spy)
+    model = tiny_model("llama")
+    oracle = oracle_copy(model)
+    rng = random.Random(5)
+    for _ in range(2):
+        with StatefulGenerator(model, None, CacheConfig(block_size=4), engine_config=COMPILED) as gen:
+            _turns(gen, oracle, {}, {"a": _msg(rng), "b": _msg(rng)})
+    assert len(seen) == 2
+    assert all(options.get("guard_filter_fn") is torch.compiler.skip_guard_on_all_nn_modules_unsafe for options in seen)
+
+
 def test_auto_compiles_float32_models_and_not_float64():
     from pensieve.engine.graphs import compile_supported, resolve_compile
 
