@@ -66,7 +66,7 @@ struct Problem {
 struct Item {
   int64_t seq, q_begin, q_end;  // queries [q_begin, q_end) of the sequence (0-based within it), all heads
   int64_t key_begin, key_end;         // keys [key_begin, key_end)
-  int64_t partial;                    // -1: writes the output; else its slot among the partial results
+  int64_t partial;                    // -1: writes the output; else where its partial result starts (elements)
   int64_t cost;
 };
 
@@ -167,8 +167,9 @@ inline Vectorized<T> vexp(const Vectorized<T>& x) {
 // Queries per work item: all Hq heads of each query are rows of the item; at most kMaxRows rows.
 inline int64_t query_tile(const Problem& p) { return std::clamp<int64_t>(kMaxRows / p.num_q_heads, 1, kQueryTile); }
 
-// One partial result: [query_tile * Hq rows][D + 2] (unnormalized output, running max, running sum).
-inline int64_t partial_stride(const Problem& p) { return query_tile(p) * p.num_q_heads * (p.head_dim + 2); }
+// One partial result: [the item's rows][D + 2] (unnormalized output, running max, running sum); the splits of one
+// (sequence, query tile) lie one after another.
+inline int64_t partial_row(const Problem& p) { return p.head_dim + 2; }
 
 // Prefetches `bytes` from `ptr` into L2 in `parts` calls of step(). Into L2 (a hint of 2): measured faster than
 // into L1 or the LLC; spread over the block's computation rather than issued in one burst at its start (which stalls
@@ -512,7 +513,7 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
   }
 
   if (it.partial >= 0) {
-    acc* dst = partials + it.partial * partial_stride(p);
+    acc* dst = partials + it.partial;
     for (int64_t r = 0; r < rows; ++r) {
       std::memcpy(dst + r * (D + 2), s.out.data() + r * Dp, D * sizeof(acc));
       dst[r * (D + 2) + D] = s.row_max[r];
@@ -549,17 +550,17 @@ ItemRunner<scalar_t> item_runner(int64_t head_dim) {
 template <typename scalar_t>
 void combine(const Problem& p, const Item& first, int64_t num, const acc_t<scalar_t>* partials, scalar_t* out) {
   using acc = acc_t<scalar_t>;
-  const int64_t D = p.head_dim, rows = (first.q_end - first.q_begin) * p.num_q_heads;
+  const int64_t D = p.head_dim, rows = (first.q_end - first.q_begin) * p.num_q_heads, split = rows * partial_row(p);
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
   std::vector<acc> res(D);
   scalar_t* dst = out + (p.cu[first.seq] + first.q_begin) * p.num_q_heads * D;
   for (int64_t r = 0; r < rows; ++r) {
     acc m = neg_inf;
-    for (int64_t s = 0; s < num; ++s) m = std::max(m, partials[(first.partial + s) * partial_stride(p) + r * (D + 2) + D]);
+    for (int64_t s = 0; s < num; ++s) m = std::max(m, partials[first.partial + s * split + r * (D + 2) + D]);
     std::fill(res.begin(), res.end(), acc(0));
     acc total = 0;
     for (int64_t s = 0; s < num; ++s) {
-      const acc* src = partials + (first.partial + s) * partial_stride(p) + r * (D + 2);
+      const acc* src = partials + first.partial + s * split + r * (D + 2);
       if (src[D] == neg_inf) continue;
       const acc w = std::exp(src[D] - m);
       total += src[D + 1] * w;
@@ -584,7 +585,7 @@ struct Plan {
   std::vector<Item> items;
   std::vector<std::pair<int64_t, int64_t>> groups;  // split items: (first item index, count)
   std::vector<std::vector<int64_t>> buckets;        // item indices per thread
-  int64_t num_partials = 0;
+  int64_t partial_numel = 0;                        // elements of all the partial results
 };
 
 Plan plan_items(const Problem& p, const std::vector<int64_t>& seqs, int64_t num_threads) {
@@ -625,8 +626,9 @@ Plan plan_items(const Problem& p, const std::vector<int64_t>& seqs, int64_t num_
       ++count;
     }
     if (count > 1) {
-      for (int64_t i = 0; i < count; ++i) plan.items[first_item + i].partial = plan.num_partials + i;
-      plan.num_partials += count;
+      const int64_t split = rows * partial_row(p);
+      for (int64_t i = 0; i < count; ++i) plan.items[first_item + i].partial = plan.partial_numel + i * split;
+      plan.partial_numel += count * split;
       plan.groups.emplace_back(first_item, count);
     }
   }
@@ -758,10 +760,15 @@ void paged_attention_out(const at::Tensor& q_in, const at::Tensor& k_cache, cons
       const int64_t num_threads = at::get_num_threads();
       const auto run = item_runner<scalar_t>(p.head_dim);
       Plan plan = plan_items(p, native, num_threads);
-      std::vector<acc> partials;
-      if (plan.num_partials > 0) {
-        partials.resize(plan.num_partials * partial_stride(p));
+      // Every element a combine reads is written by its item first: no zeroing, and the buffer is kept for the
+      // calling thread's next call (a fresh one per call was a serial malloc + memset of up to ~0.6 MB in every
+      // layer while the other threads waited: ~1.3 ms of a batch-6 fp32 step). Grown with NaN, so that a read of
+      // an element nothing wrote would show in the tests' outputs.
+      static thread_local std::vector<acc> partial_buffer;
+      if (static_cast<int64_t>(partial_buffer.size()) < plan.partial_numel) {
+        partial_buffer.resize(plan.partial_numel, std::numeric_limits<acc>::quiet_NaN());
       }
+      acc* partials = partial_buffer.data();
       const scalar_t* qp = q.data_ptr<scalar_t>();
       const scalar_t* kp = k_cache.data_ptr<scalar_t>();
       const scalar_t* vp = v_cache.data_ptr<scalar_t>();
@@ -773,14 +780,14 @@ void paged_attention_out(const at::Tensor& q_in, const at::Tensor& k_cache, cons
 #endif
         for (int64_t t = begin; t < end; ++t) {
           for (int64_t i : plan.buckets[t]) {
-            run(p, plan.items[i], qp, q.stride(0), q.stride(1), kp, vp, op, partials.data(), scratch);
+            run(p, plan.items[i], qp, q.stride(0), q.stride(1), kp, vp, op, partials, scratch);
           }
         }
 #ifdef PENSIEVE_AMX
         if (p.amx_scores) release_tiles();
 #endif
       });
-      for (auto [first, count] : plan.groups) combine<scalar_t>(p, plan.items[first], count, partials.data(), op);
+      for (auto [first, count] : plan.groups) combine<scalar_t>(p, plan.items[first], count, partials, op);
     });
   }
   for (int64_t b : by_sdpa) attend_by_sdpa(p, b, q, k_cache, v_cache, out);
