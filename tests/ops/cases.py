@@ -38,8 +38,8 @@ def _lengths(draw, kind: str, num_seqs: int) -> list[tuple[int, int]]:
         if k == "decode":
             seq_len = draw(st.integers(1, 150))
             out.append((draw(st.sampled_from((1, 1, 1, 0))) if kind == "mixed" else 1, seq_len))
-        elif k == "long_history":
-            out.append((1, draw(st.integers(300, 700))))
+        elif k == "long_history":  # long enough for the C++ kernel to split the keys (>= 2 x kMinSplitKeys)
+            out.append((draw(st.sampled_from((1, 1, 3, 16))), draw(st.integers(300, 700))))
         elif k == "full":
             seq_len = draw(st.integers(1, 90))
             out.append((seq_len, seq_len))
