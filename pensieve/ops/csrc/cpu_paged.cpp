@@ -167,9 +167,8 @@ inline Vectorized<T> vexp(const Vectorized<T>& x) {
 // Queries per work item: all Hq heads of each query are rows of the item; at most kMaxRows rows.
 inline int64_t query_tile(const Problem& p) { return std::clamp<int64_t>(kMaxRows / p.num_q_heads, 1, kQueryTile); }
 
-// One partial result: [the item's rows][D + 2] (unnormalized output, running max, running sum); the splits of one
-// (sequence, query tile) lie one after another.
-inline int64_t partial_row(const Problem& p) { return p.head_dim + 2; }
+// A split item's partial result: [the item's rows][D + 2] (unnormalized output, running max, running sum); the
+// splits of one (sequence, query tile) lie one after another in the op's partial buffer.
 
 // Prefetches `bytes` from `ptr` into L2 in `parts` calls of step(). Into L2 (a hint of 2): measured faster than
 // into L1 or the LLC; spread over the block's computation rather than issued in one burst at its start (which stalls
@@ -550,7 +549,7 @@ ItemRunner<scalar_t> item_runner(int64_t head_dim) {
 template <typename scalar_t>
 void combine(const Problem& p, const Item& first, int64_t num, const acc_t<scalar_t>* partials, scalar_t* out) {
   using acc = acc_t<scalar_t>;
-  const int64_t D = p.head_dim, rows = (first.q_end - first.q_begin) * p.num_q_heads, split = rows * partial_row(p);
+  const int64_t D = p.head_dim, rows = (first.q_end - first.q_begin) * p.num_q_heads, split = rows * (D + 2);
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
   std::vector<acc> res(D);
   scalar_t* dst = out + (p.cu[first.seq] + first.q_begin) * p.num_q_heads * D;
@@ -626,7 +625,7 @@ Plan plan_items(const Problem& p, const std::vector<int64_t>& seqs, int64_t num_
       ++count;
     }
     if (count > 1) {
-      const int64_t split = rows * partial_row(p);
+      const int64_t split = rows * (p.head_dim + 2);
       for (int64_t i = 0; i < count; ++i) plan.items[first_item + i].partial = plan.partial_numel + i * split;
       plan.partial_numel += count * split;
       plan.groups.emplace_back(first_item, count);
