@@ -36,7 +36,13 @@ def _build_flags() -> list[str]:
     # links libgomp.so.1, which resolves to the copy torch has already loaded.
     flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
     if isa:
-        flags += isa.build_arch_flags().split() + [f"-D{macro}" for macro in isa.build_macro()]
+        arch = isa.build_arch_flags().split()
+        # inductor's AVX-512 ISA without AMX leaves out AVX-512 BF16 even where the CPU has it (Zen 4). The
+        # packed linears' vdpbf16ps kernel is compiled in any build (a target attribute, csrc/bf16_dot.h); the
+        # streaming kernel's and the attention's vdpbf16ps paths need the flag.
+        if "-mavx512f" in arch and "-mavx512bf16" not in arch and torch.cpu._is_avx512_bf16_supported():
+            arch.append("-mavx512bf16")
+        flags += list(dict.fromkeys(arch)) + [f"-D{macro}" for macro in isa.build_macro()]
     return flags
 
 
@@ -104,9 +110,33 @@ def load() -> bool:
     return _loaded
 
 
+def paths() -> dict[str, str]:
+    """Which kernel runs each bf16 job in this process (after `load()`), as `report()` prints it."""
+    ops = torch.ops.pensieve_cpu
+    amx, dot, brgemm = bool(ops.uses_amx()), bool(ops.uses_bf16_dot()), bool(ops.brgemm_bf16())
+    widened = "bf16 widened to fp32 (fp32 FMAs)"
+    packed = "vdpbf16ps" if dot else widened
+    if brgemm:
+        packed = "oneDNN brgemm (AMX)"
+    return {
+        "bf16 linear, 1-32 rows (packed)": "AMX tiles" if amx else packed,
+        "bf16 linear, 33-256 rows (packed)": packed,
+        "bf16 linear, unpacked rows": "vdpbf16ps" if dot and _streaming_dot() else widened,
+        "bf16 attention scores": "AMX tiles" if amx else ("vdpbf16ps" if dot and _streaming_dot() else widened),
+        "fp32 packed linears": "pensieve FMA loop / oneDNN brgemm" if ops.can_pack(torch.float32) else "unpacked",
+    }
+
+
+def _streaming_dot() -> bool:
+    return "-mavx512bf16" in _build_flags()
+
+
 def report() -> None:
-    """Build now (`make install` runs this) and say what was built."""
+    """Build now (`make install` runs this) and say what was built and which paths run."""
     print("pensieve C++ CPU kernels:", "loaded" if load() else "unavailable", "flags:", " ".join(_build_flags()))
+    if _loaded:
+        for job, path in paths().items():
+            print(f"  {job}: {path}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <type_traits>
@@ -40,6 +41,7 @@
 #include <vector>
 
 #include "amx.h"
+#include "bf16_dot.h"
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
@@ -74,21 +76,13 @@ struct Dot {  // float, double
   }
 };
 
+// bf16 weights widened to fp32 per load, x already in fp32 (converted once per call, not once per weight tile: see
+// `linear`): where the CPU has no bf16 dot products, or PENSIEVE_CPU_BF16_DOT=0.
 template <>
 struct Dot<c10::BFloat16> {
   using Vec = Vectorized<float>;
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-  // vdpbf16ps: each fp32 lane accumulates the products of one pair of bf16 elements (exact in fp32)
-  static constexpr int64_t kStep = 2 * Vec::size();
-  using Raw = __m512bh;
-  static inline Raw load(const c10::BFloat16* p, int64_t n) {
-    return (__m512bh)(n == kStep ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p));
-  }
-  static inline Vec madd(const Raw& x, const Raw& w, const Vec& acc) { return Vec(_mm512_dpbf16_ps(acc, x, w)); }
-#else
   static constexpr int64_t kStep = Vec::size();
-  using Raw = Vec;
-  static inline Raw load(const c10::BFloat16* p, int64_t n) {
+  static inline Vec load(const c10::BFloat16* p, int64_t n) {
     if (n == kStep) {
       Vec out;
       at::vec::load_to_float<c10::BFloat16>(p, out);
@@ -98,18 +92,27 @@ struct Dot<c10::BFloat16> {
     for (int64_t e = 0; e < n; ++e) tmp[e] = static_cast<float>(p[e]);
     return Vec::loadu(tmp);
   }
-  static inline Vec madd(const Raw& x, const Raw& w, const Vec& acc) { return at::vec::fmadd(x, w, acc); }
-  // x already in fp32 (converted once per call, not once per weight tile): see `linear`
   template <int TM, int TN>
   static inline void step(const float* const* x, const c10::BFloat16* const* w, int64_t k, int64_t n, Vec* acc) {
-    Raw wv[TN];
+    Vec wv[TN];
     for (int j = 0; j < TN; ++j) wv[j] = load(w[j] + k, n);
     for (int i = 0; i < TM; ++i) {
       const Vec xv = n == kStep ? Vec::loadu(x[i] + k) : Vec::loadu(x[i] + k, n);
       for (int j = 0; j < TN; ++j) acc[i * TN + j] = at::vec::fmadd(xv, wv[j], acc[i * TN + j]);
     }
   }
-#endif
+};
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+// vdpbf16ps: each fp32 lane accumulates the products of one pair of bf16 elements (exact in fp32). Compiled where
+// the build's flags have AVX-512 BF16 (cpu_kernel.py adds it where the CPU reports it), run where bf16_dot_ready().
+struct DotBf16Native {
+  using Vec = Vectorized<float>;
+  static constexpr int64_t kStep = 2 * Vec::size();
+  using Raw = __m512bh;
+  static inline Raw load(const c10::BFloat16* p, int64_t n) {
+    return (__m512bh)(n == kStep ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p));
+  }
   template <int TM, int TN>
   static inline void step(const c10::BFloat16* const* x, const c10::BFloat16* const* w, int64_t k, int64_t n,
                           Vec* acc) {
@@ -117,20 +120,21 @@ struct Dot<c10::BFloat16> {
     for (int j = 0; j < TN; ++j) wv[j] = load(w[j] + k, n);
     for (int i = 0; i < TM; ++i) {
       const Raw xv = load(x[i] + k, n);
-      for (int j = 0; j < TN; ++j) acc[i * TN + j] = madd(xv, wv[j], acc[i * TN + j]);
+      for (int j = 0; j < TN; ++j) acc[i * TN + j] = Vec(_mm512_dpbf16_ps(acc[i * TN + j], xv, wv[j]));
     }
   }
 };
+#define PENSIEVE_STREAMING_BF16_DOT 1
+#endif
 
 // Each thread takes a range of TN-row weight tiles. For one tile, every TM-row tile of x is applied while the weight
 // rows are in L1; K is walked in chunks of ~512 bytes per row so that the x chunk (M rows) and the weight chunk stay
 // in L1 together (the accumulators of all x tiles wait in a small buffer between chunks). TM = 1 for M = 1 (no
 // padded rows), 2 for M = 2, else 4.
-template <typename scalar_t, int TM, typename x_t = scalar_t>
+template <typename scalar_t, int TM, typename x_t = scalar_t, typename D = Dot<scalar_t>>
 void linear_small(const x_t* x, int64_t x_stride, const scalar_t* w, const scalar_t* bias, scalar_t* out,
                   int64_t M, int64_t N, int64_t K) {
   constexpr int TN = kAcc / TM;
-  using D = Dot<scalar_t>;
   using Vec = typename D::Vec;
   using acc_t = typename Vec::value_type;
   static_assert(kAcc % Vec::size() == 0, "the accumulators reduce in whole vectors");
@@ -208,12 +212,40 @@ inline void widen_bf16(const c10::BFloat16* src, float* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+// One packed VNNI block [K/2, kPackN, 2] of bf16 -> plain fp32 [K, kPackN] (exact): the even k of a pair is the low
+// half of each 32-bit lane, the odd k the high half. For brgemm's fp32 kernel where the bf16 kernels lose to it.
+#ifdef PENSIEVE_BF16_DOT
+PENSIEVE_BF16_DOT_TARGET void widen_vnni_block(const c10::BFloat16* src, float* dst, int64_t K) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  for (int64_t kp = 0; kp < K / 2; ++kp) {
+    for (int64_t v = 0; v < kPackN / 16; ++v) {  // 16 columns' pairs per vector
+      const __m512i pairs = _mm512_loadu_si512(src + (kp * kPackN + v * 16) * 2);
+      _mm512_storeu_si512(dst + 2 * kp * kPackN + v * 16, _mm512_slli_epi32(pairs, 16));
+      _mm512_storeu_si512(dst + (2 * kp + 1) * kPackN + v * 16, _mm512_and_si512(pairs, high));
+    }
+  }
+}
+#endif
+
 // Whether brgemm takes bf16 here (AVX-512 BF16 / AMX): then bf16 weights pack in the VNNI layout. Elsewhere (AVX2)
 // they pack in fp32's plain blocks, still bf16, and each block is widened to fp32 when a step uses it
 // (linear_packed_impl<float, bf16>).
 inline bool bf16_vnni() {
   static const bool vnni = at::native::cpublas::could_pack(at::kBFloat16);
   return vnni;
+}
+
+// How bf16 runs through packed weights here (the first that applies): pensieve's AMX tiles (1..32 rows), oneDNN's
+// brgemm bf16 kernel, pensieve's vdpbf16ps loop (linear_dot), or plain blocks widened to fp32 for brgemm's fp32
+// kernel. All but the last read the VNNI layout: [K/2, kPackN, 2] per block, pairs of K interleaved.
+inline bool packs_vnni() { return bf16_vnni() || bf16_dot_ready(); }
+
+// Rows that take the packed weight, at most. bf16 where only pensieve's dot loop reads VNNI blocks (no bf16 brgemm):
+// every row count, since oneDNN's bf16 GEMM behind at::linear (AVX-512 BF16) lost to the widened blocks at every size
+// measured (257 rows 280 vs 196 ms, 512 547 vs 384, 1024 1051 vs 755; MKL's fp32 sgemm: 512 rows 337).
+inline int64_t max_packed_rows(at::ScalarType type) {
+  const bool dot_only = type == at::kBFloat16 && !bf16_vnni() && bf16_dot_ready();
+  return dot_only ? std::numeric_limits<int64_t>::max() : kMaxPackedRows;
 }
 
 at::Tensor pack_weight(const at::Tensor& weight) {
@@ -234,6 +266,18 @@ at::Tensor pack_weight(const at::Tensor& weight) {
       at::native::cpublas::pack(K, kPackN, blocks * kPackN, kPackN, type, type, src + b * kPackN, dst + b * K * kPackN);
     return packed;
   }
+  if (type == at::kBFloat16 && packs_vnni()) {  // the same layout, without brgemm: dst[b][kp][c][e] = W[b * 32 + c][2kp + e]
+    const int16_t* src = reinterpret_cast<const int16_t*>(wt.data_ptr<c10::BFloat16>());
+    int16_t* dst = reinterpret_cast<int16_t*>(packed.data_ptr<c10::BFloat16>());
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        for (int64_t kp = 0; kp < K / 2; ++kp)
+          for (int64_t c = 0; c < kPackN; ++c)
+            for (int64_t e = 0; e < 2; ++e)
+              dst[((b * K / 2 + kp) * kPackN + c) * 2 + e] = src[(2 * kp + e) * blocks * kPackN + b * kPackN + c];
+    });
+    return packed;
+  }
   // Plain [K, kPackN] blocks: fp32, and bf16 where brgemm has no bf16 kernel (widened per block when used).
   const auto* src = static_cast<const char*>(wt.data_ptr());
   auto* dst = static_cast<char*>(packed.data_ptr());
@@ -251,7 +295,7 @@ at::Tensor pack_weight(const at::Tensor& weight) {
 // for brgemm's fp32 kernel: products of bf16 values are exact in fp32 and summed in fp32, as with native bf16.
 template <typename x_t, typename w_t = x_t>
 void linear_packed_impl(const x_t* x, int64_t x_stride, const w_t* packed, const w_t* bias, w_t* out, int64_t M,
-                        int64_t N, int64_t K) {
+                        int64_t N, int64_t K, bool vnni = false) {
   constexpr bool widen = !std::is_same_v<x_t, w_t>;
   const int64_t n_blocks = (N + kPackN - 1) / kPackN, m_blocks = (M + kPackM - 1) / kPackM;
   // Work item = (n block, m block), m fastest: a thread keeps one weight block in cache across the x tiles.
@@ -265,7 +309,14 @@ void linear_packed_impl(const x_t* x, int64_t x_stride, const w_t* packed, const
       const int64_t n0 = nb * kPackN, cols = std::min(kPackN, N - n0);
       const x_t* b;
       if constexpr (widen) {
-        if (nb != widened) widen_bf16(packed + nb * K * kPackN, block.data(), K * kPackN);
+        if (nb != widened) {
+#ifdef PENSIEVE_BF16_DOT
+          if (vnni) {
+            widen_vnni_block(packed + nb * K * kPackN, block.data(), K);
+          } else
+#endif
+            widen_bf16(packed + nb * K * kPackN, block.data(), K * kPackN);
+        }
         widened = nb;
         b = block.data();
       } else {
@@ -398,6 +449,89 @@ void linear_amx(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* p
 inline bool use_amx(int64_t M, int64_t K) { return M <= kMaxAmxRows && K % 32 == 0 && amx_ready(); }
 #endif
 
+// bf16, 1..kMaxPackedRows rows where the CPU has AVX-512 BF16 but pensieve's AMX kernel does not run and oneDNN's
+// brgemm has no bf16 kernel (AMD Zen 4/5; Sapphire Rapids with AMX switched off): the packed VNNI blocks through
+// vdpbf16ps. A k-pair row of a block is kPackN column pairs (128 bytes, two vectors); per k pair, both vectors times
+// the pair (x[m][k], x[m][k+1]) broadcast, into two accumulators per row (16 columns each). Rows go in tiles of at
+// most kDotRows (2 x 12 accumulators, 2 weight vectors and a broadcast: 27 of AVX-512's 32 registers), balanced; a
+// block is read from memory by the first tile (prefetched kDotAhead bytes ahead, its two lines per k pair) and from
+// L1/L2 by the others. One or two rows keep two sets of accumulators over alternating k pairs (one dependency chain
+// per accumulator would wait on vdpbf16ps's latency). Products of bf16 pairs are exact in fp32 and summed in fp32,
+// as with AMX; the sums' order differs, so results may differ from AMX's in the last bits of fp32 before rounding.
+#ifdef PENSIEVE_BF16_DOT
+constexpr int64_t kDotRows = 12;
+// Past this many rows the dot loop is compute-bound and brgemm's fp32 kernel over widened blocks is faster
+// (SmolLM2's linears, Sapphire Rapids with AMX off, 2 threads: 24 rows 27.1 vs 30.4 ms, 32 rows 35.3 vs 35.0, 48 rows
+// 49.7 vs 43.8, 256 rows 248 vs 177).
+constexpr int64_t kMaxDotRows = 32;
+constexpr int64_t kDotAhead = 4096;
+
+template <int TM>
+PENSIEVE_BF16_DOT_TARGET void dot_tile(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* w, int64_t K,
+                                       bool ahead, float* acc_out) {
+  constexpr int S = TM <= 2 ? 2 : 1;  // accumulator sets, over alternating k pairs
+  __m512 acc[S][TM][2];
+  for (int s = 0; s < S; ++s)
+    for (int m = 0; m < TM; ++m) acc[s][m][0] = acc[s][m][1] = _mm512_setzero_ps();
+  const int64_t pairs = K / 2;
+  for (int64_t kp0 = 0; kp0 < pairs; kp0 += S) {
+    for (int s = 0; s < S && kp0 + s < pairs; ++s) {
+      const int64_t kp = kp0 + s;
+      const char* row = reinterpret_cast<const char*>(w + kp * 2 * kPackN);
+      if (ahead) {
+        __builtin_prefetch(row + kDotAhead, 0, 2);
+        __builtin_prefetch(row + kDotAhead + 64, 0, 2);
+      }
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row), w1 = (__m512bh)_mm512_loadu_si512(row + 64);
+      for (int m = 0; m < TM; ++m) {
+        int32_t xp;
+        std::memcpy(&xp, x + m * x_stride + 2 * kp, sizeof(xp));  // (x[m][2kp], x[m][2kp + 1])
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(xp);
+        acc[s][m][0] = _mm512_dpbf16_ps(acc[s][m][0], xb, w0);
+        acc[s][m][1] = _mm512_dpbf16_ps(acc[s][m][1], xb, w1);
+      }
+    }
+  }
+  for (int m = 0; m < TM; ++m) {
+    for (int v = 0; v < 2; ++v) {
+      __m512 sum = acc[0][m][v];
+      for (int s = 1; s < S; ++s) sum = _mm512_add_ps(sum, acc[s][m][v]);
+      _mm512_storeu_ps(acc_out + m * kPackN + v * 16, sum);
+    }
+  }
+}
+
+template <int... Ms>
+constexpr auto dot_tiles(std::integer_sequence<int, Ms...>) {
+  using Tile = void (*)(const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, bool, float*);
+  return std::array<Tile, sizeof...(Ms)>{dot_tile<Ms + 1>...};
+}
+
+void linear_dot(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* packed, const c10::BFloat16* bias,
+                c10::BFloat16* out, int64_t M, int64_t N, int64_t K) {
+  static constexpr auto tiles = dot_tiles(std::make_integer_sequence<int, kDotRows>{});
+  const int64_t n_blocks = (N + kPackN - 1) / kPackN;
+  const int64_t num_tiles = (M + kDotRows - 1) / kDotRows, tile_rows = (M + num_tiles - 1) / num_tiles;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[kDotRows * kPackN];
+    for (int64_t nb = begin; nb < end; ++nb) {  // a thread's blocks are contiguous: one stream
+      const c10::BFloat16* w = packed + nb * K * kPackN;
+      const int64_t n0 = nb * kPackN, cols = std::min(kPackN, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += tile_rows) {
+        const int64_t rows = std::min(tile_rows, M - m0);
+        tiles[rows - 1](x + m0 * x_stride, x_stride, w, K, m0 == 0, acc);
+        for (int64_t i = 0; i < rows; ++i) {
+          c10::BFloat16* o = out + (m0 + i) * N + n0;
+          const float* a = acc + i * kPackN;
+          for (int64_t j = 0; j < cols; ++j)
+            o[j] = static_cast<c10::BFloat16>(bias ? a[j] + static_cast<float>(bias[n0 + j]) : a[j]);
+        }
+      }
+    }
+  });
+}
+#endif
+
 template <int... Ms>
 constexpr auto fma_kernels(std::integer_sequence<int, Ms...>) {
   using Kernel = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t);
@@ -436,7 +570,7 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, const st
     linear_packed_impl<scalar_t>(xc.data_ptr<scalar_t>(), xc.stride(0), packed.data_ptr<scalar_t>(),
                                  bc ? bc->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, K);
   }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-    if (!bf16_vnni()) {
+    if (!packs_vnni()) {
       const at::Tensor xf = xc.to(at::kFloat).contiguous();
       linear_packed_impl<float, scalar_t>(xf.data_ptr<float>(), xf.stride(0), packed.data_ptr<scalar_t>(),
                                           bc ? bc->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, K);
@@ -447,6 +581,20 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, const st
       (M <= 16 ? linear_amx<1> : linear_amx<2>)(xc.data_ptr<scalar_t>(), xc.stride(0), packed.data_ptr<scalar_t>(),
                                                 bc ? bc->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M,
                                                 N, K);
+      return;
+    }
+#endif
+#ifdef PENSIEVE_BF16_DOT
+    if (!bf16_vnni() && M > kMaxDotRows) {  // compute-bound: brgemm's fp32 kernel over widened blocks is faster
+      const at::Tensor xf = xc.to(at::kFloat).contiguous();
+      linear_packed_impl<float, scalar_t>(xf.data_ptr<float>(), xf.stride(0), packed.data_ptr<scalar_t>(),
+                                          bc ? bc->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, K,
+                                          /*vnni=*/true);
+      return;
+    }
+    if (!bf16_vnni()) {  // packs_vnni(): bf16_dot_ready()
+      linear_dot(xc.data_ptr<scalar_t>(), xc.stride(0), packed.data_ptr<scalar_t>(),
+                 bc ? bc->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, K);
       return;
     }
 #endif
@@ -486,16 +634,8 @@ bool can_pack(at::ScalarType type) {
 // a panel into an fp32 buffer of its own (kWidenPanel x K: L2-sized), multiplies it by sgemm (one thread each) and
 // writes the panel's outputs back in bf16 (bias added in fp32). Products of bf16 values are exact in fp32 and summed in
 // fp32, as in the native bf16 kernels; the weights are read once, in bf16.
-// Whether the CPU has bf16 dot products (AVX-512 BF16), which oneDNN's bf16 GEMM behind at::linear uses. Not the
-// same question as bf16_vnni() (brgemm's bf16 kernel, which pensieve's packing targets): a CPU may have the first
-// without the second, and then at::linear stays the faster path for unpacked rows.
-inline bool native_bf16_dot() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-  return has;
-}
+// Where the CPU has bf16 dot products (cpu_has_bf16_dot), oneDNN's bf16 GEMM behind at::linear uses them and stays
+// the faster path for unpacked rows past the streaming kernel.
 constexpr int64_t kWidenPanel = 64;  // weight rows per panel, at most
 
 // The BLAS sgemm torch links (MKL's in the x86 wheels), called directly: ATen's cpublas::gemm is not exported to
@@ -570,9 +710,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   const int64_t K = weight.size(1), N = weight.size(0);
   const int64_t M = K > 0 ? x.numel() / K : 0;
   const auto type = x.scalar_type();
-  if (packed && M >= min_packed_rows(type) && M <= kMaxPackedRows) return linear_packed(x, *packed, bias, N);
+  if (packed && M >= min_packed_rows(type) && M <= max_packed_rows(type)) return linear_packed(x, *packed, bias, N);
   const bool supported = type == at::kFloat || type == at::kDouble || type == at::kBFloat16;
-  const bool widen = type == at::kBFloat16 && M > max_rows(type) && !native_bf16_dot();
+  const bool widen = type == at::kBFloat16 && M > max_rows(type) && !cpu_has_bf16_dot();
   if (!supported || (M > max_rows(type) && !widen) || M == 0 || K == 0) return at::linear(x, weight, bias);
   const at::Tensor x2 = x.reshape({M, K});
   const at::Tensor xc = x2.stride(1) == 1 ? x2 : x2.contiguous();
@@ -585,17 +725,27 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     linear_bf16_widened(xc, wc, bc, out, M, N, K);
     return out;
   }
-#if !(defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__))
-  if (type == at::kBFloat16) {  // no bf16 dot products in this build: x to fp32 once, not once per weight tile
-    const at::Tensor xf = xc.to(at::kFloat).contiguous();
+  if (type == at::kBFloat16) {
     using bf16 = c10::BFloat16;
+#ifdef PENSIEVE_STREAMING_BF16_DOT
+    if (bf16_dot_ready()) {
+      using D = DotBf16Native;
+      auto run = M == 1   ? linear_small<bf16, 1, bf16, D>
+                 : M == 2 ? linear_small<bf16, 2, bf16, D>
+                          : linear_small<bf16, 4, bf16, D>;
+      run(xc.data_ptr<bf16>(), xc.stride(0), wc.data_ptr<bf16>(), bc ? bc->data_ptr<bf16>() : nullptr,
+          out.data_ptr<bf16>(), M, N, K);
+      return out;
+    }
+#endif
+    // no bf16 dot products: x to fp32 once, not once per weight tile
+    const at::Tensor xf = xc.to(at::kFloat).contiguous();
     auto run = M == 1 ? linear_small<bf16, 1, float> : M == 2 ? linear_small<bf16, 2, float> : linear_small<bf16, 4, float>;
     run(xf.data_ptr<float>(), xf.stride(0), wc.data_ptr<bf16>(), bc ? bc->data_ptr<bf16>() : nullptr,
         out.data_ptr<bf16>(), M, N, K);
     return out;
   }
-#endif
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, type, "pensieve_linear", [&] {
+  AT_DISPATCH_FLOATING_TYPES(type, "pensieve_linear", [&] {
     auto run = M == 1 ? linear_small<scalar_t, 1> : M == 2 ? linear_small<scalar_t, 2> : linear_small<scalar_t, 4>;
     run(xc.data_ptr<scalar_t>(), xc.stride(0), wc.data_ptr<scalar_t>(), bc ? bc->data_ptr<scalar_t>() : nullptr,
         out.data_ptr<scalar_t>(), M, N, K);
@@ -609,7 +759,9 @@ TORCH_LIBRARY_FRAGMENT(pensieve_cpu, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? packed=None) -> Tensor");
   m.def("pack_weight(Tensor weight) -> Tensor");
   m.def("can_pack(ScalarType dtype) -> bool", &can_pack);
-  m.def("packs_bf16_vnni() -> bool", &bf16_vnni);  // bf16 weights pack for brgemm's bf16 kernel (else: widened)
+  m.def("packs_bf16_vnni() -> bool", &packs_vnni);  // bf16 weights pack in VNNI pairs (else: plain, widened)
+  m.def("brgemm_bf16() -> bool", &bf16_vnni);        // oneDNN's brgemm has a bf16 kernel here (AMX)
+  m.def("uses_bf16_dot() -> bool", &bf16_dot_ready);  // pensieve's vdpbf16ps kernels (AVX-512 BF16)
   m.def("uses_amx() -> bool", &amx_ready);  // pensieve's AMX kernels (bf16 linears of 1..32 rows, bf16 scores)
 }
 
