@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "amx.h"
+#include "bf16_dot.h"
 #include "reduce_lanes.h"
 
 namespace pensieve_cpu {
@@ -61,6 +62,7 @@ struct Problem {
   const int32_t* cu;
   const int32_t* seq_lens;
   bool amx_scores = false;  // bf16: q . k by AMX tiles (amx_scores_apply)
+  bool dot_scores = false;  // bf16: q . k by vdpbf16ps (dot_scores_apply)
 };
 
 struct Item {
@@ -303,6 +305,46 @@ void amx_block_scores(const Problem& p, const Item& it, int32_t block, int64_t c
 // to back (all KV heads of a slot together; 12 KB per block for SmolLM2 in fp32), and the next block of the
 // sequence is prefetched while this one is computed (LinePrefetcher). NV: vectors per head_dim row, a compile-time
 // constant for the common head dims that are a whole number of vectors (registers, unrolled loops), 0 for others.
+// ---- bf16 scores by AVX-512 BF16 dot products (no AMX: AMD Zen 4/5, Sapphire Rapids with AMX off) -------------
+//
+// The FMA path's loop (W keys' accumulators, reduced together by reduce_lanes), with vdpbf16ps taking 32 head_dim
+// elements of q and of each key per instruction, K read straight from the pool (no fp32 copy of the block) and q
+// from the op's input (no scaled fp32 copy); the sums are scaled afterwards, as the AMX path does. Products of bf16
+// pairs are exact in fp32 and summed in fp32. Compiled where the build's flags have AVX-512 BF16 (cpu_kernel.py adds
+// them where the CPU reports it), used where bf16_dot_ready().
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#define PENSIEVE_DOT_SCORES 1
+constexpr int64_t kDotDepth = 32;  // head_dim elements per vdpbf16ps
+
+// scores[r][t0 + u] for u < m (<= 16) of KV head h's keys `kt` (slot stride slot_numel), row r's query `qr`.
+inline void dot_key_scores(const c10::BFloat16* qr, const c10::BFloat16* kt, int64_t slot_numel, int64_t D,
+                           int64_t m, float scale, float* dst) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  Vec dots[W];
+  for (int64_t u = 0; u < W; ++u) dots[u] = Vec(0);
+  for (int64_t c = 0; c < D; c += kDotDepth) {  // c outer, keys inner: W independent accumulators
+    const __m512bh qc = (__m512bh)_mm512_loadu_si512(qr + c);
+    if (m == W) {
+      for (int64_t u = 0; u < W; ++u)
+        dots[u] = Vec(_mm512_dpbf16_ps(dots[u], qc, (__m512bh)_mm512_loadu_si512(kt + u * slot_numel + c)));
+    } else {
+      for (int64_t u = 0; u < m; ++u)
+        dots[u] = Vec(_mm512_dpbf16_ps(dots[u], qc, (__m512bh)_mm512_loadu_si512(kt + u * slot_numel + c)));
+    }
+  }
+  (reduce_lanes<float>(dots) * Vec(scale)).store(dst);
+}
+#endif
+
+inline bool dot_scores_apply(at::ScalarType type, int64_t head_dim, bool amx_scores) {
+#ifdef PENSIEVE_DOT_SCORES
+  return type == at::kBFloat16 && !amx_scores && head_dim % kDotDepth == 0 && bf16_dot_ready();
+#else
+  return false;
+#endif
+}
+
 template <typename scalar_t, int NV>
 void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_stride0, int64_t q_stride1,
               const scalar_t* k_cache, const scalar_t* v_cache, scalar_t* out, acc_t<scalar_t>* partials,
@@ -355,6 +397,11 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
   constexpr bool amx = false;
   constexpr int64_t amx_groups = 0;
 #endif
+#ifdef PENSIEVE_DOT_SCORES
+  const bool dot = std::is_same_v<scalar_t, c10::BFloat16> && p.dot_scores;
+#else
+  constexpr bool dot = false;
+#endif
   // p . V rows of one KV head in passes of up to kPvRows (registers: kPvRows x nv accumulators + nv V vectors)
   // accumulators and one broadcast weight per row, plus one V vector: R * (NV + 1) + 1 vector registers (16 with
   // AVX2, 32 with AVX-512); more spills the accumulators to the stack inside the key loop.
@@ -370,7 +417,7 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
   for (int64_t col = it.key_begin / bs; col <= last_col; ++col) {
     const int64_t j0 = std::max(col * bs, it.key_begin), j1 = std::min((col + 1) * bs, it.key_end), n = j1 - j0;
     const int64_t slot0 = static_cast<int64_t>(table[col]) * bs + (j0 - col * bs);
-    const acc* kb = amx ? nullptr : block_rows(k_cache + slot0 * slot_numel, n * slot_numel, s.k_block);
+    const acc* kb = amx || dot ? nullptr : block_rows(k_cache + slot0 * slot_numel, n * slot_numel, s.k_block);
     // The next block's lines are requested a few at a time while this block is computed (after each row and W keys
     // of the score loop, or each tile product with AMX, and each pass of the V loop), so that its loads overlap the
     // arithmetic instead of stalling it in one burst.
@@ -391,8 +438,25 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
       if (amx) amx_block_scores(p, it, table[col], col, j0, j1, k_cache, s, BSp, amx_groups, pk);
     }
 #endif
+#ifdef PENSIEVE_DOT_SCORES
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      for (int64_t h = 0; h < Hkv && dot; ++h) {
+        for (int64_t t0 = 0; t0 < n; t0 += W) {
+          const c10::BFloat16* kt = k_cache + (slot0 + t0) * slot_numel + h * D;
+          for (int64_t i = 0; i < num_q; ++i) {
+            for (int64_t r = i * Hq + h * G; r < i * Hq + (h + 1) * G; ++r) {
+              const c10::BFloat16* qr = q + (token0 + i) * q_stride0 + (r % Hq) * q_stride1;
+              dot_key_scores(qr, kt, slot_numel, D, std::min(W, n - t0), static_cast<float>(p.scale),
+                             s.scores.data() + r * BSp + t0);
+              pk.step();
+            }
+          }
+        }
+      }
+    }
+#endif
     // scores[r][t] = q_r . k_t (k of the row's KV head), W slots at a time
-    for (int64_t h = 0; h < Hkv && !amx; ++h) {
+    for (int64_t h = 0; h < Hkv && !amx && !dot; ++h) {
       for (int64_t t0 = 0; t0 < n; t0 += W) {
         const int64_t m = std::min(W, n - t0);
         for (int64_t i = 0; i < num_q; ++i) {
@@ -745,6 +809,7 @@ void paged_attention_out(const at::Tensor& q_in, const at::Tensor& k_cache, cons
             k_cache.size(1), k_cache.size(0), block_tables.size(1), sliding_window.value_or(0), scale, softcap,
             block_tables.data_ptr<int32_t>(), cu_seqlens_q.data_ptr<int32_t>(), seq_lens_k.data_ptr<int32_t>()};
   p.amx_scores = amx_scores_apply(q.scalar_type(), p.head_dim, p.block_size);
+  p.dot_scores = dot_scores_apply(q.scalar_type(), p.head_dim, p.amx_scores);
   std::vector<int64_t> native, by_sdpa;
   for (int64_t b = 0; b < p.num_seqs; ++b) {
     const int64_t q_len = p.cu[b + 1] - p.cu[b];
