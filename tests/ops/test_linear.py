@@ -71,7 +71,9 @@ def test_packed_linear_matches_reference(dtype, data):
 def test_packed_linear_covers_row_tiles_and_the_row_bounds():
     """Rows 2..256 (bf16: 1..256) take the packed weight (fp32: 2..16 rows through the FMA loop, every count of
     rows its own kernel; above, brgemm in 32-row tiles; bf16 1..32 rows through pensieve's AMX tiles where this CPU
-    has them, one or two row tiles; a padded last column block); fp32's 1 and 257+ do not."""
+    has them, one or two row tiles; without AMX, 1..32 rows through the vdpbf16ps loop in balanced tiles of up to 12
+    rows and more through widened VNNI blocks, every row count; a padded last column block); fp32's 1 and 257+ do
+    not."""
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         if not torch.ops.pensieve_cpu.can_pack(dtype):
@@ -79,7 +81,7 @@ def test_packed_linear_covers_row_tiles_and_the_row_bounds():
         weight, bias = torch.randn(70, 96, generator=gen).to(dtype), torch.randn(70, generator=gen).to(dtype)
         packed = torch.ops.pensieve_cpu.pack_weight(weight)
         assert packed.shape == (3, 96 * 32)
-        for rows in (*range(1, 18), 31, 32, 33, 65, 256, 257, 300):
+        for rows in (*range(1, 18), 24, 25, 31, 32, 33, 65, 256, 257, 300):
             _check(torch.randn(rows, 96, generator=gen).to(dtype), weight, bias, packed)
 
 
@@ -119,10 +121,13 @@ def test_packed_linear_rejects_a_packed_weight_of_another_shape():
 
 
 def test_bf16_packs_wherever_fp32_does():
-    """bf16 weights pack for brgemm's bf16 kernel (VNNI) where the CPU has bf16 dot products, and into fp32's plain
-    blocks, widened per block when used, where it has not (AVX2): either way bf16 is not left to at::linear, whose
-    bf16 GEMM without them is a generic loop (~10x slower than fp32 there; docs/performance.md)."""
+    """bf16 weights pack in VNNI pairs where the CPU has bf16 dot products (read by AMX, oneDNN's brgemm or
+    pensieve's vdpbf16ps loop), and into fp32's plain blocks, widened per block when used, where it has not (AVX2):
+    either way bf16 is not left to at::linear, whose bf16 GEMM without them is a generic loop (~10x slower than fp32
+    there; docs/performance.md)."""
     assert torch.ops.pensieve_cpu.can_pack(torch.bfloat16) == torch.ops.pensieve_cpu.can_pack(torch.float32)
+    dot = torch.ops.pensieve_cpu.uses_bf16_dot() or torch.ops.pensieve_cpu.brgemm_bf16()
+    assert torch.ops.pensieve_cpu.packs_bf16_vnni() == dot
 
 
 @pytest.mark.parametrize("n", [1, 70, 130])

@@ -102,7 +102,7 @@ def test_float32(impl, data):
 def test_amx_kernels_run_where_oneDNN_runs_amx():
     """Where oneDNN packs bf16 for AMX here, pensieve's own AMX paths (bf16 scores with block sizes of 16k and head
     dims of 32k, bf16 linears of 1..32 rows) must be the ones the bf16 tests exercise, not a silent fallback."""
-    if not torch.ops.pensieve_cpu.packs_bf16_vnni():
+    if not torch.ops.pensieve_cpu.brgemm_bf16():
         pytest.skip("no AMX for bf16 here")
     assert torch.ops.pensieve_cpu.uses_amx() == (os.environ.get("PENSIEVE_CPU_AMX") != "0")
 
