@@ -39,59 +39,18 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 import torch
 
 from pensieve.cache.blocks import BlockPool
 from pensieve.cache.disk import DiskStore
+from pensieve.cache.integrity import check_integrity
 from pensieve.cache.policy import LRUPolicy, PensievePolicy, RecomputeCost
-from pensieve.cache.tiers import Chunk, KVStorage, Tier
+from pensieve.cache.tiers import KVStorage
 from pensieve.cache.tree import ROOT, PromptTree, chunk_key, parent_key, prefix_keys
+from pensieve.cache.types import Chunk, Conversation, RestoreStats, Tier
 
 EVICTION_SLICE = 64  # an eviction that must walk the chunks frees (at least) 1/EVICTION_SLICE of the tier
-
-
-@dataclass(eq=False)
-class Conversation:
-    conv_id: str
-    tokens: list[int] = field(default_factory=list)
-    num_computed: int = 0
-    chunks: list[Chunk] = field(default_factory=list)
-    last_active: float = field(default_factory=time.monotonic)
-    pinned: bool = False  # a turn is running on it
-    preempted: bool = False  # its turn was preempted: its chunks may move until the turn is scheduled again
-    recompute: list[list[int]] = field(default_factory=list)  # during a turn: [start, end) ranges to recompute
-    messages: list[dict] | None = None  # text mode: the chat messages that rendered `tokens`; None in raw mode
-    stored: bool = True  # False: a `complete()` call's conversation, gone when its turn ends (never persisted)
-
-    @property
-    def block_table(self) -> list[int]:
-        return [c.block for c in self.chunks]
-
-    @property
-    def on_device(self) -> bool:
-        return all(c.tier == Tier.DEVICE for c in self.chunks)
-
-    @property
-    def running(self) -> bool:
-        """Its chunks must stay where they are (a turn is running on it and is not preempted)."""
-        return self.pinned and not self.preempted
-
-    @property
-    def pending(self) -> int:
-        """Positions to compute before the next sample: the recompute ranges, then the new tokens."""
-        return sum(end - start for start, end in self.recompute) + len(self.tokens) - self.num_computed
-
-
-@dataclass(frozen=True)
-class RestoreStats:
-    """What a turn found when its conversation was brought to the device (history positions / chunks per tier)."""
-
-    tokens: dict[Tier, int]
-    chunks: dict[Tier, int]
-    bytes_in: int
-    shared: int = 0  # of the positions found (any tier), those in chunks another conversation computed or holds
 
 
 class KVManager:
@@ -178,13 +137,6 @@ class KVManager:
     def chunk_tokens(self, conv: Conversation, index: int) -> int:
         """Valid positions in chunk `index` (all but a conversation's last chunk are full)."""
         return max(0, min(self.block_size, conv.num_computed - index * self.block_size))
-
-    def slot(self, conv: Conversation, position: int) -> int:
-        return conv.chunks[position // self.block_size].block * self.block_size + position % self.block_size
-
-    def match(self, tokens: list[int]) -> list[Chunk]:
-        """The longest cached prefix of tokens, a chunk per full block, from any conversation, on any tier."""
-        return self.tree.match(tokens)
 
     # ---- a turn's life --------------------------------------------------------------------------------------------
 
@@ -836,49 +788,9 @@ class KVManager:
     # ---- checks ---------------------------------------------------------------------------------------------------
 
     def check_integrity(self) -> None:
-        self.device.check_integrity()
-        self.host.check_integrity()
-        bs = self.block_size
-        holders = self._holders()
-        owned = {
-            Tier.DEVICE: list(self.held[Tier.DEVICE]),
-            Tier.HOST: list(self._host_free_after_forward) + list(self.held[Tier.HOST]),
-        }
-        for chunk, convs in holders.values():
-            assert chunk.refs == len(convs), f"chunk {chunk.index}: refs {chunk.refs} != {len(convs)} holders"
-            assert len(convs) <= 1 or chunk.key is not None, f"chunk {chunk.index}: shared without a content key"
-            if chunk.tier in owned:
-                owned[chunk.tier].append(chunk.block)
-            else:
-                assert chunk.block == -1, f"a {chunk.tier.name} chunk holds a block"
-        for key, chunk in self.tree.nodes.items():
-            assert chunk.key == key, "a tree node under another key"
-            assert chunk.tier != Tier.DROPPED, "the tree indexes a dropped chunk"
-        for key, (chunk, n) in self.tree.tails.items():
-            assert chunk.key == key and chunk.refs == 0 and 0 < n < bs, "a tree tail held or misfiled"
-            assert chunk.tier in (Tier.DEVICE, Tier.HOST), "a tree tail off the device and host"
-        for c in self.conversations.values():
-            name = c.conv_id
-            assert len({id(ch) for ch in c.chunks}) == len(c.chunks), f"{name}: holds a chunk twice"
-            assert all(ch.index == i for i, ch in enumerate(c.chunks)), f"{name}: a chunk at another index"
-            assert not c.chunks or c.chunks[-1].tier != Tier.DROPPED, f"{name}: trailing dropped chunk"
-            assert 0 <= c.num_computed <= len(c.tokens), f"{name}: num_computed out of range"
-            computed = self.blocks_for(c.num_computed)
-            assert len(c.chunks) >= computed, f"{name}: computed positions without chunks"
-            assert all(ch.tier == Tier.DEVICE for ch in c.chunks[computed:]), f"{name}: tail off the device"
-            assert all(ch.refs == 1 and ch.key is None for ch in c.chunks[c.num_computed // bs :]), f"{name}: tail"
-            assert c.pinned or not c.recompute, f"{name}: idle with a recompute pending"
-            last = 0
-            for start, end in c.recompute:
-                assert last <= start < end <= c.num_computed, f"{name}: recompute ranges {c.recompute}"
-                assert all(ch.tier == Tier.DEVICE for ch in c.chunks[start // bs : self.blocks_for(end)]), name
-                last = end
-            keys = prefix_keys(c.tokens, bs, min(c.num_computed // bs, len(c.chunks)))
-            for i, key in enumerate(keys):
-                assert c.chunks[i].key in (None, key), f"{name}: chunk {i} keyed for other tokens"
-        for tier, blocks in owned.items():
-            assert len(blocks) == len(set(blocks)), f"a {tier.name} block is owned twice"
-            assert set(blocks) == self.pools[tier].allocated, f"{tier.name}: allocated and owned blocks differ"
+        """Every invariant of the pools, the tree and the conversations (pensieve/cache/integrity.py); tests call
+        it after every operation."""
+        check_integrity(self)
 
 
 def _names(holders: list[Conversation]) -> str:

@@ -22,30 +22,10 @@ Copies, and when they happen:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum
 
 import torch
 
-
-class Tier(IntEnum):
-    DROPPED = 0
-    DISK = 1
-    HOST = 2
-    DEVICE = 3
-
-
-@dataclass(eq=False, slots=True)
-class Chunk:
-    """One block of KV, held by every conversation whose history contains it (`refs` of them) and, once full and
-    computed, indexed by the prompt tree under its content `key` (pensieve/cache/tree.py)."""
-
-    tier: Tier
-    block: int = -1  # block id in the device or host pool; -1 on disk or dropped
-    index: int = 0  # which block of a history: positions [index * block_size, (index + 1) * block_size)
-    key: bytes | None = None  # content key (full, computed chunks only): chained hash of every token it depends on
-    refs: int = 0  # conversations holding it
-    last_used: float = 0.0  # when its last holder let go (the activity of a chunk only the tree holds)
-
+from pensieve.cache.types import Tier
 
 LayerCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k, v) [num_blocks, block_size, Hkv, D]
 

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pensieve.cache.tiers import Chunk, Tier
+from pensieve.cache.types import Chunk, Tier
 
 ROOT = b""  # the parent key of every history's first chunk
 

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from pensieve.cache.disk import model_fingerprint
-from pensieve.cache.tiers import Tier
 from pensieve.cache.tree import parent_key
+from pensieve.cache.types import Tier
 
 TIERS = {"device": Tier.DEVICE, "host": Tier.HOST}
 

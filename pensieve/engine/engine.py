@@ -14,7 +14,8 @@ import torch
 from pensieve.cache.disk import DiskStore, model_fingerprint
 from pensieve.cache.manager import KVManager
 from pensieve.cache.policy import RecomputeCost, make_policy
-from pensieve.cache.tiers import KVStorage, Tier
+from pensieve.cache.tiers import KVStorage
+from pensieve.cache.types import Tier
 from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
 from pensieve.engine.detokenizer import IncrementalDetokenizer, find_stop
 from pensieve.engine.graphs import CompiledForward

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pensieve.cache.manager import KVManager
-from pensieve.cache.tiers import Tier
+from pensieve.cache.types import Tier
 from pensieve.engine.turn import Turn
 
 

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pensieve.cache.manager import Conversation, RestoreStats
-from pensieve.cache.tiers import Tier
+from pensieve.cache.types import Conversation, RestoreStats, Tier
 from pensieve.engine.detokenizer import IncrementalDetokenizer
 
 

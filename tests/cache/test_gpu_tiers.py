@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator
-from pensieve.cache.tiers import KVStorage, Tier
+from pensieve.cache.tiers import KVStorage
+from pensieve.cache.types import Tier
 from tests.tiny import VOCAB, hf_greedy, oracle_copy, tiny_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -6,7 +6,7 @@ import pytest
 
 from pensieve.cache.manager import KVManager
 from pensieve.cache.policy import LRUPolicy, PensievePolicy, RecomputeCost
-from pensieve.cache.tiers import Chunk, Tier
+from pensieve.cache.types import Chunk, Tier
 
 D, H, K, X = Tier.DEVICE, Tier.HOST, Tier.DISK, Tier.DROPPED
 BS = 4

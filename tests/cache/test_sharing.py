@@ -11,8 +11,8 @@ import pytest
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator
 from pensieve.cache.disk import referenced_keys
-from pensieve.cache.tiers import Tier
 from pensieve.cache.tree import prefix_keys
+from pensieve.cache.types import Tier
 from tests.tiny import VOCAB, hf_greedy, oracle_copy, oracle_turn, tiny_model
 
 BS = 4

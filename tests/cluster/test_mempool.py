@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator
-from pensieve.cache.tiers import Tier
+from pensieve.cache.types import Tier
 from pensieve.cluster.mempool import KVPayload, MemPool, MemPoolFull
 from tests.tiny import VOCAB, hf_greedy, tiny_model
 

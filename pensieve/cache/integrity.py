@@ -1,0 +1,67 @@
+"""The cache's invariants in one place: `check_integrity(kv)` asserts every one of them (KVManager.check_integrity
+calls it; tests call that after every operation).
+
+- the pools: used + free = capacity, no block owned twice, and every allocated block owned by exactly one of a chunk,
+  a queued swap-in's source (host) or a MemPool allocation not yet inserted;
+- chunks: `refs` equals the conversations holding it; a shared chunk has a content key; a chunk off the device and
+  host holds no block;
+- the prompt tree: nodes filed under their own key and never dropped; tails unheld, partial, on device or host;
+- conversations: chunks in index order and held once, no trailing dropped chunk, the uncomputed tail on the device
+  and private, recompute ranges only during a turn and on the device, keys that match the tokens.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pensieve.cache.tree import prefix_keys
+from pensieve.cache.types import Tier
+
+if TYPE_CHECKING:
+    from pensieve.cache.manager import KVManager
+
+
+def check_integrity(kv: KVManager) -> None:
+    kv.device.check_integrity()
+    kv.host.check_integrity()
+    bs = kv.block_size
+    holders = kv._holders()
+    owned = {
+        Tier.DEVICE: list(kv.held[Tier.DEVICE]),
+        Tier.HOST: list(kv._host_free_after_forward) + list(kv.held[Tier.HOST]),
+    }
+    for chunk, convs in holders.values():
+        assert chunk.refs == len(convs), f"chunk {chunk.index}: refs {chunk.refs} != {len(convs)} holders"
+        assert len(convs) <= 1 or chunk.key is not None, f"chunk {chunk.index}: shared without a content key"
+        if chunk.tier in owned:
+            owned[chunk.tier].append(chunk.block)
+        else:
+            assert chunk.block == -1, f"a {chunk.tier.name} chunk holds a block"
+    for key, chunk in kv.tree.nodes.items():
+        assert chunk.key == key, "a tree node under another key"
+        assert chunk.tier != Tier.DROPPED, "the tree indexes a dropped chunk"
+    for key, (chunk, n) in kv.tree.tails.items():
+        assert chunk.key == key and chunk.refs == 0 and 0 < n < bs, "a tree tail held or misfiled"
+        assert chunk.tier in (Tier.DEVICE, Tier.HOST), "a tree tail off the device and host"
+    for c in kv.conversations.values():
+        name = c.conv_id
+        assert len({id(ch) for ch in c.chunks}) == len(c.chunks), f"{name}: holds a chunk twice"
+        assert all(ch.index == i for i, ch in enumerate(c.chunks)), f"{name}: a chunk at another index"
+        assert not c.chunks or c.chunks[-1].tier != Tier.DROPPED, f"{name}: trailing dropped chunk"
+        assert 0 <= c.num_computed <= len(c.tokens), f"{name}: num_computed out of range"
+        computed = kv.blocks_for(c.num_computed)
+        assert len(c.chunks) >= computed, f"{name}: computed positions without chunks"
+        assert all(ch.tier == Tier.DEVICE for ch in c.chunks[computed:]), f"{name}: tail off the device"
+        assert all(ch.refs == 1 and ch.key is None for ch in c.chunks[c.num_computed // bs :]), f"{name}: tail"
+        assert c.pinned or not c.recompute, f"{name}: idle with a recompute pending"
+        last = 0
+        for start, end in c.recompute:
+            assert last <= start < end <= c.num_computed, f"{name}: recompute ranges {c.recompute}"
+            assert all(ch.tier == Tier.DEVICE for ch in c.chunks[start // bs : kv.blocks_for(end)]), name
+            last = end
+        keys = prefix_keys(c.tokens, bs, min(c.num_computed // bs, len(c.chunks)))
+        for i, key in enumerate(keys):
+            assert c.chunks[i].key in (None, key), f"{name}: chunk {i} keyed for other tokens"
+    for tier, blocks in owned.items():
+        assert len(blocks) == len(set(blocks)), f"a {tier.name} block is owned twice"
+        assert set(blocks) == kv.pools[tier].allocated, f"{tier.name}: allocated and owned blocks differ"
