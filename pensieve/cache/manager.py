@@ -47,7 +47,7 @@ from pensieve.cache.disk import DiskStore
 from pensieve.cache.integrity import check_integrity
 from pensieve.cache.policy import LRUPolicy, PensievePolicy, RecomputeCost
 from pensieve.cache.tiers import KVStorage
-from pensieve.cache.tree import ROOT, PromptTree, chunk_key, parent_key, prefix_keys
+from pensieve.cache.tree import ROOT, PromptTree, chunk_key, common_prefix, parent_key, prefix_keys
 from pensieve.cache.types import Chunk, Conversation, RestoreStats, Tier
 
 EVICTION_SLICE = 64  # an eviction that must walk the chunks frees (at least) 1/EVICTION_SLICE of the tier
@@ -426,13 +426,75 @@ class KVManager:
             chunk.refs += 1
         _trim(self, new)
         self.conversations[new_id] = new
+        if self.disk is not None:
+            self.disk.append_turn(new_id, 0, list(new.tokens), new.messages, new.tokens)
         return new
+
+    def cut(self, conv: Conversation, num_tokens: int) -> None:
+        """Keep the first num_tokens tokens of conv's history (raw mode) and their KV; the rest is forgotten, in
+        the stored record too."""
+        self.truncate(conv, num_tokens)
+        del conv.tokens[num_tokens:]
+        if self.is_stored(conv.conv_id):
+            self.disk.append_turn(conv.conv_id, num_tokens, [], None, conv.tokens)
+
+    def adopt(self, conv_id: str, tokens: list[int], messages: list[dict] | None) -> None:
+        """conv_id's history becomes `tokens` (and `messages`), as another instance had it: KV for the common prefix
+        with what is here is kept; the stored record is replaced. The conversation must be idle."""
+        conv = self.lookup(conv_id) or self.conversation(conv_id)
+        self.truncate(conv, common_prefix(conv.tokens, tokens))
+        conv.tokens = list(tokens)
+        conv.messages = None if messages is None else [dict(m) for m in messages]
+        conv.stored = True
+        if self.disk is not None:
+            self.disk.forget(conv_id, self._disk_keys_in_use())
+            self.disk.append_turn(conv_id, 0, list(conv.tokens), conv.messages, conv.tokens)
+
+    def rewind(self, conv: Conversation, tokens: list[int], messages: list[dict] | None, keep: int) -> None:
+        """An aborted turn is undone: conv's tokens and messages are as before it, with the KV of its first `keep`
+        positions (what the turn filled past them is handed back), and conv is idle."""
+        self.truncate(conv, keep, reclaim=True)
+        conv.tokens, conv.messages = tokens, messages
+        self.end_turn(conv)
 
     def drop_all(self, conv: Conversation) -> None:
         """conv lets go of all its chunks (the tree keeps those it indexes)."""
         for chunk in conv.chunks:
             self._unhold(chunk)
         conv.chunks, conv.num_computed, conv.recompute = [], 0, []
+
+    # ---- the durable record (with a disk tier) ----------------------------------------------------------------
+
+    def is_stored(self, conv_id: str) -> bool:
+        """Whether conv_id has a record on disk (it survives a restart)."""
+        return self.disk is not None and conv_id in self.disk.index
+
+    def stored_ids(self) -> set[str]:
+        return set(self.disk.index) if self.disk is not None else set()
+
+    def log_turn(self, conv: Conversation, keep: int, new_messages: list[dict] | None) -> None:
+        """A finished turn is made durable (before its reply is returned): conv's tokens past `keep` and the turn's
+        messages are appended to its record. Nothing without a disk tier or for a conversation that is not stored."""
+        if self.disk is not None and conv.stored:
+            self.disk.append_turn(conv.conv_id, keep, conv.tokens[keep:], new_messages, conv.tokens)
+
+    def close(self) -> None:
+        """Write every idle stored conversation's device and host KV to disk and release the disk_dir."""
+        if self.disk is None:
+            return
+        try:
+            for conv in self.conversations.values():
+                if not conv.pinned:
+                    self.persist(conv)
+        finally:
+            self.disk.close()
+
+    def disk_errors(self) -> dict[str, int]:
+        disk = self.disk
+        return {
+            "disk_write_errors": disk.num_write_errors if disk is not None else 0,
+            "disk_bad_files": disk.num_bad_files if disk is not None else 0,
+        }
 
     def persist(self, conv: Conversation) -> None:
         """Write conv's device and host chunks to disk too (close / end): they survive a restart. Only for a stored

@@ -137,3 +137,12 @@ class PromptTree:
             chunk, _ = self.tails.pop(found[0].key)
             chunk.key = None
         return found
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -15,6 +15,7 @@ from pensieve.cache.disk import DiskStore, model_fingerprint
 from pensieve.cache.manager import KVManager
 from pensieve.cache.policy import RecomputeCost, make_policy
 from pensieve.cache.tiers import KVStorage
+from pensieve.cache.tree import common_prefix
 from pensieve.cache.types import Tier
 from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
 from pensieve.engine.detokenizer import IncrementalDetokenizer, find_stop
@@ -302,9 +303,7 @@ class Engine:
         if conv.messages is not None:
             new_messages = [conv.messages[-1], {"role": "assistant", "content": text}]
         self.kv.end_turn(conv, None if new_messages is None else new_messages[-1])
-        if self.kv.disk is not None and conv.stored:  # durable before the reply is returned
-            keep = turn.history_kept
-            self.kv.disk.append_turn(conv.conv_id, keep, conv.tokens[keep:], new_messages, conv.tokens)
+        self.kv.log_turn(conv, turn.history_kept, new_messages)
         restored = turn.restored
         now = time.perf_counter()
         reply = Reply(
@@ -346,7 +345,7 @@ class Engine:
         if not isinstance(conv_id, str):
             raise ValueError(f"conv_id must be a str, got {conv_id!r}")
         conv = self.kv.conversations.get(conv_id)
-        stored = self.kv.disk is not None and conv_id in self.kv.disk.index
+        stored = self.kv.is_stored(conv_id)
         if conv is None and not stored:
             raise KeyError(f"no conversation {conv_id!r}")
         if conv is not None and conv.pinned:
@@ -360,12 +359,9 @@ class Engine:
         for name, value in (("conv_id", conv_id), ("new_conv_id", new_id)):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty str, got {value!r}")
-        disk = self.kv.disk
-        if new_id in self.kv.conversations or (disk is not None and new_id in disk.index):
+        if new_id in self.kv.conversations or self.kv.is_stored(new_id):
             raise ValueError(f"conversation {new_id!r} already exists")
-        new = self.kv.fork(self._idle_conversation(conv_id), new_id)
-        if disk is not None:
-            disk.append_turn(new_id, 0, list(new.tokens), new.messages, new.tokens)
+        self.kv.fork(self._idle_conversation(conv_id), new_id)
 
     def truncate(self, conv_id: str, num_tokens: int) -> None:
         """Keep the first num_tokens tokens of a raw-mode conversation (and their KV); the rest is forgotten."""
@@ -376,10 +372,7 @@ class Engine:
             raise ValueError(f"conversation {conv_id!r} is in text mode: its tokens follow its messages")
         if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or not 0 <= num_tokens <= len(conv.tokens):
             raise ValueError(f"num_tokens must be an int in [0, {len(conv.tokens)}], got {num_tokens!r}")
-        self.kv.truncate(conv, num_tokens)
-        del conv.tokens[num_tokens:]
-        if self.kv.disk is not None and conv_id in self.kv.disk.index:
-            self.kv.disk.append_turn(conv_id, num_tokens, [], None, conv.tokens)
+        self.kv.cut(conv, num_tokens)
 
     def adopt(self, conv_id: str, tokens, messages: list[dict] | None) -> None:
         """Make conv_id's history `tokens` (text mode: rendered from chat `messages`), as another instance had it: KV
@@ -395,15 +388,7 @@ class Engine:
         conv = self.kv.lookup(conv_id)
         if conv is not None and conv.pinned:
             raise ValueError(f"conversation {conv_id!r} has a turn running")
-        conv = conv if conv is not None else self.kv.conversation(conv_id)
-        keep = common_prefix(conv.tokens, tokens)
-        self.kv.truncate(conv, keep)
-        conv.tokens = list(tokens)
-        conv.messages = None if messages is None else [dict(m) for m in messages]
-        conv.stored = True
-        if self.kv.disk is not None:  # the stored record is replaced by the adopted one
-            self.kv.disk.forget(conv_id, self.kv._disk_keys_in_use())
-            self.kv.disk.append_turn(conv_id, 0, list(conv.tokens), conv.messages, conv.tokens)
+        self.kv.adopt(conv_id, tokens, messages)
 
     def _idle_conversation(self, conv_id: str):
         """The conversation (loaded from disk if stored there); KeyError if none, ValueError if a turn runs on it."""
@@ -411,19 +396,11 @@ class Engine:
         return require_idle(conv_id, conv, conv is not None and conv.pinned)
 
     def conversations(self) -> list[str]:
-        stored = self.kv.disk.index if self.kv.disk is not None else {}
-        return sorted({c for c in self.kv.conversations if isinstance(c, str)} | set(stored))
+        return sorted({c for c in self.kv.conversations if isinstance(c, str)} | self.kv.stored_ids())
 
     def close(self) -> None:
         """Write every stored conversation's device and host KV to disk and release the disk_dir."""
-        if self.kv.disk is None:
-            return
-        try:
-            for conv in self.kv.conversations.values():
-                if not conv.pinned:
-                    self.kv.persist(conv)
-        finally:
-            self.kv.disk.close()
+        self.kv.close()
 
     def abort(self, target) -> bool:
         """Stop a turn that has not finished: target is its conversation id or the Future its caller holds. None of
@@ -439,9 +416,7 @@ class Engine:
             self.kv.remove(conv.conv_id)
         else:
             tokens, messages, computed = turn.before
-            self.kv.truncate(conv, min(turn.history_kept, computed), reclaim=True)
-            conv.tokens, conv.messages = tokens, messages
-            self.kv.end_turn(conv)
+            self.kv.rewind(conv, tokens, messages, min(turn.history_kept, computed))
         turn.future.set_exception(TurnAborted(f"the turn on {conv.conv_id!s} was aborted"))
         return True
 
@@ -456,11 +431,10 @@ class Engine:
 
     def stats(self) -> dict:
         kv = self.kv
-        disk = kv.disk
         chunks = kv.chunks()
         return {
             "conversations": sum(c.stored for c in kv.conversations.values()),
-            "stored_conversations": len(disk.index) if disk is not None else 0,
+            "stored_conversations": len(kv.stored_ids()),
             "active_turns": len(self.scheduler.active),
             "turns_completed": self.num_turns,
             "steps": self.num_steps,
@@ -478,8 +452,7 @@ class Engine:
             "preemptions": self.scheduler.num_preemptions,
             **(compiled.stats() if (compiled := self.runner.compiled) is not None else CompiledForward.NO_STATS),
             "cuda_graphs": len(self.runner.graphs.graphs) if self.runner.graphs is not None else 0,
-            "disk_write_errors": disk.num_write_errors if disk is not None else 0,
-            "disk_bad_files": disk.num_bad_files if disk is not None else 0,
+            **kv.disk_errors(),
             **{name: kv.counters[name] for name in COUNTERS},
         }
 
@@ -548,12 +521,3 @@ def render_turn(tokenizer, conv_id, history: list[int], messages, msg, check_ids
 def _first_block(chunk: ScheduledChunk) -> int:
     conv = chunk.turn.conv
     return conv.chunks[0].block if conv.chunks else -1
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens a and b share."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

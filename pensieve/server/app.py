@@ -26,9 +26,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from pensieve.cache.tree import common_prefix
 from pensieve.config import SamplingParams
 from pensieve.engine.detokenizer import IncrementalDetokenizer, find_stop
-from pensieve.engine.engine import common_prefix
 from pensieve.engine.turn import Reply, TurnAborted
 from pensieve.server.metrics import Metrics
 from pensieve.server.store import ConversationRecord, ResponseRecord, Store, Thread, new_id
