@@ -115,12 +115,15 @@ def paths() -> dict[str, str]:
     ops = torch.ops.pensieve_cpu
     amx, dot, brgemm = bool(ops.uses_amx()), bool(ops.uses_bf16_dot()), bool(ops.brgemm_bf16())
     widened = "bf16 widened to fp32 (fp32 FMAs)"
-    packed = "vdpbf16ps" if dot else widened
     if brgemm:
-        packed = "oneDNN brgemm (AMX)"
+        few = many = "oneDNN brgemm (AMX)"
+    elif dot:
+        few, many = "vdpbf16ps", "VNNI blocks widened to fp32 (brgemm's fp32 kernel)"
+    else:
+        few = many = widened
     return {
-        "bf16 linear, 1-32 rows (packed)": "AMX tiles" if amx else packed,
-        "bf16 linear, 33-256 rows (packed)": packed,
+        "bf16 linear, 1-32 rows (packed)": "AMX tiles" if amx else few,
+        "bf16 linear, 33+ rows (packed)": many,
         "bf16 linear, unpacked rows": "vdpbf16ps" if dot and _streaming_dot() else widened,
         "bf16 attention scores": "AMX tiles" if amx else ("vdpbf16ps" if dot and _streaming_dot() else widened),
         "fp32 packed linears": "pensieve FMA loop / oneDNN brgemm" if ops.can_pack(torch.float32) else "unpacked",
