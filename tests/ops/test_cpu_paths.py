@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not cpu_kernel.load(), reason="the C++ CPU kerne
 # oneDNN without AMX: its brgemm has no bf16 kernel, as on a CPU without AMX
 NO_AMX = {"PENSIEVE_CPU_AMX": "0", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
 CONFIGS = {
-    "bf16-dot": (NO_AMX, "vdpbf16ps"),  # AMD Zen 4/5 (33+ rows: widened VNNI blocks)
+    "bf16-dot": ({**NO_AMX, "PENSIEVE_CPU_BF16_DOT": "1"}, "vdpbf16ps"),  # AMD Zen 4/5 (33+ rows: widened VNNI blocks)
     "widened": ({**NO_AMX, "PENSIEVE_CPU_BF16_DOT": "0"}, "bf16 widened to fp32"),  # AVX-512 without BF16
 }
 BF16_TESTS = ["tests/ops/test_linear.py", "tests/ops/test_paged_attention.py", "-k", "bf16 or bfloat16"]
@@ -47,8 +47,6 @@ def test_bf16_path_matches_the_reference(name):
     env_update, expected = CONFIGS[name]
     if expected == "vdpbf16ps" and not torch.cpu._is_avx512_bf16_supported():
         pytest.skip("this CPU has no AVX-512 BF16")
-    if expected == "vdpbf16ps" and os.environ.get("PENSIEVE_CPU_BF16_DOT") == "0":
-        pytest.skip("PENSIEVE_CPU_BF16_DOT=0 in this run")
     paths = _paths(env_update)
     assert paths["bf16 linear, 1-32 rows (packed)"].startswith(expected), paths
     if name == "widened":

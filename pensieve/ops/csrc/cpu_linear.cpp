@@ -239,13 +239,18 @@ inline bool bf16_vnni() {
 // brgemm bf16 kernel, pensieve's vdpbf16ps loop (linear_dot), or plain blocks widened to fp32 for brgemm's fp32
 // kernel. All but the last read the VNNI layout: [K/2, kPackN, 2] per block, pairs of K interleaved.
 inline bool packs_vnni() { return bf16_vnni() || bf16_dot_ready(); }
+// Whether pensieve's dot loop is the only reader of the VNNI blocks (no bf16 brgemm: AMD Zen 4/5).
+inline bool bf16_dot_only() { return !bf16_vnni() && bf16_dot_ready(); }
+// Past this many rows the dot loop is compute-bound and brgemm's fp32 kernel over widened blocks is faster
+// (SmolLM2's linears, Sapphire Rapids with AMX off, 2 threads: 24 rows 27.1 vs 30.4 ms, 32 rows 35.3 vs 35.0, 48 rows
+// 49.7 vs 43.8, 256 rows 248 vs 177).
+constexpr int64_t kMaxDotRows = 32;
 
 // Rows that take the packed weight, at most. bf16 where only pensieve's dot loop reads VNNI blocks (no bf16 brgemm):
 // every row count, since oneDNN's bf16 GEMM behind at::linear (AVX-512 BF16) lost to the widened blocks at every size
 // measured (257 rows 280 vs 196 ms, 512 547 vs 384, 1024 1051 vs 755; MKL's fp32 sgemm: 512 rows 337).
 inline int64_t max_packed_rows(at::ScalarType type) {
-  const bool dot_only = type == at::kBFloat16 && !bf16_vnni() && bf16_dot_ready();
-  return dot_only ? std::numeric_limits<int64_t>::max() : kMaxPackedRows;
+  return type == at::kBFloat16 && bf16_dot_only() ? std::numeric_limits<int64_t>::max() : kMaxPackedRows;
 }
 
 at::Tensor pack_weight(const at::Tensor& weight) {
@@ -290,6 +295,17 @@ at::Tensor pack_weight(const at::Tensor& weight) {
   return packed;
 }
 
+// A packed block's results: out[i][j] = acc[i][j] (+ bias[j]) for `rows` rows of `cols` (<= kPackN) outputs, acc at
+// kPackN floats a row, out at N elements a row (both already at the block's first row and column).
+template <typename w_t>
+inline void store_block(const float* acc, int64_t rows, int64_t cols, const w_t* bias, w_t* out, int64_t N) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* a = acc + i * kPackN;
+    w_t* o = out + i * N;
+    for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<w_t>(bias ? a[j] + static_cast<float>(bias[j]) : a[j]);
+  }
+}
+
 // x_t: the rows as brgemm reads them; w_t: the packed blocks. bf16 blocks with fp32 rows (no bf16 brgemm here: x
 // widened to fp32 once by the caller) are widened into a thread's fp32 buffer once per block (items run m fastest)
 // for brgemm's fp32 kernel: products of bf16 values are exact in fp32 and summed in fp32, as with native bf16.
@@ -324,11 +340,7 @@ void linear_packed_impl(const x_t* x, int64_t x_stride, const w_t* packed, const
       }
       at::native::cpublas::brgemm(rows, kPackN, K, x_stride, kPackN, kPackN, false, x + m0 * x_stride, b, acc,
                                   is_vnni<x_t>());
-      for (int64_t i = 0; i < rows; ++i) {
-        w_t* o = out + (m0 + i) * N + n0;
-        const float* a = acc + i * kPackN;
-        for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<w_t>(bias ? a[j] + static_cast<float>(bias[n0 + j]) : a[j]);
-      }
+      store_block(acc, rows, cols, bias ? bias + n0 : nullptr, out + m0 * N + n0, N);
     }
     at::native::cpublas::brgemm_release(is_vnni<x_t>());
   });
@@ -433,13 +445,7 @@ void linear_amx(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* p
         _tile_stored(3, acc + 16 * kPackN + 16, kPackN * 4);
       }
       const int64_t n0 = nb * kPackN, cols = std::min(kPackN, N - n0);
-      for (int64_t m = 0; m < M; ++m) {
-        c10::BFloat16* o = out + m * N + n0;
-        const float* a = acc + m * kPackN;
-        for (int64_t j = 0; j < cols; ++j) {
-          o[j] = static_cast<c10::BFloat16>(bias ? a[j] + static_cast<float>(bias[n0 + j]) : a[j]);
-        }
-      }
+      store_block(acc, M, cols, bias ? bias + n0 : nullptr, out + n0, N);
     }
     release_tiles();
   });
@@ -460,10 +466,6 @@ inline bool use_amx(int64_t M, int64_t K) { return M <= kMaxAmxRows && K % 32 ==
 // as with AMX; the sums' order differs, so results may differ from AMX's in the last bits of fp32 before rounding.
 #ifdef PENSIEVE_BF16_DOT
 constexpr int64_t kDotRows = 12;
-// Past this many rows the dot loop is compute-bound and brgemm's fp32 kernel over widened blocks is faster
-// (SmolLM2's linears, Sapphire Rapids with AMX off, 2 threads: 24 rows 27.1 vs 30.4 ms, 32 rows 35.3 vs 35.0, 48 rows
-// 49.7 vs 43.8, 256 rows 248 vs 177).
-constexpr int64_t kMaxDotRows = 32;
 constexpr int64_t kDotAhead = 4096;
 
 template <int TM>
@@ -520,12 +522,7 @@ void linear_dot(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* p
       for (int64_t m0 = 0; m0 < M; m0 += tile_rows) {
         const int64_t rows = std::min(tile_rows, M - m0);
         tiles[rows - 1](x + m0 * x_stride, x_stride, w, K, m0 == 0, acc);
-        for (int64_t i = 0; i < rows; ++i) {
-          c10::BFloat16* o = out + (m0 + i) * N + n0;
-          const float* a = acc + i * kPackN;
-          for (int64_t j = 0; j < cols; ++j)
-            o[j] = static_cast<c10::BFloat16>(bias ? a[j] + static_cast<float>(bias[n0 + j]) : a[j]);
-        }
+        store_block(acc, rows, cols, bias ? bias + n0 : nullptr, out + m0 * N + n0, N);
       }
     }
   });
@@ -570,10 +567,14 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, const st
     linear_packed_impl<scalar_t>(xc.data_ptr<scalar_t>(), xc.stride(0), packed.data_ptr<scalar_t>(),
                                  bc ? bc->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, K);
   }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-    if (!packs_vnni()) {
+    // Widened to fp32 blocks for brgemm's fp32 kernel: plain blocks (no bf16 dot products), or VNNI blocks where
+    // only pensieve's dot loop reads them and the rows are many (compute-bound: the fp32 kernel is faster there).
+    const bool dot_only = bf16_dot_only();
+    if (!packs_vnni() || (dot_only && M > kMaxDotRows)) {
       const at::Tensor xf = xc.to(at::kFloat).contiguous();
       linear_packed_impl<float, scalar_t>(xf.data_ptr<float>(), xf.stride(0), packed.data_ptr<scalar_t>(),
-                                          bc ? bc->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, K);
+                                          bc ? bc->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, K,
+                                          /*vnni=*/dot_only);
       return;
     }
 #ifdef PENSIEVE_AMX
@@ -585,14 +586,7 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, const st
     }
 #endif
 #ifdef PENSIEVE_BF16_DOT
-    if (!bf16_vnni() && M > kMaxDotRows) {  // compute-bound: brgemm's fp32 kernel over widened blocks is faster
-      const at::Tensor xf = xc.to(at::kFloat).contiguous();
-      linear_packed_impl<float, scalar_t>(xf.data_ptr<float>(), xf.stride(0), packed.data_ptr<scalar_t>(),
-                                          bc ? bc->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, K,
-                                          /*vnni=*/true);
-      return;
-    }
-    if (!bf16_vnni()) {  // packs_vnni(): bf16_dot_ready()
+    if (dot_only) {
       linear_dot(xc.data_ptr<scalar_t>(), xc.stride(0), packed.data_ptr<scalar_t>(),
                  bc ? bc->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, K);
       return;

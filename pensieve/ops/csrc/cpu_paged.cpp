@@ -381,11 +381,6 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
   const int64_t q_len = p.cu[it.seq + 1] - p.cu[it.seq];
   const int64_t first_pos = p.seq_lens[it.seq] - q_len;  // position of query 0
   const int64_t token0 = p.cu[it.seq] + it.q_begin;
-  for (int64_t r = 0; r < rows; ++r) {  // queries, pre-scaled by `scale`
-    const scalar_t* src = q + (token0 + r / Hq) * q_stride0 + (r % Hq) * q_stride1;
-    acc* dst = s.q.data() + r * Dp;
-    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc>(src[d]) * static_cast<acc>(p.scale);
-  }
   std::fill(s.row_max.begin(), s.row_max.end(), neg_inf);
 #ifdef PENSIEVE_AMX
   const bool amx = std::is_same_v<scalar_t, c10::BFloat16> && p.amx_scores;
@@ -402,6 +397,11 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
 #else
   constexpr bool dot = false;
 #endif
+  for (int64_t r = 0; r < rows && !amx && !dot; ++r) {  // queries, pre-scaled by `scale` (the FMA score loop's)
+    const scalar_t* src = q + (token0 + r / Hq) * q_stride0 + (r % Hq) * q_stride1;
+    acc* dst = s.q.data() + r * Dp;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc>(src[d]) * static_cast<acc>(p.scale);
+  }
   // p . V rows of one KV head in passes of up to kPvRows (registers: kPvRows x nv accumulators + nv V vectors)
   // accumulators and one broadcast weight per row, plus one V vector: R * (NV + 1) + 1 vector registers (16 with
   // AVX2, 32 with AVX-512); more spills the accumulators to the stack inside the key loop.
