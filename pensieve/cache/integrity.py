@@ -25,10 +25,10 @@ def check_integrity(kv: KVManager) -> None:
     kv.device.check_integrity()
     kv.host.check_integrity()
     bs = kv.block_size
-    holders = kv._holders()
+    holders = kv.holders()
     owned = {
-        Tier.DEVICE: list(kv.held[Tier.DEVICE]),
-        Tier.HOST: list(kv._host_free_after_forward) + list(kv.held[Tier.HOST]),
+        Tier.DEVICE: list(kv.content.held[Tier.DEVICE]),
+        Tier.HOST: list(kv.mover.pending_host_frees) + list(kv.content.held[Tier.HOST]),
     }
     for chunk, convs in holders.values():
         assert chunk.refs == len(convs), f"chunk {chunk.index}: refs {chunk.refs} != {len(convs)} holders"

@@ -14,7 +14,8 @@ different prefixes share KV, and at 2^-64 for 2^32 cached blocks that is not a r
 keys name the disk tier's chunk files (pensieve/cache/disk.py); a partial block's key (fewer than `bs` tokens) names
 its file only, never a tree node.
 
-Who holds what is the manager's business (pensieve/cache/manager.py): the tree only indexes. A chunk is in the tree
+Who holds what is the manager's business (pensieve/cache/manager.py): the tree only indexes, and never writes a
+chunk (its owner keys it). A chunk is in the tree
 exactly while it is full, computed and not dropped; the manager deletes it when its KV is dropped.
 
 Tails: the partial last chunk of a conversation that ended (a finished `complete()` call, `end()`) — positions
@@ -110,15 +111,15 @@ class PromptTree:
             else:
                 del self.tails[chunk.key]
 
-    def add_tail(self, chunk: Chunk, parent: bytes, tokens: Sequence[int]) -> bool:
-        """Keep a partial chunk nobody holds any more, holding KV for `tokens` (fewer than a block) after the node
-        keyed `parent`. False (nothing changed) if an equal tail is kept already."""
-        assert 0 < len(tokens) < self.block_size and chunk.refs == 0 and chunk.tier != Tier.DROPPED
-        key = chunk_key(parent, tokens)
-        if key in self.tails:
+    def add_tail(self, chunk: Chunk, num_tokens: int) -> bool:
+        """Keep a partial chunk nobody holds any more, holding KV for its first `num_tokens` positions (fewer than a
+        block) and keyed (by its owner) `chunk_key(parent's key, those tokens)`. False (nothing changed) if an equal
+        tail is kept already."""
+        assert 0 < num_tokens < self.block_size and chunk.refs == 0 and chunk.tier != Tier.DROPPED
+        assert chunk.key is not None, "a tail is filed under its key"
+        if chunk.key in self.tails:
             return False
-        chunk.key = key
-        self.tails[key] = (chunk, len(tokens))
+        self.tails[chunk.key] = (chunk, num_tokens)
         return True
 
     def find_tail(self, parent: bytes, tokens: Sequence[int], start: int, limit: int) -> tuple[Chunk, int] | None:
@@ -131,11 +132,10 @@ class PromptTree:
 
     def take_tail(self, parent: bytes, tokens: Sequence[int], start: int, limit: int) -> tuple[Chunk, int] | None:
         """The kept tail with the most of tokens[start : limit] (start: a block boundary after node `parent`),
-        handed over: it leaves the tree, unkeyed, for the caller to own and write into. None if there is none."""
+        handed over: it leaves the tree for the caller to own, unkey and write into. None if there is none."""
         found = self.find_tail(parent, tokens, start, limit)
         if found is not None:
-            chunk, _ = self.tails.pop(found[0].key)
-            chunk.key = None
+            del self.tails[found[0].key]
         return found
 
 

@@ -148,7 +148,7 @@ class MemPool:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
 
         def alloc():
-            ids = self._kv.alloc(t, n)
+            ids = self._kv.content.alloc(t, n)
             if ids is None:
                 pool = self._kv.pools[t]
                 raise MemPoolFull(f"no room for {n} {tier} blocks ({pool.num_free} free of {pool.num_blocks})")
@@ -158,7 +158,7 @@ class MemPool:
 
     def free_mem(self, blocks, tier: str = "device") -> None:
         t, ids = tier_of(tier), _blocks(blocks)
-        self._run(lambda: self._kv.free(t, ids))
+        self._run(lambda: self._kv.content.free(t, ids))
 
     def write_blocks(self, blocks, k: torch.Tensor, v: torch.Tensor, tier: str = "device") -> None:
         """Fill allocated blocks with KV (k, v [num_layers, len(blocks), block_size, Hkv, D])."""
@@ -169,7 +169,7 @@ class MemPool:
             raise ValueError(f"k and v must be {want}, got {tuple(k.shape)} and {tuple(v.shape)}")
 
         def write():
-            self._kv.check_held(t, ids)
+            self._kv.content.check_held(t, ids)
             storage.write_blocks(t, ids, k, v)
 
         self._run(write)
@@ -184,14 +184,14 @@ class MemPool:
         bs = self._kv.block_size
         if num_tokens is None:
             num_tokens = min(len(tokens), (start + len(ids)) * bs)
-        return self._run(lambda: self._kv.insert(tokens, start, num_tokens, t, ids))
+        return self._run(lambda: self._kv.content.insert(tokens, start, num_tokens, t, ids))
 
     def match(self, tokens) -> PrefixMatch:
         """The longest prefix of tokens this instance holds KV for, on any tier."""
         tokens = self._engine._check_token_ids(tokens)
 
         def match():
-            chunks, n = self._kv.cached(tokens)
+            chunks, n = self._kv.content.cached(tokens)
             return PrefixMatch(n, tuple(c.tier.name.lower() for c in chunks))
 
         return self._run(match)
@@ -199,7 +199,7 @@ class MemPool:
     def delete(self, tokens, start: int = 0) -> int:
         """Unindex the cached prefix of tokens from block `start` on; chunks no conversation holds are dropped."""
         tokens = self._engine._check_token_ids(tokens)
-        return self._run(lambda: self._kv.delete(tokens, start))
+        return self._run(lambda: self._kv.content.delete(tokens, start))
 
     # ---- transfer ------------------------------------------------------------------------------------------------
 
@@ -223,10 +223,10 @@ class MemPool:
                 if conv is None or conv.pinned:
                     raise KeyError(f"no idle conversation {conv_id!r} in memory")
                 toks = conv.tokens
-            chunks, end = self._kv.cached(toks, start, conv)
+            chunks, end = self._kv.content.cached(toks, start, conv)
             if not chunks:
                 return None
-            kv = self._kv.read_kv(chunks, toks, end, device or "cpu")
+            kv = self._kv.content.read_kv(chunks, toks, end, device or "cpu")
             if kv is None:
                 return None
             return KVPayload.pack(self.fingerprint, self._kv.block_size, toks, start, end, *kv, as_numpy=device is None)
@@ -260,14 +260,14 @@ class MemPool:
             n = kv.blocks_for(end) - first
             if n <= 0:
                 return 0
-            ids = kv.alloc(t, n)
+            ids = kv.content.alloc(t, n)
             if ids is None:
                 pool = kv.pools[t]
                 raise MemPoolFull(f"no room for {n} {tier} blocks ({pool.num_free} free of {pool.num_blocks})")
             k, v = payload.unpack()
             storage.write_blocks(t, ids, k[:, skip:], v[:, skip:])
             kv.counters["received_chunks"] += n
-            return kv.insert(tokens, first, end, t, ids)
+            return kv.content.insert(tokens, first, end, t, ids)
 
         return self._run(receive)
 

@@ -250,7 +250,7 @@ class Engine:
             raise RuntimeError("scheduler found no runnable turn although turns are active (a bug)")
         chunks.sort(key=_first_block)
         logits = self.runner.run(self.runner.build_plan(chunks))
-        self.kv.after_forward()
+        self.kv.mover.after_forward()
         self.num_steps += 1
         for chunk in chunks:
             turn = chunk.turn
@@ -263,7 +263,7 @@ class Engine:
         tokens = sample(logits, [c.turn for c in sampling_chunks])
         for chunk, token in zip(sampling_chunks, tokens, strict=True):
             self._append(chunk, token)
-        self.kv.swap_out_ahead()
+        self.kv.mover.swap_out_ahead()
 
     def _append(self, chunk: ScheduledChunk, token: int) -> None:
         turn = chunk.turn
@@ -427,7 +427,7 @@ class Engine:
             self.kv.abort_turn(turn.conv)
             if not turn.future.done():
                 turn.future.set_exception(error)
-        self.kv.after_forward()
+        self.kv.mover.after_forward()
 
     def stats(self) -> dict:
         kv = self.kv

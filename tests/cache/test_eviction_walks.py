@@ -1,4 +1,4 @@
-"""How often the cache walks its chunks (`KVManager._candidates`, O(every chunk in memory)) in a full cache.
+"""How often the cache walks its chunks (`TierMover.candidates`, O(every chunk in memory)) in a full cache.
 
 A walk per evicted block made a decode step of 64 conversations with 2k-token histories spend ~300 ms in the
 manager once the cache was full of cached chunks (docs/performance.md). These tests count walks — no timing — and
@@ -10,7 +10,7 @@ import random
 import pytest
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator
-from pensieve.cache import manager as manager_module
+from pensieve.cache import mover as mover_module
 from tests.tiny import VOCAB, hf_greedy, oracle_copy, tiny_model
 
 BS = 4
@@ -23,14 +23,14 @@ def model():
 
 def _count_walks(kv, monkeypatch) -> list:
     walks = []
-    real = manager_module.KVManager._candidates
+    real = mover_module.TierMover.candidates
 
     def counted(self, tier, protect, also=None):
         out = real(self, tier, protect, also)
         walks.append((tier, len(out)))
         return out
 
-    monkeypatch.setattr(manager_module.KVManager, "_candidates", counted)
+    monkeypatch.setattr(mover_module.TierMover, "candidates", counted)
     return walks
 
 
@@ -57,7 +57,7 @@ def test_a_full_cache_walks_once_per_slice_of_evictions(model, monkeypatch):
         evicted = kv.counters["dropped_chunks"] - dropped
         assert evicted > 100
         # Each eviction walk frees a slice; a reservation may count movable chunks (a second walk) before it.
-        assert len(walks) <= 2 * (evicted // (num_blocks // manager_module.EVICTION_SLICE) + 1), (len(walks), evicted)
+        assert len(walks) <= 2 * (evicted // (num_blocks // mover_module.EVICTION_SLICE) + 1), (len(walks), evicted)
         kv.check_integrity()
     for conv_id, msg in new.items():
         assert replies[conv_id].token_ids == hf_greedy(oracle, msg, params.max_new_tokens), conv_id

@@ -17,7 +17,7 @@ def _manager(device=8, host=0, policy="pensieve", watermark=0.0, reserve=0.0) ->
     kv = KVManager(
         device, BS, num_host_blocks=host, policy=chosen, swap_out_watermark=watermark, decode_reserve=reserve
     )
-    kv.trace = []
+    kv.mover.trace = []
     return kv
 
 
@@ -28,7 +28,7 @@ def _idle(kv: KVManager, conv_id: str, num_chunks: int, idle_s: float, tokens: i
     conv.num_computed = tokens or num_chunks * BS
     assert kv.reserve(conv, conv.num_computed, set())
     conv.last_active = time.monotonic() - idle_s
-    kv.trace.clear()
+    kv.mover.trace.clear()
     kv.check_integrity()
     return conv
 
@@ -52,7 +52,7 @@ def test_pensieve_moves_lowest_cost_over_idle_first_leading_chunks_first():
     b = _idle(kv, "b", 3, idle_s=5.0)
     # values with cost(start, 4) = 4 + 4*start + 6: a0 = 10/100, a1 = 26/100, a2 = 42/100, a3 = 58/100, b0 = 10/5
     assert _new_turn(kv, "c", 4 * BS)  # 1 free block, 4 needed: three chunks move
-    assert kv.trace == [("a", 0, D, H), ("a", 1, D, H), ("a", 2, D, H)]
+    assert kv.mover.trace == [("a", 0, D, H), ("a", 1, D, H), ("a", 2, D, H)]
     assert _tiers(a) == [H, H, H, D] and _tiers(b) == [D, D, D]
 
 
@@ -61,7 +61,8 @@ def test_pensieve_takes_a_recent_conversations_cheap_leading_chunk_before_an_old
     a = _idle(kv, "a", 5, idle_s=10.0)  # a4 = cost(16, 4) = 74 -> 7.4 per s idle
     b = _idle(kv, "b", 2, idle_s=5.0)  # b0 = 10 / 5 = 2.0, b1 = 26 / 5 = 5.2
     assert _new_turn(kv, "c", 7 * BS)  # 1 free, 7 needed: a0..a3 (1.0, 2.6, 4.2, 5.8) interleave with b0, b1
-    assert kv.trace == [("a", 0, D, H), ("b", 0, D, H), ("a", 1, D, H), ("a", 2, D, H), ("b", 1, D, H), ("a", 3, D, H)]
+    order = [("a", 0), ("b", 0), ("a", 1), ("a", 2), ("b", 1), ("a", 3)]
+    assert kv.mover.trace == [(name, i, D, H) for name, i in order]
     assert _tiers(a) == [H, H, H, H, D] and _tiers(b) == [H, H]
 
 
@@ -70,7 +71,7 @@ def test_lru_moves_whole_conversations_least_recently_active_first():
     a = _idle(kv, "a", 3, idle_s=5.0)
     b = _idle(kv, "b", 4, idle_s=50.0)
     assert _new_turn(kv, "c", 2 * BS)  # 1 free, 2 needed, but b goes whole
-    assert kv.trace == [("b", i, D, H) for i in range(4)]
+    assert kv.mover.trace == [("b", i, D, H) for i in range(4)]
     assert _tiers(a) == [D, D, D] and _tiers(b) == [H] * 4 and kv.device.num_free == 3
 
 
@@ -79,7 +80,7 @@ def test_full_host_tier_makes_room_by_dropping_its_own_lowest_value_chunk():
     a = _idle(kv, "a", 4, idle_s=100.0)
     _idle(kv, "b", 3, idle_s=1.0)
     assert _new_turn(kv, "c", 3 * BS)  # 1 free, 3 needed
-    assert kv.trace == [("a", 0, D, H), ("a", 0, H, X), ("a", 1, D, H)]
+    assert kv.mover.trace == [("a", 0, D, H), ("a", 0, H, X), ("a", 1, D, H)]
     assert _tiers(a) == [X, H, D, D]
     assert kv.counters["dropped_chunks"] == 1 and kv.counters["swap_out_chunks"] == 2
 
@@ -88,7 +89,7 @@ def test_without_lower_tiers_chunks_are_dropped_leading_first():
     kv = _manager(device=6)
     a = _idle(kv, "a", 4, idle_s=10.0, tokens=14)
     assert _new_turn(kv, "c", 4 * BS)
-    assert kv.trace == [("a", 0, D, X), ("a", 1, D, X)]
+    assert kv.mover.trace == [("a", 0, D, X), ("a", 1, D, X)]
     assert _tiers(a) == [X, X, D, D] and a.num_computed == 14
 
 
@@ -104,7 +105,7 @@ def test_pinned_conversations_never_move():
     busy = _idle(kv, "busy", 2, idle_s=100.0)
     busy.pinned = True
     assert not _new_turn(kv, "c", 3 * BS)  # only 2 free and busy cannot move
-    assert kv.trace == [] and _tiers(busy) == [D, D] and len(kv.conversation("c").chunks) == 0
+    assert kv.mover.trace == [] and _tiers(busy) == [D, D] and len(kv.conversation("c").chunks) == 0
 
 
 def test_reserve_refuses_to_eat_into_the_kept_free_blocks():
@@ -119,16 +120,16 @@ def test_ahead_of_time_swap_out_fills_the_watermark_but_never_drops():
     a = _idle(kv, "a", 4, idle_s=100.0)
     b = _idle(kv, "b", 3, idle_s=1.0)
     assert kv.device.num_free == 1
-    assert kv.swap_out_ahead() == 2  # the host has room for 2 only; the rest stays on the device
-    assert kv.trace == [("a", 0, D, H), ("a", 1, D, H)]
+    assert kv.mover.swap_out_ahead() == 2  # the host has room for 2 only; the rest stays on the device
+    assert kv.mover.trace == [("a", 0, D, H), ("a", 1, D, H)]
     assert _tiers(a) == [H, H, D, D] and _tiers(b) == [D, D, D]
-    assert kv.swap_out_ahead() == 0 and kv.counters["dropped_chunks"] == 0
+    assert kv.mover.swap_out_ahead() == 0 and kv.counters["dropped_chunks"] == 0
 
 
 def test_ahead_of_time_swap_out_does_nothing_above_the_watermark():
     kv = _manager(device=8, host=8, watermark=0.25)
     _idle(kv, "a", 6, idle_s=100.0)
-    assert kv.device.num_free == 2 and kv.swap_out_ahead() == 0 and kv.trace == []
+    assert kv.device.num_free == 2 and kv.mover.swap_out_ahead() == 0 and kv.mover.trace == []
 
 
 def test_restore_swaps_in_host_chunks_and_recomputes_dropped_leading_ones():
@@ -146,7 +147,7 @@ def test_restore_swaps_in_host_chunks_and_recomputes_dropped_leading_ones():
     assert stats.chunks == {X: 1, K: 0, H: 1, D: 2} and stats.tokens == {X: 4, K: 0, H: 4, D: 8}
     assert kv.host.num_free == 3  # the swapped-in host block is freed only after the forward that reads it
     kv.check_integrity()
-    kv.after_forward()
+    kv.mover.after_forward()
     assert kv.host.num_free == 4
     kv.check_integrity()
 
@@ -209,11 +210,11 @@ def test_preempting_with_a_full_host_moves_its_own_host_chunk_to_disk_first(tmp_
         v.normal_()
     disk = DiskStore(tmp_path, "fingerprint", storage.chunk_shape, torch.float32)
     kv = KVManager(4, BS, num_host_blocks=1, storage=storage, disk=disk, swap_out_watermark=0, decode_reserve=0)
-    kv.trace = []
+    kv.mover.trace = []
     b = _idle(kv, "b", 2, idle_s=1.0, tokens=6)
     b.pinned = True
     kv.preempt(b)
-    assert kv.trace == [("b", 0, D, H), ("b", 0, H, K), ("b", 1, D, H)]
+    assert kv.mover.trace == [("b", 0, D, H), ("b", 0, H, K), ("b", 1, D, H)]
     assert _tiers(b) == [K, H]
     kv.check_integrity()
 
@@ -240,12 +241,12 @@ def test_a_shared_chunk_is_worth_the_activity_of_all_its_holders():
     c = _turn_through(kv, "c", system + [80, 81, 82, 83], idle_s=10.0)
     assert a.chunks[:2] == b.chunks[:2] == c.chunks[:2] and a.chunks[0].refs == 3
     assert kv.device.num_free == 2  # 2 shared + a's 2 + b's 1 + c's 1
-    kv.trace.clear()
+    kv.mover.trace.clear()
     # cost(start, 4) = 10 + 4 * start. Shared: s0 = 10 * 3/10 = 3.0, s1 = 26 * 3/10 = 7.8; private: a2 = b2 = c2 =
     # 42/10 = 4.2, a3 = 58/10 = 5.8. Five must move: s0, a2, b2, c2, a3 -- s1 outlasts every private chunk, and a's
     # private chunks still leave from the leading end.
     assert _new_turn(kv, "d", 7 * BS)
-    assert kv.trace == [("a+b+c", 0, D, H), ("a", 2, D, H), ("b", 2, D, H), ("c", 2, D, H), ("a", 3, D, H)]
+    assert kv.mover.trace == [("a+b+c", 0, D, H), ("a", 2, D, H), ("b", 2, D, H), ("c", 2, D, H), ("a", 3, D, H)]
     assert _tiers(a) == [H, D, H, H] and _tiers(b) == _tiers(c) == [H, D, H]
 
 
@@ -257,10 +258,10 @@ def test_a_chunk_only_the_tree_holds_counts_as_one_holder_idle_since_let_go():
     for chunk in kv.tree.nodes.values():
         chunk.last_used = time.monotonic() - 100.0
     b = _turn_through(kv, "b", [90, 91, 92, 93, 94, 95, 96, 97], idle_s=1.0)
-    kv.trace.clear()
+    kv.mover.trace.clear()
     # tree-only t0 = 10/100, t1 = 26/100; b0 = 10/1, b1 = 26/1: the tree's chunks go first
     assert _new_turn(kv, "c", 4 * BS)
-    assert kv.trace == [("", 0, D, H), ("", 1, D, H)]
+    assert kv.mover.trace == [("", 0, D, H), ("", 1, D, H)]
     assert _tiers(b) == [D, D]
 
 
@@ -270,9 +271,9 @@ def test_a_running_conversations_shared_chunk_never_moves():
     a = _turn_through(kv, "a", system + [60, 61, 62, 63], idle_s=100.0)
     b = _turn_through(kv, "b", system + [70], idle_s=100.0)
     b.pinned = True  # b's turn is running: the shared chunk stays, a's private chunk may go
-    kv.trace.clear()
+    kv.mover.trace.clear()
     assert kv.device.num_free == 3 and _new_turn(kv, "c", 4 * BS)
-    assert kv.trace == [("a", 1, D, H)] and _tiers(a) == [D, H] and a.chunks[0] is b.chunks[0]
+    assert kv.mover.trace == [("a", 1, D, H)] and _tiers(a) == [D, H] and a.chunks[0] is b.chunks[0]
 
 
 def test_a_partial_last_chunk_is_kept_as_a_tail_and_handed_to_the_request_that_continues_it():
