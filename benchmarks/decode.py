@@ -69,7 +69,7 @@ def bench_pensieve(gen, batch, context, args) -> dict:
     convs = {f"b{batch}-c{context}-{i}": history(i, context) for i in range(batch)}
     gen.generate_batch(convs, SamplingParams(max_new_tokens=1, ignore_eos=True))  # the prefill, untimed
     turn = SamplingParams(max_new_tokens=args.steps, ignore_eos=True, temperature=0)
-    runner = gen._engine.runner  # the benchmark flips its fast path on and off between turns
+    runner = gen.engine.runner  # the benchmark flips its fast path on and off between turns
     fast = fast_mode(args.device)
     times = {"eager": [], fast: []}
     for rep in range(args.reps + 1):

@@ -1,5 +1,6 @@
 """pensieve: stateful multi-turn LLM serving with a tiered KV cache (DESIGN §1 is the contract)."""
 
+from pensieve.api import Capabilities, Generator
 from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
 from pensieve.engine.turn import Reply, TurnAborted
 from pensieve.generator import StatefulGenerator
@@ -8,7 +9,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CacheConfig",
+    "Capabilities",
     "EngineConfig",
+    "Generator",
     "Reply",
     "SamplingParams",
     "SchedulerConfig",

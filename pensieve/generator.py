@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
+from pensieve.api import Capabilities
 from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
 from pensieve.engine.detokenizer import IncrementalDetokenizer
 from pensieve.engine.engine import Engine
@@ -84,6 +85,24 @@ class StatefulGenerator:
 
     # ---- public API ------------------------------------------------------------------------------------------
 
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(disk_tier=self._engine.kv.disk is not None, streamed_complete=True)
+
+    @property
+    def engine(self):
+        """The engine this generator drives (pensieve/engine/engine.py), for extensions (a cluster instance's
+        MemPool) and tests. Touch it through `call`, or from the thread that drives while no turn runs."""
+        return self._engine
+
+    def call(self, fn: Callable):
+        """fn() on the engine's thread, between steps (a command): -> its result, or raises its error."""
+        return self._result(self._call(fn))
+
+    def check_integrity(self) -> None:
+        """Assert every invariant of the cache and the scheduler (tests call it after each operation)."""
+        self.call(self._engine.check_integrity)
+
     def generate(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> Reply:
         """One turn: append msg (str: a user turn through the chat template; list[int]: raw tokens) and reply."""
         (future,) = self._submit([(conv_id, msg)], sampling)
@@ -119,10 +138,10 @@ class StatefulGenerator:
             raise ValueError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
 
         def admit() -> list[Future]:
-            admissions = [self._engine.prepare_complete(prompt, sampling) for prompt in prompts]
+            admissions = [self._engine.admission.prepare_complete(prompt, sampling) for prompt in prompts]
             return [self._engine.admit(adm).future for adm in admissions]
 
-        return [self._result(f) for f in self._result(self._call(admit))]
+        return [self._result(f) for f in self.call(admit)]
 
     def submit(self, conv_id: str, msg, sampling: SamplingParams | None = None, on_token=None) -> Future:
         """Start a turn without waiting: -> a Future of its Reply (bad input: the Future raises ValueError / KeyError
@@ -132,8 +151,9 @@ class StatefulGenerator:
 
     def submit_complete(self, prompt, sampling: SamplingParams | None = None, on_token=None) -> Future:
         """`complete` without waiting, as `submit`: -> a Future of its Reply (`abort` takes that Future)."""
+        admission = self._engine.admission
         return self._submit_async(
-            lambda on: self._engine.admit(self._engine.prepare_complete(prompt, sampling), on).future, on_token
+            lambda on: self._engine.admit(admission.prepare_complete(prompt, sampling), on).future, on_token
         )
 
     def abort(self, target) -> bool:
@@ -142,7 +162,7 @@ class StatefulGenerator:
         included; what the turn computed beyond its history is released), one the turn started is gone, and the
         turn's caller gets `TurnAborted`. -> whether a running turn was found (False: it had finished)."""
         # a Future from submit* stands for its turn's own Future, known once the submission ran (commands run in order)
-        return self._result(self._call(lambda: self._engine.abort(getattr(target, "turn_future", target))))
+        return self.call(lambda: self._engine.abort(getattr(target, "turn_future", target)))
 
     def serve(self, stop: threading.Event) -> None:
         """Drive the engine on this thread until `stop` is set (a server's engine loop: run it on the main thread,
@@ -166,24 +186,30 @@ class StatefulGenerator:
     def fork(self, conv_id: str, new_conv_id: str) -> None:
         """Start `new_conv_id` as a branch of `conv_id`: the same history, sharing all of its KV (no copy). Continue
         either independently; with `truncate` first, the branch regenerates from an earlier point."""
-        self._result(self._call(lambda: self._engine.fork(conv_id, new_conv_id)))
+        self.call(lambda: self._engine.fork(conv_id, new_conv_id))
 
     def truncate(self, conv_id: str, num_tokens: int) -> None:
         """Keep only the first `num_tokens` tokens of a raw-mode conversation (and their KV): the next turn continues
         from there (edit and regenerate)."""
-        self._result(self._call(lambda: self._engine.truncate(conv_id, num_tokens)))
+        self.call(lambda: self._engine.truncate(conv_id, num_tokens))
+
+    def adopt(self, conv_id: str, tokens: list[int], messages: list[dict] | None = None) -> None:
+        """Make conv_id's history `tokens` (text mode: rendered from chat `messages`), as another engine had it: the
+        KV of the common prefix with what is here is kept, the rest found in the prompt tree or computed next turn.
+        Creates the conversation if there is none; it must be idle."""
+        self.call(lambda: self._engine.adopt(conv_id, tokens, messages))
 
     def end(self, conv_id: str, forget: bool = False) -> None:
         """Release a conversation's memory. With `CacheConfig.disk_dir` it stays stored (its KV written to disk) and
         a later turn continues it; `forget=True` deletes it from disk too. Without a disk tier it is gone."""
-        self._result(self._call(lambda: self._engine.end(conv_id, forget)))
+        self.call(lambda: self._engine.end(conv_id, forget))
 
     def conversations(self) -> list[str]:
         """Ids of the conversations in memory and, with a disk tier, stored on disk."""
-        return self._result(self._call(self._engine.conversations))
+        return self.call(self._engine.conversations)
 
     def stats(self) -> dict:
-        return self._result(self._call(self._engine.stats))
+        return self.call(self._engine.stats)
 
     def close(self) -> None:
         """Fail turns still running, write every stored conversation's KV to disk (with a disk tier), reject further
@@ -207,14 +233,14 @@ class StatefulGenerator:
     # ---- driving -----------------------------------------------------------------------------------------------
 
     def _submit(self, items, sampling, on_token=None) -> list[Future]:
-        return self._result(self._call(lambda: self._admit(items, sampling, on_token)))
+        return self.call(lambda: self._admit(items, sampling, on_token))
 
     def _admit(self, items, sampling, on_token) -> list[Future]:
         """All-or-nothing: a bad item rejects the whole call before any turn is admitted."""
         conv_ids = [conv_id for conv_id, _ in items]
         if len(set(conv_ids)) != len(conv_ids):
             raise ValueError("two messages for the same conversation in one call")
-        admissions = [self._engine.prepare(conv_id, msg, sampling) for conv_id, msg in items]
+        admissions = [self._engine.admission.prepare(conv_id, msg, sampling) for conv_id, msg in items]
         return [self._engine.admit(adm, on_token).future for adm in admissions]
 
     def _call(self, fn: Callable) -> Future:

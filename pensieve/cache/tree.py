@@ -66,6 +66,16 @@ class PromptTree:
         self.tails: dict[bytes, tuple[Chunk, int]] = {}  # key of a partial block's tokens -> (chunk, tokens it holds)
         self.removed: list[bytes] | None = None  # when a list: keys of the nodes deleted since (eviction reports)
 
+    def track_removals(self) -> None:
+        """From now on, keep the keys of the nodes deleted (a cluster instance's eviction reports)."""
+        if self.removed is None:
+            self.removed = []
+
+    def take_removals(self) -> list[bytes]:
+        """The keys of the nodes deleted since the last call (tracking must be on)."""
+        keys, self.removed = self.removed, []
+        return keys
+
     def __len__(self) -> int:
         return len(self.nodes)
 

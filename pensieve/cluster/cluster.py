@@ -38,11 +38,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from pensieve.api import Capabilities
 from pensieve.cache.tree import prefix_keys
 from pensieve.cluster.instance import ROLES, Instance, InstanceSpec
 from pensieve.cluster.router import Route, Router, RouterConfig
 from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
-from pensieve.engine.engine import check_token_ids, render_turn, require_idle
+from pensieve.engine.admission import check_token_ids, render_prompt, render_turn, require_idle
 from pensieve.engine.turn import Reply
 
 DECODERS = ("colocated", "decode")
@@ -208,7 +209,12 @@ class Cluster:
         self._lock = threading.RLock()  # the driver's state: records, router, counters
         self._closed = False
 
-    # ---- public API (StatefulGenerator's) ------------------------------------------------------------------
+    # ---- public API (the Generator protocol, pensieve/api.py) -----------------------------------------------
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """No disk tier yet (the driver keeps the record); a completion is not streamed by its instance."""
+        return Capabilities(disk_tier=False, streamed_complete=False, num_instances=len(self.alive))
 
     def generate(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> Reply:
         """One turn on conv_id, on the instance the router picks."""
@@ -305,6 +311,12 @@ class Cluster:
         while not stop.wait(0.5):
             pass
 
+    def owner(self, conv_id: str) -> str | None:
+        """The instance holding conv_id's KV (None: none yet, or no such conversation)."""
+        with self._lock:
+            conv = self._convs.get(conv_id)
+            return None if conv is None else conv.owner
+
     def _workers(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
@@ -316,22 +328,25 @@ class Cluster:
 
     def complete(self, prompt, sampling: SamplingParams | None = None) -> Reply:
         """A stateless turn (token ids or chat messages), routed to the instance caching most of the prompt."""
+        (reply,) = self.complete_batch([prompt], sampling)
+        return reply
+
+    def complete_batch(self, prompts: list, sampling: SamplingParams | None = None) -> list[Reply]:
+        """`complete` on several prompts, run concurrently across instances (and batched on each). All are
+        validated before any starts."""
         self._check_open()
-        if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise ValueError(f"prompt must be a non-empty list of token ids or of chat messages, got {prompt!r:.80}")
-        if all(isinstance(m, dict) for m in prompt):
-            if self.tokenizer is None:
-                raise ValueError("chat messages need a tokenizer: pass tokenizer= or send token ids")
-            rendered = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, return_dict=False)
-            tokens = list(rendered)
-        else:
-            tokens = check_token_ids(prompt, self._vocab)
-        _check_sampling(sampling)
-        self._check_fits(None, len(tokens), sampling)
-        turn = _Turn(None, list(prompt), sampling, tokens, prefix_keys(tokens, self.block_size))
+        if not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
+        turns = []
+        for prompt in prompts:
+            tokens = render_prompt(self.tokenizer, prompt, lambda ids: check_token_ids(ids, self._vocab))
+            _check_sampling(sampling)
+            self._check_fits(None, len(tokens), sampling)
+            turns.append(_Turn(None, list(prompt), sampling, tokens, prefix_keys(tokens, self.block_size)))
         with self._lock:
-            self._dispatch(turn)
-        return self._finish(turn)
+            for turn in turns:
+                self._dispatch(turn)
+        return [self._finish(turn) for turn in turns]
 
     def fork(self, conv_id: str, new_conv_id: str) -> None:
         """Start new_conv_id as a branch of conv_id: the same history; on the same instance, sharing its KV."""

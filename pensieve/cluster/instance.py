@@ -65,8 +65,8 @@ class Instance:
             engine_config=spec.engine_config,
         )
         self.pool = MemPool(self.gen)
-        self._kv = self.gen._engine.kv
-        self._kv.tree.removed = []  # eviction reports: keys the tree dropped since the last reply
+        self._kv = self.gen.engine.kv
+        self._kv.tree.track_removals()  # eviction reports: keys the tree dropped since the last reply
         self.transfers_failed = 0  # KV sent for a turn that could not be used (recomputed instead)
         self._staged: dict[str, torch.Tensor] = {}  # collective transport: data read, waiting for send_kv
         self._sent: dict[int, int] = defaultdict(int)  # transfers done per peer rank (send_kv / _recv_kv order)
@@ -76,7 +76,7 @@ class Instance:
         self._wire_device = torch.device("cpu")
 
     def info(self) -> dict:
-        shape = model_shape(self.gen._engine.model)
+        shape = model_shape(self.gen.engine.model)
         storage = self._kv.storage
         return {
             "name": self.name,
@@ -142,9 +142,9 @@ class Instance:
             def sync():
                 conv = self._kv.lookup(conv_id)
                 if conv is None or conv.tokens != tokens or conv.messages != messages:
-                    self.gen._engine.adopt(conv_id, tokens, messages)
+                    self.gen.engine.adopt(conv_id, tokens, messages)
 
-            self.pool._run(sync)
+            self.gen.call(sync)
 
     # ---- the collective transport (ray.util.collective: NCCL between GPUs, gloo between CPUs) -------------------
 
@@ -247,7 +247,7 @@ class Instance:
                 return None, None, 0
             return list(conv.tokens), conv.messages and [dict(m) for m in conv.messages], conv.num_computed
 
-        tokens, messages, computed = self.pool._run(state)
+        tokens, messages, computed = self.gen.call(state)
         return {
             "reply": reply,
             "tokens": tokens,
@@ -257,11 +257,7 @@ class Instance:
         }
 
     def _evicted(self) -> list[bytes]:
-        def take():
-            keys, self._kv.tree.removed = self._kv.tree.removed, []
-            return keys
-
-        return self.pool._run(take)
+        return self.gen.call(self._kv.tree.take_removals)
 
     # ---- MemPool and conversations ---------------------------------------------------------------------------
 
@@ -290,7 +286,7 @@ class Instance:
         return {**self.gen.stats(), "transfers_failed": self.transfers_failed}
 
     def check_integrity(self) -> None:
-        self.pool._run(self.gen._engine.check_integrity)
+        self.gen.check_integrity()
 
     def close(self) -> None:
         self.gen.close()

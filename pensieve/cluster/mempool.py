@@ -124,9 +124,14 @@ class MemPool:
 
     def __init__(self, generator) -> None:
         self._gen = generator
-        self._engine = generator._engine
+        self._engine = generator.engine
         self._kv = self._engine.kv
         self._fingerprint: str | None = None
+
+    @property
+    def generator(self):
+        """The StatefulGenerator whose cache this pool offers."""
+        return self._gen
 
     @property
     def fingerprint(self) -> str:
@@ -136,7 +141,7 @@ class MemPool:
 
     def _run(self, fn):
         """fn on the engine's thread between steps (a command), its result or exception."""
-        return self._gen._result(self._gen._call(fn))
+        return self._gen.call(fn)
 
     # ---- memory ------------------------------------------------------------------------------------------------
 
@@ -180,7 +185,7 @@ class MemPool:
         """Index allocated, written blocks in the prompt tree: block j holds the KV of block `start + j` of tokens, up
         to position `num_tokens` (default: as far as the blocks reach; a partial last block becomes a tail). Blocks
         whose content is cached already are freed. -> chunks indexed."""
-        t, ids, tokens = tier_of(tier), _blocks(blocks), self._engine._check_token_ids(tokens)
+        t, ids, tokens = tier_of(tier), _blocks(blocks), self._engine.admission.check_token_ids(tokens)
         bs = self._kv.block_size
         if num_tokens is None:
             num_tokens = min(len(tokens), (start + len(ids)) * bs)
@@ -188,7 +193,7 @@ class MemPool:
 
     def match(self, tokens) -> PrefixMatch:
         """The longest prefix of tokens this instance holds KV for, on any tier."""
-        tokens = self._engine._check_token_ids(tokens)
+        tokens = self._engine.admission.check_token_ids(tokens)
 
         def match():
             chunks, n = self._kv.content.cached(tokens)
@@ -198,7 +203,7 @@ class MemPool:
 
     def delete(self, tokens, start: int = 0) -> int:
         """Unindex the cached prefix of tokens from block `start` on; chunks no conversation holds are dropped."""
-        tokens = self._engine._check_token_ids(tokens)
+        tokens = self._engine.admission.check_token_ids(tokens)
         return self._run(lambda: self._kv.content.delete(tokens, start))
 
     # ---- transfer ------------------------------------------------------------------------------------------------
@@ -211,7 +216,7 @@ class MemPool:
         if not isinstance(start, int) or isinstance(start, bool) or start < 0:
             raise ValueError(f"start must be an int >= 0, got {start!r}")
         if conv_id is None:
-            tokens = self._engine._check_token_ids(tokens)
+            tokens = self._engine.admission.check_token_ids(tokens)
         elif tokens is not None:
             raise ValueError("pass tokens or conv_id, not both")
 
@@ -250,7 +255,7 @@ class MemPool:
         want = (storage.num_layers, payload.num_blocks, *storage.chunk_shape[1:])
         if payload.shape != want or payload.dtype != str(storage.dtype).removeprefix("torch."):
             raise ValueError(f"the payload holds {payload.dtype} {payload.shape}, this instance {storage.dtype} {want}")
-        tokens = self._engine._check_token_ids(list(payload.tokens))
+        tokens = self._engine.admission.check_token_ids(list(payload.tokens))
 
         def receive():
             start, end = payload.start, payload.num_tokens

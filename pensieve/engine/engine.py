@@ -1,13 +1,14 @@
-"""The engine: admits turns (validating everything before touching any state), steps, postprocesses.
+"""The engine: one model, its KV cache and the turns running on it (DESIGN §2).
 
-Single-threaded by design: `StatefulGenerator` runs it on one loop thread and hands it commands.
+`step()` is three calls: the scheduler picks which turns run and how many tokens each (deciding the cache moves),
+the runner computes one forward over all of them, the output processor turns the logits into tokens, stop checks
+and replies. Turns come in through `admission.prepare` / `prepare_complete` (pensieve/engine/admission.py: checked
+before any state changes) and `admit`; the commands (end, fork, truncate, adopt, abort) ask the cache manager.
+
+Single-threaded by design: `StatefulGenerator` runs it on one thread at a time and hands it commands.
 """
 
 from __future__ import annotations
-
-import itertools
-import time
-from dataclasses import dataclass
 
 import torch
 
@@ -15,41 +16,16 @@ from pensieve.cache.disk import DiskStore, model_fingerprint
 from pensieve.cache.manager import KVManager
 from pensieve.cache.policy import RecomputeCost, make_policy
 from pensieve.cache.tiers import KVStorage
-from pensieve.cache.tree import common_prefix
 from pensieve.cache.types import Tier
-from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
-from pensieve.engine.detokenizer import IncrementalDetokenizer, find_stop
+from pensieve.config import CacheConfig, EngineConfig, SchedulerConfig
+from pensieve.engine.admission import Admission, Admitter, require_idle
+from pensieve.engine.detokenizer import IncrementalDetokenizer
 from pensieve.engine.graphs import CompiledForward
+from pensieve.engine.output import OutputProcessor
 from pensieve.engine.runner import ModelRunner, default_num_blocks
-from pensieve.engine.sampler import sample
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
-from pensieve.engine.turn import Reply, ResolvedSampling, Turn, TurnAborted
+from pensieve.engine.turn import Turn, TurnAborted
 from pensieve.models.support import model_shape
-
-DEFAULT_MAX_NEW_TOKENS = 256
-
-
-@dataclass(frozen=True)
-class Admission:
-    """A validated turn, not yet started."""
-
-    conv_id: str
-    tokens: list[int]  # the conversation's whole token sequence once the message is appended
-    messages: list[dict] | None  # text mode: the chat messages that rendered `tokens`
-    params: ResolvedSampling
-    history_len: int
-    common_prefix: int  # tokens shared by the stored history and `tokens`
-    stored: bool = True  # False: a `complete()` call: no conversation is kept
-
-
-@dataclass(frozen=True)
-class CompletionId:
-    """The id of a `complete()` call's conversation: never a str, so never a caller's conversation id."""
-
-    number: int
-
-    def __str__(self) -> str:
-        return f"<completion {self.number}>"
 
 
 class Engine:
@@ -101,60 +77,15 @@ class Engine:
             max_positions=shape.max_positions,
             engine_config=engine_config,
         )
+        self.admission = Admitter(model, tokenizer, shape, self.kv)
+        self.output = OutputProcessor(self.kv, self.scheduler, tokenizer, shape.max_positions)
         self.num_steps = 0
-        self.num_tokens_computed = 0
-        self.num_turns = 0
-        self.num_recomputed = 0
-        self._completions = itertools.count()
 
     # ---- admission -------------------------------------------------------------------------------------------
 
-    def prepare(self, conv_id, msg, sampling: SamplingParams | None) -> Admission:
-        """Validate a turn and work out everything about it without changing any conversation (ValueError if bad).
-        A stored conversation may be loaded from disk into memory on the way: the same state, cached."""
-        if not isinstance(conv_id, str) or not conv_id:
-            raise ValueError(f"conv_id must be a non-empty str, got {conv_id!r}")
-        if sampling is not None and not isinstance(sampling, SamplingParams):
-            raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        params = self._resolve(sampling or SamplingParams())
-        loading = conv_id not in self.kv.conversations
-        conv = self.kv.lookup(conv_id)
-        if conv is not None and conv.pinned:
-            raise ValueError(f"conversation {conv_id!r} already has a turn running")
-        if loading and conv is not None and conv.tokens and max(conv.tokens) >= self.shape.vocab_size:
-            self.kv.remove(conv_id)  # back to stored-only, as before the call
-            raise ValueError(
-                f"stored conversation {conv_id!r} has token ids outside this model's vocabulary "
-                f"({max(conv.tokens)} >= {self.shape.vocab_size}): it was stored by another model"
-            )
-        tokens, messages = self._render(conv, msg)
-        history = conv.tokens if conv is not None else []
-        self._check_fits(f"conversation {conv_id!r}", len(tokens), params.max_new_tokens)
-        return Admission(conv_id, tokens, messages, params, len(history), common_prefix(history, tokens))
-
-    def prepare_complete(self, prompt, sampling: SamplingParams | None) -> Admission:
-        """Validate a stateless completion: `prompt` is token ids, or chat messages rendered with the chat template."""
-        if sampling is not None and not isinstance(sampling, SamplingParams):
-            raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        params = self._resolve(sampling or SamplingParams())
-        if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise ValueError(f"prompt must be a non-empty list of token ids or of chat messages, got {prompt!r:.80}")
-        if all(isinstance(m, dict) for m in prompt):
-            if self.tokenizer is None:
-                raise ValueError("chat messages need a tokenizer: pass tokenizer= or send token ids")
-            bad = [m for m in prompt if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)]
-            if bad:
-                raise ValueError(f"each chat message needs a str 'role' and 'content', got {bad[0]!r:.80}")
-            rendered = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, return_dict=False)
-            tokens = list(rendered)
-        else:
-            tokens = self._check_token_ids(prompt)
-        conv_id = CompletionId(next(self._completions))
-        self._check_fits("a completion", len(tokens), params.max_new_tokens)
-        return Admission(conv_id, tokens, None, params, 0, 0, stored=False)
-
     def admit(self, adm: Admission, on_token=None) -> Turn:
-        """Start a prepared turn. Cannot fail; call it right after prepare, on the same thread."""
+        """Start a turn `admission.prepare` / `prepare_complete` made. Cannot fail; call it right after, on the same
+        thread."""
         prev = self.kv.conversations.get(adm.conv_id) if adm.stored else None
         before = None if prev is None else (prev.tokens, prev.messages, prev.num_computed)  # begin_turn replaces them
         conv = self.kv.begin_turn(adm.conv_id, adm.tokens, adm.common_prefix, adm.messages, adm.stored)
@@ -175,65 +106,6 @@ class Engine:
         self.scheduler.add(turn)
         return turn
 
-    def _render(self, conv, msg) -> tuple[list[int], list[dict] | None]:
-        """The conversation's full token sequence with msg appended, and (text mode) its chat messages."""
-        if conv is None:
-            return render_turn(self.tokenizer, None, [], None, msg, self._check_token_ids)
-        return render_turn(self.tokenizer, conv.conv_id, conv.tokens, conv.messages, msg, self._check_token_ids)
-
-    def _check_token_ids(self, ids) -> list[int]:
-        return check_token_ids(ids, self.shape.vocab_size)
-
-    def _check_fits(self, what: str, num_tokens: int, max_new_tokens: int) -> None:
-        total = num_tokens + max_new_tokens
-        if total > self.shape.max_positions:
-            raise ValueError(
-                f"{what} would reach {total} tokens ({num_tokens} + max_new_tokens "
-                f"{max_new_tokens}), over the model's {self.shape.max_positions} positions"
-            )
-        if self.kv.blocks_for(total) > self.kv.device.num_blocks:
-            raise ValueError(
-                f"{what} would need {self.kv.blocks_for(total)} KV blocks for {total} tokens; "
-                f"the device pool has {self.kv.device.num_blocks} (CacheConfig.num_device_blocks)"
-            )
-
-    def _resolve(self, sp: SamplingParams) -> ResolvedSampling:
-        gc = getattr(self.model, "generation_config", None)
-        do_sample = bool(getattr(gc, "do_sample", False))
-
-        def default(value, name, fallback):
-            if value is not None:
-                return value
-            from_model = getattr(gc, name, None)
-            return fallback if from_model is None else from_model
-
-        temperature = (
-            sp.temperature if sp.temperature is not None else (default(None, "temperature", 1.0) if do_sample else 0.0)
-        )
-        stop_ids = set(sp.stop_token_ids)
-        if not sp.ignore_eos:
-            stop_ids |= self._eos_ids()
-        if sp.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-        return ResolvedSampling(
-            max_new_tokens=default(sp.max_new_tokens, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
-            temperature=float(temperature),
-            top_k=int(default(sp.top_k, "top_k", 0)),
-            top_p=float(default(sp.top_p, "top_p", 1.0)),
-            seed=sp.seed,
-            stop_token_ids=frozenset(stop_ids),
-            stop=tuple(sp.stop),
-        )
-
-    def _eos_ids(self) -> set[int]:
-        gc = getattr(self.model, "generation_config", None)
-        eos = getattr(gc, "eos_token_id", None)
-        if eos is None and self.tokenizer is not None:
-            eos = self.tokenizer.eos_token_id
-        if eos is None:
-            return set()
-        return {eos} if isinstance(eos, int) else set(eos)
-
     # ---- stepping -------------------------------------------------------------------------------------------
 
     def has_work(self) -> bool:
@@ -245,97 +117,28 @@ class Engine:
         self.scheduler.check_integrity()
 
     def step(self) -> None:
+        """One forward: which turns run and how many tokens each -> the model over all of them -> their outputs."""
+        chunks = self._schedule()
+        logits = self._run(chunks)
+        self.output.process(chunks, logits)
+        self.kv.mover.swap_out_ahead()
+
+    def _schedule(self) -> list[ScheduledChunk]:
         chunks = self.scheduler.schedule()
         if not chunks:
             raise RuntimeError("scheduler found no runnable turn although turns are active (a bug)")
         chunks.sort(key=_first_block)
-        logits = self.runner.run(self.runner.build_plan(chunks))
+        return chunks
+
+    def _run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        logits = self.runner.run(self.runner.build_plan(chunks))  # [rows that sample, vocab]
         self.kv.mover.after_forward()
         self.num_steps += 1
-        for chunk in chunks:
-            turn = chunk.turn
-            self.kv.advance(turn.conv, chunk.num_tokens, recompute=chunk.recompute)
-            turn.num_computed += chunk.num_tokens
-            if turn.first_token_at is None:
-                turn.num_prefilled += chunk.num_tokens
-            self.num_tokens_computed += chunk.num_tokens
-        sampling_chunks = [c for c in chunks if c.samples]
-        tokens = sample(logits, [c.turn for c in sampling_chunks])
-        for chunk, token in zip(sampling_chunks, tokens, strict=True):
-            self._append(chunk, token)
-        self.kv.mover.swap_out_ahead()
-
-    def _append(self, chunk: ScheduledChunk, token: int) -> None:
-        turn = chunk.turn
-        if turn.first_token_at is None:
-            turn.first_token_at = time.perf_counter()
-        turn.output.append(token)
-        self.kv.append_token(turn.conv, token)
-        if turn.on_token is not None:
-            turn.on_token(token)
-        reason = self._finish_reason(turn, token)
-        if reason is not None:
-            self._finish(turn, reason)
-
-    def _finish_reason(self, turn: Turn, token: int) -> str | None:
-        if token in turn.sampling.stop_token_ids:
-            return "stop"
-        if turn.detokenizer is not None:  # stop strings: only the new text, and the stops that can end in it
-            start = len(turn.detokenizer.text)
-            turn.detokenizer.add(token)
-            if find_stop(turn.detokenizer.text, turn.sampling.stop, start) is not None:
-                return "stop"
-        if len(turn.output) >= turn.sampling.max_new_tokens or len(turn.conv.tokens) >= self.shape.max_positions:
-            return "length"
-        return None
-
-    def _finish(self, turn: Turn, reason: str) -> None:
-        self.scheduler.remove(turn)
-        conv = turn.conv
-        self.num_turns += 1
-        self.num_recomputed += turn.num_recomputed
-        text = None
-        if self.tokenizer is not None:
-            text = self._decode(turn.output)
-            cut = find_stop(text, turn.sampling.stop)
-            text = text if cut is None else text[:cut]
-        new_messages = None
-        if conv.messages is not None:
-            new_messages = [conv.messages[-1], {"role": "assistant", "content": text}]
-        self.kv.end_turn(conv, None if new_messages is None else new_messages[-1])
-        self.kv.log_turn(conv, turn.history_kept, new_messages)
-        restored = turn.restored
-        now = time.perf_counter()
-        reply = Reply(
-            conv_id=conv.conv_id if conv.stored else None,
-            token_ids=list(turn.output),
-            text=text,
-            finish_reason=reason,
-            num_new_tokens=turn.num_new_tokens,
-            num_reused_device=restored.tokens[Tier.DEVICE],
-            num_reused_host=restored.tokens[Tier.HOST],
-            num_reused_disk=restored.tokens[Tier.DISK],
-            num_recomputed=turn.num_recomputed,
-            num_prefilled=turn.num_prefilled,
-            ttft_s=(turn.first_token_at or now) - turn.submitted_at,
-            latency_s=now - turn.submitted_at,
-            num_chunks_device=restored.chunks[Tier.DEVICE],
-            num_chunks_host=restored.chunks[Tier.HOST],
-            num_chunks_disk=restored.chunks[Tier.DISK],
-            num_chunks_dropped=restored.chunks[Tier.DROPPED],
-            bytes_swapped_in=restored.bytes_in,
-            num_reused_shared=restored.shared,
-        )
-        if not conv.stored:  # a completion: its full chunks stay in the prompt tree, the conversation goes
-            self.kv.remove(conv.conv_id)
-        turn.future.set_result(reply)
+        return logits
 
     def _generator(self, seed: int) -> torch.Generator:
         """A seeded turn's own generator, on the device that samples."""
         return torch.Generator(device=self.runner.device).manual_seed(seed)
-
-    def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # ---- other commands ----------------------------------------------------------------------------------------
 
@@ -379,7 +182,7 @@ class Engine:
         for the common prefix with what is here is kept, the rest is found in the prompt tree or computed next turn."""
         if not isinstance(conv_id, str) or not conv_id:
             raise ValueError(f"conv_id must be a non-empty str, got {conv_id!r}")
-        tokens = self._check_token_ids(tokens) if tokens else []
+        tokens = self.admission.check_token_ids(tokens) if tokens else []
         if messages is not None and not (
             isinstance(messages, list)
             and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
@@ -436,10 +239,10 @@ class Engine:
             "conversations": sum(c.stored for c in kv.conversations.values()),
             "stored_conversations": len(kv.stored_ids()),
             "active_turns": len(self.scheduler.active),
-            "turns_completed": self.num_turns,
+            "turns_completed": self.output.num_turns,
             "steps": self.num_steps,
-            "tokens_computed": self.num_tokens_computed,
-            "tokens_recomputed": self.num_recomputed,
+            "tokens_computed": self.output.num_tokens_computed,
+            "tokens_recomputed": self.output.num_recomputed,
             "block_size": kv.block_size,
             "device_blocks_total": kv.device.num_blocks,
             "device_blocks_free": kv.device.num_free,
@@ -476,46 +279,6 @@ COUNTERS = (
     "received_chunks",  # chunks written by a transfer from another instance (MemPool.receive)
     "inserted_chunks",  # chunks indexed by MemPool.insert (received ones included)
 )
-
-
-def require_idle(conv_id: str, conv, running: bool):
-    """conv, unless there is none (KeyError) or a turn runs on it (ValueError): the errors every API gives."""
-    if conv is None:
-        raise KeyError(f"no conversation {conv_id!r}")
-    if running:
-        raise ValueError(f"conversation {conv_id!r} has a turn running")
-    return conv
-
-
-def check_token_ids(ids, vocab: int) -> list[int]:
-    if not isinstance(ids, (list, tuple)):
-        raise ValueError(f"token ids must be a list of ints, got {type(ids).__name__}")
-    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"token ids must be ints in [0, {vocab}): got {bad[:5]}")
-    return list(ids)
-
-
-def render_turn(tokenizer, conv_id, history: list[int], messages, msg, check_ids) -> tuple[list[int], list | None]:
-    """A conversation's token sequence (`history`; text mode: rendered from chat `messages`) with msg appended: a
-    str is a user turn through the chat template, a list of ids is appended raw. -> (tokens, messages or None).
-    ValueError names what is wrong; the cluster's driver renders with it too, so both reject alike."""
-    text_mode = messages is not None
-    if isinstance(msg, str):
-        if tokenizer is None:
-            raise ValueError("a str message needs a tokenizer: pass tokenizer= or send token ids")
-        if not msg:
-            raise ValueError("message is empty")
-        if history and not text_mode:
-            raise ValueError(f"conversation {conv_id!r} is in raw token mode; send token ids")
-        new_messages = [*(messages if text_mode else []), {"role": "user", "content": msg}]
-        rendered = tokenizer.apply_chat_template(new_messages, add_generation_prompt=True, return_dict=False)
-        return list(rendered), new_messages
-    if not isinstance(msg, (list, tuple)) or not msg:
-        raise ValueError(f"message must be a non-empty str or list of token ids, got {msg!r:.80}")
-    if text_mode:
-        raise ValueError(f"conversation {conv_id!r} is in text mode; send a str")
-    return [*history, *check_ids(msg)], None
 
 
 def _first_block(chunk: ScheduledChunk) -> int:

@@ -43,7 +43,7 @@ def test_a_full_cache_walks_once_per_slice_of_evictions(model, monkeypatch):
     rng = random.Random(0)
     oracle = oracle_copy(model)
     with StatefulGenerator(model, None, CacheConfig(block_size=BS, num_device_blocks=num_blocks)) as gen:
-        kv = gen._engine.kv
+        kv = gen.engine.kv
         fill = {f"old{i}": _tokens(rng, 120) for i in range(16)}  # 16 x 31 blocks: the cache is nearly full...
         gen.generate_batch(fill, SamplingParams(max_new_tokens=4, ignore_eos=True))
         for conv_id in fill:
@@ -67,17 +67,17 @@ def test_swap_out_ahead_does_not_walk_every_step_when_nothing_can_move(model, mo
     rng = random.Random(1)
     config = CacheConfig(block_size=BS, num_device_blocks=128, num_host_blocks=64)  # watermark: 32 free blocks
     with StatefulGenerator(model, None, config) as gen:
-        kv = gen._engine.kv
+        kv = gen.engine.kv
         walks = _count_walks(kv, monkeypatch)
         params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
         msgs = {f"c{i}": _tokens(rng, 130) for i in range(3)}  # 3 x 33-38 blocks, each held by a running turn...
-        free, step = [], gen._engine.step
+        free, step = [], gen.engine.step
 
         def recorded_step():
             step()
             free.append(kv.device.num_free)
 
-        gen._engine.step = recorded_step
+        gen.engine.step = recorded_step
         gen.generate_batch(msgs, params)
         assert len(free) >= 20 and max(free[:-1]) < kv.watermark_blocks  # ...so under the watermark at every step
         futile = [w for w in walks if w[1] == 0]

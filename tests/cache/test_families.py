@@ -22,7 +22,7 @@ def test_tiers_and_restart_are_exact_for_every_family(family, tmp_path):
         history = histories.get(conv_id, []) + msg
         assert reply.token_ids == hf_greedy(oracle, history, 4), (family, conv_id, seed)
         histories[conv_id] = history + reply.token_ids
-        gen._engine.kv.check_integrity()
+        gen.engine.kv.check_integrity()
         return reply
 
     with StatefulGenerator(model, None, config) as gen:

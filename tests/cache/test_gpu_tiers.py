@@ -82,6 +82,6 @@ def test_tiered_generation_on_gpu_is_token_identical(tmp_path):
                 history = histories.get(conv_id, []) + msg
                 assert reply.token_ids == hf_greedy(oracle, history, 5), (conv_id, turn)
                 histories[conv_id] = history + reply.token_ids
-                gen._engine.kv.check_integrity()
+                gen.engine.kv.check_integrity()
         stats = gen.stats()
     assert stats["swap_in_chunks"] > 0 and stats["swap_out_chunks"] > 0

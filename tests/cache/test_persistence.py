@@ -82,7 +82,7 @@ def test_text_mode_conversations_survive_a_restart_with_their_messages(tmp_path)
         first = gen.generate("t", "hello there", sp)
     with StatefulGenerator(model, tok, CacheConfig(block_size=4, disk_dir=tmp_path)) as gen:
         second = gen.generate("t", "and again", sp)
-        conv = gen._engine.kv.conversations["t"]
+        conv = gen.engine.kv.conversations["t"]
         assert [m["role"] for m in conv.messages] == ["user", "assistant", "user", "assistant"]
         assert conv.messages[1]["content"] == first.text
         assert second.num_reused_disk > 0
@@ -96,7 +96,7 @@ def test_end_keeps_a_stored_conversation_and_forget_deletes_it(model, oracle, tm
     with _open(model, tmp_path) as gen:
         _chat(gen, oracle, histories, rounds=1, convs="ab")
         gen.end("a")
-        assert gen.conversations() == ["a", "b"] and "a" not in gen._engine.kv.conversations
+        assert gen.conversations() == ["a", "b"] and "a" not in gen.engine.kv.conversations
         reply = _turn(gen, oracle, histories, "a", _msg(50))  # continues from disk
         assert reply.num_reused_disk > 0
         gen.end("b", forget=True)
@@ -219,9 +219,9 @@ def test_a_crash_between_write_and_rename_leaves_the_old_file_readable(model, or
         _turn(gen, oracle, histories, "a", _msg(55))  # the whole conversation is on the device now, newer than disk
         monkeypatch.setattr(disk_module.os, "replace", crash)
         with pytest.warns(DiskWarning, match="simulated crash"):
-            gen._engine.kv.persist(gen._engine.kv.lookup("a"))  # every chunk write stops before its rename
+            gen.engine.kv.persist(gen.engine.kv.lookup("a"))  # every chunk write stops before its rename
         monkeypatch.undo()
-        gen._engine.kv.remove("a")  # forget the in-memory copy: the next turn must read what is on disk
+        gen.engine.kv.remove("a")  # forget the in-memory copy: the next turn must read what is on disk
         (files[0].parent / "0.safetensors.tmp999").write_bytes(b"half a file")  # debris of a real crash
     assert all(p.read_bytes() == data for p, data in old.items())
     with _open(model, tmp_path) as gen:
@@ -292,8 +292,8 @@ def test_a_conversation_stored_by_a_model_with_a_larger_vocabulary_is_rejected_c
             with pytest.raises(ValueError, match="outside this model's vocabulary"):
                 gen.generate("v", [5], GREEDY)
         assert gen.conversations() == ["v"]  # still stored, untouched
-        assert "v" not in gen._engine.kv.conversations
-        gen._engine.kv.check_integrity()  # its chunks were let go of again
+        assert "v" not in gen.engine.kv.conversations
+        gen.engine.kv.check_integrity()  # its chunks were let go of again
 
 
 def test_one_generator_per_disk_dir(model, tmp_path):

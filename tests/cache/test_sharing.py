@@ -22,7 +22,7 @@ GREEDY = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
 def _open(model, device=64, host=0, disk_dir=None) -> StatefulGenerator:
     config = CacheConfig(block_size=BS, num_device_blocks=device, num_host_blocks=host, disk_dir=disk_dir)
     gen = StatefulGenerator(model, None, config)
-    engine, step = gen._engine, gen._engine.step
+    engine, step = gen.engine, gen.engine.step
 
     def checked_step():
         step()
@@ -45,7 +45,7 @@ def _turn(gen, oracle, histories, conv_id, msg):
 
 
 def _chunks(gen, conv_id):
-    return gen._engine.kv.conversations[conv_id].chunks
+    return gen.engine.kv.conversations[conv_id].chunks
 
 
 @pytest.mark.parametrize("length", [3, 8, 11])  # inside the first block, on a block boundary, across blocks
@@ -87,7 +87,7 @@ def test_a_second_conversation_finds_a_system_prompt_computed_earlier(model, ora
         second = _turn(gen, oracle, histories, "b", system + _msg(2))
         assert first.num_reused_shared == 0 and first.num_prefilled == 16 + 5
         assert second.num_reused_shared == second.num_reused_device == 16 and second.num_prefilled == 5
-        kv = gen._engine.kv
+        kv = gen.engine.kv
         assert [c.block for c in kv.conversations["a"].chunks[:4]] == [
             c.block for c in kv.conversations["b"].chunks[:4]
         ]
@@ -103,7 +103,7 @@ def test_fork_then_diverge(model, oracle):
         assert gen.conversations() == ["a", "b"]
         shared = len(histories["a"]) - 1  # every computed position of a ...
         shared -= shared % BS  # ... in full chunks: a's partial last chunk is its own
-        kv = gen._engine.kv
+        kv = gen.engine.kv
         a, b = kv.conversations["a"].chunks, kv.conversations["b"].chunks
         assert len(b) == shared // BS and all(x is y for x, y in zip(a[: len(b)], b, strict=True))
         rb = _turn(gen, oracle, histories, "b", _msg(3))
@@ -135,7 +135,7 @@ def test_fork_then_truncate_and_regenerate(model, oracle):
             gen.fork("nobody", "x")
         with pytest.raises(ValueError, match="non-empty str"):
             gen.fork("a", "")
-        gen._engine.kv.check_integrity()
+        gen.engine.kv.check_integrity()
 
 
 def test_complete_reuses_a_conversations_history_and_keeps_no_conversation(model, oracle):
@@ -162,7 +162,7 @@ def test_complete_reuses_a_conversations_history_and_keeps_no_conversation(model
             gen.complete([1, VOCAB + 5], GREEDY)
         with pytest.raises(ValueError, match="tokenizer"):
             gen.complete([{"role": "user", "content": "hi"}], GREEDY)
-        gen._engine.kv.check_integrity()
+        gen.engine.kv.check_integrity()
 
 
 def test_complete_with_chat_messages_matches_the_oracle_and_reuses_a_text_conversation():
@@ -195,7 +195,7 @@ def test_a_template_rewrite_inside_a_shared_block_gives_the_rewriter_a_private_c
     oracle = oracle_copy(model)
     sp = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
     with StatefulGenerator(model, tok, CacheConfig(block_size=BS, num_device_blocks=128)) as gen:
-        kv = gen._engine.kv
+        kv = gen.engine.kv
         texts = {}
         for conv_id in ("x", "y"):  # the same first message: the same tokens, shared chunks
             reply = gen.generate(conv_id, "Hello there", sp)
@@ -247,8 +247,8 @@ def test_files_nothing_references_are_removed_when_the_disk_dir_opens(model, ora
     stray.write_bytes(b"not referenced")
     with _open(model, disk_dir=tmp_path) as gen:
         keys = {p.name for p in (tmp_path / "kv").iterdir()}
-        assert not stray.exists() and gen._engine.kv.disk.num_removed_files > 0
-        history = gen._engine.kv.lookup("kept").tokens
+        assert not stray.exists() and gen.engine.kv.disk.num_removed_files > 0
+        history = gen.engine.kv.lookup("kept").tokens
         assert keys and keys <= {f"{k.hex()}.safetensors" for k in referenced_keys(history, BS)}
 
 
@@ -257,7 +257,7 @@ def test_a_failed_step_leaves_shared_chunks_intact_and_completions_gone(model, o
     histories: dict[str, list[int]] = {}
     with _open(model) as gen:
         _turn(gen, oracle, histories, "a", system + _msg(1))
-        runner = gen._engine.runner
+        runner = gen.engine.runner
         real_run = runner.run
 
         def failing(plan):
@@ -267,7 +267,7 @@ def test_a_failed_step_leaves_shared_chunks_intact_and_completions_gone(model, o
         with pytest.raises(RuntimeError, match="device lost"):
             gen.complete(system + _msg(2), GREEDY)
         monkeypatch.setattr(runner, "run", real_run)
-        kv = gen._engine.kv
+        kv = gen.engine.kv
         kv.check_integrity()
         assert gen.conversations() == ["a"] and all(c.refs == 1 for c in kv.conversations["a"].chunks)
         prompt = system + _msg(3)

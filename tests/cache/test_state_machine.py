@@ -55,7 +55,7 @@ class TieredCacheMachine(RuleBasedStateMachine):
 
     def _open(self) -> StatefulGenerator:
         gen = StatefulGenerator(_MODEL, None, self.config, scheduler_config=self.scheduler)
-        engine = gen._engine
+        engine = gen.engine
         step = engine.step
 
         def checked_step():  # integrity after every engine step, not just after every turn
@@ -136,7 +136,7 @@ class TieredCacheMachine(RuleBasedStateMachine):
 
     @invariant()
     def consistent(self):
-        self.gen._engine.kv.check_integrity()
+        self.gen.engine.kv.check_integrity()
         assert self.gen.conversations() == sorted(self.histories)
 
     def teardown(self):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pensieve import CacheConfig, SamplingParams
+from pensieve import CacheConfig, Generator, SamplingParams
 from pensieve.models.smollm2 import GGUF_NAME, smollm2_path
 from tests.tiny import hf_greedy, oracle_copy, tiny_model
 
@@ -64,7 +64,7 @@ def test_colocated_and_pd_turns_are_exact(mixed):
         for conv in ("a", "b", "c", "d"):
             _turn(cluster, oracle, histories, conv, _msg(turn * 5 + ord(conv), 6 + turn))
         cluster.check_integrity()
-    owners = {cluster._convs[c].owner for c in "abcd"}
+    owners = {cluster.owner(c) for c in "abcd"}
     assert owners == {"colocated-0", "decode-2"}  # new conversations spread over both decoding instances
     batch = {c: _msg(ord(c), 5) for c in "abcd"}
     replies = cluster.generate_batch(batch, GREEDY)
@@ -87,7 +87,7 @@ def test_pd_with_send_back_prefills_only_the_new_tokens(mixed):
     for i in range(4):  # find a new conversation the router puts on the decode instance
         name = f"pd-{i}"
         _turn(cluster, oracle, histories, name, _msg(40 + i, 9))
-        if cluster._convs[name].owner == "decode-2":
+        if cluster.owner(name) == "decode-2":
             conv = name
             break
     assert conv is not None
@@ -124,6 +124,9 @@ def test_text_mode_stream_complete_fork_end(mixed, tokenizer):
     assert reply.token_ids == hf([*messages, {"role": "user", "content": "Thanks!"}])
     done = cluster.complete([{"role": "user", "content": "Hello there"}], sp)
     assert done.conv_id is None and done.token_ids == hf(messages[:1])
+    both = cluster.complete_batch([[{"role": "user", "content": t}] for t in ("Hello there", "Tell me about cats")], sp)
+    assert [r.token_ids for r in both] == [hf(messages[:1]), hf([{"role": "user", "content": "Tell me about cats"}])]
+    assert isinstance(cluster, Generator) and not cluster.capabilities.streamed_complete
     cluster.fork("text", "text-branch")
     branch = cluster.generate("text-branch", "Bye", sp)
     later = [{"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": reply.text}]
@@ -183,7 +186,7 @@ def test_rebalancing_moves_conversations_with_their_kv_exactly(pair):
     histories: dict = {}
     for i in range(6):  # one after another: all on the instance holding the shared system prompt
         _turn(cluster, oracle, histories, f"r{i}", system + _msg(i))
-    assert {cluster._convs[f"r{i}"].owner for i in range(6)} == {"colocated-0"}
+    assert {cluster.owner(f"r{i}") for i in range(6)} == {"colocated-0"}
     batch = {f"r{i}": _msg(10 + i) for i in range(6)}
     replies = cluster.generate_batch(batch, GREEDY)  # dispatched together: the load on colocated-0 piles up
     for conv, reply in replies.items():
@@ -192,7 +195,7 @@ def test_rebalancing_moves_conversations_with_their_kv_exactly(pair):
         histories[conv] += reply.token_ids
     stats = cluster.stats()
     assert stats["routed_balance"] > 0 and stats["transfers"] > 0 and stats["moved_conversations"] > 0
-    moved = [c for c in batch if cluster._convs[c].owner == "colocated-1"]
+    moved = [c for c in batch if cluster.owner(c) == "colocated-1"]
     assert moved
     received = stats["per_instance"]["colocated-1"]["received_chunks"]
     assert received > 0
@@ -207,7 +210,7 @@ def test_a_failed_transfer_falls_back_to_recompute(pair, ray_runtime):
     cluster, oracle = pair
     histories: dict = {}
     _turn(cluster, oracle, histories, "t0", _msg(61, 10))
-    owner = cluster._convs["t0"].owner
+    owner = cluster.owner("t0")
     other = next(name for name in ("colocated-0", "colocated-1") if name != owner)
     failed = cluster.handle(owner).read.remote(None, 0, "no-such-conversation")  # raises KeyError there
     before = ray_runtime.get(cluster.handle(other).stats.remote())["transfers_failed"]
@@ -242,14 +245,14 @@ def test_a_killed_instance_loses_no_conversation(pair, ray_runtime):
     histories: dict = {}
     for conv in ("k0", "k1", "k2"):
         _turn(cluster, oracle, histories, conv, _msg(ord(conv[1]), 9))
-    victim = cluster._convs["k0"].owner
+    victim = cluster.owner("k0")
     ray_runtime.kill(cluster.handle(victim))
     for turn in range(2):
         for conv in ("k0", "k1", "k2"):
             _turn(cluster, oracle, histories, conv, _msg(turn + ord(conv[1]), 5))
     stats = cluster.stats()
     assert victim not in stats["alive"] and stats["failovers"] >= 1 and stats["instances_lost"] == 1
-    assert {cluster._convs[c].owner for c in ("k0", "k1", "k2")} == set(stats["alive"])
+    assert {cluster.owner(c) for c in ("k0", "k1", "k2")} == set(stats["alive"])
     assert cluster.ping() == stats["alive"]
     survivor = stats["alive"][0]
     assert stats["per_instance"][survivor]["tokens_recomputed"] > 0  # the victim's conversations, recomputed

@@ -24,7 +24,7 @@ def _pool(model, device=64, host=0) -> MemPool:
 
 def _check(*pools: MemPool) -> None:
     for pool in pools:
-        pool._engine.check_integrity()
+        pool.generator.check_integrity()
 
 
 def _msg(seed: int, n: int = 6) -> list[int]:
@@ -32,7 +32,7 @@ def _msg(seed: int, n: int = 6) -> list[int]:
 
 
 def _turn(pool: MemPool, oracle, history: list[int], conv_id: str, msg: list[int]):
-    reply = pool._gen.generate(conv_id, msg, GREEDY)
+    reply = pool.generator.generate(conv_id, msg, GREEDY)
     history += msg
     assert reply.token_ids == hf_greedy(oracle, history, GREEDY.max_new_tokens)
     history += reply.token_ids
@@ -64,7 +64,7 @@ def test_tree_prefix_transfer_is_used_by_another_conversation(model, oracle):
     a, b = _pool(model), _pool(model)
     system = _msg(9, 4 * BS + 2)
     one = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
-    a._gen.complete(system, one)  # leaves the prompt's chunks in a's tree: 4 full ones and a tail of 2 positions
+    a.generator.complete(system, one)  # leaves the prompt's chunks in a's tree: 4 full ones and a tail of 2 positions
     assert a.match(system).num_tokens == len(system)
     n = a.transfer_with_insert(b, system)
     _check(a, b)
@@ -199,7 +199,7 @@ def test_random_schedules_of_turns_and_transfers_stay_exact(model, oracle, ops):
             except MemPoolFull:
                 pass  # recomputed there instead
             pools[there].adopt(conv_id, history)
-            pools[here]._gen.end(conv_id)
+            pools[here].generator.end(conv_id)
             where[conv_id] = there
         elif op == "delete" and history:
             pools[1 - here].delete(history)

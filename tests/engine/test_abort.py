@@ -39,25 +39,25 @@ def test_abort_keeps_none_of_the_turn(model, oracle, pieces, msg_len, block_size
         histories: dict = {}
         oracle_turn(gen, oracle, histories, "a", [5 + i % 90 for i in range(9)], GREEDY)
         oracle_turn(gen, oracle, histories, "b", [7 + i % 80 for i in range(5)], GREEDY)
-        conv = gen._engine.kv.conversations["a"]
+        conv = gen.engine.kv.conversations["a"]
         before = (list(conv.tokens), conv.num_computed, list(conv.chunks))
         assert _abort_after(gen, "a", [11 + i % 70 for i in range(msg_len)], pieces) == pieces
-        gen._engine.check_integrity()
+        gen.engine.check_integrity()
         assert gen.stats()["active_turns"] == 0
         # the conversation holds exactly what it held before; the turn's full chunks are only cached (evictable)
-        conv = gen._engine.kv.conversations["a"]
+        conv = gen.engine.kv.conversations["a"]
         assert (conv.tokens, conv.num_computed, conv.chunks) == before and not conv.pinned
         reply = oracle_turn(gen, oracle, histories, "a", [3, 4, 5], GREEDY)  # continues the pre-abort history
         assert reply.num_recomputed == 0
         oracle_turn(gen, oracle, histories, "b", [8], GREEDY)
-        gen._engine.check_integrity()
+        gen.engine.check_integrity()
 
 
 def test_abort_of_a_new_conversation_removes_it(model, oracle):
     with StatefulGenerator(model, cache_config=CacheConfig(block_size=4, num_device_blocks=64)) as gen:
         _abort_after(gen, "new", [9, 8, 7, 6, 5], 3)
         assert "new" not in gen.conversations()
-        gen._engine.check_integrity()
+        gen.engine.check_integrity()
         histories: dict = {}
         oracle_turn(gen, oracle, histories, "new", [1, 2, 3], GREEDY)  # starts afresh
 
@@ -87,7 +87,7 @@ def test_abort_in_text_mode_restores_messages(model, oracle, tmp_path):
         with pytest.raises(TurnAborted):
             for _ in stream:
                 gen.abort("t")
-        gen._engine.check_integrity()
+        gen.engine.check_integrity()
     with StatefulGenerator(text_model, tokenizer, cache_config=config) as gen:  # restarted on the same disk_dir
         reply = gen.generate("t", "And dogs?", sp)
     messages = [
@@ -127,4 +127,4 @@ def test_serve_thread_with_submit_and_abort(model, oracle):
         finally:
             stop.set()
             engine.join()
-        gen._engine.check_integrity()
+        gen.engine.check_integrity()

@@ -35,14 +35,14 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch(gen):
 
 
 def test_top_k_one_is_greedy(gen):
-    oracle = oracle_copy(gen._model)
+    oracle = oracle_copy(gen.engine.model)
     msg = _msg()
     sp = SamplingParams(max_new_tokens=6, temperature=0.7, top_k=1, seed=5, ignore_eos=True)
     assert gen.generate("a", msg, sp).token_ids == hf_greedy(oracle, msg, 6)
 
 
 def test_stop_token_ids_end_the_turn_and_history_holds_what_was_returned(gen):
-    oracle = oracle_copy(gen._model)
+    oracle = oracle_copy(gen.engine.model)
     msg = _msg()
     free = hf_greedy(oracle, msg, 8)
     stop_at = free[3]

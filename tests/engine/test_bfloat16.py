@@ -20,7 +20,7 @@ def test_bfloat16_model_agrees_with_hf_bfloat16(compiled):
     config = CacheConfig(block_size=4, num_device_blocks=64)
     msgs = {f"c{s}": [3 + (s * 17 + i * 5) % 110 for i in range(6 + s)] for s in range(6)}
     with StatefulGenerator(model, None, config, engine_config=EngineConfig(compile=compiled)) as gen:
-        assert gen._engine.runner.storage.device_kv[0].dtype == torch.bfloat16
+        assert gen.engine.runner.storage.device_kv[0].dtype == torch.bfloat16
         replies = gen.generate_batch(msgs, GREEDY)
         assert (gen.stats()["compiled_graphs"] > 0) == compiled
     same = sum(replies[c].token_ids == hf_greedy(oracle, m, 8) for c, m in msgs.items())

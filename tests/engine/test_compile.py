@@ -29,7 +29,7 @@ def _turns(gen, oracle, histories: dict, batch: dict, sampling=GREEDY) -> dict:
         history = histories.get(conv_id, []) + msg
         assert replies[conv_id].token_ids == hf_greedy(oracle, history, sampling.max_new_tokens), conv_id
         histories[conv_id] = history + replies[conv_id].token_ids
-    gen._engine.kv.check_integrity()
+    gen.engine.kv.check_integrity()
     return replies
 
 
@@ -44,7 +44,7 @@ def test_compiled_decode_matches_hf_for_every_family(family):
     with StatefulGenerator(model, None, CacheConfig(block_size=4, num_device_blocks=96), engine_config=COMPILED) as gen:
         for _ in range(3):
             _turns(gen, oracle, histories, {f"c{i}": _msg(rng) for i in range(3)})
-        compiled = gen._engine.runner.compiled
+        compiled = gen.engine.runner.compiled
         assert compiled.num_graphs >= 1 and not compiled._failed
 
 
@@ -98,7 +98,7 @@ def test_compile_prefill_auto_waits_for_the_batched_graph():
     histories: dict = {}
     one_token = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
     with StatefulGenerator(model, None, CacheConfig(block_size=4, num_device_blocks=96), engine_config=COMPILED) as gen:
-        compiled = gen._engine.runner.compiled
+        compiled = gen.engine.runner.compiled
         assert compiled.prefill == "auto"
         _turns(gen, oracle, histories, {"solo": _msg(rng, 6, 12)}, one_token)  # one prefill step: eager
         assert gen.stats()["compiled_steps"] == 0 and not compiled.batched
@@ -184,10 +184,10 @@ def test_padded_decode_rows_write_only_the_padding_block():
     is written."""
     model = tiny_model("llama")
     with StatefulGenerator(model, None, CacheConfig(block_size=4, num_device_blocks=32)) as gen:
-        engine = gen._engine
+        engine = gen.engine
         gen.generate_batch({"a": [5, 6, 7, 8, 9], "b": [10, 11]}, SamplingParams(max_new_tokens=1, ignore_eos=True))
         for conv_id in ("a", "b"):
-            engine.admit(engine.prepare(conv_id, [12], SamplingParams(max_new_tokens=3, ignore_eos=True)))
+            engine.admit(engine.admission.prepare(conv_id, [12], SamplingParams(max_new_tokens=3, ignore_eos=True)))
         engine.step()  # the message (and the last reply token); the next step decodes one token per turn
         chunks = engine.scheduler.schedule()
         runner, storage = engine.runner, engine.runner.storage

@@ -25,7 +25,7 @@ def _run(graphs: bool, schedule, config):
         for names in schedule:
             batch = _msgs(rng, names)
             out.append((batch, {c: r.token_ids for c, r in gen.generate_batch(batch, GREEDY).items()}))
-            gen._engine.kv.check_integrity()
+            gen.engine.kv.check_integrity()
         stats = gen.stats()
     return out, stats, model
 
@@ -62,15 +62,15 @@ def test_padded_rows_write_only_the_padding_block():
     model = tiny_model("llama").float().cuda()
     with StatefulGenerator(model, None, CacheConfig(block_size=4, num_device_blocks=32)) as gen:
         gen.generate_batch({"a": [5, 6, 7], "b": [8, 9]}, SamplingParams(max_new_tokens=1, ignore_eos=True))
-        storage = gen._engine.runner.storage
+        storage = gen.engine.runner.storage
         block = storage.padding_block
-        owned = {c.block for conv in gen._engine.kv.conversations.values() for c in conv.chunks}
+        owned = {c.block for conv in gen.engine.kv.conversations.values() for c in conv.chunks}
         for t in storage.device_kv:  # poison every block nobody owns; then 3 rows pad to bucket 4
             for b in range(t.shape[1]):
                 if b not in owned:
                     t[:, b].fill_(float("nan"))
         gen.generate_batch({"a": [10], "b": [11], "c": [12]}, SamplingParams(max_new_tokens=3, ignore_eos=True))
-        owned = {c.block for conv in gen._engine.kv.conversations.values() for c in conv.chunks}
+        owned = {c.block for conv in gen.engine.kv.conversations.values() for c in conv.chunks}
         for t in storage.device_kv:
             for b in range(t.shape[1]):
                 if b not in owned and b != block:
@@ -104,7 +104,7 @@ def test_serve_thread_abort_with_graphs_and_host_tier():
                     tokens = future.result(timeout=120).token_ids
                     assert tokens == hf_greedy(oracle, history, 6), conv_id
                     histories[conv_id] = history + tokens
-            conv = gen._engine.kv.conversations["s0"]
+            conv = gen.engine.kv.conversations["s0"]
             before = (list(conv.tokens), conv.num_computed, list(conv.chunks))
             started = threading.Event()
             endless = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
@@ -113,8 +113,8 @@ def test_serve_thread_abort_with_graphs_and_host_tier():
             assert gen.abort(long) is True
             with pytest.raises(TurnAborted):
                 long.result(timeout=120)
-            gen._result(gen._call(gen._engine.check_integrity))
-            conv = gen._engine.kv.conversations["s0"]
+            gen.check_integrity()
+            conv = gen.engine.kv.conversations["s0"]
             assert (conv.tokens, conv.num_computed, conv.chunks) == before
             tokens = gen.submit("s0", [9, 10], GREEDY).result(timeout=120).token_ids
             assert tokens == hf_greedy(oracle, histories["s0"] + [9, 10], 6)

@@ -47,7 +47,7 @@ def test_pool_too_small_for_all_conversations_evicts_and_stays_exact():
     for turn in range(4):
         for conv_id in "abc":
             msg = [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 6))]
-            replies = _run(engine, [engine.admit(engine.prepare(conv_id, msg, GREEDY))])
+            replies = _run(engine, [engine.admit(engine.admission.prepare(conv_id, msg, GREEDY))])
             assert replies[0].token_ids == hf_greedy(oracle, histories[conv_id] + msg, 5), (conv_id, turn)
             recomputed += replies[0].num_recomputed
             histories[conv_id] += msg + replies[0].token_ids
@@ -60,7 +60,7 @@ def test_concurrent_turns_that_do_not_fit_together_preempt_and_stay_exact():
     # 32 tokens; each turn needs up to ~20. No decode reserve: it exists to avoid exactly these preemptions.
     engine = _engine(model, num_blocks=8, budget=16, decode_reserve=0.0)
     msgs = {c: [random.Random(c).randrange(3, VOCAB) for _ in range(14)] for c in "wxyz"}
-    turns = [engine.admit(engine.prepare(c, m, GREEDY)) for c, m in msgs.items()]
+    turns = [engine.admit(engine.admission.prepare(c, m, GREEDY)) for c, m in msgs.items()]
     replies = _run(engine, turns)
     for (c, m), reply in zip(msgs.items(), replies, strict=True):
         assert reply.token_ids == hf_greedy(oracle, m, 5), c
@@ -82,7 +82,7 @@ def test_random_schedules_under_pressure(data):
     for _ in range(data.draw(st.integers(1, 3))):
         batch = data.draw(st.lists(st.sampled_from("pqrs"), min_size=1, max_size=4, unique=True))
         msgs = {c: data.draw(st.lists(st.integers(3, VOCAB - 1), min_size=1, max_size=6)) for c in batch}
-        turns = [engine.admit(engine.prepare(c, m, GREEDY)) for c, m in msgs.items()]
+        turns = [engine.admit(engine.admission.prepare(c, m, GREEDY)) for c, m in msgs.items()]
         for (c, m), reply in zip(msgs.items(), _run(engine, turns), strict=True):
             assert reply.token_ids == hf_greedy(oracle, histories.get(c, []) + m, 5)
             histories[c] = histories.get(c, []) + m + reply.token_ids

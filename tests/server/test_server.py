@@ -50,7 +50,7 @@ def reference(tokenizer):
 
 
 def integrity(gen) -> None:
-    gen._result(gen._call(gen._engine.check_integrity))
+    gen.check_integrity()
 
 
 GREEDY = dict(temperature=0, max_output_tokens=MAX_OUT)

@@ -1,0 +1,75 @@
+"""The Generator protocol: what `StatefulGenerator` (one engine in this process) and `Cluster` (instances on Ray)
+both offer, and what the server is typed against (DESIGN §1, §8, §9).
+
+Where one side lacks something, `capabilities` says so and callers ask it instead of checking the type.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from pensieve.config import SamplingParams
+from pensieve.engine.turn import Reply
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a generator can do beyond the protocol's common ground."""
+
+    disk_tier: bool  # conversations are stored on disk and survive a restart (CacheConfig.disk_dir)
+    streamed_complete: bool  # submit_complete's on_token sees tokens as they are sampled, and abort stops it
+    num_instances: int = 1  # engines serving (a Cluster's live instances)
+
+
+class Stream(Iterator, Protocol):
+    """The pieces of a streamed reply (str, or token ids); `.reply` waits for the turn and returns its Reply."""
+
+    @property
+    def reply(self) -> Reply: ...
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """Many multi-turn conversations on one model, each keeping its KV between turns."""
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    # ---- turns, blocking -------------------------------------------------------------------------------------------
+    def generate(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> Reply: ...
+
+    def generate_batch(self, messages: dict, sampling: SamplingParams | None = None) -> dict[str, Reply]: ...
+
+    def stream(self, conv_id: str, msg, sampling: SamplingParams | None = None, token_ids: bool = False) -> Stream: ...
+
+    async def agenerate(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> Reply: ...
+
+    def complete(self, prompt, sampling: SamplingParams | None = None) -> Reply: ...
+
+    def complete_batch(self, prompts: list, sampling: SamplingParams | None = None) -> list[Reply]: ...
+
+    # ---- turns, for a server that drives the engine on a thread of its own -------------------------------------------
+    def submit(self, conv_id: str, msg, sampling: SamplingParams | None = None, on_token=None) -> Future: ...
+
+    def submit_complete(self, prompt, sampling: SamplingParams | None = None, on_token=None) -> Future: ...
+
+    def abort(self, target) -> bool: ...
+
+    def serve(self, stop: threading.Event) -> None: ...
+
+    # ---- conversations ---------------------------------------------------------------------------------------------
+    def fork(self, conv_id: str, new_conv_id: str) -> None: ...
+
+    def truncate(self, conv_id: str, num_tokens: int) -> None: ...
+
+    def end(self, conv_id: str, forget: bool = False) -> None: ...
+
+    def conversations(self) -> list[str]: ...
+
+    def stats(self) -> dict: ...
+
+    def close(self) -> None: ...

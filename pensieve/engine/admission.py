@@ -1,0 +1,195 @@
+"""Admission: everything about a turn worked out and checked before any state changes (DESIGN §1: bad input gets a
+clear error and leaves every conversation as it was).
+
+`Admitter.prepare` validates a turn on a conversation, renders its message (the chat template, or raw token ids),
+resolves its sampling defaults from the model's generation config, and checks it fits the model and the device
+pool -> an `Admission`; `prepare_complete` does the same for a stateless completion. The engine starts an Admission
+with `Engine.admit`. The helpers below are shared with the cluster's driver and the server, so all reject alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from pensieve.cache.manager import KVManager
+from pensieve.cache.tree import common_prefix
+from pensieve.config import SamplingParams
+from pensieve.engine.turn import ResolvedSampling
+from pensieve.models.support import ModelShape
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A validated turn, not yet started."""
+
+    conv_id: str
+    tokens: list[int]  # the conversation's whole token sequence once the message is appended
+    messages: list[dict] | None  # text mode: the chat messages that rendered `tokens`
+    params: ResolvedSampling
+    history_len: int
+    common_prefix: int  # tokens shared by the stored history and `tokens`
+    stored: bool = True  # False: a `complete()` call: no conversation is kept
+
+
+@dataclass(frozen=True)
+class CompletionId:
+    """The id of a `complete()` call's conversation: never a str, so never a caller's conversation id."""
+
+    number: int
+
+    def __str__(self) -> str:
+        return f"<completion {self.number}>"
+
+
+class Admitter:
+    def __init__(self, model, tokenizer, shape: ModelShape, kv: KVManager) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.shape = shape
+        self.kv = kv
+        self._completions = itertools.count()
+
+    def prepare(self, conv_id, msg, sampling: SamplingParams | None) -> Admission:
+        """Validate a turn and work out everything about it (ValueError / KeyError if bad). No conversation changes;
+        a stored conversation may be loaded from disk into memory on the way (the same state, cached), and one
+        found unusable (stored by another model) is unloaded again."""
+        if not isinstance(conv_id, str) or not conv_id:
+            raise ValueError(f"conv_id must be a non-empty str, got {conv_id!r}")
+        params = self.resolve(sampling)
+        loading = conv_id not in self.kv.conversations
+        conv = self.kv.lookup(conv_id)
+        if conv is not None and conv.pinned:
+            raise ValueError(f"conversation {conv_id!r} already has a turn running")
+        if loading and conv is not None and conv.tokens and max(conv.tokens) >= self.shape.vocab_size:
+            self.kv.remove(conv_id)  # back to stored-only, as before the call
+            raise ValueError(
+                f"stored conversation {conv_id!r} has token ids outside this model's vocabulary "
+                f"({max(conv.tokens)} >= {self.shape.vocab_size}): it was stored by another model"
+            )
+        history, history_messages = (conv.tokens, conv.messages) if conv is not None else ([], None)
+        tokens, messages = render_turn(self.tokenizer, conv_id, history, history_messages, msg, self.check_token_ids)
+        self.check_fits(f"conversation {conv_id!r}", len(tokens), params.max_new_tokens)
+        return Admission(conv_id, tokens, messages, params, len(history), common_prefix(history, tokens))
+
+    def prepare_complete(self, prompt, sampling: SamplingParams | None) -> Admission:
+        """Validate a stateless completion: `prompt` is token ids, or chat messages rendered with the chat template."""
+        params = self.resolve(sampling)
+        tokens = render_prompt(self.tokenizer, prompt, self.check_token_ids)
+        conv_id = CompletionId(next(self._completions))
+        self.check_fits("a completion", len(tokens), params.max_new_tokens)
+        return Admission(conv_id, tokens, None, params, 0, 0, stored=False)
+
+    def check_token_ids(self, ids) -> list[int]:
+        return check_token_ids(ids, self.shape.vocab_size)
+
+    def check_fits(self, what: str, num_tokens: int, max_new_tokens: int) -> None:
+        total = num_tokens + max_new_tokens
+        if total > self.shape.max_positions:
+            raise ValueError(
+                f"{what} would reach {total} tokens ({num_tokens} + max_new_tokens "
+                f"{max_new_tokens}), over the model's {self.shape.max_positions} positions"
+            )
+        if self.kv.blocks_for(total) > self.kv.device.num_blocks:
+            raise ValueError(
+                f"{what} would need {self.kv.blocks_for(total)} KV blocks for {total} tokens; "
+                f"the device pool has {self.kv.device.num_blocks} (CacheConfig.num_device_blocks)"
+            )
+
+    def resolve(self, sp: SamplingParams | None) -> ResolvedSampling:
+        """`sp` with every default filled in: the model's generation config where it has one, else ours."""
+        if sp is not None and not isinstance(sp, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams, got {type(sp).__name__}")
+        sp = sp or SamplingParams()
+        gc = getattr(self.model, "generation_config", None)
+        do_sample = bool(getattr(gc, "do_sample", False))
+
+        def default(value, name, fallback):
+            if value is not None:
+                return value
+            from_model = getattr(gc, name, None)
+            return fallback if from_model is None else from_model
+
+        temperature = (
+            sp.temperature if sp.temperature is not None else (default(None, "temperature", 1.0) if do_sample else 0.0)
+        )
+        stop_ids = set(sp.stop_token_ids)
+        if not sp.ignore_eos:
+            stop_ids |= self._eos_ids()
+        if sp.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        return ResolvedSampling(
+            max_new_tokens=default(sp.max_new_tokens, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
+            temperature=float(temperature),
+            top_k=int(default(sp.top_k, "top_k", 0)),
+            top_p=float(default(sp.top_p, "top_p", 1.0)),
+            seed=sp.seed,
+            stop_token_ids=frozenset(stop_ids),
+            stop=tuple(sp.stop),
+        )
+
+    def _eos_ids(self) -> set[int]:
+        gc = getattr(self.model, "generation_config", None)
+        eos = getattr(gc, "eos_token_id", None)
+        if eos is None and self.tokenizer is not None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return set()
+        return {eos} if isinstance(eos, int) else set(eos)
+
+
+def require_idle(conv_id: str, conv, running: bool):
+    """conv, unless there is none (KeyError) or a turn runs on it (ValueError): the errors every API gives."""
+    if conv is None:
+        raise KeyError(f"no conversation {conv_id!r}")
+    if running:
+        raise ValueError(f"conversation {conv_id!r} has a turn running")
+    return conv
+
+
+def check_token_ids(ids, vocab: int) -> list[int]:
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"token ids must be a list of ints, got {type(ids).__name__}")
+    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"token ids must be ints in [0, {vocab}): got {bad[:5]}")
+    return list(ids)
+
+
+def render_prompt(tokenizer, prompt, check_ids) -> list[int]:
+    """A stateless completion's prompt -> its tokens: token ids as they are, or chat messages through the chat
+    template (with the assistant's generation prompt). ValueError names what is wrong."""
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise ValueError(f"prompt must be a non-empty list of token ids or of chat messages, got {prompt!r:.80}")
+    if not all(isinstance(m, dict) for m in prompt):
+        return check_ids(prompt)
+    if tokenizer is None:
+        raise ValueError("chat messages need a tokenizer: pass tokenizer= or send token ids")
+    bad = [m for m in prompt if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)]
+    if bad:
+        raise ValueError(f"each chat message needs a str 'role' and 'content', got {bad[0]!r:.80}")
+    return list(tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, return_dict=False))
+
+
+def render_turn(tokenizer, conv_id, history: list[int], messages, msg, check_ids) -> tuple[list[int], list | None]:
+    """A conversation's token sequence (`history`; text mode: rendered from chat `messages`) with msg appended: a
+    str is a user turn through the chat template, a list of ids is appended raw. -> (tokens, messages or None).
+    ValueError names what is wrong; the cluster's driver renders with it too, so both reject alike."""
+    text_mode = messages is not None
+    if isinstance(msg, str):
+        if tokenizer is None:
+            raise ValueError("a str message needs a tokenizer: pass tokenizer= or send token ids")
+        if not msg:
+            raise ValueError("message is empty")
+        if history and not text_mode:
+            raise ValueError(f"conversation {conv_id!r} is in raw token mode; send token ids")
+        new_messages = [*(messages if text_mode else []), {"role": "user", "content": msg}]
+        rendered = tokenizer.apply_chat_template(new_messages, add_generation_prompt=True, return_dict=False)
+        return list(rendered), new_messages
+    if not isinstance(msg, (list, tuple)) or not msg:
+        raise ValueError(f"message must be a non-empty str or list of token ids, got {msg!r:.80}")
+    if text_mode:
+        raise ValueError(f"conversation {conv_id!r} is in text mode; send a str")
+    return [*history, *check_ids(msg)], None

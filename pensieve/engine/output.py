@@ -1,0 +1,114 @@
+"""After the forward: the step's outputs become conversation state and replies (DESIGN §2, "postprocess").
+
+`OutputProcessor.process(chunks, logits)` advances each scheduled conversation past the positions just computed,
+samples a token for every row that samples (one batched call), appends it, checks the stop conditions, and for a
+finished turn detokenizes the reply, ends the turn in the cache manager, logs it (durable before it is returned)
+and resolves the turn's Future with its `Reply`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pensieve.cache.manager import KVManager
+from pensieve.cache.types import Tier
+from pensieve.engine.detokenizer import find_stop
+from pensieve.engine.sampler import sample
+from pensieve.engine.scheduler import ScheduledChunk, Scheduler
+from pensieve.engine.turn import Reply, Turn
+
+
+class OutputProcessor:
+    def __init__(self, kv: KVManager, scheduler: Scheduler, tokenizer, max_positions: int) -> None:
+        self.kv = kv
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.max_positions = max_positions
+        self.num_tokens_computed = 0
+        self.num_turns = 0
+        self.num_recomputed = 0
+
+    def process(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> None:
+        """logits: [rows that sample, vocab], in the order of `chunks` that sample."""
+        for chunk in chunks:
+            turn = chunk.turn
+            self.kv.advance(turn.conv, chunk.num_tokens, recompute=chunk.recompute)
+            turn.num_computed += chunk.num_tokens
+            if turn.first_token_at is None:
+                turn.num_prefilled += chunk.num_tokens
+            self.num_tokens_computed += chunk.num_tokens
+        sampling_chunks = [c for c in chunks if c.samples]
+        tokens = sample(logits, [c.turn for c in sampling_chunks])
+        for chunk, token in zip(sampling_chunks, tokens, strict=True):
+            self._append(chunk.turn, token)
+
+    def _append(self, turn: Turn, token: int) -> None:
+        if turn.first_token_at is None:
+            turn.first_token_at = time.perf_counter()
+        turn.output.append(token)
+        self.kv.append_token(turn.conv, token)
+        if turn.on_token is not None:
+            turn.on_token(token)
+        reason = self._finish_reason(turn, token)
+        if reason is not None:
+            self.finish(turn, reason)
+
+    def _finish_reason(self, turn: Turn, token: int) -> str | None:
+        if token in turn.sampling.stop_token_ids:
+            return "stop"
+        if turn.detokenizer is not None:  # stop strings: only the new text, and the stops that can end in it
+            start = len(turn.detokenizer.text)
+            turn.detokenizer.add(token)
+            if find_stop(turn.detokenizer.text, turn.sampling.stop, start) is not None:
+                return "stop"
+        if len(turn.output) >= turn.sampling.max_new_tokens or len(turn.conv.tokens) >= self.max_positions:
+            return "length"
+        return None
+
+    def finish(self, turn: Turn, reason: str) -> None:
+        """The turn is done: its reply is built, its conversation idle and its record durable; its Future resolves."""
+        self.scheduler.remove(turn)
+        conv = turn.conv
+        self.num_turns += 1
+        self.num_recomputed += turn.num_recomputed
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(turn.output, skip_special_tokens=True)
+            cut = find_stop(text, turn.sampling.stop)
+            text = text if cut is None else text[:cut]
+        new_messages = None
+        if conv.messages is not None:
+            new_messages = [conv.messages[-1], {"role": "assistant", "content": text}]
+        self.kv.end_turn(conv, None if new_messages is None else new_messages[-1])
+        self.kv.log_turn(conv, turn.history_kept, new_messages)
+        reply = _reply(turn, reason, text)
+        if not conv.stored:  # a completion: its full chunks stay in the prompt tree, the conversation goes
+            self.kv.remove(conv.conv_id)
+        turn.future.set_result(reply)
+
+
+def _reply(turn: Turn, reason: str, text: str | None) -> Reply:
+    restored = turn.restored
+    now = time.perf_counter()
+    return Reply(
+        conv_id=turn.conv.conv_id if turn.conv.stored else None,
+        token_ids=list(turn.output),
+        text=text,
+        finish_reason=reason,
+        num_new_tokens=turn.num_new_tokens,
+        num_reused_device=restored.tokens[Tier.DEVICE],
+        num_reused_host=restored.tokens[Tier.HOST],
+        num_reused_disk=restored.tokens[Tier.DISK],
+        num_recomputed=turn.num_recomputed,
+        num_prefilled=turn.num_prefilled,
+        ttft_s=(turn.first_token_at or now) - turn.submitted_at,
+        latency_s=now - turn.submitted_at,
+        num_chunks_device=restored.chunks[Tier.DEVICE],
+        num_chunks_host=restored.chunks[Tier.HOST],
+        num_chunks_disk=restored.chunks[Tier.DISK],
+        num_chunks_dropped=restored.chunks[Tier.DROPPED],
+        bytes_swapped_in=restored.bytes_in,
+        num_reused_shared=restored.shared,
+    )

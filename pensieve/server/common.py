@@ -1,0 +1,309 @@
+"""What every router of the API shares: the server's state (`ServerState`, one per app, reached through the
+`state` dependency), OpenAI's error shape, running a turn from async code, streaming, and small formatters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from pensieve.api import Generator
+from pensieve.config import SamplingParams
+from pensieve.engine.detokenizer import IncrementalDetokenizer, find_stop
+from pensieve.engine.turn import Reply, TurnAborted
+from pensieve.server.metrics import Metrics
+from pensieve.server.store import Store
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_name: str = "pensieve"
+    api_key: str | None = None  # Bearer key every endpoint but /health needs (None: no key)
+    max_body_bytes: int = 4 * 2**20
+    max_tokens: int = 4096  # the most a request may ask to generate
+    default_max_tokens: int = 256  # when a request names none
+    max_messages: int = 1024  # chat messages / input items per request
+    max_stop: int = 4  # stop strings per request
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+
+class ClientGone(Exception):
+    """The client disconnected; its turn was aborted."""
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param=None) -> JSONResponse:
+    """OpenAI's error shape."""
+    body = {"error": {"message": message, "type": type_, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status)
+
+
+# ---- request models the APIs share (extra fields are refused: a typo is a 400, not silently ignored) --------------
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ContentPart(Strict):
+    type: Literal["text", "input_text", "output_text"]
+    text: str
+    annotations: list | None = None
+
+
+# ---- the server's state -------------------------------------------------------------------------------------------
+
+
+class ServerState:
+    """The generator, the record store, the limits and the metrics, with the checks every endpoint makes."""
+
+    def __init__(self, gen: Generator, tokenizer, store: Store, config: ServerConfig) -> None:
+        self.gen = gen
+        self.tokenizer = tokenizer
+        self.store = store
+        self.config = config
+        self.metrics = Metrics()
+        self.turns = Turns(gen)
+
+    def sampling(self, temperature, top_p, max_tokens, stop, seed) -> SamplingParams:
+        config = self.config
+        if max_tokens is not None and max_tokens > config.max_tokens:
+            raise APIError(400, f"max tokens {max_tokens} is over this server's limit of {config.max_tokens}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > config.max_stop or any(not s for s in stops):
+            raise APIError(400, f"stop: at most {config.max_stop} non-empty strings", param="stop")
+        try:
+            return SamplingParams(
+                max_new_tokens=max_tokens or config.default_max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                stop=tuple(stops),
+            )
+        except ValueError as error:
+            raise APIError(400, str(error)) from None
+
+    def check_count(self, n: int, what: str) -> None:
+        if n == 0:
+            raise APIError(400, f"{what} is empty")
+        if n > self.config.max_messages:
+            raise APIError(400, f"{n} {what}: over this server's limit of {self.config.max_messages}")
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.config.model_name:
+            name = self.config.model_name
+            raise APIError(404, f"model {model!r} is not served here (this server serves {name!r})", param="model")
+
+    async def render(self, messages: list[dict]) -> list[int]:
+        """The chat template over messages (on a worker thread: templating stays off the engine's thread)."""
+
+        def work() -> list[int]:
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+
+        return await asyncio.to_thread(work)
+
+    async def run_turn(self, request: Request, thread_id, tokens, sampling, on_piece) -> Reply:
+        """One turn, aborted if the client disconnects (checked while it runs)."""
+        text = TextStream(self.tokenizer, sampling.stop)
+
+        def on_token(token: int) -> None:
+            if on_piece is not None and (piece := text.add(token)):
+                on_piece(piece)
+
+        task = asyncio.ensure_future(self.turns.run(thread_id, tokens, sampling, on_token))
+        watcher = asyncio.ensure_future(_watch_disconnect(request, task))
+        try:
+            reply = await task
+        except asyncio.CancelledError:
+            if not watcher.done() or not task.cancelled():
+                raise
+            raise ClientGone() from None
+        except TurnAborted:
+            raise ClientGone() from None
+        except ValueError as error:
+            raise APIError(400, str(error)) from None
+        except KeyError as error:
+            raise APIError(404, str(error.args[0] if error.args else error)) from None
+        finally:
+            watcher.cancel()
+        if on_piece is not None and (rest := text.rest(reply.text or "")):
+            on_piece(rest)
+        return reply
+
+
+def state(request: Request) -> ServerState:
+    """The dependency every endpoint takes: this app's ServerState."""
+    return request.app.state.pensieve
+
+
+# ---- the engine, seen from the event loop -------------------------------------------------------------------------
+
+
+class Turns:
+    """Runs turns on the generator from async code: tokens arrive as they are sampled (passed over from the engine
+    thread), a cancelled caller (client gone) aborts its turn and waits until the abort is done."""
+
+    def __init__(self, gen: Generator) -> None:
+        self.gen = gen
+
+    async def run(self, thread_id: str | None, tokens: list[int], sampling: SamplingParams, on_token) -> Reply:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())  # (also when nobody awaits it any more)
+
+        def pass_token(token: int) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(on_token, token)
+
+        def finish(future) -> None:
+            def settle() -> None:
+                if not done.done():
+                    error = future.exception()
+                    done.set_exception(error) if error is not None else done.set_result(future.result())
+
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(settle)
+
+        if thread_id is None:
+            future = self.gen.submit_complete(tokens, sampling, on_token=pass_token)
+        else:
+            future = self.gen.submit(thread_id, tokens, sampling, on_token=pass_token)
+        future.add_done_callback(finish)
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            if not await asyncio.to_thread(self.gen.abort, future):
+                # not found running: it finished, or (a cluster) has not reached its instance yet: let it end, so
+                # that what it leaves is known when the caller releases its thread
+                await asyncio.to_thread(_outcome, future)
+            raise
+
+
+class TextStream:
+    """Reply text as it grows, never emitting what may turn out to be part of a stop string: pieces are prefixes
+    of the final `Reply.text` (the engine cuts it at the first stop string)."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.sent = 0
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.detok.add(token)
+        text = self.detok.text
+        cut = find_stop(text, self.stops) if self.stops else None
+        if cut is not None:
+            self.stopped = True
+            safe = cut
+        else:
+            safe = len(text) - self.hold
+        if safe <= self.sent:
+            return ""
+        piece, self.sent = text[self.sent : safe], safe
+        return piece
+
+    def rest(self, final: str) -> str:
+        piece, self.sent = final[self.sent :], len(final)
+        return piece
+
+
+def _outcome(future) -> None:
+    try:
+        future.result()
+    except BaseException:  # noqa: BLE001, S110  (only its end is waited for)
+        pass
+
+
+async def _watch_disconnect(request: Request, task: asyncio.Future) -> None:
+    while not task.done():
+        if await request.is_disconnected():
+            task.cancel()
+            return
+        await asyncio.sleep(0.05)
+
+
+# ---- streaming ----------------------------------------------------------------------------------------------------
+
+_DETACHED: set[asyncio.Task] = set()
+
+
+def detach(coro) -> asyncio.Task:
+    """A task of its own (outside the request's cancel scope), referenced until done."""
+    task = asyncio.ensure_future(coro)
+    _DETACHED.add(task)
+    task.add_done_callback(_DETACHED.discard)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its error is the stream's, not unhandled
+    return task
+
+
+async def drain(queue: asyncio.Queue, task: asyncio.Future) -> AsyncIterator[str]:
+    """Pieces from queue until task is done (then whatever is left); task's error is raised by task.result()."""
+    while True:
+        getter = asyncio.ensure_future(queue.get())
+        await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            yield getter.result()
+            continue
+        getter.cancel()
+        while not queue.empty():
+            yield queue.get_nowait()
+        task.result()
+        return
+
+
+def sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def sse_data(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+# ---- formatting ---------------------------------------------------------------------------------------------------
+
+
+def cached_tokens(reply: Reply) -> int:
+    """Prompt tokens whose KV was found (any tier): OpenAI's cached_tokens."""
+    return reply.num_reused_device + reply.num_reused_host + reply.num_reused_disk
+
+
+def content_text(content: Any) -> str:
+    return content if isinstance(content, str) else "".join(part.text for part in content)
+
+
+def chat_message(m) -> dict:
+    """A request's message model -> a chat-template message ("developer" is the template's "system")."""
+    role = "system" if m.role == "developer" else m.role
+    return {"role": role, "content": content_text(m.content)}
+
+
+def list_of(items: list[dict]) -> dict:
+    return {
+        "object": "list",
+        "data": items,
+        "first_id": items[0]["id"] if items else None,
+        "last_id": items[-1]["id"] if items else None,
+        "has_more": False,
+    }
+
+
+def live(table: dict, record_id: str, what: str):
+    """The record, unless there is none or it was deleted (404)."""
+    record = table.get(record_id)
+    if record is None or getattr(record, "deleted", False):
+        raise APIError(404, f"no {what} {record_id!r}", "not_found_error")
+    return record

@@ -1,0 +1,97 @@
+"""`/v1/conversations`: OpenAI's Conversations API. A conversation's items are its messages; its thread (one
+pensieve conversation, pensieve/server/threads.py) holds their KV, and `/v1/responses` with `conversation` continues
+it."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends
+
+from pensieve.server import threads
+from pensieve.server.common import APIError, ServerState, Strict, chat_message, list_of, live, state
+from pensieve.server.responses import InputMessage, input_item
+from pensieve.server.store import ConversationRecord, Thread, new_id
+
+router = APIRouter()
+
+
+class ConversationCreate(Strict):
+    items: list[InputMessage] | None = None
+    metadata: dict[str, str] | None = None
+
+
+class ItemsCreate(Strict):
+    items: list[InputMessage]
+
+
+@router.post("/v1/conversations")
+async def create_conversation(body: ConversationCreate | None = None, s: ServerState = Depends(state)):
+    body = body or ConversationCreate()
+    items = [input_item(chat_message(m)) for m in body.items or []]
+    s.check_count(len(items) or 1, "items")
+    record = ConversationRecord(new_id("conv"), int(time.time()), body.metadata or {}, items)
+    s.store.save(record)
+    s.store.save(Thread(record.id))
+    return _conversation(record)
+
+
+@router.get("/v1/conversations/{conversation_id}")
+async def get_conversation(conversation_id: str, s: ServerState = Depends(state)):
+    return _conversation(live(s.store.conversations, conversation_id, "conversation"))
+
+
+@router.post("/v1/conversations/{conversation_id}")
+async def update_conversation(conversation_id: str, body: ConversationCreate, s: ServerState = Depends(state)):
+    record = live(s.store.conversations, conversation_id, "conversation")
+    if body.items:
+        raise APIError(400, "items are added with POST /v1/conversations/{id}/items", param="items")
+    record.metadata = body.metadata or {}
+    s.store.save(record)
+    return _conversation(record)
+
+
+@router.delete("/v1/conversations/{conversation_id}")
+async def delete_conversation(conversation_id: str, s: ServerState = Depends(state)):
+    record = _idle(s, conversation_id)
+    s.store.remove(record)
+    await threads.forget(s.store, s.gen, record.id)
+    return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
+
+
+@router.get("/v1/conversations/{conversation_id}/items")
+async def conversation_items(conversation_id: str, s: ServerState = Depends(state)):
+    return list_of(live(s.store.conversations, conversation_id, "conversation").items)
+
+
+@router.post("/v1/conversations/{conversation_id}/items")
+async def add_items(conversation_id: str, body: ItemsCreate, s: ServerState = Depends(state)):
+    record = _idle(s, conversation_id)
+    items = [input_item(chat_message(m)) for m in body.items]
+    s.check_count(len(items), "items")
+    s.check_count(len(record.items) + len(items), "items in the conversation")
+    record.items += items
+    s.store.save(record)
+    return list_of(items)
+
+
+@router.get("/v1/conversations/{conversation_id}/items/{item_id}")
+async def conversation_item(conversation_id: str, item_id: str, s: ServerState = Depends(state)):
+    record = live(s.store.conversations, conversation_id, "conversation")
+    for item in record.items:
+        if item["id"] == item_id:
+            return item
+    raise APIError(404, f"no item {item_id!r} in conversation {conversation_id!r}", "not_found_error")
+
+
+def _idle(s: ServerState, conversation_id: str) -> ConversationRecord:
+    """The conversation, unless a response is in progress on it (409)."""
+    record = live(s.store.conversations, conversation_id, "conversation")
+    thread = s.store.threads.get(record.id)
+    if thread is not None and thread.busy:
+        raise APIError(409, f"conversation {conversation_id!r} has a response in progress", "conflict_error")
+    return record
+
+
+def _conversation(record: ConversationRecord) -> dict:
+    return {"id": record.id, "object": "conversation", "created_at": record.created_at, "metadata": record.metadata}

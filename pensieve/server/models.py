@@ -1,0 +1,38 @@
+"""`/health`, `/metrics` (Prometheus) and `/v1/models`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+
+from pensieve.server.common import ServerState, state
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def prometheus(s: ServerState = Depends(state)):
+    stats = await asyncio.to_thread(s.gen.stats)
+    return Response(s.metrics.render(stats), media_type=s.metrics.content_type)
+
+
+@router.get("/v1/models")
+async def models(s: ServerState = Depends(state)):
+    return {"object": "list", "data": [_model_card(s.config.model_name)]}
+
+
+@router.get("/v1/models/{model}")
+async def model_card(model: str, s: ServerState = Depends(state)):
+    s.check_model(model)
+    return _model_card(s.config.model_name)
+
+
+def _model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "pensieve"}
