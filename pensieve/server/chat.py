@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import Field
 
 from pensieve.engine.turn import Reply
@@ -16,6 +16,7 @@ from pensieve.server.common import (
     APIError,
     ContentPart,
     ServerState,
+    State,
     Strict,
     cached_tokens,
     chat_message,
@@ -23,7 +24,6 @@ from pensieve.server.common import (
     drain,
     sse,
     sse_data,
-    state,
 )
 from pensieve.server.store import new_id
 
@@ -56,7 +56,7 @@ class ChatRequest(Strict):
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatRequest, request: Request, s: ServerState = Depends(state)):
+async def chat_completions(body: ChatRequest, request: Request, s: State):
     s.check_model(body.model)
     if body.n != 1:
         raise APIError(400, "n: only 1 choice per request is supported", param="n")

@@ -7,9 +7,9 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import Request
+from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
@@ -141,9 +141,11 @@ class ServerState:
         return reply
 
 
-def state(request: Request) -> ServerState:
-    """The dependency every endpoint takes: this app's ServerState."""
+def _state(request: Request) -> ServerState:
     return request.app.state.pensieve
+
+
+State = Annotated[ServerState, Depends(_state)]  # the dependency every endpoint takes: this app's ServerState
 
 
 # ---- the engine, seen from the event loop -------------------------------------------------------------------------

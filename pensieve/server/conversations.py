@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
 from pensieve.server import threads
-from pensieve.server.common import APIError, ServerState, Strict, chat_message, list_of, live, state
+from pensieve.server.common import APIError, ServerState, State, Strict, chat_message, list_of, live
 from pensieve.server.responses import InputMessage, input_item
 from pensieve.server.store import ConversationRecord, Thread, new_id
 
@@ -26,7 +26,7 @@ class ItemsCreate(Strict):
 
 
 @router.post("/v1/conversations")
-async def create_conversation(body: ConversationCreate | None = None, s: ServerState = Depends(state)):
+async def create_conversation(s: State, body: ConversationCreate | None = None):
     body = body or ConversationCreate()
     items = [input_item(chat_message(m)) for m in body.items or []]
     s.check_count(len(items) or 1, "items")
@@ -37,12 +37,12 @@ async def create_conversation(body: ConversationCreate | None = None, s: ServerS
 
 
 @router.get("/v1/conversations/{conversation_id}")
-async def get_conversation(conversation_id: str, s: ServerState = Depends(state)):
+async def get_conversation(conversation_id: str, s: State):
     return _conversation(live(s.store.conversations, conversation_id, "conversation"))
 
 
 @router.post("/v1/conversations/{conversation_id}")
-async def update_conversation(conversation_id: str, body: ConversationCreate, s: ServerState = Depends(state)):
+async def update_conversation(conversation_id: str, body: ConversationCreate, s: State):
     record = live(s.store.conversations, conversation_id, "conversation")
     if body.items:
         raise APIError(400, "items are added with POST /v1/conversations/{id}/items", param="items")
@@ -52,7 +52,7 @@ async def update_conversation(conversation_id: str, body: ConversationCreate, s:
 
 
 @router.delete("/v1/conversations/{conversation_id}")
-async def delete_conversation(conversation_id: str, s: ServerState = Depends(state)):
+async def delete_conversation(conversation_id: str, s: State):
     record = _idle(s, conversation_id)
     s.store.remove(record)
     await threads.forget(s.store, s.gen, record.id)
@@ -60,12 +60,12 @@ async def delete_conversation(conversation_id: str, s: ServerState = Depends(sta
 
 
 @router.get("/v1/conversations/{conversation_id}/items")
-async def conversation_items(conversation_id: str, s: ServerState = Depends(state)):
+async def conversation_items(conversation_id: str, s: State):
     return list_of(live(s.store.conversations, conversation_id, "conversation").items)
 
 
 @router.post("/v1/conversations/{conversation_id}/items")
-async def add_items(conversation_id: str, body: ItemsCreate, s: ServerState = Depends(state)):
+async def add_items(conversation_id: str, body: ItemsCreate, s: State):
     record = _idle(s, conversation_id)
     items = [input_item(chat_message(m)) for m in body.items]
     s.check_count(len(items), "items")
@@ -76,7 +76,7 @@ async def add_items(conversation_id: str, body: ItemsCreate, s: ServerState = De
 
 
 @router.get("/v1/conversations/{conversation_id}/items/{item_id}")
-async def conversation_item(conversation_id: str, item_id: str, s: ServerState = Depends(state)):
+async def conversation_item(conversation_id: str, item_id: str, s: State):
     record = live(s.store.conversations, conversation_id, "conversation")
     for item in record.items:
         if item["id"] == item_id:

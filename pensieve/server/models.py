@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import Response
 
-from pensieve.server.common import ServerState, state
+from pensieve.server.common import State
 
 router = APIRouter()
 
@@ -18,18 +18,18 @@ async def health():
 
 
 @router.get("/metrics")
-async def prometheus(s: ServerState = Depends(state)):
+async def prometheus(s: State):
     stats = await asyncio.to_thread(s.gen.stats)
     return Response(s.metrics.render(stats), media_type=s.metrics.content_type)
 
 
 @router.get("/v1/models")
-async def models(s: ServerState = Depends(state)):
+async def models(s: State):
     return {"object": "list", "data": [_model_card(s.config.model_name)]}
 
 
 @router.get("/v1/models/{model}")
-async def model_card(model: str, s: ServerState = Depends(state)):
+async def model_card(model: str, s: State):
     s.check_model(model)
     return _model_card(s.config.model_name)
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import Field
 
 from pensieve.engine.turn import Reply
@@ -21,6 +21,7 @@ from pensieve.server.common import (
     APIError,
     ContentPart,
     ServerState,
+    State,
     Strict,
     cached_tokens,
     chat_message,
@@ -29,7 +30,6 @@ from pensieve.server.common import (
     list_of,
     live,
     sse,
-    state,
 )
 from pensieve.server.store import ConversationRecord, ResponseRecord, Thread, new_id
 
@@ -85,7 +85,7 @@ class _Turn:
 
 
 @router.post("/v1/responses")
-async def create_response(body: ResponsesRequest, request: Request, s: ServerState = Depends(state)):
+async def create_response(body: ResponsesRequest, request: Request, s: State):
     s.check_model(body.model)
     sampling = s.sampling(body.temperature, body.top_p, body.max_output_tokens, body.stop, body.seed)
     if isinstance(body.input, str) and not body.input:
@@ -234,12 +234,12 @@ async def _events(turn: _Turn, run) -> AsyncIterator[str]:
 
 
 @router.get("/v1/responses/{response_id}")
-async def get_response(response_id: str, s: ServerState = Depends(state)):
+async def get_response(response_id: str, s: State):
     return live(s.store.responses, response_id, "response").body
 
 
 @router.delete("/v1/responses/{response_id}")
-async def delete_response(response_id: str, s: ServerState = Depends(state)):
+async def delete_response(response_id: str, s: State):
     record = live(s.store.responses, response_id, "response")
     record.deleted = True
     if any(r.previous_response_id == response_id for r in s.store.responses.values()):
@@ -251,7 +251,7 @@ async def delete_response(response_id: str, s: ServerState = Depends(state)):
 
 
 @router.get("/v1/responses/{response_id}/input_items")
-async def response_input_items(response_id: str, s: ServerState = Depends(state)):
+async def response_input_items(response_id: str, s: State):
     record = live(s.store.responses, response_id, "response")
     return list_of([input_item(m) for m in record.input_messages])
 
