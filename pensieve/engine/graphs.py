@@ -28,7 +28,9 @@ from pensieve.forward import AttentionBatch
 log = logging.getLogger("pensieve")
 
 
-def _forward(model, input_ids, position_ids, logits_rows, batch: AttentionBatch) -> torch.Tensor:
+def forward(model, input_ids, position_ids, logits_rows, batch: AttentionBatch) -> torch.Tensor:
+    """One packed forward -> logits [S, V] for the rows in logits_rows (every way a step runs: eager, compiled,
+    captured in a CUDA graph)."""
     out = model(
         input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_rows, pensieve=batch
     )
@@ -55,15 +57,15 @@ def resolve_compile(mode, model: torch.nn.Module) -> bool:
 
 
 def _private_forward(model):
-    """`_forward` bound to `model`, with a code object of its own. Dynamo keeps compiled graphs per code object (the
+    """`forward` bound to `model`, with a code object of its own. Dynamo keeps compiled graphs per code object (the
     model's own forward is inlined into this frame), so each generator's model gets a cache of its own instead of
     one shared by every model in the process (where one model's graphs count against another's recompile limit)."""
 
-    def forward(input_ids, position_ids, logits_rows, batch, model=model):
-        return _forward(model, input_ids, position_ids, logits_rows, batch)
+    def step(input_ids, position_ids, logits_rows, batch, model=model):
+        return forward(model, input_ids, position_ids, logits_rows, batch)
 
-    code = forward.__code__.replace()
-    return types.FunctionType(code, forward.__globals__, forward.__name__, forward.__defaults__)
+    code = step.__code__.replace()
+    return types.FunctionType(code, step.__globals__, step.__name__, step.__defaults__)
 
 
 # Per-call overhead of the compiled step, measured at batch 1 (SmolLM2 fp32, ~27 ms steps; docs/performance.md):
@@ -134,7 +136,7 @@ class CompiledForward:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return _forward(self.model, input_ids, position_ids, logits_rows, batch)
+            return forward(self.model, input_ids, position_ids, logits_rows, batch)
         self.num_steps += 1
         self.batched = self.batched or input_ids.shape[1] > 1
         if counters["stats"]["unique_graphs"] > graphs_before:
@@ -199,11 +201,11 @@ class CudaGraphRunner:
         side.wait_stream(torch.cuda.current_stream(self.storage.device))
         with torch.cuda.stream(side):  # warm-up off the capture: allocator, kernel autotuning, lazy init
             for _ in range(2):
-                _forward(self.model, input_ids, position_ids, 0, batch)
+                forward(self.model, input_ids, position_ids, 0, batch)
         torch.cuda.current_stream(self.storage.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = _forward(self.model, input_ids, position_ids, 0, batch)  # logits_to_keep=0: every row
+            logits = forward(self.model, input_ids, position_ids, 0, batch)  # logits_to_keep=0: every row
         self._pool = graph.pool()
         log.info("pensieve: captured a CUDA graph for decode batches of %d", bucket)
         return graph, logits

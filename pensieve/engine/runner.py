@@ -19,7 +19,7 @@ import torch
 from pensieve.cache.manager import KVManager
 from pensieve.cache.tiers import KVStorage
 from pensieve.config import EngineConfig
-from pensieve.engine.graphs import CompiledForward, CudaGraphRunner, resolve_compile
+from pensieve.engine.graphs import CompiledForward, CudaGraphRunner, forward, resolve_compile
 from pensieve.engine.plan import StepPlan
 from pensieve.engine.scheduler import ScheduledChunk
 from pensieve.forward import AttentionBatch
@@ -212,11 +212,3 @@ class ModelRunner:
                 logits = forward(self.model, input_ids, position_ids, views["logits_rows"], batch)
         gate.finish()
         return logits
-
-
-def forward(model, input_ids, position_ids, logits_rows, batch: AttentionBatch) -> torch.Tensor:
-    """One packed forward -> logits [S, V] for the rows in logits_rows."""
-    out = model(
-        input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_rows, pensieve=batch
-    )
-    return out.logits[0]

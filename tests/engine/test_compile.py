@@ -218,7 +218,7 @@ def test_padded_decode_rows_write_only_the_padding_block():
 
 
 def _eager_logits(runner, num_tokens, num_seqs, num_rows):
-    from pensieve.engine.runner import forward
+    from pensieve.engine.graphs import forward
 
     runner.buffers.np["logits_rows"][:num_rows] = range(num_rows)  # decode-only: row i is sequence i's token
     views = runner.buffers.upload(num_tokens, num_seqs, num_rows)
