@@ -28,11 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
-import os
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,21 +37,14 @@ from dataclasses import dataclass, field
 
 from pensieve.api import Capabilities
 from pensieve.cache.tree import prefix_keys
-from pensieve.cluster.instance import ROLES, Instance, InstanceSpec
+from pensieve.cluster import runtime
+from pensieve.cluster.instance import ROLES
 from pensieve.cluster.router import Route, Router, RouterConfig
 from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
 from pensieve.engine.admission import check_token_ids, render_prompt, render_turn, require_idle
 from pensieve.engine.turn import Reply
 
 DECODERS = ("colocated", "decode")
-
-
-def _ray():
-    try:
-        import ray
-    except ImportError as error:  # pragma: no cover - the extra is part of the dev set
-        raise ImportError("pensieve.cluster needs Ray: pip install 'pensieve[cluster]'") from error
-    return ray
 
 
 @dataclass
@@ -136,57 +126,19 @@ class Cluster:
         cache_config = cache_config or CacheConfig()
         if cache_config.disk_dir is not None:
             raise ValueError("disk_dir is per instance: not supported in a Cluster yet (the driver keeps the record)")
-        ray = _ray()
-        self._ray = ray
-        self._started_ray = False
-        if not ray.is_initialized():
-            if address is None:
-                ray.init(
-                    num_cpus=os.cpu_count(),
-                    include_dashboard=False,
-                    object_store_memory=object_store_memory or 512 * 2**20,
-                    log_to_driver=True,
-                )
-            else:
-                ray.init(address=address)
-            self._started_ray = True
-        # Ray CPUs per instance: the free ones shared evenly (0 when another cluster holds them all: instances of
-        # two clusters then share cores rather than wait forever for Ray to place them).
-        free = ray.available_resources().get("CPU", 0.0)
-        share = num_cpus if num_cpus is not None else math.floor(free / len(roles) * 100) / 100
-        free_gpus = ray.available_resources().get("GPU", 0.0)
-        gpus = num_gpus if num_gpus is not None else math.floor(free_gpus / len(roles) * 100) / 100
-        total = ray.cluster_resources().get("CPU", os.cpu_count() or 1)
-        threads = num_threads if num_threads is not None else max(1, int(total // len(roles)))
-        seqs = (scheduler_config or SchedulerConfig()).max_num_seqs
-        actor = ray.remote(Instance)
-        self.roles: dict[str, str] = {}
-        self._handles: dict[str, object] = {}
-        for i, role in enumerate(roles):
-            name = f"{role}-{i}"
-            spec = InstanceSpec(name, role, model, tokenizer, cache_config, scheduler_config, engine_config, threads)
-            options = dict(num_cpus=share, max_concurrency=seqs + 8)
-            if gpus:
-                options["num_gpus"] = gpus
-            self._handles[name] = actor.options(**options).remote(spec)
-            self.roles[name] = role
+        self._ray = ray = runtime.ray_module()
+        self._started_ray = runtime.start(address, object_store_memory)
+        where = runtime.placement(len(roles), num_cpus, num_gpus, num_threads)
+        self._handles = runtime.place(roles, model, tokenizer, cache_config, scheduler_config, engine_config, where)
+        self.roles: dict[str, str] = dict(zip(self._handles, roles, strict=True))
         infos = ray.get([h.info.remote() for h in self._handles.values()])
         info = infos[0]
         self.transport = transport
-        self.backend: str | None = None  # the collective transport's backend ("nccl" or "gloo")
         self._stage = transport == "collective"  # instances keep what they read for send_kv
         self._ranks = {name: rank for rank, name in enumerate(self._handles)}
         self._seq: Counter[tuple[str, str]] = Counter()  # collective transfers issued per (sender, receiver)
-        if transport == "collective":
-            # NCCL needs every rank on a GPU of its own (two ranks of one communicator on one device: invalid
-            # usage, seen on an H100 shared by two instances); otherwise gloo, staged through the host
-            uuids = [i["gpu_uuid"] for i in infos]
-            own_gpus = None not in uuids and len(set(uuids)) == len(uuids)
-            backend = "nccl" if own_gpus and all(i["nccl"] for i in infos) else "gloo"
-            self.backend = backend
-            group = f"pensieve-{uuid.uuid4().hex[:12]}"
-            n = len(self._handles)
-            ray.get([h.join_group.remote(n, self._ranks[name], backend, group) for name, h in self._handles.items()])
+        # the collective transport's backend ("nccl" or "gloo")
+        self.backend = runtime.join_collective(self._handles, self._ranks, infos) if transport == "collective" else None
         self.block_size = info["block_size"]
         self._vocab = info["vocab_size"]
         self._max_positions = info["max_positions"]
