@@ -72,16 +72,11 @@ class _Turn:
     body: ResponsesRequest
     tokens: list[int]  # the whole rendered prompt
     new_messages: list[dict]
-    previous: ResponseRecord | None
     conversation: ConversationRecord | None
     thread: Thread | None
-    made: bool  # the thread was made for this turn
+    keep: bool  # stored (asked for, or in a conversation)
     base: dict  # the response object's fields known before the turn
     message_id: str
-
-    @property
-    def keep(self) -> bool:
-        return self.body.store or self.conversation is not None
 
 
 @router.post("/v1/responses")
@@ -100,8 +95,8 @@ async def create_response(body: ResponsesRequest, request: Request, s: State):
     keep = body.store or conversation is not None
     thread, made = await threads.claim(s.store, s.gen, previous, conversation, keep, tokens)
     delta = tokens if thread is None else await threads.cut_back(s.store, s.gen, thread, made, tokens)
-    base = _base(s, body, conversation)
-    turn = _Turn(body, tokens, new_messages, previous, conversation, thread, made, base, new_id("msg"))
+    base = _base(s, body, conversation, keep)
+    turn = _Turn(body, tokens, new_messages, conversation, thread, keep, base, new_id("msg"))
 
     async def run(on_piece) -> dict:
         """The turn and its bookkeeping, as one task of its own: a client going away cancels it (its turn is
@@ -120,7 +115,6 @@ async def create_response(body: ResponsesRequest, request: Request, s: State):
 
 def _context(s: ServerState, body: ResponsesRequest) -> tuple[ResponseRecord | None, ConversationRecord | None, list]:
     """The response continued, the conversation continued, and the messages before this request's."""
-    conversation = previous = None
     if body.conversation is not None:
         if body.previous_response_id is not None:
             raise APIError(400, "give previous_response_id or conversation, not both", param="conversation")
@@ -133,7 +127,7 @@ def _context(s: ServerState, body: ResponsesRequest) -> tuple[ResponseRecord | N
     return None, None, []
 
 
-def _base(s: ServerState, body: ResponsesRequest, conversation: ConversationRecord | None) -> dict:
+def _base(s: ServerState, body: ResponsesRequest, conversation: ConversationRecord | None, keep: bool) -> dict:
     return {
         "id": new_id("resp"),
         "object": "response",
@@ -142,7 +136,7 @@ def _base(s: ServerState, body: ResponsesRequest, conversation: ConversationReco
         "instructions": body.instructions,
         "previous_response_id": body.previous_response_id,
         "conversation": {"id": conversation.id} if conversation is not None else None,
-        "store": body.store or conversation is not None,
+        "store": keep,
         "temperature": body.temperature,
         "top_p": body.top_p,
         "max_output_tokens": body.max_output_tokens,
