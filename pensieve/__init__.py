@@ -2,7 +2,7 @@
 
 from pensieve.api import Capabilities, Generator
 from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
-from pensieve.engine.turn import Reply, TurnAborted
+from pensieve.engine.turn import Delta, Reply, TurnAborted
 from pensieve.generator import StatefulGenerator
 
 __version__ = "0.1.0"
@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheConfig",
     "Capabilities",
+    "Delta",
     "EngineConfig",
     "Generator",
     "Reply",

@@ -7,13 +7,15 @@ Where one side lacks something, `capabilities` says so and callers ask it instea
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from pensieve.config import SamplingParams
-from pensieve.engine.turn import Reply
+from pensieve.engine.turn import Delta, Reply
+
+OnToken = Callable[[Delta], None] | None
 
 
 @dataclass(frozen=True)
@@ -21,12 +23,15 @@ class Capabilities:
     """What a generator can do beyond the protocol's common ground."""
 
     disk_tier: bool  # conversations are stored on disk and survive a restart (CacheConfig.disk_dir)
-    streamed_complete: bool  # submit_complete's on_token sees tokens as they are sampled, and abort stops it
+    streamed_complete: bool  # submit_complete's on_token sees deltas as tokens are sampled, and abort stops it
     num_instances: int = 1  # engines serving (a Cluster's live instances)
 
 
 class Stream(Iterator, Protocol):
-    """The pieces of a streamed reply (str, or token ids); `.reply` waits for the turn and returns its Reply."""
+    """The pieces of a streamed reply (str pieces that join to `Reply.text`, or token ids); `deltas()` gives each
+    token's `Delta` instead; `.reply` waits for the turn and returns its Reply."""
+
+    def deltas(self) -> Iterator[Delta]: ...
 
     @property
     def reply(self) -> Reply: ...
@@ -53,9 +58,10 @@ class Generator(Protocol):
     def complete_batch(self, prompts: list, sampling: SamplingParams | None = None) -> list[Reply]: ...
 
     # ---- turns, for a server that drives the engine on a thread of its own -------------------------------------------
-    def submit(self, conv_id: str, msg, sampling: SamplingParams | None = None, on_token=None) -> Future: ...
+    # on_token(Delta) is called as each token is sampled, on a thread of the generator's: it must not block
+    def submit(self, conv_id: str, msg, sampling: SamplingParams | None = None, on_token: OnToken = None) -> Future: ...
 
-    def submit_complete(self, prompt, sampling: SamplingParams | None = None, on_token=None) -> Future: ...
+    def submit_complete(self, prompt, sampling: SamplingParams | None = None, on_token: OnToken = None) -> Future: ...
 
     def abort(self, target) -> bool: ...
 

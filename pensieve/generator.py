@@ -21,9 +21,8 @@ from concurrent.futures import Future
 
 from pensieve.api import Capabilities
 from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
-from pensieve.engine.detokenizer import IncrementalDetokenizer
 from pensieve.engine.engine import Engine
-from pensieve.engine.turn import Reply
+from pensieve.engine.turn import Delta, Reply
 from pensieve.models.attention import ATTN_IMPLEMENTATION, register
 from pensieve.models.linear import use_fast_linears
 
@@ -33,14 +32,25 @@ _IDLE_S = 0.05  # how long an idle `serve` loop sleeps on the command queue befo
 
 
 class ReplyStream(Iterator):
-    """The pieces of a streamed reply; `.reply` waits for the turn and returns its Reply."""
+    """The pieces of a streamed reply: str pieces that join to `Reply.text` (with a tokenizer), else token ids (or
+    with `token_ids`). `deltas()` gives each token's `Delta` instead; `.reply` waits for the turn's Reply."""
 
-    def __init__(self, pieces: Iterator, future: Future) -> None:
-        self._pieces = pieces
+    def __init__(self, deltas: Iterator[Delta], future: Future, token_ids: bool) -> None:
+        self._deltas = deltas
         self._future = future
+        self._token_ids = token_ids
 
     def __next__(self):
-        return next(self._pieces)
+        for delta in self._deltas:
+            if self._token_ids:
+                return delta.token_id
+            if delta.text:
+                return delta.text
+        raise StopIteration
+
+    def deltas(self) -> Iterator[Delta]:
+        """Each token as it is sampled, with the text it makes safe to show (see `Delta`)."""
+        return self._deltas
 
     @property
     def reply(self) -> Reply:
@@ -114,12 +124,14 @@ class StatefulGenerator:
         return {conv_id: self._result(f) for conv_id, f in zip(messages, futures, strict=True)}
 
     def stream(self, conv_id: str, msg, sampling: SamplingParams | None = None, token_ids: bool = False) -> ReplyStream:
-        """Iterate over the reply as it is generated: str pieces with a tokenizer, token ids without one (or with
-        `token_ids`). The returned stream's `.reply` is the whole Reply (with its stats) once the turn is done."""
-        tokens: queue.SimpleQueue = queue.SimpleQueue()
-        (future,) = self._submit([(conv_id, msg)], sampling, on_token=tokens.put)
-        future.add_done_callback(lambda _: tokens.put(_DONE))
-        return ReplyStream(self._pieces(tokens, future, token_ids), future)
+        """Iterate over the reply as it is generated: str pieces with a tokenizer (held back where they may be part
+        of a stop string; they join to the reply's text), token ids without one (or with `token_ids`). The returned
+        stream's `.reply` is the whole Reply (with its stats) once the turn is done."""
+        deltas: queue.SimpleQueue = queue.SimpleQueue()
+        (future,) = self._submit([(conv_id, msg)], sampling, on_token=deltas.put)
+        future.add_done_callback(lambda _: deltas.put(_DONE))
+        token_ids = token_ids or self._engine.tokenizer is None
+        return ReplyStream(self._deltas(deltas, future), future, token_ids)
 
     async def agenerate(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> Reply:
         """`generate` for asyncio: the turn is driven on a worker thread, never on the event loop."""
@@ -145,8 +157,9 @@ class StatefulGenerator:
 
     def submit(self, conv_id: str, msg, sampling: SamplingParams | None = None, on_token=None) -> Future:
         """Start a turn without waiting: -> a Future of its Reply (bad input: the Future raises ValueError / KeyError
-        and nothing changed). on_token(token_id) is called on the engine's thread as each token is sampled. The turn
-        runs while some thread drives: `serve` on a thread of its own, or any blocking call."""
+        and nothing changed). on_token(delta) is called on the engine's thread as each token is sampled (`Delta`: the
+        token and the text it makes safe to show). The turn runs while some thread drives: `serve` on a thread of its
+        own, or any blocking call."""
         return self._submit_async(lambda on: self._admit([(conv_id, msg)], sampling, on)[0], on_token)
 
     def submit_complete(self, prompt, sampling: SamplingParams | None = None, on_token=None) -> Future:
@@ -329,19 +342,13 @@ class StatefulGenerator:
         if self._driver.acquire(timeout=_WAIT_S):
             self._driver.release()
 
-    def _pieces(self, tokens: queue.SimpleQueue, future: Future, token_ids: bool = False) -> Iterator:
-        """Token ids as the turn produces them -> ids (no tokenizer, or token_ids) or str deltas that never split a
-        character, decoded incrementally (O(new tokens) per token)."""
-        tokenizer = self._engine.tokenizer
-        text = IncrementalDetokenizer(tokenizer) if tokenizer is not None and not token_ids else None
+    def _deltas(self, deltas: queue.SimpleQueue, future: Future) -> Iterator[Delta]:
+        """The turn's deltas as the engine produces them (driving it while none is waiting, unless `serve` does)."""
         while True:
             if not self._served_elsewhere():
-                self._drive_until(lambda: not tokens.empty())
-            item = tokens.get()
+                self._drive_until(lambda: not deltas.empty())
+            item = deltas.get()
             if item is _DONE:
                 future.result()  # re-raise an engine error
                 return
-            if text is None:
-                yield item
-            elif piece := text.add(item):
-                yield piece
+            yield item

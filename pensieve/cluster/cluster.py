@@ -42,7 +42,7 @@ from pensieve.cluster.instance import ROLES
 from pensieve.cluster.router import Route, Router, RouterConfig
 from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
 from pensieve.engine.admission import check_token_ids, render_prompt, render_turn, require_idle
-from pensieve.engine.turn import Reply
+from pensieve.engine.turn import Delta, Reply
 
 DECODERS = ("colocated", "decode")
 
@@ -72,7 +72,6 @@ class _Turn:
     prefilled_ref: object = None
     evicted_ref: object = None
     attempts: int = 0
-    token_ids: bool = False  # a stream of token ids (not text pieces)
 
 
 class Cluster:
@@ -181,23 +180,23 @@ class Cluster:
         return {turn.conv_id: self._finish(turn) for turn in turns}
 
     def stream(self, conv_id: str, msg, sampling: SamplingParams | None = None, token_ids: bool = False):
-        """The reply's pieces as the instance produces them (str with a tokenizer, else or with `token_ids` token
-        ids); the stream's `.reply` is the whole Reply once done."""
-        turn = self._start(conv_id, msg, sampling, streaming=True, token_ids=token_ids)
-        return ClusterStream(self, turn)
+        """The reply's pieces as the instance produces them (str pieces that join to the reply's text with a
+        tokenizer, else or with `token_ids` token ids); the stream's `.reply` is the whole Reply once done."""
+        turn = self._start(conv_id, msg, sampling, streaming=True)
+        return ClusterStream(self, turn, token_ids or self.tokenizer is None)
 
     def submit(self, conv_id: str, msg, sampling: SamplingParams | None = None, on_token=None) -> Future:
-        """Start a turn without waiting (as `StatefulGenerator.submit`): -> a Future of its Reply; on_token(token_id)
+        """Start a turn without waiting (as `StatefulGenerator.submit`): -> a Future of its Reply; on_token(delta)
         is called (on a driver thread) as the instance streams the reply."""
         future: Future = Future()
         future.conv_id = conv_id  # what `abort` is given this Future for
 
         def run() -> None:
             try:
-                stream = self.stream(conv_id, msg, sampling, token_ids=True)
-                for token in stream:
+                stream = self.stream(conv_id, msg, sampling)
+                for delta in stream.deltas():
                     if on_token is not None:
-                        on_token(token)
+                        on_token(delta)
                 future.set_result(stream.reply)
             except BaseException as error:  # noqa: BLE001  (handed to the caller)
                 future.set_exception(error)
@@ -207,14 +206,15 @@ class Cluster:
 
     def submit_complete(self, prompt, sampling: SamplingParams | None = None, on_token=None) -> Future:
         """`complete` without waiting: -> a Future of its Reply. A completion is not streamed by the instance: on_token
-        sees the reply's tokens when it is done, and `abort` cannot stop it."""
+        sees the reply's deltas when it is done (the last carries the text), and `abort` cannot stop it."""
         future: Future = Future()
 
         def run() -> None:
             try:
                 reply = self.complete(prompt, sampling)
-                for token in reply.token_ids if on_token is not None else ():
-                    on_token(token)
+                last = len(reply.token_ids) - 1
+                for i, token in enumerate(reply.token_ids if on_token is not None else ()):
+                    on_token(Delta(token, (reply.text or "") if i == last else ""))
                 future.set_result(reply)
             except BaseException as error:  # noqa: BLE001  (handed to the caller)
                 future.set_exception(error)
@@ -431,11 +431,11 @@ class Cluster:
 
     # ---- a turn ------------------------------------------------------------------------------------------------
 
-    def _start(self, conv_id, msg, sampling, streaming: bool = False, token_ids: bool = False) -> _Turn:
-        (turn,) = self._start_all([(conv_id, msg)], sampling, streaming, token_ids)
+    def _start(self, conv_id, msg, sampling, streaming: bool = False) -> _Turn:
+        (turn,) = self._start_all([(conv_id, msg)], sampling, streaming)
         return turn
 
-    def _start_all(self, items, sampling, streaming: bool = False, token_ids: bool = False) -> list[_Turn]:
+    def _start_all(self, items, sampling, streaming: bool = False) -> list[_Turn]:
         """Validate every turn (nothing changes if one is bad), then route and call each."""
         _check_sampling(sampling)
         # P/D: a conversation's last reply may still be on its way back to the prefill instance; wait for that
@@ -459,7 +459,7 @@ class Cluster:
                 tokens, _ = render_turn(self.tokenizer, conv_id, conv.tokens, conv.messages, msg, check)
                 self._check_fits(conv_id, len(tokens), sampling)
                 keys = prefix_keys(tokens, self.block_size)
-                turns.append(_Turn(conv_id, msg, sampling, tokens, keys, token_ids=token_ids))
+                turns.append(_Turn(conv_id, msg, sampling, tokens, keys))
             for turn in turns:
                 conv = self._convs.setdefault(turn.conv_id, _Conversation())
                 conv.busy = True
@@ -502,7 +502,7 @@ class Cluster:
         history = (list(conv.tokens), conv.messages)
         if streaming:
             turn.ref = handle.stream.options(num_returns="streaming").remote(
-                turn.conv_id, turn.msg, turn.sampling, history, kv, turn.token_ids
+                turn.conv_id, turn.msg, turn.sampling, history, kv
             )
         else:
             turn.ref = handle.generate.remote(turn.conv_id, turn.msg, turn.sampling, history, kv)
@@ -708,16 +708,28 @@ class Cluster:
 
 
 class ClusterStream(Iterator):
-    """The pieces of a streamed turn; `.reply` waits for the turn and returns its Reply."""
+    """The pieces of a streamed turn (`ReplyStream`'s, from the instance's deltas); `.reply` waits for the turn."""
 
-    def __init__(self, cluster: Cluster, turn: _Turn) -> None:
+    def __init__(self, cluster: Cluster, turn: _Turn, token_ids: bool) -> None:
         self._cluster = cluster
         self._turn = turn
+        self._token_ids = token_ids
         self._reply: Reply | None = None
 
     def __next__(self):
+        for delta in self.deltas():
+            if self._token_ids:
+                return delta.token_id
+            if delta.text:
+                return delta.text
+        raise StopIteration
+
+    def deltas(self) -> Iterator[Delta]:
+        return iter(self._next_delta, None)
+
+    def _next_delta(self) -> Delta | None:
         if self._reply is not None:
-            raise StopIteration
+            return None
         ray = self._cluster._ray
         try:
             item = ray.get(next(self._turn.ref))
@@ -726,12 +738,12 @@ class ClusterStream(Iterator):
             raise _cause(error) from None
         if isinstance(item, dict):
             self._reply = self._cluster._done(self._turn, item)
-            raise StopIteration
+            return None
         return item
 
     @property
     def reply(self) -> Reply:
-        for _ in self:
+        for _ in self.deltas():
             pass
         return self._reply
 

@@ -105,14 +105,13 @@ class Instance:
         reply = self.gen.generate(conv_id, msg, sampling)
         return self._result(reply, conv_id)
 
-    def stream(self, conv_id: str, msg, sampling: SamplingParams | None, history, kv: KVPayload | None,
-               token_ids: bool = False):  # fmt: skip
-        """`generate`, yielding the reply's pieces as they come, then the turn's result (a dict)."""
+    def stream(self, conv_id: str, msg, sampling: SamplingParams | None, history, kv: KVPayload | None):
+        """`generate`, yielding each token's `Delta` as it comes, then the turn's result (a dict)."""
         self._prepare(conv_id, history, kv)
-        pieces = self.gen.stream(conv_id, msg, sampling, token_ids=token_ids)
-        for piece in pieces:  # noqa: UP028  (not `yield from`: Ray drives the generator with send())
-            yield piece
-        yield self._result(pieces.reply, conv_id)
+        stream = self.gen.stream(conv_id, msg, sampling)
+        for delta in stream.deltas():  # noqa: UP028  (not `yield from`: Ray drives the generator with send())
+            yield delta
+        yield self._result(stream.reply, conv_id)
 
     def abort(self, conv_id: str) -> bool:
         """Abort conv_id's running turn here (`StatefulGenerator.abort`): its stream ends with TurnAborted."""

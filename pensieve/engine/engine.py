@@ -19,12 +19,12 @@ from pensieve.cache.tiers import KVStorage
 from pensieve.cache.types import Tier
 from pensieve.config import CacheConfig, EngineConfig, SchedulerConfig
 from pensieve.engine.admission import Admission, Admitter, require_idle
-from pensieve.engine.detokenizer import IncrementalDetokenizer
+from pensieve.engine.detokenizer import HoldBack, StopStrings, TextStream
 from pensieve.engine.graphs import CompiledForward
 from pensieve.engine.output import OutputProcessor
 from pensieve.engine.runner import ModelRunner, default_num_blocks
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
-from pensieve.engine.turn import Turn, TurnAborted
+from pensieve.engine.turn import ResolvedSampling, Turn, TurnAborted
 from pensieve.models.support import model_shape
 
 
@@ -78,7 +78,7 @@ class Engine:
             engine_config=engine_config,
         )
         self.admission = Admitter(model, tokenizer, shape, self.kv)
-        self.output = OutputProcessor(self.kv, self.scheduler, tokenizer, shape.max_positions)
+        self.output = OutputProcessor(self.kv, self.scheduler, shape.max_positions)
         self.num_steps = 0
 
     # ---- admission -------------------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ class Engine:
             on_token=on_token,
             before=before,
             generator=None if adm.params.seed is None else self._generator(adm.params.seed),
-            detokenizer=IncrementalDetokenizer(self.tokenizer) if adm.params.stop else None,
+            text=None if self.tokenizer is None else TextStream(self.tokenizer, _hold_backs(adm.params)),
         )
         self.scheduler.add(turn)
         return turn
@@ -284,3 +284,8 @@ COUNTERS = (
 def _first_block(chunk: ScheduledChunk) -> int:
     conv = chunk.turn.conv
     return conv.chunks[0].block if conv.chunks else -1
+
+
+def _hold_backs(params: ResolvedSampling) -> list[HoldBack]:
+    """What may hold back a turn's text (stop strings today; tool-call and reasoning markers plug in here)."""
+    return [StopStrings(params.stop)] if params.stop else []

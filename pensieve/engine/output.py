@@ -1,9 +1,9 @@
 """After the forward: the step's outputs become conversation state and replies (DESIGN §2, "postprocess").
 
 `OutputProcessor.process(chunks, logits)` advances each scheduled conversation past the positions just computed,
-samples a token for every row that samples (one batched call), appends it, checks the stop conditions, and for a
-finished turn detokenizes the reply, ends the turn in the cache manager, logs it (durable before it is returned)
-and resolves the turn's Future with its `Reply`.
+samples a token for every row that samples (one batched call), appends it and its text (the turn's `TextStream`),
+hands both to the turn's `on_token`, checks the stop conditions, and for a finished turn ends it in the cache
+manager, logs it (durable before it is returned) and resolves the turn's Future with its `Reply`.
 """
 
 from __future__ import annotations
@@ -14,17 +14,15 @@ import torch
 
 from pensieve.cache.manager import KVManager
 from pensieve.cache.types import Tier
-from pensieve.engine.detokenizer import find_stop
 from pensieve.engine.sampler import sample
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
-from pensieve.engine.turn import Reply, Turn
+from pensieve.engine.turn import Delta, Reply, Turn
 
 
 class OutputProcessor:
-    def __init__(self, kv: KVManager, scheduler: Scheduler, tokenizer, max_positions: int) -> None:
+    def __init__(self, kv: KVManager, scheduler: Scheduler, max_positions: int) -> None:
         self.kv = kv
         self.scheduler = scheduler
-        self.tokenizer = tokenizer
         self.max_positions = max_positions
         self.num_tokens_computed = 0
         self.num_turns = 0
@@ -49,20 +47,18 @@ class OutputProcessor:
             turn.first_token_at = time.perf_counter()
         turn.output.append(token)
         self.kv.append_token(turn.conv, token)
-        if turn.on_token is not None:
-            turn.on_token(token)
+        text = turn.text.add(token) if turn.text is not None else ""
         reason = self._finish_reason(turn, token)
+        if reason is not None and turn.text is not None:
+            text += turn.text.finish()
+        if turn.on_token is not None:
+            turn.on_token(Delta(token, text))
         if reason is not None:
             self.finish(turn, reason)
 
     def _finish_reason(self, turn: Turn, token: int) -> str | None:
-        if token in turn.sampling.stop_token_ids:
+        if token in turn.sampling.stop_token_ids or (turn.text is not None and turn.text.stopped):
             return "stop"
-        if turn.detokenizer is not None:  # stop strings: only the new text, and the stops that can end in it
-            start = len(turn.detokenizer.text)
-            turn.detokenizer.add(token)
-            if find_stop(turn.detokenizer.text, turn.sampling.stop, start) is not None:
-                return "stop"
         if len(turn.output) >= turn.sampling.max_new_tokens or len(turn.conv.tokens) >= self.max_positions:
             return "length"
         return None
@@ -73,11 +69,7 @@ class OutputProcessor:
         conv = turn.conv
         self.num_turns += 1
         self.num_recomputed += turn.num_recomputed
-        text = None
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(turn.output, skip_special_tokens=True)
-            cut = find_stop(text, turn.sampling.stop)
-            text = text if cut is None else text[:cut]
+        text = None if turn.text is None else turn.text.reply_text
         new_messages = None
         if conv.messages is not None:
             new_messages = [conv.messages[-1], {"role": "assistant", "content": text}]

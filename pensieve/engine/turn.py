@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pensieve.cache.types import Conversation, RestoreStats, Tier
-from pensieve.engine.detokenizer import IncrementalDetokenizer
+from pensieve.engine.detokenizer import TextStream
 
 
 class TurnAborted(Exception):
@@ -29,6 +29,16 @@ class ResolvedSampling:
     seed: int | None
     stop_token_ids: frozenset[int]  # EOS (unless ignore_eos) + the caller's stop ids
     stop: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """What one sampled token adds to its turn (what `on_token` callbacks receive, on the engine's thread): the
+    token and the reply text it makes safe to show ("" when it completes none or a hold-back keeps it; the last
+    token's also carries what was held). The texts of a turn's deltas join to its `Reply.text`."""
+
+    token_id: int
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,13 +75,13 @@ class Turn:
     history_kept: int  # leading tokens of the stored history the turn kept (the rest was rewritten)
     history_kv: int  # history positions an earlier turn computed (all but the last reply token)
     future: Future = field(default_factory=Future)
-    on_token: Callable[[int], None] | None = None
+    on_token: Callable[[Delta], None] | None = None
     arrival: int = field(default_factory=lambda: next(_arrivals))
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     output: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
-    detokenizer: IncrementalDetokenizer | None = None  # text so far, kept only when stop strings need it
+    text: TextStream | None = None  # the reply's text as it grows (None without a tokenizer)
     num_computed: int = 0  # tokens fed to the model for this turn
     num_prefilled: int = 0  # of which before the first reply token
     restored: RestoreStats | None = None  # where the history's KV was when the turn started

@@ -15,8 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pensieve.api import Generator
 from pensieve.config import SamplingParams
-from pensieve.engine.detokenizer import IncrementalDetokenizer, find_stop
-from pensieve.engine.turn import Reply, TurnAborted
+from pensieve.engine.turn import Delta, Reply, TurnAborted
 from pensieve.server.metrics import Metrics
 from pensieve.server.store import Store
 
@@ -113,14 +112,9 @@ class ServerState:
         return await asyncio.to_thread(work)
 
     async def run_turn(self, request: Request, thread_id, tokens, sampling, on_piece) -> Reply:
-        """One turn, aborted if the client disconnects (checked while it runs)."""
-        text = TextStream(self.tokenizer, sampling.stop)
-
-        def on_token(token: int) -> None:
-            if on_piece is not None and (piece := text.add(token)):
-                on_piece(piece)
-
-        task = asyncio.ensure_future(self.turns.run(thread_id, tokens, sampling, on_token))
+        """One turn, aborted if the client disconnects (checked while it runs); on_piece(text) gets the reply's text
+        as it becomes safe to show (on the event loop; the pieces join to `Reply.text`)."""
+        task = asyncio.ensure_future(self.turns.run(thread_id, tokens, sampling, on_piece))
         watcher = asyncio.ensure_future(_watch_disconnect(request, task))
         try:
             reply = await task
@@ -136,8 +130,6 @@ class ServerState:
             raise APIError(404, str(error.args[0] if error.args else error)) from None
         finally:
             watcher.cancel()
-        if on_piece is not None and (rest := text.rest(reply.text or "")):
-            on_piece(rest)
         return reply
 
 
@@ -152,20 +144,20 @@ State = Annotated[ServerState, Depends(_state)]  # the dependency every endpoint
 
 
 class Turns:
-    """Runs turns on the generator from async code: tokens arrive as they are sampled (passed over from the engine
-    thread), a cancelled caller (client gone) aborts its turn and waits until the abort is done."""
+    """Runs turns on the generator from async code: the reply's text arrives as it is sampled (passed over from the
+    engine's thread), a cancelled caller (client gone) aborts its turn and waits until the abort is done."""
 
     def __init__(self, gen: Generator) -> None:
         self.gen = gen
 
-    async def run(self, thread_id: str | None, tokens: list[int], sampling: SamplingParams, on_token) -> Reply:
+    async def run(self, thread_id: str | None, tokens: list[int], sampling: SamplingParams, on_text) -> Reply:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         done.add_done_callback(lambda f: f.cancelled() or f.exception())  # (also when nobody awaits it any more)
 
-        def pass_token(token: int) -> None:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(on_token, token)
+        def pass_text(delta: Delta) -> None:
+            if delta.text and not loop.is_closed():
+                loop.call_soon_threadsafe(on_text, delta.text)
 
         def finish(future) -> None:
             def settle() -> None:
@@ -176,10 +168,11 @@ class Turns:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(settle)
 
+        on_token = None if on_text is None else pass_text
         if thread_id is None:
-            future = self.gen.submit_complete(tokens, sampling, on_token=pass_token)
+            future = self.gen.submit_complete(tokens, sampling, on_token=on_token)
         else:
-            future = self.gen.submit(thread_id, tokens, sampling, on_token=pass_token)
+            future = self.gen.submit(thread_id, tokens, sampling, on_token=on_token)
         future.add_done_callback(finish)
         try:
             return await asyncio.shield(done)
@@ -189,38 +182,6 @@ class Turns:
                 # that what it leaves is known when the caller releases its thread
                 await asyncio.to_thread(_outcome, future)
             raise
-
-
-class TextStream:
-    """Reply text as it grows, never emitting what may turn out to be part of a stop string: pieces are prefixes
-    of the final `Reply.text` (the engine cuts it at the first stop string)."""
-
-    def __init__(self, tokenizer, stops: tuple[str, ...]) -> None:
-        self.detok = IncrementalDetokenizer(tokenizer)
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.sent = 0
-        self.stopped = False
-
-    def add(self, token: int) -> str:
-        if self.stopped:
-            return ""
-        self.detok.add(token)
-        text = self.detok.text
-        cut = find_stop(text, self.stops) if self.stops else None
-        if cut is not None:
-            self.stopped = True
-            safe = cut
-        else:
-            safe = len(text) - self.hold
-        if safe <= self.sent:
-            return ""
-        piece, self.sent = text[self.sent : safe], safe
-        return piece
-
-    def rest(self, final: str) -> str:
-        piece, self.sent = final[self.sent :], len(final)
-        return piece
 
 
 def _outcome(future) -> None:

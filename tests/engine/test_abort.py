@@ -109,7 +109,9 @@ def test_serve_thread_with_submit_and_abort(model, oracle):
         try:
             msgs = {f"s{i}": [2 + (i * 13 + j * 7) % 100 for j in range(4 + i)] for i in range(6)}
             seen: dict = {c: [] for c in msgs}
-            futures = {c: gen.submit(c, m, GREEDY, on_token=seen[c].append) for c, m in msgs.items()}
+            futures = {
+                c: gen.submit(c, m, GREEDY, on_token=lambda d, c=c: seen[c].append(d.token_id)) for c, m in msgs.items()
+            }
             started = threading.Event()
             endless = SamplingParams(max_new_tokens=100, temperature=0, ignore_eos=True)
             long = gen.submit_complete([1, 2, 3, 4, 5], endless, on_token=lambda _: started.set())

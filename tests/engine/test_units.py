@@ -6,7 +6,7 @@ import transformers as tf
 
 from pensieve import StatefulGenerator
 from pensieve.engine import sampler
-from pensieve.engine.detokenizer import IncrementalDetokenizer, find_stop
+from pensieve.engine.detokenizer import TextStream, find_stop
 from pensieve.engine.runner import default_num_blocks, kv_bytes_per_block
 from pensieve.models.support import SUPPORTED_FAMILIES, ModelShape, model_shape
 from tests.tiny import tiny_model
@@ -92,7 +92,7 @@ def test_incremental_detokenizer_pieces_make_the_full_text(smollm2_tokenizer):
     tok = smollm2_tokenizer
     text = "Héllo wörld! 漢字 and an emoji 🎉🎉, tabs\tand  double  spaces.\nNew line: ✓"
     ids = tok.encode(text, add_special_tokens=False)
-    detok = IncrementalDetokenizer(tok)
+    detok = TextStream(tok)
     pieces = [detok.add(i) for i in ids]
     assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True) == detok.text
     assert all("\ufffd" not in p for p in pieces)  # a piece never splits a character
