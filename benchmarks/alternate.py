@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from plotting import cpu_name
 
 HERE = Path(__file__).resolve().parent
 
@@ -99,8 +100,8 @@ def main() -> None:
     keys = list(runs["base"][0])
     medians = {name: {k: statistics.median(run[k] for run in rs) for k in keys} for name, rs in runs.items()}
     ratio = {k: medians["new"][k] / medians["base"][k] for k in keys}
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    result = {"cpu": cpu, "machine": platform.machine(), "rounds": args.rounds, "runs": runs, "median": medians,
+    cpu = cpu_name()
+    result = {"cpu": cpu, "rounds": args.rounds, "runs": runs, "median": medians,
               "new_over_base": ratio}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

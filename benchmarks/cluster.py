@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 import random
 import statistics
 import threading
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 from multiturn import SHAREGPT, lognormal_int
-from plotting import pyplot, run_threads, save
+from plotting import cpu_name, pyplot, run_threads, save
 from tqdm import tqdm
 
 from pensieve import CacheConfig, EngineConfig, SamplingParams
@@ -269,7 +268,7 @@ def main(argv=None) -> None:
               f"({t['bytes'] / 1e6:.1f} MB, {t['transfer_MB_s']:.0f} MB/s)")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"args": vars(args), "machine": platform.platform(), "torch": torch.__version__, "time": time.ctime()}
+    meta = {"args": vars(args), "machine": cpu_name(), "torch": torch.__version__, "time": time.ctime()}
     out.write_text(json.dumps({"meta": meta, "rows": summaries, "transfer": transfers}, indent=1))
     print(f"results: {out}")
     plot(summaries, out.with_suffix(".png"))

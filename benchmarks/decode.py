@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from plotting import pyplot, save, write_results
+from plotting import cpu_name, pyplot, save, write_results
 from tqdm import tqdm
 
 from pensieve import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, StatefulGenerator
@@ -170,8 +169,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.contexts = [int(c) for c in args.contexts.split(",")]
-    threads, machine = torch.get_num_threads(), platform.machine()
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{threads} threads, {machine}"
+    threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{threads} threads, {cpu_name()}"
     model_name = f"random weights of {args.shape}'s shape" if args.random_weights else "SmolLM2-135M"
     print(f"{model_name} decode step, {where}, torch {torch.__version__}")
     rows = []

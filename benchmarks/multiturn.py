@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import math
-import platform
 import random
 import statistics
 import subprocess
@@ -37,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from plotting import pyplot, save
+from plotting import cpu_name, pyplot, save
 from tqdm import tqdm
 
 from pensieve import CacheConfig, EngineConfig, SamplingParams, StatefulGenerator
@@ -281,7 +280,7 @@ def run(args) -> dict:
     model = load_model(args)
     convs, reply_lens = make_workload(args)
     print(f"\n== {args.workload}, {args.dtype}: {len(convs)} conversations, {sum(map(len, convs))} turns, reply "
-          f"lengths per round {reply_lens}, {torch.get_num_threads()} threads, {platform.machine()}")  # fmt: skip
+          f"lengths per round {reply_lens}, {torch.get_num_threads()} threads, {cpu_name()}")  # fmt: skip
     peers = args.peers.split(",")
     if args.vllm_python and "vllm" not in peers:
         peers.append("vllm")

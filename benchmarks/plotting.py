@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +37,16 @@ def write_results(path: str | Path, meta: dict, rows: list[dict], plot: Callable
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"json: {out}")
     plot(rows, out.with_suffix(".png"))
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the instruction sets that choose pensieve's kernels (a run names its machine)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    lines = info.splitlines()
+    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+    flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({platform.machine()}; {', '.join(isa) or 'no AVX2'}; {os.cpu_count()} cores)"
 
 
 def run_threads(threads: list[threading.Thread]) -> float:

@@ -5,7 +5,7 @@ B conversations get `--context`-token histories; then one turn of `--steps` deco
 self time (per step); with --python, the top Python functions (cProfile) instead: the engine's host-side work,
 which is what is left of a step on a GPU once its forward replays from a CUDA graph. With --prefill N, a prefill
 step instead: each conversation sends N new tokens (on top of its --context history; --context 0 for a first turn)
-and one token is generated; `--compile-prefill` picks EngineConfig.compile_prefill. docs/performance.md quotes it.
+and one token is generated; `--compile-prefill` picks EngineConfig.compile_prefill. docs/performance-log.md quotes it.
 
 Usage: python benchmarks/profile_step.py [--batch 6] [--context 1500] [--dtype float32] [--compile on|off]
                                          [--device cuda] [--random-weights --shape llama-1b] [--python]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import httpx2
 import openai
-from plotting import pyplot, run_threads, save
+from plotting import cpu_name, pyplot, run_threads, save
 from tqdm import tqdm
 
 MESSAGES = [
@@ -196,7 +195,7 @@ def main() -> None:
               f"{r['ttft_p99_s']} | {r['later_cached_share']:.1%} | {r['history_reused']:.1%} | "
               f"{r['wall_s']} |")  # fmt: skip
     meta = {"clients": args.clients, "turns": args.turns, "max_tokens": args.max_tokens,
-            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}  # fmt: skip
+            "machine": cpu_name()}  # fmt: skip
     out = Path(args.out)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     plot(rows, out.with_suffix(".png"))

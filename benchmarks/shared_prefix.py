@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import random
 import statistics
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 from multiturn import SHAREGPT, lognormal_int, run_hf_cb, run_vllm, summarize
-from plotting import pyplot, save
+from plotting import cpu_name, pyplot, save
 from tqdm import tqdm
 
 from pensieve import CacheConfig, EngineConfig, SamplingParams, StatefulGenerator
@@ -155,7 +154,7 @@ def main(argv=None) -> None:
     convs, reply_lens, systems = make_workload(args)
     print(f"== shared prefixes, {args.dtype}: {len(convs)} conversations behind {len(systems)} system prompts of "
           f"{args.system_tokens} tokens, {args.turns} turns, reply lengths {reply_lens}, "
-          f"{torch.get_num_threads()} threads, {platform.machine()}")  # fmt: skip
+          f"{torch.get_num_threads()} threads, {cpu_name()}")  # fmt: skip
     peers = args.peers.split(",") + (["vllm"] if args.vllm_python and "vllm" not in args.peers else [])
     summaries, all_rows = [], {}
     for name in peers:

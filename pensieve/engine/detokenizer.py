@@ -12,7 +12,7 @@ else the same scheme in Python, `decode(ids[prefix:]) - decode(ids[prefix:read])
 so far ends and `prefix` the piece before it (HF's TextStreamer and vLLM's offsets): a short window keeps the
 tokenizer's context-dependent spacing right. A window that ends in an incomplete UTF-8 sequence emits nothing until
 a later token completes it; at the end of the turn it decodes as a full decode does (U+FFFD). At batch 64 on
-SmolLM2's tokenizer (Sapphire Rapids): DecodeStream 0.61 µs a token, the Python window 4.2 µs (docs/performance.md).
+SmolLM2's tokenizer (Sapphire Rapids): DecodeStream 0.61 µs a token, the Python window 4.2 µs (docs/performance-log.md).
 """
 
 from __future__ import annotations
@@ -40,7 +40,10 @@ class StopStrings:
         end = find_stop(text, self.stops, start)
         if end is not None:
             return 0, end
-        return max((_partial(text, s) for s in self.stops), default=0), None
+        held = 0
+        for stop in self.stops:
+            held = max(held, _partial(text, stop))
+        return held, None
 
 
 class TextStream:
@@ -92,15 +95,23 @@ class TextStream:
 
 def find_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
     """Index of the earliest stop string in text that ends at or after `start` (earlier text was checked already)."""
-    hits = [i for i in (text.find(s, max(0, start - len(s) + 1)) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+    first = None
+    for stop in stops:
+        i = text.find(stop, max(0, start - len(stop) + 1))
+        if i >= 0 and (first is None or i < first):
+            first = i
+    return first
 
 
 def _partial(text: str, stop: str) -> int:
-    """Length of the longest end of text that is a proper start of stop."""
-    for n in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:n]):
+    """Length of the longest end of text that is a proper start of stop (only starts that end in text's last
+    character are tried: usually none)."""
+    n = min(len(stop) - 1, len(text))
+    while n > 0:
+        n = stop.rfind(text[-1], 0, n) + 1  # the longest start up to n that ends in text's last character
+        if n and text.endswith(stop[:n]):
             return n
+        n -= 1
     return 0
 
 
