@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from fastapi import APIRouter
 from fastapi.responses import Response
@@ -13,8 +14,9 @@ router = APIRouter()
 
 
 @router.get("/health")
-async def health():
-    return {"status": "ok"}
+async def health(s: State):
+    """Up, and what the generator behind it can do (`Capabilities`): a disk tier, streamed completions, instances."""
+    return {"status": "ok", **dataclasses.asdict(s.gen.capabilities)}
 
 
 @router.get("/metrics")

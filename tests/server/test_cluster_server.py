@@ -62,6 +62,8 @@ def test_responses_and_chat_through_a_cluster(cluster_server, tokenizer):
     assert "".join(pieces) == hf_reply(oracle, tokenizer, messages)
     metrics = httpx.get(server.url + "/metrics").text
     assert "pensieve_kv_blocks" in metrics
+    health = httpx.get(server.url + "/health").json()
+    assert health == {"status": "ok", "disk_tier": False, "streamed_complete": False, "num_instances": 2}
     cluster.check_integrity()
 
 

@@ -278,7 +278,9 @@ def test_bad_input_is_refused_and_changes_nothing(client, served):
         assert httpx.get(server.url + path).status_code == 401
         assert httpx.get(server.url + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
     post("/v1/responses", {"model": "tiny", "input": "x"}, 401, headers={"Authorization": "Bearer wrong"})
-    assert httpx.get(server.url + "/health").status_code == 200
+    health = httpx.get(server.url + "/health")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "disk_tier": False, "streamed_complete": True, "num_instances": 1}
     # nothing changed anywhere
     assert snapshot == (
         {k: list(t.tokens) for k, t in server.store.threads.items()},
@@ -324,6 +326,7 @@ def test_metrics(client, served):
 def test_restart_on_the_same_disk_dir_continues(tokenizer, tmp_path):
     oracle = oracle_copy(make_model(tokenizer))
     gen, server = start(tokenizer, disk_dir=tmp_path)
+    assert httpx.get(server.url + "/health").json()["disk_tier"] is True
     c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
     first = c.responses.create(model="tiny", input="Remember the word apple", **GREEDY)
     conv = c.conversations.create(items=[{"type": "message", "role": "user", "content": "Hello"}])
