@@ -133,13 +133,13 @@ class EngineConfig:
     """How a step's forward runs.
 
     compile: "auto" compiles the decode steps of fp32/bf16/fp16 models on CPU with torch.compile (inductor) when a
-        C++ compiler is present (measured faster there; docs/performance.md); True always compiles them; False
+        C++ compiler is present (measured faster there; docs/performance-log.md); True always compiles them; False
         runs every step eagerly. The first compile takes tens of seconds; inductor caches it on disk.
     compile_prefill: which steps with prefill or recompute chunks run compiled too. They are padded so that they
         run the graph batched decode steps use (no graph of their own): "auto" runs them compiled once that graph
         exists (compiled for a batched decode step, or a warm-up), eagerly before; True always (compiling that graph
         at the first such step if needed); False never. Compiled, a 1500-token prefill of SmolLM2 takes ~0.55x the
-        eager time in bf16, ~0.9x in fp32 (docs/performance.md).
+        eager time in bf16, ~0.9x in fp32 (docs/performance-log.md).
     cuda_graphs: on GPU, capture decode steps as CUDA graphs for the batch sizes in cuda_graph_batch_sizes (a step
         is padded to the next one); larger batches, and steps that swap KV in, run eagerly.
     cpu_linear: on CPU, run the model's nn.Linear layers (fp32/bf16) through pensieve's linear kernel, which streams

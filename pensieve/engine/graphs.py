@@ -5,7 +5,7 @@ custom ops. One graph for every batch size: the token/sequence dims are dynamic 
 so batch 1 is a second graph); the block table is the full-width persistent buffer, so its width never changes.
 Decode-only steps use it; steps with prefill or recompute chunks too, per EngineConfig.compile_prefill: padded to
 two or more sub-sequences and sampled rows (`StepBuffers.pad_mixed`), they run the graph batched decode steps use,
-so they add no graph of their own ("auto": once that graph exists; docs/performance.md).
+so they add no graph of their own ("auto": once that graph exists; docs/performance-log.md).
 
 `CudaGraphRunner` (GPU): captures decode-only forwards for a few batch buckets over the fixed KV pools and the
 runner's persistent buffers, and replays them; padded rows write to the storage's padding block and sample nothing.
@@ -68,7 +68,7 @@ def _private_forward(model):
     return types.FunctionType(code, step.__globals__, step.__name__, step.__defaults__)
 
 
-# Per-call overhead of the compiled step, measured at batch 1 (SmolLM2 fp32, ~27 ms steps; docs/performance.md):
+# Per-call overhead of the compiled step, measured at batch 1 (SmolLM2 fp32, ~27 ms steps; docs/performance-log.md):
 # - Dynamo's guards on the model's ~270 parameters and module attributes cost ~1.5 ms per call. The model belongs
 #   to the generator and is not changed while it serves (its linears are already switched and packed once), and
 #   each generator has a code object of its own, so only the guards on the step's inputs (shapes: batch 1 vs other)

@@ -90,7 +90,7 @@ class StepBuffers:
 
     def pad_mixed(self, plan: StepPlan) -> tuple[int, int]:
         """Pad a step with prefill chunks to >= 2 sub-sequences and >= 2 logits rows -> (sub-sequences, rows) to
-        upload. The compiled forward specializes sizes 0 and 1 (docs/performance.md): padded like this, every such
+        upload. The compiled forward specializes sizes 0 and 1 (docs/performance-log.md): padded like this, every such
         step runs the one graph that batched decode steps use, instead of a graph each for one sequence, one
         sampled row or none. The padded sub-sequence has no tokens and no keys (the attention op skips it); padded
         rows repeat the step's last token and are not sampled."""

@@ -10,7 +10,7 @@ With `pack=True`, each fp32/bf16 weight is also copied once, at switch time, int
 brgemm micro-kernel (VNNI pairs for bf16's AMX tiles; `pensieve_cpu::pack_weight`), and batches of 2..256 rows (bf16:
 1..256) use it — fp32 up to 16 rows through an FMA loop of the op's own, the rest through brgemm: measured on
 SmolLM2's linears from memory, fp32 1.3-1.6x and bf16 1.4-1.75x faster than the streaming kernel at 4-16 rows
-(docs/performance.md). On a CPU without bf16 dot products (AVX2), bf16 weights pack into fp32's plain blocks, still
+(docs/performance-log.md). On a CPU without bf16 dot products (AVX2), bf16 weights pack into fp32's plain blocks, still
 bf16, and each block is widened to fp32 when a step uses it (brgemm's fp32 kernel).
 The price is a second copy of those weights in memory, and the copy is a snapshot: weights changed in place
 afterwards are not seen by it (switch back and again to repack). Where brgemm does not run

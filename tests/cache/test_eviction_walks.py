@@ -1,7 +1,7 @@
 """How often the cache walks its chunks (`TierMover.candidates`, O(every chunk in memory)) in a full cache.
 
 A walk per evicted block made a decode step of 64 conversations with 2k-token histories spend ~300 ms in the
-manager once the cache was full of cached chunks (docs/performance.md). These tests count walks — no timing — and
+manager once the cache was full of cached chunks (docs/performance-log.md). These tests count walks — no timing — and
 check the replies against the oracle, so the cheaper bookkeeping cannot change what is computed.
 """
 

@@ -124,7 +124,7 @@ def test_bf16_packs_wherever_fp32_does():
     """bf16 weights pack in VNNI pairs where the CPU has bf16 dot products (read by AMX, oneDNN's brgemm or
     pensieve's vdpbf16ps loop), and into fp32's plain blocks, widened per block when used, where it has not (AVX2):
     either way bf16 is not left to at::linear, whose bf16 GEMM without them is a generic loop (~10x slower than fp32
-    there; docs/performance.md)."""
+    there; docs/performance-log.md)."""
     assert torch.ops.pensieve_cpu.can_pack(torch.bfloat16) == torch.ops.pensieve_cpu.can_pack(torch.float32)
     dot = torch.ops.pensieve_cpu.uses_bf16_dot() or torch.ops.pensieve_cpu.brgemm_bf16()
     assert torch.ops.pensieve_cpu.packs_bf16_vnni() == dot
