@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from pensieve.api import Capabilities
 from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
 from pensieve.engine.engine import Engine
-from pensieve.engine.turn import Delta, Reply
+from pensieve.engine.turn import Delta, Reply, next_piece
 from pensieve.models.attention import ATTN_IMPLEMENTATION, register
 from pensieve.models.linear import use_fast_linears
 
@@ -41,12 +41,7 @@ class ReplyStream(Iterator):
         self._token_ids = token_ids
 
     def __next__(self):
-        for delta in self._deltas:
-            if self._token_ids:
-                return delta.token_id
-            if delta.text:
-                return delta.text
-        raise StopIteration
+        return next_piece(self._deltas, self._token_ids)
 
     def deltas(self) -> Iterator[Delta]:
         """Each token as it is sampled, with the text it makes safe to show (see `Delta`)."""

@@ -42,7 +42,7 @@ from pensieve.cluster.instance import ROLES
 from pensieve.cluster.router import Route, Router, RouterConfig
 from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
 from pensieve.engine.admission import check_token_ids, render_prompt, render_turn, require_idle
-from pensieve.engine.turn import Delta, Reply
+from pensieve.engine.turn import Delta, Reply, next_piece
 
 DECODERS = ("colocated", "decode")
 
@@ -717,12 +717,7 @@ class ClusterStream(Iterator):
         self._reply: Reply | None = None
 
     def __next__(self):
-        for delta in self.deltas():
-            if self._token_ids:
-                return delta.token_id
-            if delta.text:
-                return delta.text
-        raise StopIteration
+        return next_piece(self.deltas(), self._token_ids)
 
     def deltas(self) -> Iterator[Delta]:
         return iter(self._next_delta, None)

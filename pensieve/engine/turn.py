@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -39,6 +39,16 @@ class Delta:
 
     token_id: int
     text: str = ""
+
+
+def next_piece(deltas: Iterator[Delta], token_ids: bool) -> int | str:
+    """What a reply stream yields next from its deltas: the next token id, or the next non-empty text."""
+    for delta in deltas:
+        if token_ids:
+            return delta.token_id
+        if delta.text:
+            return delta.text
+    raise StopIteration
 
 
 @dataclass(frozen=True)
