@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 POLICIES = ("pensieve", "lru")
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -17,6 +18,10 @@ def _require(ok: bool, message: str) -> None:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _require_int(obj, name: str, minimum: int, optional: bool = False) -> None:
@@ -75,18 +80,34 @@ class CacheConfig:
 class SamplingParams:
     """How one turn's reply is generated. None means "the model's generation_config, else the usual default".
 
-    temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off; seed makes a turn's sampling
+    temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 switch those filters off; seed makes a turn's sampling
     reproducible whatever else shares the batch.
+
+    The logits of each step go through, in this order (vLLM's): `logit_bias` (token id -> added to its logit,
+    [-100, 100], OpenAI's), `repetition_penalty` (HF's: a logit of a token anywhere in the conversation, its whole
+    history included, is divided by it when positive and multiplied when negative; 1 = off), `presence_penalty` and
+    `frequency_penalty` (OpenAI's, over the reply's tokens only: logit -= frequency * count + presence * (count >
+    0); [-2, 2]). Greedy rows then take the argmax; sampled rows go on through temperature, `min_p` (drop tokens
+    whose probability is below min_p times the top one's), top-k and top-p.
+
+    logprobs: None returns none; k >= 0 gives each reply token's log-probability and its k most likely
+    alternatives (k <= 20), from the model's raw logits before any of the processing above (vLLM's default).
     """
 
     max_new_tokens: int | None = None
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None
     seed: int | None = None
     stop_token_ids: Sequence[int] = ()
     stop: Sequence[str] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float | None = None
+    logit_bias: Mapping[int, float] | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _require_int(self, "max_new_tokens", 1, optional=True)
@@ -113,6 +134,30 @@ class SamplingParams:
             f"stop must be a sequence of non-empty strings, got {self.stop!r}",
         )
         _require(isinstance(self.ignore_eos, bool), f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        _require(
+            self.min_p is None or (_is_number(self.min_p) and 0 <= self.min_p <= 1),
+            f"min_p must be in [0, 1], got {self.min_p!r}",
+        )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _require(_is_number(value) and -2 <= value <= 2, f"{name} must be in [-2, 2], got {value!r}")
+        _require(
+            self.repetition_penalty is None or (_is_number(self.repetition_penalty) and self.repetition_penalty > 0),
+            f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}",
+        )
+        bias = self.logit_bias
+        _require(
+            bias is None
+            or (
+                isinstance(bias, Mapping)
+                and all(_is_int(t) and t >= 0 and _is_number(b) and -100 <= b <= 100 for t, b in bias.items())
+            ),
+            f"logit_bias must map token ids (ints >= 0) to numbers in [-100, 100], got {bias!r:.200}",
+        )
+        _require(
+            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
+        )
 
 
 @dataclass(frozen=True)

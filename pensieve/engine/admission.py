@@ -120,6 +120,11 @@ class Admitter:
             stop_ids |= self._eos_ids()
         if sp.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
+        if sp.logit_bias and max(sp.logit_bias) >= self.shape.vocab_size:
+            raise ValueError(
+                f"logit_bias token ids must be < {self.shape.vocab_size} (the vocabulary), got {max(sp.logit_bias)}"
+            )
+        bias = tuple(sorted((int(t), float(b)) for t, b in sp.logit_bias.items() if b)) if sp.logit_bias else ()
         return ResolvedSampling(
             max_new_tokens=default(sp.max_new_tokens, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
             temperature=float(temperature),
@@ -128,6 +133,12 @@ class Admitter:
             seed=sp.seed,
             stop_token_ids=frozenset(stop_ids),
             stop=tuple(sp.stop),
+            min_p=float(default(sp.min_p, "min_p", 0.0)),
+            presence_penalty=float(sp.presence_penalty),
+            frequency_penalty=float(sp.frequency_penalty),
+            repetition_penalty=float(default(sp.repetition_penalty, "repetition_penalty", 1.0)),
+            logit_bias=bias,
+            logprobs=sp.logprobs,
         )
 
     def _eos_ids(self) -> set[int]:

@@ -102,6 +102,7 @@ class Engine:
             before=before,
             generator=None if adm.params.seed is None else self._generator(adm.params.seed),
             text=None if self.tokenizer is None else TextStream(self.tokenizer, _hold_backs(adm.params)),
+            logprobs=None if adm.params.logprobs is None else [],
         )
         self.scheduler.add(turn)
         return turn

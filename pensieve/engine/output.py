@@ -16,7 +16,7 @@ from pensieve.cache.manager import KVManager
 from pensieve.cache.types import Tier
 from pensieve.engine.sampler import sample
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
-from pensieve.engine.turn import Delta, Reply, Turn
+from pensieve.engine.turn import Delta, Reply, TokenLogprob, Turn
 
 
 class OutputProcessor:
@@ -38,21 +38,23 @@ class OutputProcessor:
                 turn.num_prefilled += chunk.num_tokens
             self.num_tokens_computed += chunk.num_tokens
         sampling_chunks = [c for c in chunks if c.samples]
-        tokens = sample(logits, [c.turn for c in sampling_chunks])
-        for chunk, token in zip(sampling_chunks, tokens, strict=True):
-            self._append(chunk.turn, token)
+        tokens, logprobs = sample(logits, [c.turn for c in sampling_chunks])
+        for chunk, token, logprob in zip(sampling_chunks, tokens, logprobs, strict=True):
+            self._append(chunk.turn, token, logprob)
 
-    def _append(self, turn: Turn, token: int) -> None:
+    def _append(self, turn: Turn, token: int, logprob: TokenLogprob | None) -> None:
         if turn.first_token_at is None:
             turn.first_token_at = time.perf_counter()
         turn.output.append(token)
+        if logprob is not None:
+            turn.logprobs.append(logprob)
         self.kv.append_token(turn.conv, token)
         text = turn.text.add(token) if turn.text is not None else ""
         reason = self._finish_reason(turn, token)
         if reason is not None and turn.text is not None:
             text += turn.text.finish()
         if turn.on_token is not None:
-            turn.on_token(Delta(token, text))
+            turn.on_token(Delta(token, text, logprob))
         if reason is not None:
             self.finish(turn, reason)
 
@@ -103,4 +105,5 @@ def _reply(turn: Turn, reason: str, text: str | None) -> Reply:
         num_chunks_dropped=restored.chunks[Tier.DROPPED],
         bytes_swapped_in=restored.bytes_in,
         num_reused_shared=restored.shared,
+        logprobs=None if turn.logprobs is None else list(turn.logprobs),
     )

@@ -29,6 +29,32 @@ class ResolvedSampling:
     seed: int | None
     stop_token_ids: frozenset[int]  # EOS (unless ignore_eos) + the caller's stop ids
     stop: tuple[str, ...]
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits are changed before the argmax (bias or penalties): the sampler's per-turn state."""
+        return (
+            bool(self.logit_bias)
+            or self.repetition_penalty != 1
+            or bool(self.presence_penalty)
+            or bool(self.frequency_penalty)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A reply token's log-probability under the model's raw logits, and the `top` most likely tokens there
+    (id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +65,7 @@ class Delta:
 
     token_id: int
     text: str = ""
+    logprob: TokenLogprob | None = None  # when the turn asked for logprobs
 
 
 def next_piece(deltas: Iterator[Delta], token_ids: bool) -> int | str:
@@ -71,6 +98,7 @@ class Reply:
     num_chunks_dropped: int = 0
     bytes_swapped_in: int = 0  # KV bytes copied to the device for this turn (host swap-in + disk loads)
     num_reused_shared: int = 0  # of the reused positions, those another conversation computed or holds too
+    logprobs: list[TokenLogprob] | None = None  # one per reply token, when SamplingParams.logprobs asked for them
 
 
 _arrivals = itertools.count()
@@ -92,6 +120,8 @@ class Turn:
     output: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     text: TextStream | None = None  # the reply's text as it grows (None without a tokenizer)
+    penalties: object = None  # the sampler's per-turn state when the sampling penalizes (sampler.Penalties)
+    logprobs: list[TokenLogprob] | None = None  # when sampling.logprobs asks for them
     num_computed: int = 0  # tokens fed to the model for this turn
     num_prefilled: int = 0  # of which before the first reply token
     restored: RestoreStats | None = None  # where the history's KV was when the turn started

@@ -8,6 +8,7 @@ from pensieve import StatefulGenerator
 from pensieve.engine import sampler
 from pensieve.engine.detokenizer import TextStream, find_stop
 from pensieve.engine.runner import default_num_blocks, kv_bytes_per_block
+from pensieve.engine.turn import ResolvedSampling
 from pensieve.models.support import SUPPORTED_FAMILIES, ModelShape, model_shape
 from tests.tiny import tiny_model
 
@@ -52,31 +53,31 @@ def test_batched_filter_equals_row_by_row():
         torch.testing.assert_close(batched[i], row, rtol=0, atol=0)
 
 
-class _Sampling:
-    def __init__(self, temperature, top_k=0, top_p=1.0):
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-
-
 class _Turn:
     def __init__(self, temperature, seed=None, top_k=0):
-        self.sampling = _Sampling(temperature, top_k)
+        self.sampling = ResolvedSampling(max_new_tokens=8, temperature=temperature, top_k=top_k, top_p=1.0, seed=seed,
+                                         stop_token_ids=frozenset(), stop=())  # fmt: skip
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+
+def sample(logits, turns) -> list[int]:
+    return sampler.sample(logits, turns)[0]  # the tokens (no turn asks for logprobs)
 
 
 def test_sample_greedy_rows_argmax_and_seeded_rows_ignore_their_neighbours():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(4, 100, generator=gen)
-    alone = sampler.sample(logits[2:3], [_Turn(0.8, seed=7)])
-    mixed = sampler.sample(logits, [_Turn(0), _Turn(1.0), _Turn(0.8, seed=7), _Turn(0, top_k=3)])
+    alone = sample(logits[2:3], [_Turn(0.8, seed=7)])
+    mixed = sample(logits, [_Turn(0), _Turn(1.0), _Turn(0.8, seed=7), _Turn(0, top_k=3)])
     assert mixed[2] == alone[0]
     assert mixed[0] == int(logits[0].argmax()) and mixed[3] == int(logits[3].argmax())
-    assert sampler.sample(logits[1:2], [_Turn(5.0, top_k=1)]) == [int(logits[1].argmax())]  # top-1 is greedy
+    assert sample(logits[1:2], [_Turn(5.0, top_k=1)]) == [int(logits[1].argmax())]  # top-1 is greedy
 
 
 def test_sampled_frequencies_follow_the_distribution():
     probs = torch.tensor([0.1, 0.2, 0.7])
     turn = _Turn(1.0, seed=3)
-    draws = [sampler.sample(probs.log()[None], [turn])[0] for _ in range(3000)]
+    draws = [sample(probs.log()[None], [turn])[0] for _ in range(3000)]
     freq = torch.bincount(torch.tensor(draws), minlength=3) / len(draws)
     torch.testing.assert_close(freq, probs, atol=0.03, rtol=0)
 
