@@ -6,6 +6,7 @@ full history with the same processors (float64 tiny models).
 """
 
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -217,3 +218,25 @@ def test_logit_bias_outside_the_vocabulary_changes_nothing():
             gen.generate("a", [8], SamplingParams(max_new_tokens=2, logit_bias={VOCAB: 1.0}))
         assert gen.conversations() == before
         gen.check_integrity()
+
+
+def full_sort_top_p_drop(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The definition: sort the whole row; drop what comes after the mass reaches p."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop = probs.cumsum(-1) - probs >= top_p[:, None]
+    return drop.scatter(1, order, drop)
+
+
+@given(
+    top_p=st.lists(st.floats(0.01, 1.0), min_size=1, max_size=5),
+    candidates=st.integers(1, V + 2),
+    scale=st.floats(0.1, 8),
+    seed=st.integers(0, 2**31),
+)
+def test_top_p_from_candidates_equals_the_full_sort(top_p, candidates, scale, seed):
+    """Rows whose candidates hold p and rows that need the whole sort, side by side."""
+    logits = torch.randn(len(top_p), V, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    p = torch.tensor(top_p, dtype=torch.float64)
+    with mock.patch.object(sampler, "TOP_P_CANDIDATES", candidates):
+        assert torch.equal(sampler._top_p_drop(logits, p), full_sort_top_p_drop(logits, p))
