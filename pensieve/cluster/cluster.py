@@ -214,7 +214,8 @@ class Cluster:
                 reply = self.complete(prompt, sampling)
                 last = len(reply.token_ids) - 1
                 for i, token in enumerate(reply.token_ids if on_token is not None else ()):
-                    on_token(Delta(token, (reply.text or "") if i == last else ""))
+                    logprob = None if reply.logprobs is None else reply.logprobs[i]
+                    on_token(Delta(token, (reply.text or "") if i == last else "", logprob))
                 future.set_result(reply)
             except BaseException as error:  # noqa: BLE001  (handed to the caller)
                 future.set_exception(error)

@@ -45,8 +45,8 @@ def penalize(logits: torch.Tensor, turns: list[Turn]) -> torch.Tensor:
         rows, tokens, values = zip(*bias, strict=True)
         index = (torch.tensor(rows, device=dev), torch.tensor(tokens, device=dev))
         logits = logits.index_put(index, torch.tensor(values, dtype=logits.dtype, device=dev), accumulate=True)
-    rep = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype, device=dev)[:, None]
-    if bool((rep != 1).any()):
+    if any(p.repetition_penalty != 1 for p in params):
+        rep = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype, device=dev)[:, None]
         seen = torch.stack([t.penalties.seen for t in turns])
         logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     if any(p.presence_penalty or p.frequency_penalty for p in params):
@@ -96,7 +96,8 @@ def _top_p_drop(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     top, order = probs.topk(k, dim=-1)  # descending
     cum = top.cumsum(-1)
     drop = torch.ones_like(probs, dtype=torch.bool).scatter(1, order, cum - top >= top_p[:, None])
-    short = (cum[:, -1] < top_p).nonzero()[:, 0].tolist() if k < vocab else []
+    drop &= (top_p < 1)[:, None]  # a row with top-p off keeps everything (rounding may sum its mass to >= 1 early)
+    short = ((cum[:, -1] < top_p) & (top_p < 1)).nonzero()[:, 0].tolist() if k < vocab else []
     if short:  # the candidates hold less than p: the boundary lies beyond them
         sorted_probs, full_order = probs[short].sort(dim=-1, descending=True)
         beyond = sorted_probs.cumsum(-1) - sorted_probs >= top_p[short, None]
@@ -136,12 +137,14 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
     """One token per row of probs [S, V] by inverse CDF: the first token whose cumulative probability reaches u x
     the row's total, u ~ U(0, 1] (never 0, so a token of probability 0 is never drawn). One random number a row:
     unseeded rows from the default generator, a seeded row from its turn's own (whatever shares the batch)."""
-    u = 1 - torch.rand(len(generators), dtype=probs.dtype, device=probs.device)  # (0, 1]
+    u = 1 - torch.rand(len(generators), dtype=torch.float64, device=probs.device)  # (0, 1]
     for j, generator in enumerate(generators):
         if generator is not None:
-            u[j] = 1 - torch.rand((), generator=generator, dtype=probs.dtype, device=generator.device)
-    cdf = probs.cumsum(-1)
-    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=probs.shape[-1] - 1)[:, 0]
+            u[j] = 1 - torch.rand((), generator=generator, dtype=torch.float64, device=generator.device)
+    cdf = probs.double().cumsum(-1)  # float64: a token's share is resolved down to ~1e-16, not float32's ~6e-8
+    chosen = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=probs.shape[-1] - 1)
+    # a parallel scan (CUDA) may round a zero-probability entry above its neighbour: never return one
+    return torch.where(probs.gather(1, chosen) > 0, chosen, probs.argmax(-1, keepdim=True))[:, 0]
 
 
 def _logprobs(

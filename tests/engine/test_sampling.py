@@ -240,3 +240,20 @@ def test_top_p_from_candidates_equals_the_full_sort(top_p, candidates, scale, se
     p = torch.tensor(top_p, dtype=torch.float64)
     with mock.patch.object(sampler, "TOP_P_CANDIDATES", candidates):
         assert torch.equal(sampler._top_p_drop(logits, p), full_sort_top_p_drop(logits, p))
+
+
+def test_rows_with_top_p_off_keep_everything_beside_top_p_rows():
+    """Rounding can sum a row's mass to >= 1 before its tail: a row with top-p off must not drop that tail."""
+    logits = torch.randn(3, 49152, generator=torch.Generator().manual_seed(0)) * 3
+    drop = sampler._top_p_drop(logits, torch.tensor([0.9, 1.0, 1.0]))
+    assert drop[0].any() and not drop[1:].any()
+
+
+def test_draw_never_returns_a_zero_probability_token():
+    probs = torch.zeros(4, 50, dtype=torch.float32)
+    probs[:, [0, 7, 49]] = torch.tensor([0.0, 0.5, 0.5])  # leading, inner and trailing zeros around the support
+    probs[:, 7], probs[:, 49] = 0.25, 0.75
+    generators = [None, torch.Generator().manual_seed(1), None, torch.Generator().manual_seed(2)]
+    drawn = torch.cat([sampler.draw(probs, generators) for _ in range(500)])
+    assert set(drawn.tolist()) == {7, 49}
+    assert 0.2 < (drawn == 7).float().mean() < 0.3
