@@ -7,11 +7,15 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from pensieve.cache.types import Conversation, RestoreStats, Tier
 from pensieve.engine.detokenizer import TextStream
+
+if TYPE_CHECKING:  # the sampler imports this module
+    from pensieve.engine.sampler import Penalties
 
 
 class TurnAborted(Exception):
@@ -38,7 +42,7 @@ class ResolvedSampling:
 
     @property
     def penalized(self) -> bool:
-        """Whether the logits are changed before the argmax (bias or penalties): the sampler's per-turn state."""
+        """Whether the logits are changed before the argmax (bias or penalties): such a turn keeps `Penalties`."""
         return (
             bool(self.logit_bias)
             or self.repetition_penalty != 1
@@ -120,7 +124,7 @@ class Turn:
     output: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     text: TextStream | None = None  # the reply's text as it grows (None without a tokenizer)
-    penalties: object = None  # the sampler's per-turn state when the sampling penalizes (sampler.Penalties)
+    penalties: Penalties | None = None  # the sampler's per-turn token statistics, when the sampling penalizes
     logprobs: list[TokenLogprob] | None = None  # when sampling.logprobs asks for them
     num_computed: int = 0  # tokens fed to the model for this turn
     num_prefilled: int = 0  # of which before the first reply token
