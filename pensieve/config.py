@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 POLICIES = ("pensieve", "lru")
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
+MAX_CANDIDATES = 64  # SamplingParams.n
 
 
 def _require(ok: bool, message: str) -> None:
@@ -92,6 +93,11 @@ class SamplingParams:
 
     logprobs: None returns none; k >= 0 gives each reply token's log-probability and its k most likely
     alternatives (k <= 20), from the model's raw logits before any of the processing above (vLLM's default).
+
+    n: how many candidate replies. The prompt is prefilled once: when its first token is sampled, the conversation
+    is forked (`<conv_id>/1` ... `<conv_id>/<n-1>`, which must not exist; a `complete()` call's candidates are not
+    kept) and each fork samples its own reply, candidate i with seed `seed + i` (vLLM's derivation). The original
+    conversation continues with candidate 0; `Reply.candidates` holds the others.
     """
 
     max_new_tokens: int | None = None
@@ -108,9 +114,14 @@ class SamplingParams:
     repetition_penalty: float | None = None
     logit_bias: Mapping[int, float] | None = None
     logprobs: int | None = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         _require_int(self, "max_new_tokens", 1, optional=True)
+        _require(
+            _is_int(self.n) and 1 <= self.n <= MAX_CANDIDATES,
+            f"n must be an int in [1, {MAX_CANDIDATES}], got {self.n!r}",
+        )
         _require(
             self.temperature is None
             or (

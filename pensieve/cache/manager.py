@@ -349,9 +349,10 @@ class KVManager:
         self._free_tail(conv)
         self.trim(conv)
 
-    def fork(self, conv: Conversation, new_id: str) -> Conversation:
+    def fork(self, conv: Conversation, new_id, stored: bool = True) -> Conversation:
         """A new conversation with conv's tokens (and messages) holding all of conv's full chunks; conv's partial
-        last chunk is conv's own, so the fork computes those few positions again on its next turn."""
+        last chunk is conv's own, so the fork computes those few positions again on its next turn. conv may be
+        running a turn (a candidate's fork is made when its prompt is computed). stored=False: a completion's."""
         bs = self.block_size
         full = conv.num_computed // bs
         for i in range(full):
@@ -363,12 +364,13 @@ class KVManager:
             chunks=list(conv.chunks[:full]),
             last_active=conv.last_active,
             messages=None if conv.messages is None else [dict(m) for m in conv.messages],
+            stored=stored,
         )
         for chunk in new.chunks:
             self.ref(chunk)
         self.trim(new)
         self.conversations[new_id] = new
-        if self.disk is not None:
+        if self.disk is not None and stored:
             self.disk.append_turn(new_id, 0, list(new.tokens), new.messages, new.tokens)
         return new
 

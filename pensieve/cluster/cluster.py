@@ -747,6 +747,8 @@ class ClusterStream(Iterator):
 def _check_sampling(sampling) -> None:
     if sampling is not None and not isinstance(sampling, SamplingParams):
         raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+    if sampling is not None and sampling.n > 1:
+        raise ValueError("a Cluster serves one candidate a turn (n=1); n > 1 runs on a StatefulGenerator")
 
 
 def _cause(error):

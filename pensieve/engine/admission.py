@@ -50,7 +50,8 @@ class Admitter:
         self.tokenizer = tokenizer
         self.shape = shape
         self.kv = kv
-        self._completions = itertools.count()
+        self.completions = itertools.count()
+        self.reserved: set[str] = set()  # ids of the forks running turns' candidates will make (SamplingParams.n)
 
     def prepare(self, conv_id, msg, sampling: SamplingParams | None) -> Admission:
         """Validate a turn and work out everything about it (ValueError / KeyError if bad). No conversation changes;
@@ -63,6 +64,11 @@ class Admitter:
         conv = self.kv.lookup(conv_id)
         if conv is not None and conv.pinned:
             raise ValueError(f"conversation {conv_id!r} already has a turn running")
+        self.check_free(conv_id)
+        for other in candidate_ids(conv_id, params.n):
+            self.check_free(other)
+            if other in self.kv.conversations or self.kv.is_stored(other):
+                raise ValueError(f"n={params.n} forks {conv_id!r} into {other!r}, which exists: end it, or use n=1")
         if loading and conv is not None and conv.tokens and max(conv.tokens) >= self.shape.vocab_size:
             self.kv.remove(conv_id)  # back to stored-only, as before the call
             raise ValueError(
@@ -71,30 +77,38 @@ class Admitter:
             )
         history, history_messages = (conv.tokens, conv.messages) if conv is not None else ([], None)
         tokens, messages = render_turn(self.tokenizer, conv_id, history, history_messages, msg, self.check_token_ids)
-        self.check_fits(f"conversation {conv_id!r}", len(tokens), params.max_new_tokens)
+        self.check_fits(f"conversation {conv_id!r}", len(tokens), params.max_new_tokens, params.n)
         return Admission(conv_id, tokens, messages, params, len(history), common_prefix(history, tokens))
 
     def prepare_complete(self, prompt, sampling: SamplingParams | None) -> Admission:
         """Validate a stateless completion: `prompt` is token ids, or chat messages rendered with the chat template."""
         params = self.resolve(sampling)
         tokens = render_prompt(self.tokenizer, prompt, self.check_token_ids)
-        conv_id = CompletionId(next(self._completions))
-        self.check_fits("a completion", len(tokens), params.max_new_tokens)
+        conv_id = CompletionId(next(self.completions))
+        self.check_fits("a completion", len(tokens), params.max_new_tokens, params.n)
         return Admission(conv_id, tokens, None, params, 0, 0, stored=False)
 
     def check_token_ids(self, ids) -> list[int]:
         return check_token_ids(ids, self.shape.vocab_size)
 
-    def check_fits(self, what: str, num_tokens: int, max_new_tokens: int) -> None:
+    def check_free(self, conv_id) -> None:
+        if conv_id in self.reserved:
+            raise ValueError(f"conversation {conv_id!r} is a candidate a running turn is about to fork (n > 1)")
+
+    def check_fits(self, what: str, num_tokens: int, max_new_tokens: int, n: int = 1) -> None:
         total = num_tokens + max_new_tokens
         if total > self.shape.max_positions:
             raise ValueError(
                 f"{what} would reach {total} tokens ({num_tokens} + max_new_tokens "
                 f"{max_new_tokens}), over the model's {self.shape.max_positions} positions"
             )
-        if self.kv.blocks_for(total) > self.kv.device.num_blocks:
+        # each further candidate shares the prompt's chunks but the one holding its last position
+        own = (num_tokens - 1) % self.kv.block_size + 1 + max_new_tokens
+        blocks = self.kv.blocks_for(total) + (n - 1) * self.kv.blocks_for(own)
+        if blocks > self.kv.device.num_blocks:
             raise ValueError(
-                f"{what} would need {self.kv.blocks_for(total)} KV blocks for {total} tokens; "
+                f"{what} would need {blocks} KV blocks for {total} tokens"
+                f"{f' and {n - 1} more candidates' if n > 1 else ''}; "
                 f"the device pool has {self.kv.device.num_blocks} (CacheConfig.num_device_blocks)"
             )
 
@@ -139,6 +153,7 @@ class Admitter:
             repetition_penalty=float(default(sp.repetition_penalty, "repetition_penalty", 1.0)),
             logit_bias=bias,
             logprobs=sp.logprobs,
+            n=sp.n,
         )
 
     def _eos_ids(self) -> set[int]:
@@ -149,6 +164,11 @@ class Admitter:
         if eos is None:
             return set()
         return {eos} if isinstance(eos, int) else set(eos)
+
+
+def candidate_ids(conv_id: str, n: int) -> list[str]:
+    """The conversations a turn with n candidates forks `conv_id` into: `<conv_id>/1` ... `<conv_id>/<n-1>`."""
+    return [f"{conv_id}/{i}" for i in range(1, n)]
 
 
 def require_idle(conv_id: str, conv, running: bool):

@@ -10,6 +10,8 @@ Single-threaded by design: `StatefulGenerator` runs it on one thread at a time a
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from pensieve.cache.disk import DiskStore, model_fingerprint
@@ -18,13 +20,13 @@ from pensieve.cache.policy import RecomputeCost, make_policy
 from pensieve.cache.tiers import KVStorage
 from pensieve.cache.types import Tier
 from pensieve.config import CacheConfig, EngineConfig, SchedulerConfig
-from pensieve.engine.admission import Admission, Admitter, require_idle
+from pensieve.engine.admission import Admission, Admitter, CompletionId, candidate_ids, require_idle
 from pensieve.engine.detokenizer import HoldBack, StopStrings, TextStream
 from pensieve.engine.graphs import CompiledForward
 from pensieve.engine.output import OutputProcessor
 from pensieve.engine.runner import ModelRunner, default_num_blocks
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
-from pensieve.engine.turn import ResolvedSampling, Turn, TurnAborted
+from pensieve.engine.turn import Candidates, ResolvedSampling, Turn, TurnAborted
 from pensieve.models.support import model_shape
 
 
@@ -78,7 +80,7 @@ class Engine:
             engine_config=engine_config,
         )
         self.admission = Admitter(model, tokenizer, shape, self.kv)
-        self.output = OutputProcessor(self.kv, self.scheduler, shape.max_positions)
+        self.output = OutputProcessor(self.kv, self.scheduler, shape.max_positions, self._spawn_candidates)
         self.num_steps = 0
 
     # ---- admission -------------------------------------------------------------------------------------------
@@ -104,8 +106,41 @@ class Engine:
             text=None if self.tokenizer is None else TextStream(self.tokenizer, _hold_backs(adm.params)),
             logprobs=None if adm.params.logprobs is None else [],
         )
+        if adm.params.n > 1:
+            turn.group = Candidates(turn)
+            if adm.stored:
+                self.admission.reserved.update(candidate_ids(adm.conv_id, adm.params.n))
         self.scheduler.add(turn)
         return turn
+
+    def _spawn_candidates(self, first: Turn) -> None:
+        """first's prompt is computed and its first token about to be sampled: fork its conversation for candidates
+        1 .. n-1 (they share the prompt's full chunks and compute only the partial last one, a whole one when the
+        prompt fills its last chunk: the fork samples from its last position) and start them, with seeds seed + i.
+        Each is its own turn; they finish together (`Candidates`)."""
+        conv, params, group = first.conv, first.sampling, first.group
+        ids = candidate_ids(conv.conv_id, params.n) if conv.stored else [None] * (params.n - 1)
+        for index, conv_id in enumerate(ids, start=1):
+            self.admission.reserved.discard(conv_id)
+            if conv_id is None:  # a completion's candidates are completions too
+                conv_id = CompletionId(next(self.admission.completions))
+            fork = self.kv.fork(conv, conv_id, stored=conv.stored)
+            seed = None if params.seed is None else params.seed + index
+            adm = Admission(
+                conv_id,
+                fork.tokens,
+                fork.messages,
+                dataclasses.replace(params, seed=seed),
+                history_len=len(conv.tokens),
+                common_prefix=len(conv.tokens) - 1,  # the last position is computed again: the fork samples from it
+                stored=conv.stored,
+            )
+            turn = self.admit(adm, first.on_token)
+            turn.num_new_tokens, turn.history_kv = first.num_new_tokens, first.history_kv
+            turn.before = None  # the fork is this turn's: an abort removes it
+            turn.index, turn.group = index, group
+            group.turns.append(turn)
+            assert fork is turn.conv
 
     # ---- stepping -------------------------------------------------------------------------------------------
 
@@ -165,6 +200,7 @@ class Engine:
                 raise ValueError(f"{name} must be a non-empty str, got {value!r}")
         if new_id in self.kv.conversations or self.kv.is_stored(new_id):
             raise ValueError(f"conversation {new_id!r} already exists")
+        self.admission.check_free(new_id)
         self.kv.fork(self._idle_conversation(conv_id), new_id)
 
     def truncate(self, conv_id: str, num_tokens: int) -> None:
@@ -189,6 +225,7 @@ class Engine:
             and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
         ):
             raise ValueError(f"messages must be None or a list of chat messages, got {messages!r:.80}")
+        self.admission.check_free(conv_id)
         conv = self.kv.lookup(conv_id)
         if conv is not None and conv.pinned:
             raise ValueError(f"conversation {conv_id!r} has a turn running")
@@ -211,27 +248,41 @@ class Engine:
         the turn is kept: the conversation is as it was before it (tokens, messages, and the KV of the history the
         turn kept; what the turn computed past that is released), a conversation the turn started is removed, and
         the turn's Future raises TurnAborted. -> False if no such turn runs (it finished, or never started)."""
-        turn = next((t for t in self.scheduler.active if t.future is target or t.conv.conv_id == target), None)
+        turn = next((t for t in self.scheduler.active if _targets(t, target)), None)
         if turn is None:
             return False
-        self.scheduler.remove(turn)
-        conv = turn.conv
-        if turn.before is None:  # a completion, or a conversation this turn started
-            self.kv.remove(conv.conv_id)
-        else:
-            tokens, messages, computed = turn.before
-            self.kv.rewind(conv, tokens, messages, min(turn.history_kept, computed))
-        turn.future.set_exception(TurnAborted(f"the turn on {conv.conv_id!s} was aborted"))
+        for member in _members(turn):  # every candidate of the turn, running or finished and waiting for the rest
+            if member in self.scheduler.active:
+                self.scheduler.remove(member)
+            conv = member.conv
+            if member.before is None:  # a completion, a conversation this turn started, or a candidate's fork
+                self.kv.remove(conv.conv_id)
+            else:
+                tokens, messages, computed = member.before
+                self.kv.rewind(conv, tokens, messages, min(member.history_kept, computed))
+        self._release(turn)
+        turn.future.set_exception(TurnAborted(f"the turn on {turn.conv.conv_id!s} was aborted"))
         return True
 
     def fail_all(self, error: BaseException) -> None:
         self.runner.storage.cancel_queued()
         for turn in list(self.scheduler.active):
-            self.scheduler.remove(turn)
-            self.kv.abort_turn(turn.conv)
-            if not turn.future.done():
-                turn.future.set_exception(error)
+            for member in _members(turn):
+                if member in self.scheduler.active:
+                    self.scheduler.remove(member)
+                if member.conv.pinned:
+                    self.kv.abort_turn(member.conv)
+            self._release(turn)
+            future = turn.future if turn.group is None else turn.group.future
+            if not future.done():
+                future.set_exception(error)
         self.kv.mover.after_forward()
+
+    def _release(self, turn: Turn) -> None:
+        """The ids reserved for a turn's candidates that it has not forked yet are free again."""
+        first = turn.group.turns[0] if turn.group is not None else turn
+        if first.conv.stored and first.sampling.n > 1:
+            self.admission.reserved.difference_update(candidate_ids(first.conv.conv_id, first.sampling.n))
 
     def stats(self) -> dict:
         kv = self.kv
@@ -280,6 +331,18 @@ COUNTERS = (
     "received_chunks",  # chunks written by a transfer from another instance (MemPool.receive)
     "inserted_chunks",  # chunks indexed by MemPool.insert (received ones included)
 )
+
+
+def _targets(turn: Turn, target) -> bool:
+    """Whether abort(target) means turn: target is its Future or conversation id, or its candidates' (n > 1)."""
+    return any(t.future is target or t.conv.conv_id == target for t in _members(turn)) or (
+        turn.group is not None and turn.group.future is target
+    )
+
+
+def _members(turn: Turn) -> list[Turn]:
+    """The turns that stand and fall with turn: its candidates when it has several, else itself."""
+    return list(turn.group.turns) if turn.group is not None else [turn]
 
 
 def _first_block(chunk: ScheduledChunk) -> int:

@@ -8,7 +8,9 @@ manager, logs it (durable before it is returned) and resolves the turn's Future 
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -20,10 +22,13 @@ from pensieve.engine.turn import Delta, Reply, TokenLogprob, Turn
 
 
 class OutputProcessor:
-    def __init__(self, kv: KVManager, scheduler: Scheduler, max_positions: int) -> None:
+    def __init__(
+        self, kv: KVManager, scheduler: Scheduler, max_positions: int, spawn_candidates: Callable[[Turn], None]
+    ) -> None:
         self.kv = kv
         self.scheduler = scheduler
         self.max_positions = max_positions
+        self.spawn_candidates = spawn_candidates  # a turn with n > 1 forks its candidates when its prompt is done
         self.num_tokens_computed = 0
         self.num_turns = 0
         self.num_recomputed = 0
@@ -45,6 +50,8 @@ class OutputProcessor:
     def _append(self, turn: Turn, token: int, logprob: TokenLogprob | None) -> None:
         if turn.first_token_at is None:
             turn.first_token_at = time.perf_counter()
+            if turn.group is not None and turn.index == 0:
+                self.spawn_candidates(turn)  # before the token is appended: the forks share the prompt alone
         turn.output.append(token)
         if logprob is not None:
             turn.logprobs.append(logprob)
@@ -54,7 +61,7 @@ class OutputProcessor:
         if reason is not None and turn.text is not None:
             text += turn.text.finish()
         if turn.on_token is not None:
-            turn.on_token(Delta(token, text, logprob))
+            turn.on_token(Delta(token, text, logprob, turn.index))
         if reason is not None:
             self.finish(turn, reason)
 
@@ -66,8 +73,19 @@ class OutputProcessor:
         return None
 
     def finish(self, turn: Turn, reason: str) -> None:
-        """The turn is done: its reply is built, its conversation idle and its record durable; its Future resolves."""
+        """The turn is done: its reply is built, its conversation idle and its record durable; its Future resolves.
+        A candidate (n > 1) waits for the others, then all are closed and candidate 0's Future gets all replies."""
         self.scheduler.remove(turn)
+        group = turn.group
+        if group is None:
+            turn.future.set_result(self._close(turn, reason))
+            return
+        group.finished[turn.index] = reason
+        if group.done:
+            first, *others = [self._close(t, group.finished[t.index]) for t in group.turns]
+            group.future.set_result(dataclasses.replace(first, candidates=tuple(others)))
+
+    def _close(self, turn: Turn, reason: str) -> Reply:
         conv = turn.conv
         self.num_turns += 1
         self.num_recomputed += turn.num_recomputed
@@ -80,7 +98,7 @@ class OutputProcessor:
         reply = _reply(turn, reason, text)
         if not conv.stored:  # a completion: its full chunks stay in the prompt tree, the conversation goes
             self.kv.remove(conv.conv_id)
-        turn.future.set_result(reply)
+        return reply
 
 
 def _reply(turn: Turn, reason: str, text: str | None) -> Reply:

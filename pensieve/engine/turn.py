@@ -39,6 +39,7 @@ class ResolvedSampling:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None
+    n: int = 1
 
     @property
     def penalized(self) -> bool:
@@ -70,11 +71,14 @@ class Delta:
     token_id: int
     text: str = ""
     logprob: TokenLogprob | None = None  # when the turn asked for logprobs
+    index: int = 0  # which candidate's token (SamplingParams.n > 1)
 
 
 def next_piece(deltas: Iterator[Delta], token_ids: bool) -> int | str:
-    """What a reply stream yields next from its deltas: the next token id, or the next non-empty text."""
+    """What a reply stream yields next from its deltas: candidate 0's next token id, or its next non-empty text."""
     for delta in deltas:
+        if delta.index:
+            continue
         if token_ids:
             return delta.token_id
         if delta.text:
@@ -103,9 +107,26 @@ class Reply:
     bytes_swapped_in: int = 0  # KV bytes copied to the device for this turn (host swap-in + disk loads)
     num_reused_shared: int = 0  # of the reused positions, those another conversation computed or holds too
     logprobs: list[TokenLogprob] | None = None  # one per reply token, when SamplingParams.logprobs asked for them
+    candidates: tuple[Reply, ...] = ()  # with SamplingParams.n > 1: candidates 1 .. n-1 (conv ids `<conv_id>/<i>`)
 
 
 _arrivals = itertools.count()
+
+
+class Candidates:
+    """The n candidates of one turn (SamplingParams.n > 1): candidate 0 is the turn on the caller's conversation,
+    the others run on its forks. The turn is atomic: a candidate that finishes waits (its conversation still
+    pinned, its record not yet written) until all have, then all are closed together and `future` (candidate 0's
+    Future, the caller's) gets candidate 0's Reply with the others in `Reply.candidates`."""
+
+    def __init__(self, first: Turn) -> None:
+        self.turns: list[Turn] = [first]
+        self.future = first.future
+        self.finished: dict[int, str] = {}  # candidate index -> finish reason
+
+    @property
+    def done(self) -> bool:
+        return len(self.finished) == self.turns[0].sampling.n
 
 
 @dataclass(eq=False)
@@ -130,6 +151,8 @@ class Turn:
     num_prefilled: int = 0  # of which before the first reply token
     restored: RestoreStats | None = None  # where the history's KV was when the turn started
     before: tuple[list[int], list[dict] | None, int] | None = None  # (tokens, messages, num_computed) before it
+    index: int = 0  # which candidate this turn is (SamplingParams.n > 1)
+    group: Candidates | None = None  # the turn's candidates, when it has several
 
     @property
     def num_reused(self) -> int:
