@@ -1,7 +1,7 @@
 """pensieve: stateful multi-turn LLM serving with a tiered KV cache (DESIGN §1 is the contract)."""
 
 from pensieve.api import Capabilities, Generator
-from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
+from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, StructuredOutput
 from pensieve.engine.turn import Delta, Reply, TurnAborted
 from pensieve.generator import StatefulGenerator
 
@@ -17,5 +17,6 @@ __all__ = [
     "SamplingParams",
     "SchedulerConfig",
     "StatefulGenerator",
+    "StructuredOutput",
     "TurnAborted",
 ]

@@ -44,24 +44,95 @@ class Generator(Protocol):
     @property
     def capabilities(self) -> Capabilities: ...
 
-    # ---- turns, blocking -------------------------------------------------------------------------------------------
-    def generate(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> Reply: ...
+    # ---- turns, blocking (keywords tools=, tool_choice=, parallel_tool_calls=: StatefulGenerator.generate) ---
+    def generate(
+        self,
+        conv_id: str,
+        msg,
+        sampling: SamplingParams | None = None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> Reply: ...
 
-    def generate_batch(self, messages: dict, sampling: SamplingParams | None = None) -> dict[str, Reply]: ...
+    def generate_batch(
+        self,
+        messages: dict,
+        sampling: SamplingParams | None = None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> dict[str, Reply]: ...
 
-    def stream(self, conv_id: str, msg, sampling: SamplingParams | None = None, token_ids: bool = False) -> Stream: ...
+    def stream(
+        self,
+        conv_id: str,
+        msg,
+        sampling: SamplingParams | None = None,
+        token_ids: bool = False,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> Stream: ...
 
-    async def agenerate(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> Reply: ...
+    async def agenerate(
+        self,
+        conv_id: str,
+        msg,
+        sampling: SamplingParams | None = None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> Reply: ...
 
-    def complete(self, prompt, sampling: SamplingParams | None = None) -> Reply: ...
+    def complete(
+        self,
+        prompt,
+        sampling: SamplingParams | None = None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> Reply: ...
 
-    def complete_batch(self, prompts: list, sampling: SamplingParams | None = None) -> list[Reply]: ...
+    def complete_batch(
+        self,
+        prompts: list,
+        sampling: SamplingParams | None = None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> list[Reply]: ...
 
     # ---- turns, for a server that drives the engine on a thread of its own -------------------------------------------
     # on_token(Delta) is called as each token is sampled, on a thread of the generator's: it must not block
-    def submit(self, conv_id: str, msg, sampling: SamplingParams | None = None, on_token: OnToken = None) -> Future: ...
+    def submit(
+        self,
+        conv_id: str,
+        msg,
+        sampling: SamplingParams | None = None,
+        on_token: OnToken = None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> Future: ...
 
-    def submit_complete(self, prompt, sampling: SamplingParams | None = None, on_token: OnToken = None) -> Future: ...
+    def submit_complete(
+        self,
+        prompt,
+        sampling: SamplingParams | None = None,
+        on_token: OnToken = None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> Future: ...
 
     def abort(self, target) -> bool: ...
 

@@ -78,6 +78,52 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """Constrain a reply to a formal language (exactly one field set), compiled by xgrammar (DESIGN §5,
+    pensieve/structured/grammar.py): at every step the tokens that cannot continue a valid reply are masked out,
+    and the end-of-sequence token is allowed only where the reply is complete.
+
+    json: a JSON schema (a dict or its JSON text); json_object: any JSON object (OpenAI's "json_object"); regex: a
+    regular expression; grammar: an EBNF grammar (xgrammar's dialect, GBNF-like, rule `root`); choice: exactly one
+    of these strings. A reply that reaches max_new_tokens first ends with finish_reason "length": its text is not
+    complete."""
+
+    json: Mapping | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    grammar: str | None = None
+    choice: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "grammar", "choice") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object is True else []
+        _require(isinstance(self.json_object, bool), f"json_object must be a bool, got {self.json_object!r}")
+        _require(
+            len(given) == 1,
+            f"a StructuredOutput takes exactly one of json, json_object, regex, grammar, choice; got {given or 'none'}",
+        )
+        _require(
+            self.json is None or isinstance(self.json, (Mapping, str)),
+            f"json must be a JSON schema (a dict or its JSON text), got {type(self.json).__name__}",
+        )
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            _require(
+                value is None or (isinstance(value, str) and value),
+                f"{name} must be a non-empty str, got {value!r:.80}",
+            )
+        _require(
+            self.choice is None
+            or (
+                not isinstance(self.choice, str)
+                and len(self.choice) > 0
+                and all(isinstance(c, str) and c for c in self.choice)
+            ),
+            f"choice must be a non-empty list of non-empty strings, got {self.choice!r:.80}",
+        )
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How one turn's reply is generated. None means "the model's generation_config, else the usual default".
 
@@ -98,6 +144,9 @@ class SamplingParams:
     is forked (`<conv_id>/1` ... `<conv_id>/<n-1>`, which must not exist; a `complete()` call's candidates are not
     kept) and each fork samples its own reply, candidate i with seed `seed + i` (vLLM's derivation). The original
     conversation continues with candidate 0; `Reply.candidates` holds the others.
+
+    structured_output: constrain the reply to a JSON schema, any JSON object, a regex, a grammar or a choice
+    (`StructuredOutput`); compiled once per distinct spec (cached), the mask applied in the batched sampler.
     """
 
     max_new_tokens: int | None = None
@@ -115,6 +164,7 @@ class SamplingParams:
     logit_bias: Mapping[int, float] | None = None
     logprobs: int | None = None
     n: int = 1
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         _require_int(self, "max_new_tokens", 1, optional=True)
@@ -168,6 +218,10 @@ class SamplingParams:
         _require(
             self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
+        )
+        _require(
+            self.structured_output is None or isinstance(self.structured_output, StructuredOutput),
+            f"structured_output must be None or a StructuredOutput, got {type(self.structured_output).__name__}",
         )
 
 

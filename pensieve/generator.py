@@ -25,6 +25,7 @@ from pensieve.engine.engine import Engine
 from pensieve.engine.turn import Delta, Reply, next_piece
 from pensieve.models.attention import ATTN_IMPLEMENTATION, register
 from pensieve.models.linear import use_fast_linears
+from pensieve.structured.tools import tool_use
 
 _DONE = object()
 _WAIT_S = 0.002  # how often a waiting caller checks whether it can take over driving
@@ -108,60 +109,153 @@ class StatefulGenerator:
         """Assert every invariant of the cache and the scheduler (tests call it after each operation)."""
         self.call(self._engine.check_integrity)
 
-    def generate(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> Reply:
-        """One turn: append msg (str: a user turn through the chat template; list[int]: raw tokens) and reply."""
-        (future,) = self._submit([(conv_id, msg)], sampling)
+    def generate(
+        self,
+        conv_id: str,
+        msg,
+        sampling: SamplingParams | None = None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> Reply:
+        """One turn: append msg (str: a user turn through the chat template; a dict or list of dicts: chat messages,
+        e.g. tool results {"role": "tool", "tool_call_id": ..., "content": ...}; list[int]: raw tokens) and reply.
+        tools: the functions the reply may call (OpenAI's shape), rendered through the chat template (or, for a
+        template without tool support, described in the system prompt); the calls come back in `Reply.tool_calls`.
+        tool_choice: "auto", "none", "required" or {"type": "function", "function": {"name": ...}} (the last
+        two forced by a grammar); parallel_tool_calls: whether one reply may make several."""
+        (future,) = self._submit([(conv_id, msg)], sampling, tools=tool_use(tools, tool_choice, parallel_tool_calls))
         return self._result(future)
 
-    def generate_batch(self, messages: dict, sampling: SamplingParams | None = None) -> dict[str, Reply]:
+    def generate_batch(
+        self,
+        messages: dict,
+        sampling: SamplingParams | None = None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> dict[str, Reply]:
         """One turn on each of several conversations, batched together. All are validated before any starts."""
-        futures = self._submit(list(messages.items()), sampling)
+        futures = self._submit(
+            list(messages.items()), sampling, tools=tool_use(tools, tool_choice, parallel_tool_calls)
+        )
         return {conv_id: self._result(f) for conv_id, f in zip(messages, futures, strict=True)}
 
-    def stream(self, conv_id: str, msg, sampling: SamplingParams | None = None, token_ids: bool = False) -> ReplyStream:
+    def stream(
+        self,
+        conv_id: str,
+        msg,
+        sampling: SamplingParams | None = None,
+        token_ids: bool = False,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> ReplyStream:
         """Iterate over the reply as it is generated: str pieces with a tokenizer (held back where they may be part
         of a stop string; they join to the reply's text), token ids without one (or with `token_ids`). The returned
         stream's `.reply` is the whole Reply (with its stats) once the turn is done."""
         deltas: queue.SimpleQueue = queue.SimpleQueue()
-        (future,) = self._submit([(conv_id, msg)], sampling, on_token=deltas.put)
+        (future,) = self._submit(
+            [(conv_id, msg)], sampling, on_token=deltas.put, tools=tool_use(tools, tool_choice, parallel_tool_calls)
+        )
         future.add_done_callback(lambda _: deltas.put(_DONE))
         token_ids = token_ids or self._engine.tokenizer is None
         return ReplyStream(self._deltas(deltas, future), future, token_ids)
 
-    async def agenerate(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> Reply:
-        """`generate` for asyncio: the turn is driven on a worker thread, never on the event loop."""
-        return await asyncio.to_thread(self.generate, conv_id, msg, sampling)
+    async def agenerate(
+        self,
+        conv_id: str,
+        msg,
+        sampling: SamplingParams | None = None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> Reply:
+        """`generate` for asyncio (same keywords): the turn is driven on a worker thread, never on the event loop."""
+        return await asyncio.to_thread(
+            lambda: self.generate(
+                conv_id, msg, sampling, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls
+            )
+        )
 
-    def complete(self, prompt, sampling: SamplingParams | None = None) -> Reply:
+    def complete(
+        self,
+        prompt,
+        sampling: SamplingParams | None = None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> Reply:
         """A stateless turn: `prompt` is token ids, or chat messages ([{"role": ..., "content": ...}, ...]) rendered
         with the chat template. It reuses the longest cached prefix of any conversation or earlier completion and
         leaves what it computed in the prompt tree (evictable); no conversation is kept (`Reply.conv_id` is None)."""
-        (reply,) = self.complete_batch([prompt], sampling)
+        (reply,) = self.complete_batch(
+            [prompt], sampling, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls
+        )
         return reply
 
-    def complete_batch(self, prompts: list, sampling: SamplingParams | None = None) -> list[Reply]:
+    def complete_batch(
+        self,
+        prompts: list,
+        sampling: SamplingParams | None = None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> list[Reply]:
         """`complete` on several prompts at once, batched together. All are validated before any starts."""
         if not isinstance(prompts, (list, tuple)):
             raise ValueError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
 
+        self._precompile(sampling)
+        use = tool_use(tools, tool_choice, parallel_tool_calls)
+
         def admit() -> list[Future]:
-            admissions = [self._engine.admission.prepare_complete(prompt, sampling) for prompt in prompts]
+            admissions = [self._engine.admission.prepare_complete(prompt, sampling, use) for prompt in prompts]
             return [self._engine.admit(adm).future for adm in admissions]
 
         return [self._result(f) for f in self.call(admit)]
 
-    def submit(self, conv_id: str, msg, sampling: SamplingParams | None = None, on_token=None) -> Future:
+    def submit(
+        self,
+        conv_id: str,
+        msg,
+        sampling: SamplingParams | None = None,
+        on_token=None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> Future:
         """Start a turn without waiting: -> a Future of its Reply (bad input: the Future raises ValueError / KeyError
         and nothing changed). on_token(delta) is called on the engine's thread as each token is sampled (`Delta`: the
         token and the text it makes safe to show). The turn runs while some thread drives: `serve` on a thread of its
         own, or any blocking call."""
-        return self._submit_async(lambda on: self._admit([(conv_id, msg)], sampling, on)[0], on_token)
+        self._precompile(sampling)
+        use = tool_use(tools, tool_choice, parallel_tool_calls)
+        return self._submit_async(lambda on: self._admit([(conv_id, msg)], sampling, on, use)[0], on_token)
 
-    def submit_complete(self, prompt, sampling: SamplingParams | None = None, on_token=None) -> Future:
+    def submit_complete(
+        self,
+        prompt,
+        sampling: SamplingParams | None = None,
+        on_token=None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> Future:
         """`complete` without waiting, as `submit`: -> a Future of its Reply (`abort` takes that Future)."""
         admission = self._engine.admission
+        self._precompile(sampling)
+        use = tool_use(tools, tool_choice, parallel_tool_calls)
         return self._submit_async(
-            lambda on: self._engine.admit(admission.prepare_complete(prompt, sampling), on).future, on_token
+            lambda on: self._engine.admit(admission.prepare_complete(prompt, sampling, use), on).future, on_token
         )
 
     def abort(self, target) -> bool:
@@ -240,15 +334,25 @@ class StatefulGenerator:
 
     # ---- driving -----------------------------------------------------------------------------------------------
 
-    def _submit(self, items, sampling, on_token=None) -> list[Future]:
-        return self.call(lambda: self._admit(items, sampling, on_token))
+    def _submit(self, items, sampling, on_token=None, tools=None) -> list[Future]:
+        self._precompile(sampling)
+        return self.call(lambda: self._admit(items, sampling, on_token, tools))
 
-    def _admit(self, items, sampling, on_token) -> list[Future]:
+    def _precompile(self, sampling) -> None:
+        """Compile a structured output's grammar here, on the caller's thread (xgrammar releases the GIL), so that
+        admission finds it cached and the engine's steps never wait on a compile. Errors are raised by admission."""
+        if isinstance(sampling, SamplingParams) and sampling.structured_output is not None:
+            try:
+                self._engine.admission.grammars.compile(sampling.structured_output)
+            except ValueError:
+                pass
+
+    def _admit(self, items, sampling, on_token, tools=None) -> list[Future]:
         """All-or-nothing: a bad item rejects the whole call before any turn is admitted."""
         conv_ids = [conv_id for conv_id, _ in items]
         if len(set(conv_ids)) != len(conv_ids):
             raise ValueError("two messages for the same conversation in one call")
-        admissions = [self._engine.admission.prepare(conv_id, msg, sampling) for conv_id, msg in items]
+        admissions = [self._engine.admission.prepare(conv_id, msg, sampling, tools) for conv_id, msg in items]
         return [self._engine.admit(adm, on_token).future for adm in admissions]
 
     def _call(self, fn: Callable) -> Future:

@@ -167,27 +167,68 @@ class Cluster:
         """No disk tier yet (the driver keeps the record); a completion is not streamed by its instance."""
         return Capabilities(disk_tier=False, streamed_complete=False, num_instances=len(self.alive))
 
-    def generate(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> Reply:
+    def generate(
+        self,
+        conv_id: str,
+        msg,
+        sampling: SamplingParams | None = None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> Reply:
         """One turn on conv_id, on the instance the router picks."""
+        _no_tools(tools)
         return self._finish(self._start(conv_id, msg, sampling))
 
-    def generate_batch(self, messages: dict, sampling: SamplingParams | None = None) -> dict[str, Reply]:
+    def generate_batch(
+        self,
+        messages: dict,
+        sampling: SamplingParams | None = None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> dict[str, Reply]:
         """One turn on each of several conversations, run concurrently across instances (and batched on each).
         All are validated before any starts."""
+        _no_tools(tools)
         if not isinstance(messages, dict):
             raise ValueError(f"messages must be a dict of conv_id -> message, got {type(messages).__name__}")
         turns = self._start_all(list(messages.items()), sampling)
         return {turn.conv_id: self._finish(turn) for turn in turns}
 
-    def stream(self, conv_id: str, msg, sampling: SamplingParams | None = None, token_ids: bool = False):
+    def stream(
+        self,
+        conv_id: str,
+        msg,
+        sampling: SamplingParams | None = None,
+        token_ids: bool = False,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ):
         """The reply's pieces as the instance produces them (str pieces that join to the reply's text with a
         tokenizer, else or with `token_ids` token ids); the stream's `.reply` is the whole Reply once done."""
+        _no_tools(tools)
         turn = self._start(conv_id, msg, sampling, streaming=True)
         return ClusterStream(self, turn, token_ids or self.tokenizer is None)
 
-    def submit(self, conv_id: str, msg, sampling: SamplingParams | None = None, on_token=None) -> Future:
+    def submit(
+        self,
+        conv_id: str,
+        msg,
+        sampling: SamplingParams | None = None,
+        on_token=None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> Future:
         """Start a turn without waiting (as `StatefulGenerator.submit`): -> a Future of its Reply; on_token(delta)
         is called (on a driver thread) as the instance streams the reply."""
+        _no_tools(tools)
         future: Future = Future()
         future.conv_id = conv_id  # what `abort` is given this Future for
 
@@ -204,9 +245,19 @@ class Cluster:
         self._workers().submit(run)
         return future
 
-    def submit_complete(self, prompt, sampling: SamplingParams | None = None, on_token=None) -> Future:
+    def submit_complete(
+        self,
+        prompt,
+        sampling: SamplingParams | None = None,
+        on_token=None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> Future:
         """`complete` without waiting: -> a Future of its Reply. A completion is not streamed by the instance: on_token
         sees the reply's deltas when it is done (the last carries the text), and `abort` cannot stop it."""
+        _no_tools(tools)
         future: Future = Future()
 
         def run() -> None:
@@ -276,17 +327,49 @@ class Cluster:
                 self._pool = ThreadPoolExecutor(max_workers=128, thread_name_prefix="pensieve-cluster")
             return self._pool
 
-    async def agenerate(self, conv_id: str, msg, sampling: SamplingParams | None = None) -> Reply:
-        return await asyncio.to_thread(self.generate, conv_id, msg, sampling)
+    async def agenerate(
+        self,
+        conv_id: str,
+        msg,
+        sampling: SamplingParams | None = None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> Reply:
+        return await asyncio.to_thread(
+            lambda: self.generate(
+                conv_id, msg, sampling, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls
+            )
+        )
 
-    def complete(self, prompt, sampling: SamplingParams | None = None) -> Reply:
+    def complete(
+        self,
+        prompt,
+        sampling: SamplingParams | None = None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> Reply:
         """A stateless turn (token ids or chat messages), routed to the instance caching most of the prompt."""
-        (reply,) = self.complete_batch([prompt], sampling)
+        (reply,) = self.complete_batch(
+            [prompt], sampling, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls
+        )
         return reply
 
-    def complete_batch(self, prompts: list, sampling: SamplingParams | None = None) -> list[Reply]:
+    def complete_batch(
+        self,
+        prompts: list,
+        sampling: SamplingParams | None = None,
+        *,
+        tools=None,
+        tool_choice="auto",
+        parallel_tool_calls: bool = True,
+    ) -> list[Reply]:
         """`complete` on several prompts, run concurrently across instances (and batched on each). All are
         validated before any starts."""
+        _no_tools(tools)
         self._check_open()
         if not isinstance(prompts, (list, tuple)):
             raise ValueError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
@@ -742,6 +825,11 @@ class ClusterStream(Iterator):
         for _ in self.deltas():
             pass
         return self._reply
+
+
+def _no_tools(tools) -> None:
+    if tools is not None:
+        raise ValueError("a Cluster runs turns without tools; tools run on a StatefulGenerator")
 
 
 def _check_sampling(sampling) -> None:

@@ -9,7 +9,9 @@ with `Engine.admit`. The helpers below are shared with the cluster's driver and 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import threading
 from dataclasses import dataclass
 
 from pensieve.cache.manager import KVManager
@@ -17,6 +19,8 @@ from pensieve.cache.tree import common_prefix
 from pensieve.config import SamplingParams
 from pensieve.engine.turn import ResolvedSampling
 from pensieve.models.support import ModelShape
+from pensieve.structured.grammar import Grammars, tool_call_grammar
+from pensieve.structured.tools import ChatFormat, ToolUse
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -32,6 +36,7 @@ class Admission:
     history_len: int
     common_prefix: int  # tokens shared by the stored history and `tokens`
     stored: bool = True  # False: a `complete()` call: no conversation is kept
+    tools: ToolUse | None = None  # the tools the turn may call
 
 
 @dataclass(frozen=True)
@@ -52,14 +57,26 @@ class Admitter:
         self.kv = kv
         self.completions = itertools.count()
         self.reserved: set[str] = set()  # ids of the forks running turns' candidates will make (SamplingParams.n)
+        self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
 
-    def prepare(self, conv_id, msg, sampling: SamplingParams | None) -> Admission:
+    @property
+    def grammars(self) -> Grammars:
+        """The engine's grammar compiler (made at the first structured turn; any thread may compile)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise ValueError("structured outputs need a tokenizer: pass tokenizer=")
+                self._grammars = Grammars(self.tokenizer, self.shape.vocab_size, sorted(self._eos_ids()))
+            return self._grammars
+
+    def prepare(self, conv_id, msg, sampling: SamplingParams | None, tools: ToolUse | None = None) -> Admission:
         """Validate a turn and work out everything about it (ValueError / KeyError if bad). No conversation changes;
         a stored conversation may be loaded from disk into memory on the way (the same state, cached), and one
         found unusable (stored by another model) is unloaded again."""
         if not isinstance(conv_id, str) or not conv_id:
             raise ValueError(f"conv_id must be a non-empty str, got {conv_id!r}")
-        params = self.resolve(sampling)
+        params = self.with_tools(self.resolve(sampling), tools)
         loading = conv_id not in self.kv.conversations
         conv = self.kv.lookup(conv_id)
         if conv is not None and conv.pinned:
@@ -76,17 +93,35 @@ class Admitter:
                 f"({max(conv.tokens)} >= {self.shape.vocab_size}): it was stored by another model"
             )
         history, history_messages = (conv.tokens, conv.messages) if conv is not None else ([], None)
-        tokens, messages = render_turn(self.tokenizer, conv_id, history, history_messages, msg, self.check_token_ids)
+        tokens, messages = render_turn(
+            self.tokenizer, conv_id, history, history_messages, msg, self.check_token_ids, tools
+        )
         self.check_fits(f"conversation {conv_id!r}", len(tokens), params.max_new_tokens, params.n)
-        return Admission(conv_id, tokens, messages, params, len(history), common_prefix(history, tokens))
+        prefix = common_prefix(history, tokens)
+        return Admission(conv_id, tokens, messages, params, len(history), prefix, tools=tools)
 
-    def prepare_complete(self, prompt, sampling: SamplingParams | None) -> Admission:
+    def prepare_complete(self, prompt, sampling: SamplingParams | None, tools: ToolUse | None = None) -> Admission:
         """Validate a stateless completion: `prompt` is token ids, or chat messages rendered with the chat template."""
-        params = self.resolve(sampling)
-        tokens = render_prompt(self.tokenizer, prompt, self.check_token_ids)
+        params = self.with_tools(self.resolve(sampling), tools)
+        tokens = render_prompt(self.tokenizer, prompt, self.check_token_ids, tools)
         conv_id = CompletionId(next(self.completions))
         self.check_fits("a completion", len(tokens), params.max_new_tokens, params.n)
-        return Admission(conv_id, tokens, None, params, 0, 0, stored=False)
+        return Admission(conv_id, tokens, None, params, 0, 0, stored=False, tools=tools)
+
+    def with_tools(self, params: ResolvedSampling, tools: ToolUse | None) -> ResolvedSampling:
+        """A turn with tools needs the chat template; a forced tool choice becomes the turn's grammar."""
+        if tools is None:
+            return params
+        if self.tokenizer is None:
+            raise ValueError("tools need a tokenizer (text mode): pass tokenizer=")
+        names = tools.forced
+        if names is None:
+            return params
+        if params.grammar is not None:
+            raise ValueError("a forced tool_choice and a structured_output both constrain the reply: give one")
+        tool_format = ChatFormat.of(self.tokenizer).format
+        grammar = tool_call_grammar(tools.tools, names, tools.parallel and len(names) > 1, tool_format)
+        return dataclasses.replace(params, grammar=self.grammars.compile(grammar))
 
     def check_token_ids(self, ids) -> list[int]:
         return check_token_ids(ids, self.shape.vocab_size)
@@ -139,6 +174,7 @@ class Admitter:
                 f"logit_bias token ids must be < {self.shape.vocab_size} (the vocabulary), got {max(sp.logit_bias)}"
             )
         bias = tuple(sorted((int(t), float(b)) for t, b in sp.logit_bias.items() if b)) if sp.logit_bias else ()
+        grammar = None if sp.structured_output is None else self.grammars.compile(sp.structured_output)
         return ResolvedSampling(
             max_new_tokens=default(sp.max_new_tokens, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
             temperature=float(temperature),
@@ -154,6 +190,7 @@ class Admitter:
             logit_bias=bias,
             logprobs=sp.logprobs,
             n=sp.n,
+            grammar=grammar,
         )
 
     def _eos_ids(self) -> set[int]:
@@ -189,38 +226,69 @@ def check_token_ids(ids, vocab: int) -> list[int]:
     return list(ids)
 
 
-def render_prompt(tokenizer, prompt, check_ids) -> list[int]:
+def render_prompt(tokenizer, prompt, check_ids, tools: ToolUse | None = None) -> list[int]:
     """A stateless completion's prompt -> its tokens: token ids as they are, or chat messages through the chat
-    template (with the assistant's generation prompt). ValueError names what is wrong."""
+    template (with the assistant's generation prompt, and the tools). ValueError names what is wrong."""
     if not isinstance(prompt, (list, tuple)) or not prompt:
         raise ValueError(f"prompt must be a non-empty list of token ids or of chat messages, got {prompt!r:.80}")
     if not all(isinstance(m, dict) for m in prompt):
+        if tools is not None:
+            raise ValueError("tools need chat messages (text mode), not token ids")
         return check_ids(prompt)
     if tokenizer is None:
         raise ValueError("chat messages need a tokenizer: pass tokenizer= or send token ids")
-    bad = [m for m in prompt if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)]
-    if bad:
-        raise ValueError(f"each chat message needs a str 'role' and 'content', got {bad[0]!r:.80}")
-    return list(tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, return_dict=False))
+    check_messages(prompt)
+    return ChatFormat.of(tokenizer).render(tokenizer, list(prompt), tools, add_generation_prompt=True)
 
 
-def render_turn(tokenizer, conv_id, history: list[int], messages, msg, check_ids) -> tuple[list[int], list | None]:
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_messages(messages) -> list[dict]:
+    """Chat messages as pensieve takes them: a str role of ROLES; str content (an assistant's may be empty when it
+    makes tool calls); a tool result's tool_call_id a str if given. ValueError names the first bad one."""
+    for m in messages:
+        ok = isinstance(m, dict) and m.get("role") in ROLES
+        ok = ok and (isinstance(m.get("content"), str) or (m.get("role") == "assistant" and m.get("tool_calls")))
+        ok = ok and (m.get("role") != "tool" or isinstance(m.get("tool_call_id", ""), str))
+        if not ok:
+            raise ValueError(f"each chat message needs a role of {ROLES} and a str 'content', got {m!r:.80}")
+    return [dict(m) for m in messages]
+
+
+def render_turn(
+    tokenizer, conv_id, history: list[int], messages, msg, check_ids, tools: ToolUse | None = None
+) -> tuple[list[int], list | None]:
     """A conversation's token sequence (`history`; text mode: rendered from chat `messages`) with msg appended: a
-    str is a user turn through the chat template, a list of ids is appended raw. -> (tokens, messages or None).
-    ValueError names what is wrong; the cluster's driver renders with it too, so both reject alike."""
+    str is a user turn, a dict one message (a tool result: {"role": "tool", "tool_call_id": ..., "content": ...})
+    and a list of dicts several, through the chat template; a list of ids is appended raw. -> (tokens, messages or
+    None). In text mode the tokens pensieve sampled for its own replies are kept: only the new messages and the
+    generation prompt are rendered and appended (`ChatFormat.append`), unless the template rewrites earlier turns,
+    when the whole conversation is rendered again (KV is kept for the common prefix). ValueError names what is
+    wrong; the cluster's driver renders with it too, so both reject alike."""
     text_mode = messages is not None
-    if isinstance(msg, str):
+    if isinstance(msg, (str, dict)) or (isinstance(msg, (list, tuple)) and msg and isinstance(msg[0], dict)):
         if tokenizer is None:
-            raise ValueError("a str message needs a tokenizer: pass tokenizer= or send token ids")
-        if not msg:
+            raise ValueError("a text message needs a tokenizer: pass tokenizer= or send token ids")
+        if isinstance(msg, str) and not msg:
             raise ValueError("message is empty")
         if history and not text_mode:
             raise ValueError(f"conversation {conv_id!r} is in raw token mode; send token ids")
-        new_messages = [*(messages if text_mode else []), {"role": "user", "content": msg}]
-        rendered = tokenizer.apply_chat_template(new_messages, add_generation_prompt=True, return_dict=False)
-        return list(rendered), new_messages
+        new = (
+            [{"role": "user", "content": msg}]
+            if isinstance(msg, str)
+            else check_messages([msg] if isinstance(msg, dict) else msg)
+        )
+        chat = ChatFormat.of(tokenizer)
+        old = messages if text_mode else []
+        appended = chat.append(tokenizer, history, old, new, tools) if text_mode else None
+        if appended is not None:
+            return [*history, *appended], [*old, *new]
+        return chat.render(tokenizer, [*old, *new], tools, add_generation_prompt=True), [*old, *new]
     if not isinstance(msg, (list, tuple)) or not msg:
-        raise ValueError(f"message must be a non-empty str or list of token ids, got {msg!r:.80}")
+        raise ValueError(f"message must be a non-empty str, chat message(s) or list of token ids, got {msg!r:.80}")
     if text_mode:
-        raise ValueError(f"conversation {conv_id!r} is in text mode; send a str")
+        raise ValueError(f"conversation {conv_id!r} is in text mode; send a str or chat messages")
+    if tools is not None:
+        raise ValueError("tools need text mode (a str or chat messages), not token ids")
     return [*history, *check_ids(msg)], None

@@ -25,9 +25,10 @@ from tokenizers.decoders import DecodeStream
 
 
 class HoldBack(Protocol):
-    def scan(self, text: str, start: int) -> tuple[int, int | None]:
-        """The reply's text so far, new from `start` on -> (held, end): how many characters at the end of text may
-        not be shown yet, and where the reply's text ends (None while it goes on)."""
+    def scan(self, text: str, start: int, final: bool) -> tuple[int, int | None]:
+        """The reply's text so far, new from `start` on (`final`: the turn is over) -> (held, end): how many
+        characters at the end of text may not be shown (yet; held at the end: never, as a tool call's text), and
+        where the reply's text ends (None while it goes on)."""
 
 
 class StopStrings:
@@ -36,10 +37,12 @@ class StopStrings:
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = tuple(stops)
 
-    def scan(self, text: str, start: int) -> tuple[int, int | None]:
+    def scan(self, text: str, start: int, final: bool = False) -> tuple[int, int | None]:
         end = find_stop(text, self.stops, start)
         if end is not None:
             return 0, end
+        if final:
+            return 0, None
         held = 0
         for stop in self.stops:
             held = max(held, _partial(text, stop))
@@ -60,7 +63,8 @@ class TextStream:
 
     @property
     def reply_text(self) -> str:
-        return self.text if self.end is None else self.text[: self.end]
+        """The reply's text: what was handed out (once the turn is over: all of it, but a tool call's text)."""
+        return self.text[: self._sent]
 
     def add(self, token_id: int) -> str:
         """Append one sampled token -> the text now safe to show ("" while held back or incomplete, or ended)."""
@@ -82,11 +86,11 @@ class TextStream:
     def _release(self, start: int, final: bool) -> str:
         held = 0
         for hold_back in self.hold_backs:
-            h, end = hold_back.scan(self.text, start)
+            h, end = hold_back.scan(self.text, start, final)
             held = max(held, h)
             if end is not None and (self.end is None or end < self.end):
                 self.end = end
-        safe = self.end if self.end is not None else len(self.text) - (0 if final else held)
+        safe = min(self.end, len(self.text) - held) if self.end is not None else len(self.text) - held
         if safe <= self._sent:
             return ""
         piece, self._sent = self.text[self._sent : safe], safe

@@ -28,6 +28,7 @@ from pensieve.engine.runner import ModelRunner, default_num_blocks
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
 from pensieve.engine.turn import Candidates, ResolvedSampling, Turn, TurnAborted
 from pensieve.models.support import model_shape
+from pensieve.structured.tools import ChatFormat
 
 
 class Engine:
@@ -91,6 +92,11 @@ class Engine:
         prev = self.kv.conversations.get(adm.conv_id) if adm.stored else None
         before = None if prev is None else (prev.tokens, prev.messages, prev.num_computed)  # begin_turn replaces them
         conv = self.kv.begin_turn(adm.conv_id, adm.tokens, adm.common_prefix, adm.messages, adm.stored)
+        hold_backs = _hold_backs(adm.params)
+        tool_text = None
+        if adm.tools is not None and adm.tools.parses and self.tokenizer is not None:
+            tool_text = ChatFormat.of(self.tokenizer).hold_back()  # a call's text is never streamed
+            hold_backs.append(tool_text)
         turn = Turn(
             conv=conv,
             sampling=adm.params,
@@ -102,9 +108,13 @@ class Engine:
             history_kv=min(max(adm.history_len - 1, 0), len(adm.tokens)),
             on_token=on_token,
             before=before,
+            messages_before=len(before[1]) if before is not None and before[1] is not None else 0,
             generator=None if adm.params.seed is None else self._generator(adm.params.seed),
-            text=None if self.tokenizer is None else TextStream(self.tokenizer, _hold_backs(adm.params)),
+            text=None if self.tokenizer is None else TextStream(self.tokenizer, hold_backs),
+            tool_text=tool_text,
+            tools=adm.tools,
             logprobs=None if adm.params.logprobs is None else [],
+            grammar=None if adm.params.grammar is None else self.admission.grammars.state(adm.params.grammar),
         )
         if adm.params.n > 1:
             turn.group = Candidates(turn)
@@ -138,6 +148,7 @@ class Engine:
             turn = self.admit(adm, first.on_token)
             turn.num_new_tokens, turn.history_kv = first.num_new_tokens, first.history_kv
             turn.before = None  # the fork is this turn's: an abort removes it
+            turn.messages_before = len(fork.messages or [])  # the fork's record holds them already
             turn.index, turn.group = index, group
             group.turns.append(turn)
             assert fork is turn.conv
@@ -351,5 +362,5 @@ def _first_block(chunk: ScheduledChunk) -> int:
 
 
 def _hold_backs(params: ResolvedSampling) -> list[HoldBack]:
-    """What may hold back a turn's text (stop strings today; tool-call and reasoning markers plug in here)."""
+    """What may hold back a turn's text: stop strings (tool calls' text: `admit`)."""
     return [StopStrings(params.stop)] if params.stop else []

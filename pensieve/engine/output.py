@@ -68,6 +68,8 @@ class OutputProcessor:
     def _finish_reason(self, turn: Turn, token: int) -> str | None:
         if token in turn.sampling.stop_token_ids or (turn.text is not None and turn.text.stopped):
             return "stop"
+        if turn.grammar is not None and turn.grammar.terminated:  # complete (e.g. with ignore_eos: no stop id)
+            return "stop"
         if len(turn.output) >= turn.sampling.max_new_tokens or len(turn.conv.tokens) >= self.max_positions:
             return "length"
         return None
@@ -90,18 +92,25 @@ class OutputProcessor:
         self.num_turns += 1
         self.num_recomputed += turn.num_recomputed
         text = None if turn.text is None else turn.text.reply_text
+        parsed = None if turn.tool_text is None else turn.tool_text.parsed
+        calls = () if parsed is None else parsed.tool_calls
+        if calls and not turn.tools.parallel:
+            calls = calls[:1]
         new_messages = None
         if conv.messages is not None:
-            new_messages = [conv.messages[-1], {"role": "assistant", "content": text}]
+            message = {"role": "assistant", "content": text}
+            if calls:
+                message["tool_calls"] = [c.message_form() for c in calls]
+            new_messages = [*turn.new_messages(conv.messages), message]
         self.kv.end_turn(conv, None if new_messages is None else new_messages[-1])
         self.kv.log_turn(conv, turn.history_kept, new_messages)
-        reply = _reply(turn, reason, text)
+        reply = _reply(turn, reason, text, calls, None if parsed is None else parsed.reasoning)
         if not conv.stored:  # a completion: its full chunks stay in the prompt tree, the conversation goes
             self.kv.remove(conv.conv_id)
         return reply
 
 
-def _reply(turn: Turn, reason: str, text: str | None) -> Reply:
+def _reply(turn: Turn, reason: str, text: str | None, calls=(), reasoning: str | None = None) -> Reply:
     restored = turn.restored
     now = time.perf_counter()
     return Reply(
@@ -124,4 +133,6 @@ def _reply(turn: Turn, reason: str, text: str | None) -> Reply:
         bytes_swapped_in=restored.bytes_in,
         num_reused_shared=restored.shared,
         logprobs=None if turn.logprobs is None else list(turn.logprobs),
+        tool_calls=tuple(calls),
+        reasoning=reasoning,
     )

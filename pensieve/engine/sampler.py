@@ -1,5 +1,6 @@
 """Sampling a step's logits, all rows at once, on the logits' device.
 
+Rows with a grammar (`StructuredOutput`) are masked first: tokens that cannot continue their reply get -inf.
 Rows whose sampling changes the logits (logit_bias, repetition / presence / frequency penalties) are processed
 together first, from per-turn token statistics (`Penalties`, kept on the turn and updated as tokens are sampled).
 Greedy rows then take the argmax. Sampled rows are filtered together (temperature, min-p, top-k, top-p as per-row
@@ -109,9 +110,14 @@ def sample(logits: torch.Tensor, turns: list[Turn]) -> tuple[list[int], list[Tok
     """logits [S, V] (row i belongs to turns[i]) -> one token id per row, and its logprob where asked for."""
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     raw = logits
+    constrained = [i for i, turn in enumerate(turns) if turn.grammar is not None]
+    if constrained:
+        logits = logits.clone()
+        states = [turns[i].grammar for i in constrained]
+        states[0].grammars.mask(logits, constrained, states)
     penalized = [i for i, turn in enumerate(turns) if turn.sampling.penalized]
     if penalized:
-        logits = logits.clone()
+        logits = logits if constrained else logits.clone()
         logits[penalized] = penalize(logits[penalized], [turns[i] for i in penalized])
     tokens = logits.argmax(dim=-1)  # [S]
     rows = [i for i, turn in enumerate(turns) if turn.sampling.temperature > 0]
@@ -130,6 +136,8 @@ def sample(logits: torch.Tensor, turns: list[Turn]) -> tuple[list[int], list[Tok
     logprobs = _logprobs(raw, tokens, chosen, turns)
     for i in penalized:
         turns[i].penalties.add(chosen[i])
+    for i in constrained:
+        turns[i].grammar.accept(chosen[i])
     return chosen, logprobs
 
 

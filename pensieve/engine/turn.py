@@ -13,9 +13,11 @@ import torch
 
 from pensieve.cache.types import Conversation, RestoreStats, Tier
 from pensieve.engine.detokenizer import TextStream
+from pensieve.structured.tools import ToolCall, ToolCallText, ToolUse
 
 if TYPE_CHECKING:  # the sampler imports this module
     from pensieve.engine.sampler import Penalties
+    from pensieve.structured.grammar import GrammarState
 
 
 class TurnAborted(Exception):
@@ -40,6 +42,7 @@ class ResolvedSampling:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None
     n: int = 1
+    grammar: object | None = None  # the compiled StructuredOutput (xgrammar's CompiledGrammar), shared by its turns
 
     @property
     def penalized(self) -> bool:
@@ -108,6 +111,8 @@ class Reply:
     num_reused_shared: int = 0  # of the reused positions, those another conversation computed or holds too
     logprobs: list[TokenLogprob] | None = None  # one per reply token, when SamplingParams.logprobs asked for them
     candidates: tuple[Reply, ...] = ()  # with SamplingParams.n > 1: candidates 1 .. n-1 (conv ids `<conv_id>/<i>`)
+    tool_calls: tuple[ToolCall, ...] = ()  # the calls the reply makes (turns with tools); their text is not in `text`
+    reasoning: str | None = None  # the reply's reasoning (a template that thinks in <think> tags), when it has some
 
 
 _arrivals = itertools.count()
@@ -146,13 +151,21 @@ class Turn:
     generator: torch.Generator | None = None
     text: TextStream | None = None  # the reply's text as it grows (None without a tokenizer)
     penalties: Penalties | None = None  # the sampler's per-turn token statistics, when the sampling penalizes
+    grammar: GrammarState | None = None  # where the reply stands in its StructuredOutput's grammar
+    tools: ToolUse | None = None  # the tools the turn may call
+    tool_text: ToolCallText | None = None  # the hold-back that keeps a call's text out of the reply and parses it
     logprobs: list[TokenLogprob] | None = None  # when sampling.logprobs asks for them
     num_computed: int = 0  # tokens fed to the model for this turn
     num_prefilled: int = 0  # of which before the first reply token
     restored: RestoreStats | None = None  # where the history's KV was when the turn started
     before: tuple[list[int], list[dict] | None, int] | None = None  # (tokens, messages, num_computed) before it
+    messages_before: int = 0  # text mode: how many of the conversation's messages its record holds before the turn
     index: int = 0  # which candidate this turn is (SamplingParams.n > 1)
     group: Candidates | None = None  # the turn's candidates, when it has several
+
+    def new_messages(self, messages: list[dict]) -> list[dict]:
+        """The messages this turn added to its conversation (its input: a user message, tool results...)."""
+        return messages[self.messages_before :]
 
     @property
     def num_reused(self) -> int:

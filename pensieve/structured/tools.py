@@ -86,14 +86,16 @@ def parse_hermes(text: str) -> Parsed:
         return Parsed(text)
     calls = []
     for match in _HERMES.finditer(text):
-        body = (match.group(1) if match.group(1) is not None else match.group(2)).strip()
+        closed = match.group(1) is not None
+        body = (match.group(1) if closed else match.group(2)).strip()
         try:
             call = _call(json.loads(body), "arguments", "parameters")
         except json.JSONDecodeError:
             call = None
-        if call is None:
+        if call is None and (closed or not calls):
             return Parsed(text)
-        calls.append(call)
+        if call is not None:  # (an unclosed last call that does not parse was cut off: the calls before it stand)
+            calls.append(call)
     return Parsed(_content(_HERMES.sub("", text)), tuple(calls))
 
 
@@ -207,3 +209,219 @@ GENERIC_TOOLS_PROMPT = (
     "For each function call return a json object with function name and arguments within <tool_call></tool_call> "
     'XML tags as follows:\n<tool_call>\n{{"name": <function-name>, "arguments": <args-dict>}}\n</tool_call>'
 )
+
+
+# ---- a turn's tools ---------------------------------------------------------------------------------------------
+
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """The tools a turn may call (OpenAI's shape: {"type": "function", "function": {"name", "description",
+    "parameters"}}), and how: choice "auto" (the model decides; calls are parsed from its reply), "none" (tools are
+    still rendered, so the prompt and its KV stay the same, but nothing is parsed), "required" (at least one call)
+    or {"type": "function", "function": {"name": ...}} (that call): the last two are forced by a grammar, so even a
+    tiny model writes a valid call. parallel: several calls in one reply (False: at most one)."""
+
+    tools: tuple = ()
+    choice: str | dict = "auto"
+    parallel: bool = True
+
+    def __post_init__(self) -> None:
+        tools = self.tools
+        if isinstance(tools, (str, bytes, dict)) or not all(_is_tool(t) for t in tools):
+            raise ValueError(
+                'tools must be a list of {"type": "function", "function": {"name": str, "parameters": {...}}}, '
+                f"got {tools!r:.120}"
+            )
+        object.__setattr__(self, "tools", tuple(tools))
+        names = [t["function"]["name"] for t in tools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tool names must be unique, got {names}")
+        if not isinstance(self.parallel, bool):
+            raise ValueError(f"parallel_tool_calls must be a bool, got {self.parallel!r}")
+        choice = self.choice
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            if not isinstance(name, str) or name not in names:
+                raise ValueError(f"tool_choice names no tool of this request: {choice!r:.120} (tools: {names})")
+        elif choice not in TOOL_CHOICES:
+            raise ValueError(f"tool_choice must be one of {TOOL_CHOICES} or a named function, got {choice!r:.80}")
+        if choice != "none" and not isinstance(choice, dict) and choice == "required" and not tools:
+            raise ValueError('tool_choice "required" needs tools')
+
+    @property
+    def forced(self) -> list[str] | None:
+        """The tool names a forced choice allows (None: the model is free)."""
+        if isinstance(self.choice, dict):
+            return [self.choice["function"]["name"]]
+        return [t["function"]["name"] for t in self.tools] if self.choice == "required" else None
+
+    @property
+    def parses(self) -> bool:
+        return bool(self.tools) and self.choice != "none"
+
+
+def tool_use(tools, tool_choice="auto", parallel_tool_calls: bool = True) -> ToolUse | None:
+    """The generators' tools keywords -> a ToolUse (None: no tools, and tool_choice left at "auto"/"none")."""
+    if isinstance(tools, ToolUse):
+        return tools
+    if tools is None or (not tools and tool_choice in ("auto", "none")):
+        if tool_choice not in ("auto", "none"):
+            raise ValueError(f"tool_choice {tool_choice!r:.80} needs tools")
+        return None
+    return ToolUse(tuple(tools) if isinstance(tools, list) else tools, tool_choice, parallel_tool_calls)
+
+
+def _is_tool(tool) -> bool:
+    function = tool.get("function") if isinstance(tool, dict) else None
+    return (
+        isinstance(tool, dict)
+        and tool.get("type", "function") == "function"
+        and isinstance(function, dict)
+        and isinstance(function.get("name"), str)
+        and bool(function["name"])
+        and isinstance(function.get("parameters", {}), dict)
+    )
+
+
+MARKERS = {"hermes": ("<tool_call>",), "llama3_json": ("<|python_tag|>",), "mistral": ("[TOOL_CALLS]",)}
+
+
+class ToolCallText:
+    """A hold-back (pensieve/engine/detokenizer.py) that never streams the raw text of a call: from the first call
+    marker on, everything is held, and at the end the reply is parsed (`parsed`). The reply's text is what comes
+    before the marker, also when the call does not parse (cut off by max_new_tokens, or not JSON: the reply then
+    has no tool calls; the parsers themselves return such text as content, as vLLM's do). A Llama 3 reply that
+    opens with "{" is held from there."""
+
+    def __init__(self, tool_format: str, parse: Callable[[str], Parsed]) -> None:
+        self.markers = MARKERS[tool_format]
+        self.json_start = tool_format == "llama3_json"
+        self.parse = parse
+        self.parsed: Parsed | None = None
+
+    def scan(self, text: str, start: int, final: bool) -> tuple[int, int | None]:
+        begin = self._begin(text)
+        if final:
+            self.parsed = self.parse(text)
+            return (len(text) - begin if begin is not None else 0), None
+        if begin is not None:
+            return len(text) - begin, None
+        return max(_partial_at_end(text, m) for m in self.markers), None
+
+    def _begin(self, text: str) -> int | None:
+        found = [i for m in self.markers if (i := text.find(m)) >= 0]
+        if self.json_start and text.lstrip().startswith("{"):
+            found.append(len(text) - len(text.lstrip()))
+        return min(found) if found else None
+
+
+def _partial_at_end(text: str, marker: str) -> int:
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+# ---- the chat template and tools --------------------------------------------------------------------------------
+
+
+class ChatFormat:
+    """What a tokenizer's chat template does with tools and reasoning, and rendering through it: tools go to the
+    template (`tools=`) when it renders them, else into the system prompt (the generic fallback), with past calls
+    and tool results written as Hermes text the model can read."""
+
+    SENTINEL = "<<pensieve:end-of-reply>>"
+
+    @classmethod
+    def of(cls, tokenizer) -> ChatFormat:
+        """The tokenizer's ChatFormat (kept on it: a template is read once)."""
+        fmt = getattr(tokenizer, "_pensieve_chat_format", None)
+        if fmt is None or fmt.template_id != id(getattr(tokenizer, "chat_template", None)):
+            fmt = cls(tokenizer)
+            try:
+                tokenizer._pensieve_chat_format = fmt
+            except AttributeError:
+                pass
+        return fmt
+
+    def __init__(self, tokenizer) -> None:
+        template = getattr(tokenizer, "chat_template", None)
+        self.template_id = id(template)
+        template = template if isinstance(template, str) else json.dumps(template or "")
+        self.format, self.renders_tools = detect_format(template)
+        self.thinks = thinks(template)
+
+    def parse(self, text: str) -> Parsed:
+        reasoning = None
+        if self.thinks:
+            reasoning, text = split_reasoning(text)
+        parsed = FORMATS[self.format](text)
+        return Parsed(parsed.content, parsed.tool_calls, reasoning)
+
+    def hold_back(self) -> ToolCallText:
+        return ToolCallText(self.format, self.parse)
+
+    def template_input(self, messages: list[dict], tools: ToolUse | None) -> tuple[list[dict], dict]:
+        """-> (messages, extra apply_chat_template kwargs) for this template."""
+        if tools is None or not tools.tools:
+            return messages, {}
+        if self.renders_tools:
+            return messages, {"tools": list(tools.tools)}
+        prompt = GENERIC_TOOLS_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools.tools))
+        out = [_as_text(m) for m in messages]
+        if out and out[0].get("role") == "system":
+            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{prompt}"}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+        return out, {}
+
+    def render(self, tokenizer, messages, tools, add_generation_prompt: bool, tokenize: bool = True):
+        msgs, kwargs = self.template_input(messages, tools)
+        out = tokenizer.apply_chat_template(
+            msgs, add_generation_prompt=add_generation_prompt, tokenize=tokenize, return_dict=False, **kwargs
+        )
+        return list(out) if tokenize else out
+
+    def append(self, tokenizer, history: list[int], messages: list[dict], new: list[dict], tools) -> list[int] | None:
+        """The tokens that continue `history` (which ends with the reply pensieve sampled for messages[-1]) with
+        the `new` messages and the generation prompt, rendered alone: the sampled tokens stay as they are, whatever
+        a re-render of that reply would give (spacing, key order of a call). None where the template does not
+        render the conversation append-only (then the caller renders it whole)."""
+        if not messages or messages[-1].get("role") != "assistant" or not history:
+            return None
+        before = self.render(tokenizer, messages, tools, add_generation_prompt=False, tokenize=False)
+        after = self.render(tokenizer, messages + new, tools, add_generation_prompt=True, tokenize=False)
+        if not after.startswith(before):
+            return None
+        # what the template writes after a reply's text (e.g. "<|im_end|>\n"): the sampled stop token covers its start
+        marked = self.render(
+            tokenizer, [*messages[:-1], {"role": "assistant", "content": self.SENTINEL}], tools, False, tokenize=False
+        )
+        at = marked.rfind(self.SENTINEL)
+        if at < 0:
+            return None
+        closing = marked[at + len(self.SENTINEL) :]
+        tail = tokenizer.decode(history[-8:], skip_special_tokens=False)
+        covered = next((k for k in range(len(closing), 0, -1) if tail.endswith(closing[:k])), 0)
+        text = closing[covered:] + after[len(before) :]
+        return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+
+def _as_text(message: dict) -> dict:
+    """A message as a template without tool support can render it: calls and results as Hermes text."""
+    role = message.get("role")
+    if role == "assistant" and message.get("tool_calls"):
+        calls = "".join(
+            "<tool_call>\n"
+            + json.dumps({"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])})
+            + "\n</tool_call>"
+            for c in message["tool_calls"]
+        )
+        content = message.get("content") or ""
+        return {"role": "assistant", "content": f"{content}{calls}" if content else calls}
+    if role == "tool":
+        return {"role": "tool", "content": f"<tool_response>\n{message.get('content', '')}\n</tool_response>"}
+    return message

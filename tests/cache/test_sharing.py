@@ -166,7 +166,7 @@ def test_complete_reuses_a_conversations_history_and_keeps_no_conversation(model
 
 
 def test_complete_with_chat_messages_matches_the_oracle_and_reuses_a_text_conversation():
-    from tests.engine.test_text_mode import _hf_reply, tokenizer
+    from tests.engine.test_text_mode import _hf_reply, _render, tokenizer
 
     tok = tokenizer.__wrapped__()
     model = tiny_model("llama", seed=5, vocab=len(tok))
@@ -180,14 +180,14 @@ def test_complete_with_chat_messages_matches_the_oracle_and_reuses_a_text_conver
             {"role": "user", "content": "And dogs?"},
         ]
         reply = gen.complete(messages, sp)
-        assert reply.token_ids == _hf_reply(oracle, tok, messages, 5)
+        assert reply.token_ids == _hf_reply(oracle, _render(tok, messages), 5)
         assert reply.num_reused_shared > 0
-        with pytest.raises(ValueError, match="'role' and 'content'"):
+        with pytest.raises(ValueError, match="a str 'content'"):
             gen.complete([{"role": "user"}], sp)
 
 
 def test_a_template_rewrite_inside_a_shared_block_gives_the_rewriter_a_private_copy():
-    from tests.engine.test_text_mode import REWRITING_TEMPLATE, _hf_reply, tokenizer
+    from tests.engine.test_text_mode import REWRITING_TEMPLATE, _hf_reply, _render, tokenizer
 
     tok = copy.deepcopy(tokenizer.__wrapped__())
     tok.chat_template = REWRITING_TEMPLATE
@@ -206,13 +206,13 @@ def test_a_template_rewrite_inside_a_shared_block_gives_the_rewriter_a_private_c
         messages = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": texts["x"]}]
         messages.append({"role": "user", "content": "And more?"})
         reply = gen.generate("x", "And more?", sp)  # the header's turn count changes: rewritten inside block 2
-        assert reply.token_ids == _hf_reply(oracle, tok, messages, 4)
+        assert reply.token_ids == _hf_reply(oracle, _render(tok, messages), 4)
         assert [c.block for c in kv.conversations["y"].chunks] == y_blocks  # y untouched
         assert all(c.tier == Tier.DEVICE for c in kv.conversations["y"].chunks)
         messages_y = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": texts["y"]}]
         messages_y.append({"role": "user", "content": "Something else"})
         reply_y = gen.generate("y", "Something else", sp)
-        assert reply_y.token_ids == _hf_reply(oracle, tok, messages_y, 4)
+        assert reply_y.token_ids == _hf_reply(oracle, _render(tok, messages_y), 4)
         kv.check_integrity()
 
 

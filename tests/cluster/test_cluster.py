@@ -147,7 +147,7 @@ def test_bad_input_gets_the_single_instance_errors_and_changes_nothing(mixed):
         (lambda: cluster.generate(7, _msg(2)), "conv_id must be a non-empty str"),
         (lambda: cluster.generate("bad", "a str in raw mode"), "raw token mode"),
         (lambda: cluster.generate("bad", [10**6]), r"token ids must be ints in \[0, "),
-        (lambda: cluster.generate("bad", []), "non-empty str or list of token ids"),
+        (lambda: cluster.generate("bad", []), "non-empty str, chat message\\(s\\) or list of token ids"),
         (lambda: cluster.generate("bad", _msg(2), {"max_new_tokens": 3}), "sampling must be a SamplingParams"),
         (lambda: cluster.generate_batch({"bad": _msg(2), "new": [10**6]}), "token ids must be ints"),
         (lambda: cluster.generate("huge", _msg(3, 200), SamplingParams(max_new_tokens=400)), "positions"),

@@ -30,7 +30,7 @@ def resolved(**kw) -> ResolvedSampling:
 def fake_turn(history: list[int], reply: list[int], params: ResolvedSampling):
     """What the sampler reads of a turn, with its statistics built as the engine builds them: the conversation
     when the turn first samples, then each reply token as it is sampled."""
-    turn = SimpleNamespace(sampling=params, conv=SimpleNamespace(tokens=list(history)), penalties=None)
+    turn = SimpleNamespace(sampling=params, conv=SimpleNamespace(tokens=list(history)), penalties=None, grammar=None)
     turn.penalties = sampler.Penalties(turn.conv.tokens, V, torch.device("cpu"))
     for token in reply:
         turn.penalties.add(token)

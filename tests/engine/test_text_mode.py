@@ -32,20 +32,24 @@ def _render(tokenizer, messages):
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
 
 
-def _hf_reply(oracle, tokenizer, messages, max_new_tokens):
-    ids = torch.tensor([_render(tokenizer, messages)])
+def _hf_reply(oracle, ids: list[int], max_new_tokens):
+    ids = torch.tensor([ids])
     with torch.no_grad():
         out = oracle.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, ids.shape[1] :].tolist()
 
 
+def _tokens(gen, conv_id="c") -> list[int]:
+    return gen.call(lambda: list(gen.engine.kv.conversations[conv_id].tokens))
+
+
 def _chat(gen, oracle, tokenizer, turns, sp):
-    messages, replies = [], []
+    """Each turn against HF generate over the conversation's whole token sequence as pensieve holds it."""
+    replies = []
     for text in turns:
         reply = gen.generate("c", text, sp)
-        messages.append({"role": "user", "content": text})
-        assert reply.token_ids == _hf_reply(oracle, tokenizer, messages, sp.max_new_tokens), text
-        messages.append({"role": "assistant", "content": reply.text})
+        prompt = _tokens(gen)[: -len(reply.token_ids)]
+        assert reply.token_ids == _hf_reply(oracle, prompt, sp.max_new_tokens), text
         replies.append(reply)
     return replies
 
@@ -53,29 +57,31 @@ def _chat(gen, oracle, tokenizer, turns, sp):
 USER_TURNS = ["Hello there", "Tell me about cats", "And dogs?", "Thanks!"]
 
 
-def test_append_only_template_reuses_all_history(tokenizer):
+def test_append_only_template_keeps_the_sampled_tokens_and_all_their_kv(tokenizer):
+    """A random model's reply rarely survives decode -> re-encode, so rendering the whole conversation again would
+    cut the KV inside it. pensieve appends only the new message and the generation prompt to the tokens it sampled:
+    all history KV is reused, and the history is exactly the earlier prompt + reply tokens."""
     model = tiny_model("llama", vocab=len(tokenizer))
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     oracle = oracle_copy(model)
     sp = SamplingParams(max_new_tokens=6, temperature=0)
-    with StatefulGenerator(model, tokenizer, CacheConfig(block_size=8, num_device_blocks=64)) as gen:
-        replies = _chat(gen, oracle, tokenizer, USER_TURNS, sp)
     messages: list[dict] = []
     stored: list[int] = []
-    prompt_len = 0
-    for text, reply in zip(USER_TURNS, replies, strict=True):
-        messages.append({"role": "user", "content": text})
-        rendered = _render(tokenizer, messages)
-        if stored:
-            shared = _common_prefix(stored, rendered)
-            # A random model's reply may not survive decode -> re-encode: KV is reused exactly up to the first
-            # differing token, and the whole previous prompt is always shared (the template is append-only).
-            assert reply.num_reused_device == min(shared, len(stored) - 1)
-            assert shared >= prompt_len
-            assert reply.num_recomputed == len(stored) - 1 - reply.num_reused_device
-        prompt_len = len(rendered)
-        stored = rendered + reply.token_ids
-        messages.append({"role": "assistant", "content": reply.text})
+    rewritten = 0
+    with StatefulGenerator(model, tokenizer, CacheConfig(block_size=8, num_device_blocks=64)) as gen:
+        for text in USER_TURNS:
+            reply = gen.generate("c", text, sp)
+            tokens = _tokens(gen)
+            assert tokens[: len(stored)] == stored  # the sampled reply tokens stay as they were
+            assert reply.token_ids == _hf_reply(oracle, tokens[: -len(reply.token_ids)], sp.max_new_tokens)
+            if stored:
+                assert reply.num_recomputed == 0 and reply.num_reused_device == len(stored) - 1
+                assert reply.num_prefilled == reply.num_new_tokens + 1
+            messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
+            rendered = list(tokenizer.apply_chat_template(messages, return_dict=False))
+            rewritten += _common_prefix(rendered, tokens) < len(tokens) - 1
+            stored = tokens
+    assert rewritten > 0  # a whole re-render would have cut the KV somewhere here (the case this covers)
 
 
 def _common_prefix(a, b):

@@ -58,6 +58,7 @@ class _Turn:
         self.sampling = ResolvedSampling(max_new_tokens=8, temperature=temperature, top_k=top_k, top_p=1.0, seed=seed,
                                          stop_token_ids=frozenset(), stop=())  # fmt: skip
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.grammar = None
 
 
 def sample(logits, turns) -> list[int]:

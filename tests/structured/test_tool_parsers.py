@@ -86,6 +86,13 @@ def test_hermes(source, output, content, expected):
     assert calls(parsed) == expected, source
 
 
+def test_hermes_keeps_the_calls_before_one_cut_off():
+    output = '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "b", "argu'
+    assert calls(parse_hermes(output)) == [("a", {})]
+    closed_bad = '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call><tool_call>{"name": b}</tool_call>'
+    assert parse_hermes(closed_bad).tool_calls == () and parse_hermes(closed_bad).content == closed_bad
+
+
 def test_hermes_invalid_json_is_all_content():  # VLLM_HERMES: "tools_called" is False, the text comes back
     output = '<tool_call>\n{"name": "final_answer", "arguments": {"trigger": true}'
     assert parse_hermes(output).tool_calls == () and parse_hermes(output).content == output

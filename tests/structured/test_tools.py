@@ -1,0 +1,226 @@
+"""Tools in text mode: tools rendered through the chat template (or the generic fallback in the system prompt),
+calls forced by a grammar and parsed back, the raw call text never streamed, and a tool result that continues the
+conversation appended to the sampled tokens (the call is not re-rendered), checked against HF generate over the
+same tokens (float64 tiny models over SmolLM2's tokenizer).
+"""
+
+import copy
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+import transformers as tf
+
+from pensieve import CacheConfig, SamplingParams, StatefulGenerator
+from pensieve.engine.detokenizer import TextStream
+from pensieve.models.smollm2 import GGUF_NAME, smollm2_path
+from pensieve.structured.grammar import tool_call_grammar
+from pensieve.structured.tools import ChatFormat, ToolUse
+from tests.structured.grammar_oracle import hf_constrained
+from tests.tiny import oracle_copy, tiny_model
+
+pytest.importorskip("xgrammar")
+
+TEMPLATE = (Path(__file__).parents[1] / "fixtures" / "hermes_tools.jinja").read_text()
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"utc": {"type": "boolean"}}, "required": ["utc"]},
+    },
+}
+TOOLS = [WEATHER, CLOCK]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    return tf.AutoTokenizer.from_pretrained(smollm2_path(), gguf_file=GGUF_NAME)
+
+
+@pytest.fixture(scope="module")
+def hermes_tokenizer(smol_tokenizer):
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def model(smol_tokenizer):
+    model = tiny_model("llama", vocab=len(smol_tokenizer), seed=7)
+    model.generation_config.eos_token_id = smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return model
+
+
+def hf_reply(oracle, ids: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = oracle.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
+def tokens_of(gen, conv_id) -> list[int]:
+    return gen.call(lambda: list(gen.engine.kv.conversations[conv_id].tokens))
+
+
+def valid(call) -> dict:
+    args = json.loads(call.arguments)
+    jsonschema.validate(args, SCHEMAS[call.name])
+    return args
+
+
+def test_formats_of_the_templates(smol_tokenizer, hermes_tokenizer):
+    assert (ChatFormat(smol_tokenizer).format, ChatFormat(smol_tokenizer).renders_tools) == ("hermes", False)
+    assert (ChatFormat(hermes_tokenizer).format, ChatFormat(hermes_tokenizer).renders_tools) == ("hermes", True)
+
+
+@pytest.mark.parametrize("template", ["hermes", "generic"])
+def test_forced_calls_parse_validate_and_the_tool_result_keeps_the_kv(
+    model, smol_tokenizer, hermes_tokenizer, template
+):
+    tokenizer = hermes_tokenizer if template == "hermes" else smol_tokenizer
+    oracle = oracle_copy(model)
+    sp = SamplingParams(max_new_tokens=80, temperature=0)
+    with StatefulGenerator(model, tokenizer, CacheConfig(block_size=8, num_device_blocks=256)) as gen:
+        reply = gen.generate(
+            "a", "Weather in Paris?", sp, tools=TOOLS, tool_choice="required", parallel_tool_calls=False
+        )
+        assert reply.finish_reason == "stop" and reply.text == "" and len(reply.tool_calls) == 1
+        for call in reply.tool_calls:
+            valid(call)
+        history = tokens_of(gen, "a")
+        grammar = tool_call_grammar(TOOLS, ["get_weather", "get_time"], False, "hermes")
+        assert reply.token_ids == hf_constrained(oracle, tokenizer, history[: -len(reply.token_ids)], grammar, 80)
+        rendered = smol_tokenizer.decode(history)
+        if template == "generic":  # the tools are described in the system prompt
+            assert "<tools>" in rendered and '"get_weather"' in rendered
+        # the tool result: only it and the generation prompt are prefilled, the sampled call is kept as sampled
+        results = [{"role": "tool", "tool_call_id": c.id, "content": '{"temp": 18}'} for c in reply.tool_calls]
+        more = gen.generate("a", results, sp, tools=TOOLS)
+        after = tokens_of(gen, "a")
+        assert after[: len(history)] == history
+        assert more.num_recomputed == 0 and more.num_reused_device == len(history) - 1
+        assert more.num_prefilled == more.num_new_tokens + 1
+        assert more.token_ids == hf_reply(oracle, after[: -len(more.token_ids)], 80)
+        # the record holds the call as OpenAI's message shape
+        messages = gen.call(lambda: gen.engine.kv.conversations["a"].messages)
+        assert messages[1]["tool_calls"][0]["function"]["name"] == reply.tool_calls[0].name
+        assert [m["role"] for m in messages] == ["user", "assistant", *["tool"] * len(results), "assistant"]
+        gen.check_integrity()
+    if template == "hermes":  # the case this covers: re-rendering the call would have changed its tokens
+        rerender = hermes_tokenizer.apply_chat_template(messages[:2], tools=TOOLS, return_dict=False)
+        assert list(rerender) != history[: len(rerender)]
+
+
+def test_a_named_tool_and_no_parallel_calls(model, hermes_tokenizer):
+    sp = SamplingParams(max_new_tokens=60, temperature=1.0, seed=4)
+    named = {"type": "function", "function": {"name": "get_time"}}
+    with StatefulGenerator(model, hermes_tokenizer, CacheConfig(block_size=8, num_device_blocks=256)) as gen:
+        for i in range(3):
+            reply = gen.generate(f"n{i}", "What time is it?", sp, tools=TOOLS, tool_choice=named)
+            assert [c.name for c in reply.tool_calls] == ["get_time"]
+            valid(reply.tool_calls[0])
+        one = gen.generate("p", "Both?", sp, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+        assert len(one.tool_calls) == 1
+        budget = SamplingParams(max_new_tokens=300, temperature=1.0, seed=2)
+        several = [gen.generate(f"m{i}", "Both?", budget, tools=TOOLS, tool_choice="required") for i in range(4)]
+        assert all(r.finish_reason == "stop" and r.tool_calls for r in several)
+        assert max(len(r.tool_calls) for r in several) > 1  # parallel calls: one reply, several calls
+        for call in [c for r in several for c in r.tool_calls]:
+            valid(call)
+        gen.check_integrity()
+
+
+def test_a_calls_text_is_never_streamed(model, hermes_tokenizer):
+    with StatefulGenerator(model, hermes_tokenizer, CacheConfig(block_size=8, num_device_blocks=256)) as gen:
+        for name, budget in (("s", 60), ("cut", 30)):  # complete, and cut off in a later parallel call
+            stream = gen.stream(
+                name,
+                "Weather?",
+                SamplingParams(max_new_tokens=budget, temperature=0),
+                tools=TOOLS,
+                tool_choice="required",
+            )
+            pieces = list(stream)
+            assert pieces == [] and stream.reply.text == "", pieces
+        assert stream.reply.finish_reason == "length"
+
+
+def test_the_hold_back_shows_content_and_keeps_calls(smol_tokenizer):
+    """Token by token through the detokenizer: content before a call streams, the call's text is held and parsed
+    (also when it does not parse: it is never shown)."""
+    fmt = ChatFormat(smol_tokenizer)
+    for text, shown, calls in [
+        (
+            'Let me check.<tool_call>\n{"name": "get_time", "arguments": {"utc": true}}\n</tool_call>',
+            "Let me check.",
+            1,
+        ),
+        ("No call here, <tool but text.", "No call here, <tool but text.", 0),
+        ('Oops <tool_call>{"name": broken}</tool_call>', "Oops ", 0),  # not a call, but never shown either
+    ]:
+        hold = fmt.hold_back()
+        stream = TextStream(smol_tokenizer, [hold])
+        pieces = [stream.add(t) for t in smol_tokenizer.encode(text, add_special_tokens=False)]
+        pieces.append(stream.finish())
+        assert "".join(pieces) == stream.reply_text == shown
+        assert len(hold.parsed.tool_calls) == calls
+        assert all("<tool_call>" not in p for p in pieces) or not calls
+
+
+def test_tool_choice_none_renders_tools_and_parses_nothing(model, hermes_tokenizer):
+    with StatefulGenerator(model, hermes_tokenizer, CacheConfig(block_size=8, num_device_blocks=256)) as gen:
+        reply = gen.generate("x", "hi", SamplingParams(max_new_tokens=5), tools=TOOLS, tool_choice="none")
+        assert reply.tool_calls == ()
+        assert "<tools>" in hermes_tokenizer.decode(tokens_of(gen, "x"))
+
+
+def test_completions_take_tools_too(model, hermes_tokenizer):
+    with StatefulGenerator(model, hermes_tokenizer, CacheConfig(block_size=8, num_device_blocks=256)) as gen:
+        reply = gen.complete([{"role": "user", "content": "Weather?"}], SamplingParams(max_new_tokens=60),
+                             tools=TOOLS, tool_choice="required")  # fmt: skip
+        assert reply.tool_calls and valid(reply.tool_calls[0]) is not None
+        assert gen.conversations() == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tools": [{"type": "function"}]}, "tools must be a list"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice must be one of"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "names no tool"),
+        ({"tools": [WEATHER, WEATHER]}, "unique"),
+        ({"tool_choice": "required"}, "needs tools"),
+        ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls must be a bool"),
+    ],
+)
+def test_bad_tools_are_named_and_change_nothing(model, hermes_tokenizer, kwargs, message):
+    with StatefulGenerator(model, hermes_tokenizer, CacheConfig(block_size=8, num_device_blocks=64)) as gen:
+        gen.generate("c", "hi", SamplingParams(max_new_tokens=2))
+        before = tokens_of(gen, "c")
+        with pytest.raises(ValueError, match=message):
+            gen.generate("c", "again", SamplingParams(max_new_tokens=2), **kwargs)
+        with pytest.raises(ValueError, match="role of"):
+            gen.generate("c", {"role": "tool", "content": 3})
+        assert tokens_of(gen, "c") == before
+        with pytest.raises(ValueError, match="tools need text mode"):
+            gen.generate("raw", [1, 2, 3], tools=TOOLS)
+        gen.check_integrity()
+    assert ToolUse(tuple(TOOLS)).forced is None and ToolUse(tuple(TOOLS), "required").forced == [
+        "get_weather",
+        "get_time",
+    ]
