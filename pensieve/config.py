@@ -86,7 +86,7 @@ class StructuredOutput:
     json: a JSON schema (a dict or its JSON text); json_object: any JSON object (OpenAI's "json_object"); regex: a
     regular expression; grammar: an EBNF grammar (xgrammar's dialect, GBNF-like, rule `root`); choice: exactly one
     of these strings. A reply that reaches max_new_tokens first ends with finish_reason "length": its text is not
-    complete."""
+    complete. Stop strings and stop token ids do not end a constrained reply: it ends when complete ("stop")."""
 
     json: Mapping | str | None = None
     json_object: bool = False

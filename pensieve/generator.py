@@ -21,6 +21,7 @@ from concurrent.futures import Future
 
 from pensieve.api import Capabilities
 from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
+from pensieve.engine.admission import candidate_ids
 from pensieve.engine.engine import Engine
 from pensieve.engine.turn import Delta, Reply, next_piece
 from pensieve.models.attention import ATTN_IMPLEMENTATION, register
@@ -352,6 +353,12 @@ class StatefulGenerator:
         conv_ids = [conv_id for conv_id, _ in items]
         if len(set(conv_ids)) != len(conv_ids):
             raise ValueError("two messages for the same conversation in one call")
+        n = sampling.n if isinstance(sampling, SamplingParams) else 1
+        forks = {fork for conv_id in conv_ids if isinstance(conv_id, str) for fork in candidate_ids(conv_id, n)}
+        if forks & set(conv_ids):
+            raise ValueError(
+                f"n={n} forks a conversation into {sorted(forks & set(conv_ids))[0]!r}, which this call also runs"
+            )
         admissions = [self._engine.admission.prepare(conv_id, msg, sampling, tools) for conv_id, msg in items]
         return [self._engine.admit(adm, on_token).future for adm in admissions]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import threading
 from dataclasses import dataclass
 
@@ -251,9 +252,22 @@ def check_messages(messages) -> list[dict]:
         ok = isinstance(m, dict) and m.get("role") in ROLES
         ok = ok and (isinstance(m.get("content"), str) or (m.get("role") == "assistant" and m.get("tool_calls")))
         ok = ok and (m.get("role") != "tool" or isinstance(m.get("tool_call_id", ""), str))
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        ok = ok and (calls is None or (isinstance(calls, list) and all(_is_call(c) for c in calls)))
         if not ok:
             raise ValueError(f"each chat message needs a role of {ROLES} and a str 'content', got {m!r:.80}")
     return [dict(m) for m in messages]
+
+
+def _is_call(call) -> bool:
+    """An assistant message's tool call in OpenAI's shape (arguments: JSON text of an object)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        return False
+    try:
+        return isinstance(json.loads(function.get("arguments")), dict)
+    except (TypeError, ValueError):
+        return False
 
 
 def render_turn(

@@ -81,6 +81,8 @@ class TextStream:
             start = len(self.text)
             self.text += self._decoder.flush()
             return self._release(start, final=True)
+        for hold_back in self.hold_backs:  # the final scans still run over the reply's text (a tool call's parse)
+            hold_back.scan(self.text[: self.end], len(self.text[: self.end]), True)
         return ""
 
     def _release(self, start: int, final: bool) -> str:

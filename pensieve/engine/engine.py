@@ -92,10 +92,12 @@ class Engine:
         prev = self.kv.conversations.get(adm.conv_id) if adm.stored else None
         before = None if prev is None else (prev.tokens, prev.messages, prev.num_computed)  # begin_turn replaces them
         conv = self.kv.begin_turn(adm.conv_id, adm.tokens, adm.common_prefix, adm.messages, adm.stored)
-        hold_backs = _hold_backs(adm.params)
+        # a constrained reply ends only complete: stop strings do not cut it (output.OutputProcessor._finish_reason)
+        hold_backs = _hold_backs(adm.params) if adm.params.grammar is None else []
         tool_text = None
         if adm.tools is not None and adm.tools.parses and self.tokenizer is not None:
-            tool_text = ChatFormat.of(self.tokenizer).hold_back()  # a call's text is never streamed
+            forced = adm.tools.forced is not None
+            tool_text = ChatFormat.of(self.tokenizer).hold_back(forced)  # a call's text is never streamed
             hold_backs.append(tool_text)
         turn = Turn(
             conv=conv,
@@ -140,10 +142,11 @@ class Engine:
                 conv_id,
                 fork.tokens,
                 fork.messages,
-                dataclasses.replace(params, seed=seed),
+                dataclasses.replace(params, seed=seed, n=1),
                 history_len=len(conv.tokens),
                 common_prefix=len(conv.tokens) - 1,  # the last position is computed again: the fork samples from it
                 stored=conv.stored,
+                tools=first.tools,
             )
             turn = self.admit(adm, first.on_token)
             turn.num_new_tokens, turn.history_kv = first.num_new_tokens, first.history_kv
@@ -267,12 +270,14 @@ class Engine:
                 self.scheduler.remove(member)
             conv = member.conv
             if member.before is None:  # a completion, a conversation this turn started, or a candidate's fork
-                self.kv.remove(conv.conv_id)
+                self.kv.remove(conv.conv_id, forget=member.index > 0 and conv.stored)  # a fork's record goes too
             else:
                 tokens, messages, computed = member.before
                 self.kv.rewind(conv, tokens, messages, min(member.history_kept, computed))
         self._release(turn)
-        turn.future.set_exception(TurnAborted(f"the turn on {turn.conv.conv_id!s} was aborted"))
+        first = turn.group.turns[0] if turn.group is not None else turn
+        future = turn.group.future if turn.group is not None else turn.future
+        future.set_exception(TurnAborted(f"the turn on {first.conv.conv_id!s} was aborted"))
         return True
 
     def fail_all(self, error: BaseException) -> None:
@@ -281,7 +286,9 @@ class Engine:
             for member in _members(turn):
                 if member in self.scheduler.active:
                     self.scheduler.remove(member)
-                if member.conv.pinned:
+                if member.index > 0:  # a candidate's fork goes, its record too
+                    self.kv.remove(member.conv.conv_id, forget=member.conv.stored)
+                elif member.conv.pinned:
                     self.kv.abort_turn(member.conv)
             self._release(turn)
             future = turn.future if turn.group is None else turn.group.future

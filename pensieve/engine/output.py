@@ -66,9 +66,10 @@ class OutputProcessor:
             self.finish(turn, reason)
 
     def _finish_reason(self, turn: Turn, token: int) -> str | None:
-        if token in turn.sampling.stop_token_ids or (turn.text is not None and turn.text.stopped):
-            return "stop"
-        if turn.grammar is not None and turn.grammar.terminated:  # complete (e.g. with ignore_eos: no stop id)
+        if turn.grammar is not None:  # a constrained reply ends only complete (or cut off: "length")
+            if turn.grammar.terminated:
+                return "stop"
+        elif token in turn.sampling.stop_token_ids or (turn.text is not None and turn.text.stopped):
             return "stop"
         if len(turn.output) >= turn.sampling.max_new_tokens or len(turn.conv.tokens) >= self.max_positions:
             return "length"

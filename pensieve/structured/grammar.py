@@ -67,6 +67,8 @@ class Grammars:
                 return self.compiler.compile_grammar(spec.grammar)
             return self.compiler.compile_grammar(choice_grammar(spec.choice))
         except (RuntimeError, ValueError, TypeError) as error:
+            if isinstance(spec, xg.Grammar):
+                raise ValueError(f"the forced tool-call grammar does not compile: {_first_line(error)}") from None
             what = "json" if spec.json is not None or spec.json_object else _field(spec)
             raise ValueError(f"structured_output.{what} does not compile: {_first_line(error)}") from None
 
@@ -137,7 +139,7 @@ class GrammarState:
 
 def choice_grammar(choices: Sequence[str]) -> str:
     """EBNF for exactly one of `choices`."""
-    return "root ::= " + " | ".join(json.dumps(c) for c in choices)
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
 def tool_call_grammar(tools: Sequence[Mapping], names: Sequence[str] | None, parallel: bool, tool_format: str):
@@ -146,7 +148,10 @@ def tool_call_grammar(tools: Sequence[Mapping], names: Sequence[str] | None, par
     if tool_format != "hermes":
         raise ValueError(f"forced tool calls are built for the hermes format; this model's is {tool_format!r}")
     schemas = [call_schema(t) for t in tools if names is None or t["function"]["name"] in names]
-    body = xg.Grammar.union(*[xg.Grammar.from_json_schema(json.dumps(s), **JSON_FORMAT) for s in schemas])
+    try:
+        body = xg.Grammar.union(*[xg.Grammar.from_json_schema(json.dumps(s), **JSON_FORMAT) for s in schemas])
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise ValueError(f"a tool's parameters are not a JSON schema xgrammar takes: {_first_line(error)}") from None
     call = xg.Grammar.concat(xg.Grammar.from_ebnf('root ::= "<tool_call>\\n"'), body, _literal("\n</tool_call>"))
     if not parallel:
         return call

@@ -243,7 +243,8 @@ class ToolUse:
             raise ValueError(f"parallel_tool_calls must be a bool, got {self.parallel!r}")
         choice = self.choice
         if isinstance(choice, dict):
-            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            function = choice.get("function") if choice.get("type") == "function" else None
+            name = function.get("name") if isinstance(function, dict) else None
             if not isinstance(name, str) or name not in names:
                 raise ValueError(f"tool_choice names no tool of this request: {choice!r:.120} (tools: {names})")
         elif choice not in TOOL_CHOICES:
@@ -291,22 +292,24 @@ MARKERS = {"hermes": ("<tool_call>",), "llama3_json": ("<|python_tag|>",), "mist
 
 class ToolCallText:
     """A hold-back (pensieve/engine/detokenizer.py) that never streams the raw text of a call: from the first call
-    marker on, everything is held, and at the end the reply is parsed (`parsed`). The reply's text is what comes
-    before the marker, also when the call does not parse (cut off by max_new_tokens, or not JSON: the reply then
-    has no tool calls; the parsers themselves return such text as content, as vLLM's do). A Llama 3 reply that
-    opens with "{" is held from there."""
+    marker on, everything is held, and at the end the reply is parsed (`parsed`): with calls, the reply's text is
+    what came before the first; with none, the held text is released (it was content: vLLM's rule), except in a
+    forced turn, whose grammar allows only calls (a call cut off by max_new_tokens stays held; the reply says
+    "length"). A Llama 3 reply that opens with "{" is held from there."""
 
-    def __init__(self, tool_format: str, parse: Callable[[str], Parsed]) -> None:
+    def __init__(self, tool_format: str, parse: Callable[[str], Parsed], forced: bool = False) -> None:
         self.markers = MARKERS[tool_format]
         self.json_start = tool_format == "llama3_json"
         self.parse = parse
+        self.forced = forced  # the grammar allows only calls: never text
         self.parsed: Parsed | None = None
 
     def scan(self, text: str, start: int, final: bool) -> tuple[int, int | None]:
         begin = self._begin(text)
         if final:
             self.parsed = self.parse(text)
-            return (len(text) - begin if begin is not None else 0), None
+            keep = begin is not None and (bool(self.parsed.tool_calls) or self.forced)
+            return (len(text) - begin if keep else 0), None
         if begin is not None:
             return len(text) - begin, None
         return max(_partial_at_end(text, m) for m in self.markers), None
@@ -361,8 +364,8 @@ class ChatFormat:
         parsed = FORMATS[self.format](text)
         return Parsed(parsed.content, parsed.tool_calls, reasoning)
 
-    def hold_back(self) -> ToolCallText:
-        return ToolCallText(self.format, self.parse)
+    def hold_back(self, forced: bool = False) -> ToolCallText:
+        return ToolCallText(self.format, self.parse, forced)
 
     def template_input(self, messages: list[dict], tools: ToolUse | None) -> tuple[list[dict], dict]:
         """-> (messages, extra apply_chat_template kwargs) for this template."""

@@ -114,3 +114,30 @@ def test_taken_candidate_ids_and_bad_n_are_refused_before_anything_changes(model
         small = StatefulGenerator(tiny_model("llama"), cache_config=CacheConfig(block_size=4, num_device_blocks=8))
         with small, pytest.raises(ValueError, match="and 3 more candidates"):
             small.generate("y", [1, 2, 3], SamplingParams(max_new_tokens=8, n=4))
+
+
+def test_abort_after_candidate_0_finished_and_forks_continue_with_their_own_candidates(model, tmp_path):
+    """Candidate 0 finishes a step before its forks (they sample their first token one step later): an abort then
+    still reaches the caller, and takes the forks' records off the disk too. A fork continues with n > 1 itself."""
+    cache = CacheConfig(block_size=4, num_device_blocks=128, disk_dir=tmp_path)
+    with StatefulGenerator(model, cache_config=cache) as gen:
+        future = gen.submit("a", [1, 2, 3, 4, 5], SamplingParams(max_new_tokens=4, ignore_eos=True, n=3))
+
+        def until_first_finished():
+            while not gen.engine.scheduler.active or gen.engine.scheduler.active[0].conv.conv_id == "a":
+                gen.engine.step()
+
+        gen.call(until_first_finished)
+        assert not future.done()
+        assert gen.abort(future)
+        with pytest.raises(TurnAborted):
+            future.result()
+        assert gen.conversations() == []
+        gen.check_integrity()
+        reply = gen.generate("a", [1, 2, 3], SamplingParams(max_new_tokens=3, ignore_eos=True, n=2))
+        again = gen.generate("a/1", [4], SamplingParams(max_new_tokens=3, ignore_eos=True, n=2))
+        assert [r.conv_id for r in again.candidates] == ["a/1/1"] and reply.candidates[0].conv_id == "a/1"
+        with pytest.raises(ValueError, match="which this call also runs"):
+            gen.generate_batch({"b": [1], "b/1": [2]}, SamplingParams(max_new_tokens=2, n=2))
+        assert "b" not in gen.conversations()
+        gen.check_integrity()

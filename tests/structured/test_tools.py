@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers as tf
 
-from pensieve import CacheConfig, SamplingParams, StatefulGenerator
+from pensieve import CacheConfig, SamplingParams, StatefulGenerator, StructuredOutput
 from pensieve.engine.detokenizer import TextStream
 from pensieve.models.smollm2 import GGUF_NAME, smollm2_path
 from pensieve.structured.grammar import tool_call_grammar
@@ -161,8 +161,8 @@ def test_a_calls_text_is_never_streamed(model, hermes_tokenizer):
 
 
 def test_the_hold_back_shows_content_and_keeps_calls(smol_tokenizer):
-    """Token by token through the detokenizer: content before a call streams, the call's text is held and parsed
-    (also when it does not parse: it is never shown)."""
+    """Token by token through the detokenizer: content before a call streams, the call's text is held and parsed;
+    text that only looked like a call (invalid JSON) is released at the end as content (vLLM's rule)."""
     fmt = ChatFormat(smol_tokenizer)
     for text, shown, calls in [
         (
@@ -171,7 +171,7 @@ def test_the_hold_back_shows_content_and_keeps_calls(smol_tokenizer):
             1,
         ),
         ("No call here, <tool but text.", "No call here, <tool but text.", 0),
-        ('Oops <tool_call>{"name": broken}</tool_call>', "Oops ", 0),  # not a call, but never shown either
+        ('Oops <tool_call>{"name": broken}</tool_call>', 'Oops <tool_call>{"name": broken}</tool_call>', 0),
     ]:
         hold = fmt.hold_back()
         stream = TextStream(smol_tokenizer, [hold])
@@ -224,3 +224,25 @@ def test_bad_tools_are_named_and_change_nothing(model, hermes_tokenizer, kwargs,
         "get_weather",
         "get_time",
     ]
+
+
+def test_candidates_carry_their_own_calls_and_bad_grammars_are_value_errors(model, hermes_tokenizer):
+    sp = SamplingParams(max_new_tokens=60, temperature=1.0, seed=1, n=3)
+    with StatefulGenerator(model, hermes_tokenizer, CacheConfig(block_size=8, num_device_blocks=256)) as gen:
+        reply = gen.generate("c", "Weather?", sp, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+        for r in (reply, *reply.candidates):
+            assert r.text == "" and len(r.tool_calls) == 1
+            valid(r.tool_calls[0])
+        bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}
+        with pytest.raises(ValueError, match="not a JSON schema"):
+            gen.generate("d", "x", SamplingParams(max_new_tokens=4), tools=[bad], tool_choice="required")
+        with pytest.raises(ValueError, match="names no tool"):
+            gen.generate("d", "x", tools=TOOLS, tool_choice={"type": "function", "function": "get_time"})
+        call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}
+        with pytest.raises(ValueError, match="role of"):
+            gen.generate("d", [call, {"role": "tool", "content": "1"}], tools=TOOLS)
+        emoji = gen.generate(
+            "e", "Mood?", SamplingParams(max_new_tokens=8, structured_output=StructuredOutput(choice=["😀", "é"]))
+        )
+        assert emoji.text in ("😀", "é") and emoji.finish_reason == "stop"
+        gen.check_integrity()
