@@ -93,3 +93,14 @@ def oracle_turn(gen, oracle, histories: dict, conv_id: str, msg: list[int], samp
     assert reply.token_ids == hf_greedy(oracle, history, sampling.max_new_tokens), conv_id
     histories[conv_id] = history + reply.token_ids
     return reply
+
+
+def drive(gen, future):
+    """Step the engine until a submitted turn is done (as a command, on the thread that drives)."""
+
+    def run():
+        while not future.done():
+            gen.engine.step()
+
+    gen.call(run)
+    return future.result()

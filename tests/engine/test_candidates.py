@@ -7,7 +7,7 @@ candidates HF generate over the full history (float64 tiny model).
 import pytest
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator, TurnAborted
-from tests.tiny import hf_greedy, tiny_model
+from tests.tiny import drive, hf_greedy, tiny_model
 
 CACHE = CacheConfig(block_size=4, num_device_blocks=128)
 
@@ -66,17 +66,6 @@ def test_candidates_stream_with_their_index_and_batch_with_other_turns(model):
         assert list(stream) == reply.token_ids  # a stream yields candidate 0's pieces
         assert [r.token_ids for r in stream.reply.candidates] == [r.token_ids for r in reply.candidates]
         gen.check_integrity()
-
-
-def drive(gen, future):
-    """Step the engine until a submitted turn is done (on the thread that drives, as a command)."""
-
-    def run():
-        while not future.done():
-            gen.engine.step()
-
-    gen.call(run)
-    return future.result()
 
 
 def test_abort_removes_every_candidate_and_restores_the_conversation(model):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator, StructuredOutput
 from pensieve.models.smollm2 import GGUF_NAME, smollm2_path
 from tests.structured.grammar_oracle import hf_constrained
-from tests.tiny import oracle_copy, tiny_model
+from tests.tiny import drive, oracle_copy, tiny_model
 
 xg = pytest.importorskip("xgrammar")
 
@@ -57,17 +57,6 @@ PERSON = {
     "additionalProperties": False,
 }
 BUDGET = SamplingParams(max_new_tokens=120, temperature=0)
-
-
-def drive(gen, future):
-    """Step the engine until a submitted turn is done (as a command, on the thread that drives)."""
-
-    def run():
-        while not future.done():
-            gen.engine.step()
-
-    gen.call(run)
-    return future.result()
 
 
 def conversation_tokens(gen, conv_id) -> list[int]:
