@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from pensieve.config import StructuredOutput
 from pensieve.models.smollm2 import load_smollm2
-from pensieve.structured.grammar import Grammars
+from pensieve.structured.grammar import Grammars, special_ids, tokenizer_info
 
 ROOT = Path(__file__).resolve().parents[1]
 NEG_INF = torch.tensor(float("-inf"))
@@ -116,38 +116,12 @@ SCHEMAS = {
 PARTS = ("fill", "apply", "accept", "apply_unpacked")
 
 
-def special_ids(tokenizer) -> list[int]:
-    return sorted(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
-
-
-def xgrammar_tokenizer_info(tokenizer, vocab: int) -> xgr.TokenizerInfo:
-    """TokenizerInfo.from_huggingface, but with SmolLM2's added special tokens as xgrammar's special tokens.
-
-    xgrammar takes a token for special only when its text is empty; from_huggingface keeps the text of
-    <|endoftext|>, <|im_start|>, <repo_name>... so its masks allow them as literal text inside JSON strings.
-    Blanked, they are masked everywhere (the stop token, <|im_end|>, stays allowed where the grammar may end)."""
-    stock = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab)
-    encoded = [""] * vocab
-    for text, i in tokenizer.get_vocab().items():
-        if i < vocab:
-            encoded[i] = text
-    for i in special_ids(tokenizer):
-        encoded[i] = ""
-    return xgr.TokenizerInfo(
-        encoded,
-        stock.vocab_type,
-        vocab_size=vocab,
-        stop_token_ids=stock.stop_token_ids,
-        add_prefix_space=stock.add_prefix_space,
-    )  # fmt: skip
-
-
 class XGrammar:
     name = "xgrammar"
 
     def __init__(self, tokenizer, vocab: int, threads: list[int], strict: bool) -> None:
         t0 = time.perf_counter()
-        self.info = xgrammar_tokenizer_info(tokenizer, vocab)
+        self.info = tokenizer_info(tokenizer, vocab, [tokenizer.eos_token_id])  # pensieve's: specials blanked
         self.setup_s = time.perf_counter() - t0
         self.compile_threads = max(threads)
         self.strict = strict
@@ -423,7 +397,7 @@ def main() -> None:
             times = run_pass(lib, fresh, docs[name], 1, 1, vocab, base)
             row["fresh_b1_us"] = times["fill"] + times["apply"] + times["accept"]
             grammars[name][lib.name] = fresh
-        checks[name] = verify(libs, grammars[name], docs[name][:-1], eos, special_ids(tokenizer), vocab)
+        checks[name] = verify(libs, grammars[name], docs[name][:-1], eos, special_ids(tokenizer, vocab), vocab)
 
     samples: dict[tuple, list[dict]] = {}
     for _ in tqdm(range(args.reps), desc="mask passes"):

@@ -242,20 +242,18 @@ def render_prompt(tokenizer, prompt, check_ids, tools: ToolUse | None = None) ->
     return ChatFormat.of(tokenizer).render(tokenizer, list(prompt), tools, add_generation_prompt=True)
 
 
-ROLES = ("system", "user", "assistant", "tool")
-
-
 def check_messages(messages) -> list[dict]:
-    """Chat messages as pensieve takes them: a str role of ROLES; str content (an assistant's may be empty when it
-    makes tool calls); a tool result's tool_call_id a str if given. ValueError names the first bad one."""
+    """Chat messages as pensieve takes them: a str role (the template decides which it knows); str content (an
+    assistant's may be missing when it makes tool calls, in OpenAI's shape); a tool result's tool_call_id a str if
+    given. ValueError names the first bad one."""
     for m in messages:
-        ok = isinstance(m, dict) and m.get("role") in ROLES
+        ok = isinstance(m, dict) and isinstance(m.get("role"), str) and bool(m["role"])
         ok = ok and (isinstance(m.get("content"), str) or (m.get("role") == "assistant" and m.get("tool_calls")))
         ok = ok and (m.get("role") != "tool" or isinstance(m.get("tool_call_id", ""), str))
         calls = m.get("tool_calls") if isinstance(m, dict) else None
         ok = ok and (calls is None or (isinstance(calls, list) and all(_is_call(c) for c in calls)))
         if not ok:
-            raise ValueError(f"each chat message needs a role of {ROLES} and a str 'content', got {m!r:.80}")
+            raise ValueError(f"each chat message needs a str 'role' and a str 'content', got {m!r:.80}")
     return [dict(m) for m in messages]
 
 

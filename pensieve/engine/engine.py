@@ -275,9 +275,8 @@ class Engine:
                 tokens, messages, computed = member.before
                 self.kv.rewind(conv, tokens, messages, min(member.history_kept, computed))
         self._release(turn)
-        first = turn.group.turns[0] if turn.group is not None else turn
-        future = turn.group.future if turn.group is not None else turn.future
-        future.set_exception(TurnAborted(f"the turn on {first.conv.conv_id!s} was aborted"))
+        first = _members(turn)[0]  # its Future is the caller's
+        first.future.set_exception(TurnAborted(f"the turn on {first.conv.conv_id!s} was aborted"))
         return True
 
     def fail_all(self, error: BaseException) -> None:
@@ -291,14 +290,14 @@ class Engine:
                 elif member.conv.pinned:
                     self.kv.abort_turn(member.conv)
             self._release(turn)
-            future = turn.future if turn.group is None else turn.group.future
+            future = _members(turn)[0].future  # the caller's
             if not future.done():
                 future.set_exception(error)
         self.kv.mover.after_forward()
 
     def _release(self, turn: Turn) -> None:
         """The ids reserved for a turn's candidates that it has not forked yet are free again."""
-        first = turn.group.turns[0] if turn.group is not None else turn
+        first = _members(turn)[0]
         if first.conv.stored and first.sampling.n > 1:
             self.admission.reserved.difference_update(candidate_ids(first.conv.conv_id, first.sampling.n))
 
@@ -352,10 +351,8 @@ COUNTERS = (
 
 
 def _targets(turn: Turn, target) -> bool:
-    """Whether abort(target) means turn: target is its Future or conversation id, or its candidates' (n > 1)."""
-    return any(t.future is target or t.conv.conv_id == target for t in _members(turn)) or (
-        turn.group is not None and turn.group.future is target
-    )
+    """Whether abort(target) means turn: target is its Future or conversation id, or one of its candidates'."""
+    return any(t.future is target or t.conv.conv_id == target for t in _members(turn))
 
 
 def _members(turn: Turn) -> list[Turn]:

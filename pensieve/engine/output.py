@@ -86,7 +86,7 @@ class OutputProcessor:
         group.finished[turn.index] = reason
         if group.done:
             first, *others = [self._close(t, group.finished[t.index]) for t in group.turns]
-            group.future.set_result(dataclasses.replace(first, candidates=tuple(others)))
+            group.turns[0].future.set_result(dataclasses.replace(first, candidates=tuple(others)))
 
     def _close(self, turn: Turn, reason: str) -> Reply:
         conv = turn.conv

@@ -121,12 +121,11 @@ _arrivals = itertools.count()
 class Candidates:
     """The n candidates of one turn (SamplingParams.n > 1): candidate 0 is the turn on the caller's conversation,
     the others run on its forks. The turn is atomic: a candidate that finishes waits (its conversation still
-    pinned, its record not yet written) until all have, then all are closed together and `future` (candidate 0's
-    Future, the caller's) gets candidate 0's Reply with the others in `Reply.candidates`."""
+    pinned, its record not yet written) until all have, then all are closed together and candidate 0's Future
+    (the caller's) gets candidate 0's Reply with the others in `Reply.candidates`."""
 
     def __init__(self, first: Turn) -> None:
         self.turns: list[Turn] = [first]
-        self.future = first.future
         self.finished: dict[int, str] = {}  # candidate index -> finish reason
 
     @property

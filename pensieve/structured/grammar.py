@@ -37,10 +37,6 @@ CACHE_LIMIT_BYTES = 256 * 2**20  # compiled grammars kept (xgrammar evicts the l
 JSON_FORMAT = {"any_whitespace": False, "separators": (", ", ": ")}
 
 
-def available() -> bool:
-    return xg is not None
-
-
 class Grammars:
     """Compiles `StructuredOutput`s (and tool-call grammars) for one tokenizer and vocabulary; caches them."""
 
@@ -152,7 +148,7 @@ def tool_call_grammar(tools: Sequence[Mapping], names: Sequence[str] | None, par
         body = xg.Grammar.union(*[xg.Grammar.from_json_schema(json.dumps(s), **JSON_FORMAT) for s in schemas])
     except (RuntimeError, ValueError, TypeError) as error:
         raise ValueError(f"a tool's parameters are not a JSON schema xgrammar takes: {_first_line(error)}") from None
-    call = xg.Grammar.concat(xg.Grammar.from_ebnf('root ::= "<tool_call>\\n"'), body, _literal("\n</tool_call>"))
+    call = xg.Grammar.concat(_literal("<tool_call>\n"), body, _literal("\n</tool_call>"))
     if not parallel:
         return call
     more = xg.Grammar.concat(_literal("\n"), call)
@@ -173,7 +169,7 @@ def call_schema(tool: Mapping) -> dict:
 
 
 def _literal(text: str):
-    return xg.Grammar.from_ebnf(f"root ::= {json.dumps(text)}") if text else xg.Grammar.from_ebnf('root ::= ""')
+    return xg.Grammar.from_ebnf(f"root ::= {json.dumps(text, ensure_ascii=False)}")
 
 
 def _field(spec: StructuredOutput) -> str:

@@ -221,8 +221,9 @@ class ToolUse:
     """The tools a turn may call (OpenAI's shape: {"type": "function", "function": {"name", "description",
     "parameters"}}), and how: choice "auto" (the model decides; calls are parsed from its reply), "none" (tools are
     still rendered, so the prompt and its KV stay the same, but nothing is parsed), "required" (at least one call)
-    or {"type": "function", "function": {"name": ...}} (that call): the last two are forced by a grammar, so even a
-    tiny model writes a valid call. parallel: several calls in one reply (False: at most one)."""
+    or {"type": "function", "function": {"name": ...}} (one call to it): the last two are forced by a grammar, so
+    even a tiny model writes a valid call. parallel: several calls in one reply (False: at most one; "required"
+    with several tools allows up to 8)."""
 
     tools: tuple = ()
     choice: str | dict = "auto"
@@ -230,7 +231,7 @@ class ToolUse:
 
     def __post_init__(self) -> None:
         tools = self.tools
-        if isinstance(tools, (str, bytes, dict)) or not all(_is_tool(t) for t in tools):
+        if not isinstance(tools, (list, tuple)) or not all(_is_tool(t) for t in tools):
             raise ValueError(
                 'tools must be a list of {"type": "function", "function": {"name": str, "parameters": {...}}}, '
                 f"got {tools!r:.120}"
@@ -249,7 +250,7 @@ class ToolUse:
                 raise ValueError(f"tool_choice names no tool of this request: {choice!r:.120} (tools: {names})")
         elif choice not in TOOL_CHOICES:
             raise ValueError(f"tool_choice must be one of {TOOL_CHOICES} or a named function, got {choice!r:.80}")
-        if choice != "none" and not isinstance(choice, dict) and choice == "required" and not tools:
+        if choice == "required" and not tools:
             raise ValueError('tool_choice "required" needs tools')
 
     @property
@@ -272,7 +273,7 @@ def tool_use(tools, tool_choice="auto", parallel_tool_calls: bool = True) -> Too
         if tool_choice not in ("auto", "none"):
             raise ValueError(f"tool_choice {tool_choice!r:.80} needs tools")
         return None
-    return ToolUse(tuple(tools) if isinstance(tools, list) else tools, tool_choice, parallel_tool_calls)
+    return ToolUse(tools, tool_choice, parallel_tool_calls)
 
 
 def _is_tool(tool) -> bool:

@@ -214,7 +214,7 @@ def test_bad_tools_are_named_and_change_nothing(model, hermes_tokenizer, kwargs,
         before = tokens_of(gen, "c")
         with pytest.raises(ValueError, match=message):
             gen.generate("c", "again", SamplingParams(max_new_tokens=2), **kwargs)
-        with pytest.raises(ValueError, match="role of"):
+        with pytest.raises(ValueError, match="a str 'role' and a str 'content'"):
             gen.generate("c", {"role": "tool", "content": 3})
         assert tokens_of(gen, "c") == before
         with pytest.raises(ValueError, match="tools need text mode"):
@@ -239,7 +239,7 @@ def test_candidates_carry_their_own_calls_and_bad_grammars_are_value_errors(mode
         with pytest.raises(ValueError, match="names no tool"):
             gen.generate("d", "x", tools=TOOLS, tool_choice={"type": "function", "function": "get_time"})
         call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}
-        with pytest.raises(ValueError, match="role of"):
+        with pytest.raises(ValueError, match="a str 'role' and a str 'content'"):
             gen.generate("d", [call, {"role": "tool", "content": "1"}], tools=TOOLS)
         emoji = gen.generate(
             "e", "Mood?", SamplingParams(max_new_tokens=8, structured_output=StructuredOutput(choice=["😀", "é"]))
