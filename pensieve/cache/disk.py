@@ -10,9 +10,9 @@
 it covers), so a chunk shared by many conversations is one file, written once. No pickle anywhere.
 
 Token log: one record per line, `<crc32 hex> <json>`. The first record names the conversation and its mode; each
-later one is a completed turn, `{"keep": n, "append": [...], "messages": [...] | null}` (keep the first n tokens,
-append the rest). A torn or corrupt record ends the log there (a crash mid-append loses only the turn whose reply
-never returned).
+later one is a completed turn, `{"keep": n, "append": [...], "messages": [...] | null, "tools": key}` (keep the first
+n tokens, append the rest; text mode: the key of the tools the tokens were rendered with, as of that turn). A torn
+or corrupt record ends the log there (a crash mid-append loses only the turn whose reply never returned).
 
 A conversation references the chunk files its tokens name: the keys of its full blocks, and of every prefix of its
 last, partial block. A file no stored conversation references (and no chunk in memory uses) is removed: when the
@@ -111,6 +111,7 @@ class StoredConversation:
     conv_id: str
     tokens: list[int]
     messages: list[dict] | None  # text mode: the chat so far; None in raw token mode
+    tools: str | None = None  # text mode: the tools the tokens were rendered with (Conversation.tools)
 
 
 class DiskStore:
@@ -176,17 +177,27 @@ class DiskStore:
         return index
 
     def append_turn(
-        self, conv_id: str, keep: int, append: list[int], messages: list[dict] | None, tokens: list[int]
+        self,
+        conv_id: str,
+        keep: int,
+        append: list[int],
+        messages: list[dict] | None,
+        tokens: list[int],
+        tools: str | None = None,
     ) -> bool:
         """Make one completed turn durable (fsync'd) before its reply is returned; `tokens` is the conversation's
-        whole token sequence after it. False (warned) if it failed."""
+        whole token sequence after it, `tools` the key of the tools they were rendered with (text mode). False
+        (warned) if it failed."""
         key = conv_key(conv_id)
         path = self._log_path(key)
         lines = []
         new = conv_id not in self.index
         if new:
             lines.append(_format_record({"conv_id": conv_id, "version": LOG_VERSION, "text": messages is not None}))
-        lines.append(_format_record({"keep": keep, "append": append, "messages": messages}))
+        record = {"keep": keep, "append": append, "messages": messages}
+        if tools is not None:
+            record["tools"] = tools
+        lines.append(_format_record(record))
         try:
             with open(path, "ab") as f:
                 f.write(b"".join(lines))
@@ -208,6 +219,7 @@ class DiskStore:
             return None
         tokens: list[int] = []
         messages: list[dict] | None = None
+        tools: str | None = None
         try:
             with open(self._log_path(key), "rb") as f:
                 lines = f.read().split(b"\n")
@@ -224,11 +236,12 @@ class DiskStore:
                 tokens = tokens[: int(record["keep"])] + [int(t) for t in record["append"]]
                 if messages is not None and record["messages"]:
                     messages += list(record["messages"])
+                tools = record.get("tools") if isinstance(record.get("tools"), str) else None
             except (TypeError, KeyError, ValueError):
                 self.num_bad_files += 1
                 _warn(f"disk tier: token log of {conv_id!r} is corrupt at record {i}; using the turns before it")
                 break
-        return StoredConversation(conv_id, tokens, messages)
+        return StoredConversation(conv_id, tokens, messages, tools)
 
     def forget(self, conv_id: str, in_use: set[bytes]) -> None:
         """Delete a stored conversation: its log, and the chunk files no other stored conversation references and no

@@ -100,7 +100,9 @@ class KVManager:
         stored = self.disk.load(conv_id)
         if stored is None:
             return None
-        conv = Conversation(conv_id, tokens=stored.tokens, last_active=0.0, messages=stored.messages)
+        conv = Conversation(
+            conv_id, tokens=stored.tokens, last_active=0.0, messages=stored.messages, tools=stored.tools
+        )
         bs = self.block_size
         keys = prefix_keys(stored.tokens, bs)
         for i, key in enumerate(keys):
@@ -132,17 +134,24 @@ class KVManager:
     # ---- a turn's life --------------------------------------------------------------------------------------------
 
     def begin_turn(
-        self, conv_id, tokens: list[int], keep: int, messages: list[dict] | None, stored: bool = True
+        self,
+        conv_id,
+        tokens: list[int],
+        keep: int,
+        messages: list[dict] | None,
+        stored: bool = True,
+        tools: str | None = None,
     ) -> Conversation:
         """A turn starts: the conversation's tokens become `tokens`, of which the first `keep` are its history's
-        (KV past them is let go of: those tokens differ); it is pinned until `end_turn` / `abort_turn`."""
+        (KV past them is let go of: those tokens differ), rendered (text mode) from `messages` with the tools keyed
+        `tools`; it is pinned until `end_turn` / `abort_turn`."""
         conv = self.conversation(conv_id)
         conv.stored = stored
         self.truncate(conv, keep)
         conv.tokens = tokens
         conv.pinned = True
         if messages is not None:
-            conv.messages = messages
+            conv.messages, conv.tools = messages, tools
         return conv
 
     def append_token(self, conv: Conversation, token: int) -> None:
@@ -364,6 +373,7 @@ class KVManager:
             chunks=list(conv.chunks[:full]),
             last_active=conv.last_active,
             messages=None if conv.messages is None else [dict(m) for m in conv.messages],
+            tools=conv.tools,
             stored=stored,
         )
         for chunk in new.chunks:
@@ -371,7 +381,7 @@ class KVManager:
         self.trim(new)
         self.conversations[new_id] = new
         if self.disk is not None and stored:
-            self.disk.append_turn(new_id, 0, list(new.tokens), new.messages, new.tokens)
+            self.disk.append_turn(new_id, 0, list(new.tokens), new.messages, new.tokens, new.tools)
         return new
 
     def cut(self, conv: Conversation, num_tokens: int) -> None:
@@ -383,22 +393,26 @@ class KVManager:
             self.disk.append_turn(conv.conv_id, num_tokens, [], None, conv.tokens)
 
     def adopt(self, conv_id: str, tokens: list[int], messages: list[dict] | None) -> None:
-        """conv_id's history becomes `tokens` (and `messages`), as another instance had it: KV for the common prefix
-        with what is here is kept; the stored record is replaced. The conversation must be idle."""
+        """conv_id's history becomes `tokens` (and `messages`, rendered without tools: the cluster's), as another
+        instance had it: KV for the common prefix with what is here is kept; the stored record is replaced. The
+        conversation must be idle."""
         conv = self.lookup(conv_id) or self.conversation(conv_id)
         self.truncate(conv, common_prefix(conv.tokens, tokens))
         conv.tokens = list(tokens)
         conv.messages = None if messages is None else [dict(m) for m in messages]
+        conv.tools = None if messages is None else ""
         conv.stored = True
         if self.disk is not None:
             self.disk.forget(conv_id, self._disk_keys_in_use())
-            self.disk.append_turn(conv_id, 0, list(conv.tokens), conv.messages, conv.tokens)
+            self.disk.append_turn(conv_id, 0, list(conv.tokens), conv.messages, conv.tokens, conv.tools)
 
-    def rewind(self, conv: Conversation, tokens: list[int], messages: list[dict] | None, keep: int) -> None:
-        """An aborted turn is undone: conv's tokens and messages are as before it, with the KV of its first `keep`
-        positions (what the turn filled past them is handed back), and conv is idle."""
+    def rewind(
+        self, conv: Conversation, tokens: list[int], messages: list[dict] | None, tools: str | None, keep: int
+    ) -> None:
+        """An aborted turn is undone: conv's tokens, messages and tools key are as before it, with the KV of its
+        first `keep` positions (what the turn filled past them is handed back), and conv is idle."""
         self.truncate(conv, keep, reclaim=True)
-        conv.tokens, conv.messages = tokens, messages
+        conv.tokens, conv.messages, conv.tools = tokens, messages, tools
         self.end_turn(conv)
 
     def drop_all(self, conv: Conversation) -> None:
@@ -420,7 +434,7 @@ class KVManager:
         """A finished turn is made durable (before its reply is returned): conv's tokens past `keep` and the turn's
         messages are appended to its record. Nothing without a disk tier or for a conversation that is not stored."""
         if self.disk is not None and conv.stored:
-            self.disk.append_turn(conv.conv_id, keep, conv.tokens[keep:], new_messages, conv.tokens)
+            self.disk.append_turn(conv.conv_id, keep, conv.tokens[keep:], new_messages, conv.tokens, conv.tools)
 
     def close(self) -> None:
         """Write every idle stored conversation's device and host KV to disk and release the disk_dir."""

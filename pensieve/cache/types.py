@@ -40,6 +40,9 @@ class Conversation:
     preempted: bool = False  # its turn was preempted: its chunks may move until the turn is scheduled again
     recompute: list[list[int]] = field(default_factory=list)  # during a turn: [start, end) ranges to recompute
     messages: list[dict] | None = None  # text mode: the chat messages that rendered `tokens`; None in raw mode
+    # text mode: the tools `tokens` were rendered with (structured.tools.tools_key: "" none); None unknown (a record
+    # from before it was kept): the next turn renders the conversation whole
+    tools: str | None = None
     stored: bool = True  # False: a `complete()` call's conversation, gone when its turn ends (never persisted)
 
     @property

@@ -21,7 +21,8 @@ from pensieve.config import SamplingParams
 from pensieve.engine.turn import ResolvedSampling
 from pensieve.models.support import ModelShape
 from pensieve.structured.grammar import Grammars, tool_call_grammar
-from pensieve.structured.tools import ChatFormat, ToolUse
+from pensieve.structured.reasoning import Reasoning, opens_reasoning
+from pensieve.structured.tools import ChatFormat, ToolUse, tools_key
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -38,6 +39,7 @@ class Admission:
     common_prefix: int  # tokens shared by the stored history and `tokens`
     stored: bool = True  # False: a `complete()` call: no conversation is kept
     tools: ToolUse | None = None  # the tools the turn may call
+    reasoning: Reasoning | None = None  # a prompt the chat template rendered, of a template that thinks
 
 
 @dataclass(frozen=True)
@@ -93,13 +95,14 @@ class Admitter:
                 f"stored conversation {conv_id!r} has token ids outside this model's vocabulary "
                 f"({max(conv.tokens)} >= {self.shape.vocab_size}): it was stored by another model"
             )
-        history, history_messages = (conv.tokens, conv.messages) if conv is not None else ([], None)
+        history, messages, rendered_with = ([], None, "") if conv is None else (conv.tokens, conv.messages, conv.tools)
         tokens, messages = render_turn(
-            self.tokenizer, conv_id, history, history_messages, msg, self.check_token_ids, tools
+            self.tokenizer, conv_id, history, messages, msg, self.check_token_ids, tools, rendered_with
         )
         self.check_fits(f"conversation {conv_id!r}", len(tokens), params.max_new_tokens, params.n)
         prefix = common_prefix(history, tokens)
-        return Admission(conv_id, tokens, messages, params, len(history), prefix, tools=tools)
+        reasoning = self.reasoning(tokens) if messages is not None else None
+        return Admission(conv_id, tokens, messages, params, len(history), prefix, tools=tools, reasoning=reasoning)
 
     def prepare_complete(self, prompt, sampling: SamplingParams | None, tools: ToolUse | None = None) -> Admission:
         """Validate a stateless completion: `prompt` is token ids, or chat messages rendered with the chat template."""
@@ -107,7 +110,15 @@ class Admitter:
         tokens = render_prompt(self.tokenizer, prompt, self.check_token_ids, tools)
         conv_id = CompletionId(next(self.completions))
         self.check_fits("a completion", len(tokens), params.max_new_tokens, params.n)
-        return Admission(conv_id, tokens, None, params, 0, 0, stored=False, tools=tools)
+        reasoning = self.reasoning(tokens) if isinstance(prompt[0], dict) else None
+        return Admission(conv_id, tokens, None, params, 0, 0, stored=False, tools=tools, reasoning=reasoning)
+
+    def reasoning(self, prompt: list[int]) -> Reasoning | None:
+        """How a reply to a prompt the chat template rendered splits off its reasoning (None: the template does not
+        think)."""
+        if not ChatFormat.of(self.tokenizer).thinks:
+            return None
+        return Reasoning(opened=opens_reasoning(self.tokenizer, prompt))
 
     def with_tools(self, params: ResolvedSampling, tools: ToolUse | None) -> ResolvedSampling:
         """A turn with tools needs the chat template; a forced tool choice becomes the turn's grammar."""
@@ -269,13 +280,21 @@ def _is_call(call) -> bool:
 
 
 def render_turn(
-    tokenizer, conv_id, history: list[int], messages, msg, check_ids, tools: ToolUse | None = None
+    tokenizer,
+    conv_id,
+    history: list[int],
+    messages,
+    msg,
+    check_ids,
+    tools: ToolUse | None = None,
+    history_tools: str | None = "",
 ) -> tuple[list[int], list | None]:
     """A conversation's token sequence (`history`; text mode: rendered from chat `messages`) with msg appended: a
     str is a user turn, a dict one message (a tool result: {"role": "tool", "tool_call_id": ..., "content": ...})
     and a list of dicts several, through the chat template; a list of ids is appended raw. -> (tokens, messages or
     None). In text mode the tokens pensieve sampled for its own replies are kept: only the new messages and the
-    generation prompt are rendered and appended (`ChatFormat.append`), unless the template rewrites earlier turns,
+    generation prompt are rendered and appended (`ChatFormat.append`), unless the template rewrites earlier turns
+    or the turn's tools are not those the history was rendered with (`history_tools`, a `tools_key`; None: unknown),
     when the whole conversation is rendered again (KV is kept for the common prefix). ValueError names what is
     wrong; the cluster's driver renders with it too, so both reject alike."""
     text_mode = messages is not None
@@ -293,7 +312,8 @@ def render_turn(
         )
         chat = ChatFormat.of(tokenizer)
         old = messages if text_mode else []
-        appended = chat.append(tokenizer, history, old, new, tools) if text_mode else None
+        same_tools = history_tools is not None and history_tools == tools_key(tools)
+        appended = chat.append(tokenizer, history, old, new, tools) if text_mode and same_tools else None
         if appended is not None:
             return [*history, *appended], [*old, *new]
         return chat.render(tokenizer, [*old, *new], tools, add_generation_prompt=True), [*old, *new]

@@ -2,10 +2,11 @@
 
 `TextStream.add(token)` decodes the new token and returns the text it makes safe to show. Hold-backs
 (`HoldBack.scan`) decide how much of the text's end to keep back for now and where the reply ends: `StopStrings`
-holds back any tail that may still grow into a stop string and ends the reply at the first stop string; tool-call
-and reasoning markers plug in the same way. The pieces `add` and `finish` return join to `TextStream.reply_text`,
-the turn's `Reply.text`. The engine keeps one per turn that streams or has stop strings, on its own thread; the
-generator's stream and the server pass its pieces on and decode nothing themselves.
+holds back any tail that may still grow into a stop string and ends the reply at the first stop string; a tool
+call's text plugs in the same way. A reply's `<think>` block is split off first (`reasoning`): hold-backs see only
+the content, and the reasoning is handed out on its own (`take_reasoning`). The pieces `add` and `finish` return
+join to `TextStream.reply_text`, the turn's `Reply.text`. The engine keeps one per turn (with a tokenizer), on its
+own thread; the generator's stream and the server pass its pieces on and decode nothing themselves.
 
 Decoding is O(new tokens) per token: `tokenizers`' `DecodeStream` (Rust) where the tokenizer has a fast backend,
 else the same scheme in Python, `decode(ids[prefix:]) - decode(ids[prefix:read])` where `read` is where the text
@@ -45,17 +46,26 @@ class StopStrings:
             return 0, None
         held = 0
         for stop in self.stops:
-            held = max(held, _partial(text, stop))
+            held = max(held, partial_match(text, stop))
         return held, None
 
 
 class TextStream:
-    def __init__(self, tokenizer, hold_backs: Sequence[HoldBack] = ()) -> None:
-        self._decoder = _Decoder(tokenizer)
+    """One reply's text as tokens arrive. hold_backs: what may hold back its end or end it (they see the content
+    only: a reply's reasoning is neither cut by a stop string nor parsed for calls); reasoning: where a reply's
+    `<think>` block is (pensieve/structured/reasoning.py), None: no split; kept: special tokens whose text is kept
+    (tool-call markers), id -> text."""
+
+    def __init__(self, tokenizer, hold_backs: Sequence[HoldBack] = (), reasoning=None, kept=None) -> None:
+        self._decoder = _Decoder(tokenizer, kept or {})
         self.hold_backs = tuple(hold_backs)
+        self.reasoning = reasoning
         self.text = ""  # everything decoded so far (past the end too, if a hold-back ended the reply)
         self.end: int | None = None  # where the reply's text ends, once a hold-back says so
-        self._sent = 0  # text[:_sent] has been handed out
+        self._content: int | None = 0 if reasoning is None else None  # where the content starts, once known
+        self._sent = 0  # text[_content:_sent] has been handed out
+        self._reasoning: tuple[int, int] | None = None  # text[start:end] is the reasoning handed out so far
+        self._new_reasoning = ""
 
     @property
     def stopped(self) -> bool:
@@ -64,10 +74,21 @@ class TextStream:
     @property
     def reply_text(self) -> str:
         """The reply's text: what was handed out (once the turn is over: all of it, but a tool call's text)."""
-        return self.text[: self._sent]
+        return "" if self._content is None else self.text[self._content : self._sent]
+
+    @property
+    def reasoning_text(self) -> str | None:
+        """The reply's reasoning handed out so far (None: it has none, or none yet)."""
+        return None if self._reasoning is None else self.text[self._reasoning[0] : self._reasoning[1]]
+
+    def take_reasoning(self) -> str:
+        """The reasoning released since the last call ("" none)."""
+        piece, self._new_reasoning = self._new_reasoning, ""
+        return piece
 
     def add(self, token_id: int) -> str:
-        """Append one sampled token -> the text now safe to show ("" while held back or incomplete, or ended)."""
+        """Append one sampled token -> the text now safe to show ("" while held back or incomplete, or ended); the
+        reasoning it released waits in `take_reasoning`."""
         if self.end is not None:
             return ""
         start = len(self.text)
@@ -81,17 +102,28 @@ class TextStream:
             start = len(self.text)
             self.text += self._decoder.flush()
             return self._release(start, final=True)
+        content = self.text[self._content : self.end]
         for hold_back in self.hold_backs:  # the final scans still run over the reply's text (a tool call's parse)
-            hold_back.scan(self.text[: self.end], len(self.text[: self.end]), True)
+            hold_back.scan(content, len(content), True)
         return ""
 
     def _release(self, start: int, final: bool) -> str:
+        if self._content is None:
+            begin, safe, content = self.reasoning.split(self.text, final)
+            if begin is not None:
+                shown = self._reasoning[1] if self._reasoning is not None else begin
+                self._new_reasoning += self.text[shown:safe] if safe > shown else ""
+                self._reasoning = (begin, max(safe, shown))
+            if content is None:
+                return ""
+            self._content = self._sent = start = content
+        base = self._content
         held = 0
         for hold_back in self.hold_backs:
-            h, end = hold_back.scan(self.text, start, final)
+            h, end = hold_back.scan(self.text[base:], max(start - base, 0), final)
             held = max(held, h)
-            if end is not None and (self.end is None or end < self.end):
-                self.end = end
+            if end is not None and (self.end is None or base + end < self.end):
+                self.end = base + end
         safe = min(self.end, len(self.text) - held) if self.end is not None else len(self.text) - held
         if safe <= self._sent:
             return ""
@@ -109,7 +141,7 @@ def find_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
     return first
 
 
-def _partial(text: str, stop: str) -> int:
+def partial_match(text: str, stop: str) -> int:
     """Length of the longest end of text that is a proper start of stop (only starts that end in text's last
     character are tried: usually none)."""
     n = min(len(stop) - 1, len(text))
@@ -122,10 +154,12 @@ def _partial(text: str, stop: str) -> int:
 
 
 class _Decoder:
-    """Text of a growing token sequence, one token at a time (skipping special tokens, as `Reply.text` does)."""
+    """Text of a growing token sequence, one token at a time, skipping special tokens (as `Reply.text` does) but
+    those in `kept` (id -> text)."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, kept: dict[int, str]) -> None:
         self.tokenizer = tokenizer
+        self.kept = kept
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend = backend if isinstance(backend, tokenizers.Tokenizer) else None
         self._stream = DecodeStream(skip_special_tokens=True) if self._backend is not None else None
@@ -147,7 +181,7 @@ class _Decoder:
             piece = "" if now.endswith("\ufffd") or len(now) <= len(done) else now[len(done) :]
         if piece:
             self._prefix, self._read = self._read, len(self.ids)
-        return piece
+        return piece + self.kept[token_id] if token_id in self.kept else piece
 
     def flush(self) -> str:
         """What the tokens after the last piece decode to, incomplete characters included."""

@@ -28,7 +28,7 @@ from pensieve.engine.runner import ModelRunner, default_num_blocks
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
 from pensieve.engine.turn import Candidates, ResolvedSampling, Turn, TurnAborted
 from pensieve.models.support import model_shape
-from pensieve.structured.tools import ChatFormat
+from pensieve.structured.tools import ChatFormat, tools_key
 
 
 class Engine:
@@ -90,15 +90,19 @@ class Engine:
         """Start a turn `admission.prepare` / `prepare_complete` made. Cannot fail; call it right after, on the same
         thread."""
         prev = self.kv.conversations.get(adm.conv_id) if adm.stored else None
-        before = None if prev is None else (prev.tokens, prev.messages, prev.num_computed)  # begin_turn replaces them
-        conv = self.kv.begin_turn(adm.conv_id, adm.tokens, adm.common_prefix, adm.messages, adm.stored)
+        # what begin_turn replaces, for an abort to put back
+        before = None if prev is None else (prev.tokens, prev.messages, prev.tools, prev.num_computed)
+        conv = self.kv.begin_turn(
+            adm.conv_id, adm.tokens, adm.common_prefix, adm.messages, adm.stored, tools_key(adm.tools)
+        )
         # a constrained reply ends only complete: stop strings do not cut it (output.OutputProcessor._finish_reason)
         hold_backs = _hold_backs(adm.params) if adm.params.grammar is None else []
-        tool_text = None
+        tool_text, kept = None, None
         if adm.tools is not None and adm.tools.parses and self.tokenizer is not None:
-            forced = adm.tools.forced is not None
-            tool_text = ChatFormat.of(self.tokenizer).hold_back(forced)  # a call's text is never streamed
+            chat = ChatFormat.of(self.tokenizer)
+            tool_text = chat.hold_back(forced=adm.tools.forced is not None)  # a call's text is never streamed
             hold_backs.append(tool_text)
+            kept = chat.kept_tokens
         turn = Turn(
             conv=conv,
             sampling=adm.params,
@@ -112,7 +116,7 @@ class Engine:
             before=before,
             messages_before=len(before[1]) if before is not None and before[1] is not None else 0,
             generator=None if adm.params.seed is None else self._generator(adm.params.seed),
-            text=None if self.tokenizer is None else TextStream(self.tokenizer, hold_backs),
+            text=None if self.tokenizer is None else TextStream(self.tokenizer, hold_backs, adm.reasoning, kept),
             tool_text=tool_text,
             tools=adm.tools,
             logprobs=None if adm.params.logprobs is None else [],
@@ -147,6 +151,7 @@ class Engine:
                 common_prefix=len(conv.tokens) - 1,  # the last position is computed again: the fork samples from it
                 stored=conv.stored,
                 tools=first.tools,
+                reasoning=None if first.text is None else first.text.reasoning,
             )
             turn = self.admit(adm, first.on_token)
             turn.num_new_tokens, turn.history_kv = first.num_new_tokens, first.history_kv
@@ -272,8 +277,8 @@ class Engine:
             if member.before is None:  # a completion, a conversation this turn started, or a candidate's fork
                 self.kv.remove(conv.conv_id, forget=member.index > 0 and conv.stored)  # a fork's record goes too
             else:
-                tokens, messages, computed = member.before
-                self.kv.rewind(conv, tokens, messages, min(member.history_kept, computed))
+                tokens, messages, tools, computed = member.before
+                self.kv.rewind(conv, tokens, messages, tools, min(member.history_kept, computed))
         self._release(turn)
         first = _members(turn)[0]  # its Future is the caller's
         first.future.set_exception(TurnAborted(f"the turn on {first.conv.conv_id!s} was aborted"))

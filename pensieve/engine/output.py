@@ -61,7 +61,8 @@ class OutputProcessor:
         if reason is not None and turn.text is not None:
             text += turn.text.finish()
         if turn.on_token is not None:
-            turn.on_token(Delta(token, text, logprob, turn.index))
+            reasoning = turn.text.take_reasoning() if turn.text is not None else ""
+            turn.on_token(Delta(token, text, logprob, turn.index, reasoning))
         if reason is not None:
             self.finish(turn, reason)
 
@@ -93,6 +94,7 @@ class OutputProcessor:
         self.num_turns += 1
         self.num_recomputed += turn.num_recomputed
         text = None if turn.text is None else turn.text.reply_text
+        reasoning = None if turn.text is None else turn.text.reasoning_text
         parsed = None if turn.tool_text is None else turn.tool_text.parsed
         calls = () if parsed is None else parsed.tool_calls
         if calls and not turn.tools.parallel:
@@ -100,12 +102,14 @@ class OutputProcessor:
         new_messages = None
         if conv.messages is not None:
             message = {"role": "assistant", "content": text}
+            if reasoning is not None:  # as templates that think read it (Qwen3: reasoning_content)
+                message["reasoning_content"] = reasoning
             if calls:
                 message["tool_calls"] = [c.message_form() for c in calls]
             new_messages = [*turn.new_messages(conv.messages), message]
         self.kv.end_turn(conv, None if new_messages is None else new_messages[-1])
         self.kv.log_turn(conv, turn.history_kept, new_messages)
-        reply = _reply(turn, reason, text, calls, None if parsed is None else parsed.reasoning)
+        reply = _reply(turn, reason, text, calls, reasoning)
         if not conv.stored:  # a completion: its full chunks stay in the prompt tree, the conversation goes
             self.kv.remove(conv.conv_id)
         return reply

@@ -69,12 +69,14 @@ class TokenLogprob:
 class Delta:
     """What one sampled token adds to its turn (what `on_token` callbacks receive, on the engine's thread): the
     token and the reply text it makes safe to show ("" when it completes none or a hold-back keeps it; the last
-    token's also carries what was held). The texts of a turn's deltas join to its `Reply.text`."""
+    token's also carries what was held). The texts of a turn's deltas join to its `Reply.text`, their reasonings
+    to its `Reply.reasoning`."""
 
     token_id: int
     text: str = ""
     logprob: TokenLogprob | None = None  # when the turn asked for logprobs
     index: int = 0  # which candidate's token (SamplingParams.n > 1)
+    reasoning: str = ""  # the reasoning it makes safe to show (a template that thinks); never also in `text`
 
 
 def next_piece(deltas: Iterator[Delta], token_ids: bool) -> int | str:
@@ -112,7 +114,7 @@ class Reply:
     logprobs: list[TokenLogprob] | None = None  # one per reply token, when SamplingParams.logprobs asked for them
     candidates: tuple[Reply, ...] = ()  # with SamplingParams.n > 1: candidates 1 .. n-1 (conv ids `<conv_id>/<i>`)
     tool_calls: tuple[ToolCall, ...] = ()  # the calls the reply makes (turns with tools); their text is not in `text`
-    reasoning: str | None = None  # the reply's reasoning (a template that thinks in <think> tags), when it has some
+    reasoning: str | None = None  # the reply's <think> block (a template that thinks), when it has one: not in text
 
 
 _arrivals = itertools.count()

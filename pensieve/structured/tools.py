@@ -14,10 +14,11 @@ A template with no tool support (the bundled SmolLM2's) gets the generic fallbac
 such templates: the tools are described in the system prompt (`GENERIC_TOOLS_PROMPT`, Hermes-style, a JSON list of
 the tool schemas) and calls are parsed back in the Hermes format, so the default model can run an agent.
 
-Reasoning: a template that opens `<think>` (Qwen3, QwQ, DeepSeek-R1 distills) gets `split_reasoning`: the text up to
-`</think>` is the reply's reasoning, kept out of its content (vLLM's current qwen3 parser: the prompt may already hold
-the opening tag, so only `</think>` ends reasoning; a reply with no `</think>` that began with `<think>` is all
-reasoning, cut off).
+Reasoning (`<think>`) is split off before a reply reaches its parser (pensieve/structured/reasoning.py).
+
+Markers that are special tokens in a tokenizer (Mistral's `[TOOL_CALLS]`, `[ARGS]`; Llama's `<|python_tag|>`) are
+kept in a tool turn's text (`ChatFormat.kept_tokens`), which otherwise skips special tokens, and a forced call's
+grammar may write them as the one token the model was trained on.
 
 Arguments are JSON text (OpenAI's `function.arguments`), re-serialized from what the model wrote. A reply whose call
 does not parse as JSON with a str `name` and an object of arguments has no tool calls: its whole text is content
@@ -26,11 +27,15 @@ does not parse as JSON with a str `name` and an object of arguments has no tool 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from pensieve.engine.detokenizer import partial_match
+from pensieve.structured.reasoning import thinks
 
 
 @dataclass(frozen=True)
@@ -48,11 +53,10 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class Parsed:
-    """A reply's text taken apart: what to show, the calls it makes, and its reasoning (None: none)."""
+    """A reply's text taken apart: what to show, and the calls it makes."""
 
     content: str | None
     tool_calls: tuple[ToolCall, ...] = ()
-    reasoning: str | None = None
 
 
 # ---- the formats -----------------------------------------------------------------------------------------------
@@ -180,26 +184,6 @@ def detect_format(chat_template: str | None) -> tuple[str, bool]:
     return "hermes", renders_tools and "<tool_call>" in template
 
 
-def split_reasoning(text: str) -> tuple[str | None, str]:
-    """-> (reasoning, the rest): the text up to `</think>` (a leading `<think>` stripped) is reasoning. With no
-    `</think>`, a reply that opened `<think>` is reasoning cut off, one that did not has none."""
-    end = text.find("</think>")
-    if end < 0:
-        if text.lstrip().startswith("<think>"):
-            return text.lstrip()[len("<think>") :], ""
-        return None, text
-    reasoning = text[:end]
-    stripped = reasoning.lstrip()
-    if stripped.startswith("<think>"):
-        reasoning = stripped[len("<think>") :]
-    return reasoning, text[end + len("</think>") :].lstrip("\n")
-
-
-def thinks(chat_template: str | None) -> bool:
-    """Whether replies under this template may open with reasoning in `<think>` tags."""
-    return "<think>" in (chat_template or "") or "</think>" in (chat_template or "")
-
-
 # ---- the generic fallback ----------------------------------------------------------------------------------------
 
 GENERIC_TOOLS_PROMPT = (
@@ -288,7 +272,22 @@ def _is_tool(tool) -> bool:
     )
 
 
+def tools_key(tools: ToolUse | None) -> str:
+    """What identifies the tools a prompt was rendered with ("" none; tool_choice does not change a prompt): a turn
+    whose key differs from its history's renders the conversation whole, so new or changed tools reach the model."""
+    if tools is None or not tools.tools:
+        return ""
+    text = json.dumps(list(tools.tools), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 MARKERS = {"hermes": ("<tool_call>",), "llama3_json": ("<|python_tag|>",), "mistral": ("[TOOL_CALLS]",)}
+# what a format's calls are written with that may be special tokens, kept in its text (ChatFormat.kept_tokens)
+MARKER_TOKENS = {
+    "hermes": ("<tool_call>", "</tool_call>"),
+    "llama3_json": ("<|python_tag|>",),
+    "mistral": ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"),
+}
 
 
 class ToolCallText:
@@ -313,20 +312,13 @@ class ToolCallText:
             return (len(text) - begin if keep else 0), None
         if begin is not None:
             return len(text) - begin, None
-        return max(_partial_at_end(text, m) for m in self.markers), None
+        return max(partial_match(text, m) for m in self.markers), None
 
     def _begin(self, text: str) -> int | None:
         found = [i for m in self.markers if (i := text.find(m)) >= 0]
         if self.json_start and text.lstrip().startswith("{"):
             found.append(len(text) - len(text.lstrip()))
         return min(found) if found else None
-
-
-def _partial_at_end(text: str, marker: str) -> int:
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:n]):
-            return n
-    return 0
 
 
 # ---- the chat template and tools --------------------------------------------------------------------------------
@@ -357,13 +349,12 @@ class ChatFormat:
         template = template if isinstance(template, str) else json.dumps(template or "")
         self.format, self.renders_tools = detect_format(template)
         self.thinks = thinks(template)
+        # the format's markers that are special tokens here: id -> text (decoding skips special tokens otherwise)
+        self.kept_tokens = kept_tokens(tokenizer, MARKER_TOKENS[self.format])
 
     def parse(self, text: str) -> Parsed:
-        reasoning = None
-        if self.thinks:
-            reasoning, text = split_reasoning(text)
-        parsed = FORMATS[self.format](text)
-        return Parsed(parsed.content, parsed.tool_calls, reasoning)
+        """A reply's content (its reasoning split off) -> what it says and the calls it makes."""
+        return FORMATS[self.format](text)
 
     def hold_back(self, forced: bool = False) -> ToolCallText:
         return ToolCallText(self.format, self.parse, forced)
@@ -412,6 +403,16 @@ class ChatFormat:
         covered = next((k for k in range(len(closing), 0, -1) if tail.endswith(closing[:k])), 0)
         text = closing[covered:] + after[len(before) :]
         return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+
+def kept_tokens(tokenizer, texts) -> dict[int, str]:
+    """The tokens among `texts` that are single special tokens of tokenizer (which decoding would skip): id -> text."""
+    out = {}
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) == 1 and tokenizer.decode(ids, skip_special_tokens=True) == "":
+            out[ids[0]] = text
+    return out
 
 
 def _as_text(message: dict) -> dict:

@@ -11,6 +11,7 @@ from pensieve import SamplingParams, StatefulGenerator
 from pensieve.config import CacheConfig
 from pensieve.engine.detokenizer import StopStrings, TextStream, find_stop
 from pensieve.models.smollm2 import GGUF_NAME, smollm2_path
+from pensieve.structured.reasoning import Reasoning, split_reasoning
 from tests.tiny import tiny_model
 
 
@@ -93,6 +94,32 @@ def generated_text(tokenizer, ids: list[int], stops: tuple[str, ...]) -> tuple[s
         if (cut := find_stop(text, stops)) is not None:
             return text[:cut], True
     return tokenizer.decode(ids, skip_special_tokens=True), False
+
+
+THINKING = st.lists(
+    st.sampled_from(["<think>", "</think>", "\n", "  ", "hm", "Hi", "<", "think", "/", ">", "é", "🎉", "ok."]),
+    max_size=12,
+).map("".join)
+
+
+@given(data=st.data())
+def test_reasoning_streams_apart_and_joins_to_the_split_of_the_whole_reply(tokenizer, fast_tokenizer, data):
+    """A reply's <think> block streams as reasoning, never as text, and what streams joins to the split of the
+    whole reply (split_reasoning); stop strings cut the content only."""
+    text, opened = data.draw(THINKING, label="text"), data.draw(st.booleans(), label="opened")
+    stops = data.draw(st.lists(st.sampled_from(["Hi", "</think>", "ok"]), max_size=1), label="stops")
+    ids = fast_tokenizer.encode(text, add_special_tokens=False)
+    stream = TextStream(tokenizer, [StopStrings(stops)] if stops else [], Reasoning(opened))
+    shown = thought = ""
+    for i in ids:
+        shown += stream.add(i)
+        thought += stream.take_reasoning()
+    shown += stream.finish()
+    thought += stream.take_reasoning()
+    reasoning, content = split_reasoning(fast_tokenizer.decode(ids, skip_special_tokens=True), opened)
+    cut = find_stop(content, tuple(stops))
+    assert shown == stream.reply_text == (content if cut is None else content[:cut])
+    assert thought == (reasoning or "") and stream.reasoning_text == reasoning
 
 
 def test_streams_join_to_the_reply_text_with_stop_strings(fast_tokenizer):

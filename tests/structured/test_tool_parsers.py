@@ -15,13 +15,13 @@ import json
 
 import pytest
 
+from pensieve.structured.reasoning import split_reasoning
 from pensieve.structured.tools import (
     FORMATS,
     detect_format,
     parse_hermes,
     parse_llama3_json,
     parse_mistral,
-    split_reasoning,
 )
 
 
@@ -104,7 +104,7 @@ def test_qwq_recorded_reasoning_then_call():  # VLLM_QWQ: the template opened <t
         '\n{"name": "internet_search", "arguments": {"question": "5MW燃气轮机设计参数 空气流量 压气机'
         '压比 转速 燃烧室出口温度 压气机级数 支点布局"}}\n</tool_call>\n\n '
     )
-    reasoning, rest = split_reasoning(output)
+    reasoning, rest = split_reasoning(output, opened=True)
     assert reasoning == "。\n"
     parsed = parse_hermes(rest)
     assert parsed.content is None
@@ -248,7 +248,7 @@ def test_mistral(source, output, content, expected):
     assert calls(parsed) == expected, source
 
 
-QWEN3_CASES = [  # VLLM_QWEN3: (output, reasoning, rest)
+QWEN3_CASES = [  # VLLM_QWEN3: (output, reasoning, rest); opened: the prompt ends in an open <think> block
     ("<think>This is a reasoning section</think>This is the rest", "This is a reasoning section", "This is the rest"),
     ("This is a reasoning section</think>This is the rest", "This is a reasoning section", "This is the rest"),
     ("This is a reasoning section</think>", "This is a reasoning section", ""),
@@ -258,14 +258,20 @@ QWEN3_CASES = [  # VLLM_QWEN3: (output, reasoning, rest)
 
 @pytest.mark.parametrize(("output", "reasoning", "rest"), QWEN3_CASES)
 def test_qwen3_reasoning(output, reasoning, rest):
-    assert split_reasoning(output) == (reasoning, rest)
+    opened = not output.startswith("<think>")  # vLLM's cases with no <think>: the template opened it in the prompt
+    assert split_reasoning(output, opened=opened) == (reasoning, rest)
 
 
-def test_no_think_tag_is_content():
-    # vLLM's current parser calls a reply with no </think> truncated reasoning even without <think>; pensieve only
-    # does when the reply opened <think> (a template that thinks opens it in the reply or in the prompt, and the
-    # engine passes the reply with the prompt's opening tag when the template put one there).
+def test_reasoning_is_where_the_prompt_or_the_reply_opened_it():
+    # vLLM's current parser calls text before a </think> reasoning (and a reply with no </think> truncated
+    # reasoning) even without <think>; pensieve asks the prompt: with no open block, only a reply that opens <think>
+    # reasons, so a reply streams as content from its first token.
     assert split_reasoning("This is the rest") == (None, "This is the rest")
+    assert split_reasoning("Not reasoning</think>rest") == (None, "Not reasoning</think>rest")
+    assert split_reasoning("  \n<think>\nhm\n</think>\n\nHi") == ("\nhm\n", "Hi")
+    assert split_reasoning("<think></think>Hi") == ("", "Hi")
+    assert split_reasoning("<thin") == (None, "<thin")
+    assert split_reasoning("", opened=True) == ("", "")
 
 
 def test_formats_by_template():

@@ -246,3 +246,48 @@ def test_candidates_carry_their_own_calls_and_bad_grammars_are_value_errors(mode
         )
         assert emoji.text in ("😀", "é") and emoji.finish_reason == "stop"
         gen.check_integrity()
+
+
+def test_tools_given_or_changed_on_a_later_turn_reach_the_prompt(model, smol_tokenizer, tmp_path):
+    """The tools are part of the prompt: a turn whose tools differ from those its history was rendered with renders
+    the conversation whole (with the new tools); with the same tools only the new message is appended. The tools'
+    key survives an abort (put back) and a restart (in the disk record)."""
+    sp = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
+    chat = ChatFormat.of(smol_tokenizer)
+    cfg = CacheConfig(block_size=8, num_device_blocks=256, disk_dir=str(tmp_path))
+
+    def prompt_of(gen, reply):
+        return tokens_of(gen, "a")[: -len(reply.token_ids)]
+
+    def rendered(gen, tools):
+        messages = gen.call(lambda: gen.engine.kv.conversations["a"].messages)
+        return chat.render(smol_tokenizer, messages[:-1], tools, add_generation_prompt=True)
+
+    with StatefulGenerator(model, smol_tokenizer, cfg) as gen:
+        gen.generate("a", "Hi", sp)
+        reply = gen.generate("a", "Weather?", sp, tools=[WEATHER])  # tools given: the system prompt describes them
+        assert prompt_of(gen, reply) == rendered(gen, ToolUse((WEATHER,)))
+        text = smol_tokenizer.decode(prompt_of(gen, reply))
+        assert '"get_weather"' in text and '"get_time"' not in text
+        history = tokens_of(gen, "a")
+        reply = gen.generate("a", "And Oslo?", sp, tools=[WEATHER], tool_choice="none")  # same tools: appended
+        assert prompt_of(gen, reply)[: len(history)] == history and reply.num_recomputed == 0
+        history = tokens_of(gen, "a")
+        future = gen.submit("a", "What time is it?", sp, tools=TOOLS)  # changed, then aborted: put back
+        gen.call(gen.engine.step)
+        assert gen.abort(future)
+        assert tokens_of(gen, "a") == history
+        reply = gen.generate("a", "What time is it?", sp, tools=[WEATHER])
+        assert prompt_of(gen, reply)[: len(history)] == history
+        reply = gen.generate("a", "What time is it now?", sp, tools=TOOLS)  # changed: rendered whole
+        assert prompt_of(gen, reply) == rendered(gen, ToolUse(tuple(TOOLS)))
+        assert '"get_time"' in smol_tokenizer.decode(prompt_of(gen, reply))
+        history = tokens_of(gen, "a")
+    with StatefulGenerator(model, smol_tokenizer, cfg) as gen:  # a restart: the record knows the tools
+        reply = gen.generate("a", "Thanks", sp, tools=TOOLS)
+        assert prompt_of(gen, reply)[: len(history)] == history
+        history = tokens_of(gen, "a")
+        reply = gen.generate("a", "Bye", sp)  # tools gone: rendered whole, without them
+        assert prompt_of(gen, reply) == rendered(gen, None)
+        assert "<tools>" not in smol_tokenizer.decode(prompt_of(gen, reply))
+        gen.check_integrity()
