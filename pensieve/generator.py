@@ -26,7 +26,7 @@ from pensieve.engine.engine import Engine
 from pensieve.engine.turn import Delta, Reply, next_piece
 from pensieve.models.attention import ATTN_IMPLEMENTATION, register
 from pensieve.models.linear import use_fast_linears
-from pensieve.structured.tools import tool_use
+from pensieve.structured.tools import ToolUse, tool_use
 
 _DONE = object()
 _WAIT_S = 0.002  # how often a waiting caller checks whether it can take over driving
@@ -213,8 +213,8 @@ class StatefulGenerator:
         if not isinstance(prompts, (list, tuple)):
             raise ValueError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
 
-        self._precompile(sampling)
         use = tool_use(tools, tool_choice, parallel_tool_calls)
+        self._precompile(sampling, use)
 
         def admit() -> list[Future]:
             admissions = [self._engine.admission.prepare_complete(prompt, sampling, use) for prompt in prompts]
@@ -237,8 +237,8 @@ class StatefulGenerator:
         and nothing changed). on_token(delta) is called on the engine's thread as each token is sampled (`Delta`: the
         token and the text it makes safe to show). The turn runs while some thread drives: `serve` on a thread of its
         own, or any blocking call."""
-        self._precompile(sampling)
         use = tool_use(tools, tool_choice, parallel_tool_calls)
+        self._precompile(sampling, use)
         return self._submit_async(lambda on: self._admit([(conv_id, msg)], sampling, on, use)[0], on_token)
 
     def submit_complete(
@@ -253,8 +253,8 @@ class StatefulGenerator:
     ) -> Future:
         """`complete` without waiting, as `submit`: -> a Future of its Reply (`abort` takes that Future)."""
         admission = self._engine.admission
-        self._precompile(sampling)
         use = tool_use(tools, tool_choice, parallel_tool_calls)
+        self._precompile(sampling, use)
         return self._submit_async(
             lambda on: self._engine.admit(admission.prepare_complete(prompt, sampling, use), on).future, on_token
         )
@@ -336,17 +336,21 @@ class StatefulGenerator:
     # ---- driving -----------------------------------------------------------------------------------------------
 
     def _submit(self, items, sampling, on_token=None, tools=None) -> list[Future]:
-        self._precompile(sampling)
+        self._precompile(sampling, tools)
         return self.call(lambda: self._admit(items, sampling, on_token, tools))
 
-    def _precompile(self, sampling) -> None:
-        """Compile a structured output's grammar here, on the caller's thread (xgrammar releases the GIL), so that
-        admission finds it cached and the engine's steps never wait on a compile. Errors are raised by admission."""
-        if isinstance(sampling, SamplingParams) and sampling.structured_output is not None:
-            try:
-                self._engine.admission.grammars.compile(sampling.structured_output)
-            except ValueError:
-                pass
+    def _precompile(self, sampling, tools: ToolUse | None = None) -> None:
+        """Compile a structured output's grammar, or a forced tool choice's, here, on the caller's thread (xgrammar
+        releases the GIL), so that admission finds it cached and the engine's steps never wait on a compile. Errors
+        are raised by admission."""
+        admission = self._engine.admission
+        try:
+            if isinstance(sampling, SamplingParams) and sampling.structured_output is not None:
+                admission.grammars.compile(sampling.structured_output)
+            if tools is not None and tools.forced is not None:
+                admission.tool_grammar(tools)
+        except ValueError:
+            pass
 
     def _admit(self, items, sampling, on_token, tools=None) -> list[Future]:
         """All-or-nothing: a bad item rejects the whole call before any turn is admitted."""

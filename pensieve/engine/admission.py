@@ -70,7 +70,8 @@ class Admitter:
             if self._grammars is None:
                 if self.tokenizer is None:
                     raise ValueError("structured outputs need a tokenizer: pass tokenizer=")
-                self._grammars = Grammars(self.tokenizer, self.shape.vocab_size, sorted(self._eos_ids()))
+                kept = ChatFormat.of(self.tokenizer).kept_tokens  # a forced call may write its markers' tokens
+                self._grammars = Grammars(self.tokenizer, self.shape.vocab_size, sorted(self._eos_ids()), list(kept))
             return self._grammars
 
     def prepare(self, conv_id, msg, sampling: SamplingParams | None, tools: ToolUse | None = None) -> Admission:
@@ -124,16 +125,24 @@ class Admitter:
         """A turn with tools needs the chat template; a forced tool choice becomes the turn's grammar."""
         if tools is None:
             return params
+        grammar = self.tool_grammar(tools)
+        if grammar is None:
+            return params
+        if params.grammar is not None:
+            raise ValueError("a forced tool_choice and a structured_output both constrain the reply: give one")
+        return dataclasses.replace(params, grammar=grammar)
+
+    def tool_grammar(self, tools: ToolUse):
+        """The compiled grammar of a forced tool choice (None: the model is free), in this template's call format."""
         if self.tokenizer is None:
             raise ValueError("tools need a tokenizer (text mode): pass tokenizer=")
         names = tools.forced
         if names is None:
-            return params
-        if params.grammar is not None:
-            raise ValueError("a forced tool_choice and a structured_output both constrain the reply: give one")
-        tool_format = ChatFormat.of(self.tokenizer).format
-        grammar = tool_call_grammar(tools.tools, names, tools.parallel and len(names) > 1, tool_format)
-        return dataclasses.replace(params, grammar=self.grammars.compile(grammar))
+            return None
+        call_format = ChatFormat.of(self.tokenizer).call_format
+        return self.grammars.compile(
+            tool_call_grammar(tools.tools, names, tools.parallel and len(names) > 1, call_format)
+        )
 
     def check_token_ids(self, ids) -> list[int]:
         return check_token_ids(ids, self.shape.vocab_size)

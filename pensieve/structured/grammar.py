@@ -40,11 +40,11 @@ JSON_FORMAT = {"any_whitespace": False, "separators": (", ", ": ")}
 class Grammars:
     """Compiles `StructuredOutput`s (and tool-call grammars) for one tokenizer and vocabulary; caches them."""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int], kept: Sequence[int] = ()) -> None:
         if xg is None:
             raise ValueError("structured outputs need xgrammar: pip install 'pensieve[structured]'")
         self.vocab_size = vocab_size
-        self.info = tokenizer_info(tokenizer, vocab_size, stop_token_ids)
+        self.info = tokenizer_info(tokenizer, vocab_size, stop_token_ids, kept)
         self.compiler = xg.GrammarCompiler(self.info, max_threads=2, cache_limit_bytes=CACHE_LIMIT_BYTES)
 
     def compile(self, spec: StructuredOutput | xg.Grammar):
@@ -86,17 +86,18 @@ class Grammars:
         return GrammarState(self, xg.GrammarMatcher(compiled))
 
 
-def tokenizer_info(tokenizer, vocab_size: int, stop_token_ids: Sequence[int]):
-    """The vocabulary as xgrammar reads it, with the tokenizer's special tokens blanked. xgrammar takes a token for
-    special only when its text is empty; from_huggingface keeps the text of added special tokens (SmolLM2's
-    <|im_start|>, <|endoftext|>, <repo_name>...), so its masks would allow them as literal text inside JSON strings.
-    Blanked, they are never allowed; the stop tokens stay allowed where the reply may end."""
+def tokenizer_info(tokenizer, vocab_size: int, stop_token_ids: Sequence[int], kept: Sequence[int] = ()):
+    """The vocabulary as xgrammar reads it, with the tokenizer's special tokens blanked but `kept` (the tool-call
+    markers a forced call writes, as Mistral's [TOOL_CALLS]). xgrammar takes a token for special only when its text
+    is empty; from_huggingface keeps the text of added special tokens (SmolLM2's <|im_start|>, <|endoftext|>,
+    <repo_name>...), so its masks would allow them as literal text inside JSON strings. Blanked, they are never
+    allowed; the stop tokens stay allowed where the reply may end."""
     stock = xg.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
     encoded = [""] * vocab_size  # the vocabulary's own strings (byte-level: "Ġthe"), as from_huggingface reads it
     for text, i in tokenizer.get_vocab().items():
         if i < vocab_size:
             encoded[i] = text
-    for i in special_ids(tokenizer, vocab_size):
+    for i in set(special_ids(tokenizer, vocab_size)) - set(kept):
         encoded[i] = ""
     return xg.TokenizerInfo(
         encoded,
@@ -138,34 +139,67 @@ def choice_grammar(choices: Sequence[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
-def tool_call_grammar(tools: Sequence[Mapping], names: Sequence[str] | None, parallel: bool, tool_format: str):
-    """The grammar of a reply that is only tool calls, in `tool_format` ("hermes": `<tool_call>` blocks), one of
-    `names` (None: any tool) each; several only when `parallel`. -> an xgrammar Grammar."""
-    if tool_format != "hermes":
-        raise ValueError(f"forced tool calls are built for the hermes format; this model's is {tool_format!r}")
-    schemas = [call_schema(t) for t in tools if names is None or t["function"]["name"] in names]
+def tool_call_grammar(tools: Sequence[Mapping], names: Sequence[str] | None, parallel: bool, call_format: str):
+    """The grammar of a reply that is only tool calls, one of `names` (None: any tool) each, several only when
+    `parallel`, in `call_format` (`ChatFormat.call_format`):
+
+    - "hermes": `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` a call, "\n" between calls
+    - "llama3_json": `{"name": ..., "parameters": {...}}` a call, "; " between calls
+    - "mistral": `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (v3 tokenizers)
+    - "mistral_args": `[TOOL_CALLS]name[ARGS]{...}` a call (v11+)
+
+    -> an xgrammar Grammar."""
+    chosen = [t for t in tools if names is None or t["function"]["name"] in names]
     try:
-        body = xg.Grammar.union(*[xg.Grammar.from_json_schema(json.dumps(s), **JSON_FORMAT) for s in schemas])
+        if call_format == "mistral_args":
+            call = xg.Grammar.union(
+                *[xg.Grammar.concat(_literal(f"[TOOL_CALLS]{t['function']['name']}[ARGS]"), _json(parameters(t)))
+                  for t in chosen]
+            )  # fmt: skip
+            return _repeated(call, "", parallel)
+        key = "parameters" if call_format == "llama3_json" else "arguments"
+        body = xg.Grammar.union(*[_json(call_schema(t, key)) for t in chosen])
     except (RuntimeError, ValueError, TypeError) as error:
         raise ValueError(f"a tool's parameters are not a JSON schema xgrammar takes: {_first_line(error)}") from None
-    call = xg.Grammar.concat(_literal("<tool_call>\n"), body, _literal("\n</tool_call>"))
+    if call_format == "hermes":
+        return _repeated(xg.Grammar.concat(_literal("<tool_call>\n"), body, _literal("\n</tool_call>")), "\n", parallel)
+    if call_format == "llama3_json":
+        return _repeated(body, "; ", parallel)
+    if call_format == "mistral":
+        return xg.Grammar.concat(_literal("[TOOL_CALLS]["), _repeated(body, ", ", parallel), _literal("]"))
+    raise ValueError(f"no forced tool calls for the {call_format!r} format")
+
+
+MAX_PARALLEL_CALLS = 8
+
+
+def _repeated(call, separator: str, parallel: bool):
+    """One call, then (parallel) up to MAX_PARALLEL_CALLS - 1 more after separator: xgrammar composes grammars, it
+    has no repetition of a grammar."""
     if not parallel:
         return call
-    more = xg.Grammar.concat(_literal("\n"), call)
-    # one call, then optionally more (up to 8: xgrammar composes grammars, it has no repetition of a grammar)
-    return xg.Grammar.concat(call, *[xg.Grammar.union(_literal(""), more) for _ in range(7)])
+    more = xg.Grammar.concat(_literal(separator), call) if separator else call
+    return xg.Grammar.concat(call, *[xg.Grammar.union(_literal(""), more) for _ in range(MAX_PARALLEL_CALLS - 1)])
 
 
-def call_schema(tool: Mapping) -> dict:
-    """The JSON schema of one call to `tool` (an OpenAI tool: {"type": "function", "function": {...}})."""
-    function = tool["function"]
-    parameters = function.get("parameters") or {"type": "object", "properties": {}}
+def parameters(tool: Mapping) -> dict:
+    """A tool's parameters schema (an object with no properties when it has none)."""
+    return tool["function"].get("parameters") or {"type": "object", "properties": {}}
+
+
+def call_schema(tool: Mapping, arguments_key: str = "arguments") -> dict:
+    """The JSON schema of one call to `tool` (an OpenAI tool: {"type": "function", "function": {...}}), its arguments
+    under arguments_key."""
     return {
         "type": "object",
-        "properties": {"name": {"const": function["name"]}, "arguments": parameters},
-        "required": ["name", "arguments"],
+        "properties": {"name": {"const": tool["function"]["name"]}, arguments_key: parameters(tool)},
+        "required": ["name", arguments_key],
         "additionalProperties": False,
     }
+
+
+def _json(schema: Mapping):
+    return xg.Grammar.from_json_schema(json.dumps(schema), **JSON_FORMAT)
 
 
 def _literal(text: str):

@@ -348,6 +348,9 @@ class ChatFormat:
         self.template_id = id(template)
         template = template if isinstance(template, str) else json.dumps(template or "")
         self.format, self.renders_tools = detect_format(template)
+        # how a forced call is written (structured.grammar.tool_call_grammar): Mistral v11+ templates name the call
+        # before [ARGS]
+        self.call_format = "mistral_args" if self.format == "mistral" and "[ARGS]" in template else self.format
         self.thinks = thinks(template)
         # the format's markers that are special tokens here: id -> text (decoding skips special tokens otherwise)
         self.kept_tokens = kept_tokens(tokenizer, MARKER_TOKENS[self.format])

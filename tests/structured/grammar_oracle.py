@@ -14,8 +14,8 @@ from pensieve.structured.grammar import JSON_FORMAT, tokenizer_info
 class GrammarProcessor(tf.LogitsProcessor):
     """HF's side of the oracle: its own matcher masks each step's scores (what the grammar allows)."""
 
-    def __init__(self, tokenizer, vocab: int, eos: int, spec, prompt_len: int) -> None:
-        compiler = xg.GrammarCompiler(tokenizer_info(tokenizer, vocab, [eos]), cache_enabled=False)
+    def __init__(self, tokenizer, vocab: int, eos: int, spec, prompt_len: int, kept=()) -> None:
+        compiler = xg.GrammarCompiler(tokenizer_info(tokenizer, vocab, [eos], kept), cache_enabled=False)
         if isinstance(spec, xg.Grammar):
             compiled = compiler.compile_grammar(spec)
         elif spec.json is not None:
@@ -33,9 +33,13 @@ class GrammarProcessor(tf.LogitsProcessor):
         return scores.masked_fill(~allowed.bool()[None], float("-inf"))
 
 
-def hf_constrained(oracle, tokenizer, ids: list[int], spec: StructuredOutput | xg.Grammar, max_new_tokens: int):
+def hf_constrained(
+    oracle, tokenizer, ids: list[int], spec: StructuredOutput | xg.Grammar, max_new_tokens: int, kept=(), **kwargs
+):
+    """HF greedy generate under spec's grammar; kept: special tokens the grammar may write (tool-call markers);
+    kwargs go to generate (sequence_bias: a logit_bias)."""
     eos = oracle.generation_config.eos_token_id
-    processor = GrammarProcessor(tokenizer, oracle.config.vocab_size, eos, spec, len(ids))
+    processor = GrammarProcessor(tokenizer, oracle.config.vocab_size, eos, spec, len(ids), kept)
     with torch.no_grad():
         out = oracle.generate(
             torch.tensor([ids]),
@@ -44,5 +48,6 @@ def hf_constrained(oracle, tokenizer, ids: list[int], spec: StructuredOutput | x
             logits_processor=tf.LogitsProcessorList([processor]),
             eos_token_id=eos,
             pad_token_id=eos,
+            **kwargs,
         )
     return out[0, len(ids) :].tolist()
