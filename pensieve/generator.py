@@ -215,9 +215,10 @@ class StatefulGenerator:
 
         use = tool_use(tools, tool_choice, parallel_tool_calls)
         self._precompile(sampling, use)
+        rendered = [self._engine.admission.render_complete(prompt, use) for prompt in prompts]  # here, not the engine's
 
         def admit() -> list[Future]:
-            admissions = [self._engine.admission.prepare_complete(prompt, sampling, use) for prompt in prompts]
+            admissions = [self._engine.admission.prepare_complete(prompt, sampling, use) for prompt in rendered]
             return [self._engine.admit(adm).future for adm in admissions]
 
         return [self._result(f) for f in self.call(admit)]
@@ -251,10 +252,17 @@ class StatefulGenerator:
         tool_choice="auto",
         parallel_tool_calls: bool = True,
     ) -> Future:
-        """`complete` without waiting, as `submit`: -> a Future of its Reply (`abort` takes that Future)."""
+        """`complete` without waiting, as `submit`: -> a Future of its Reply (`abort` takes that Future). The prompt
+        is rendered (chat template) on the calling thread."""
         admission = self._engine.admission
         use = tool_use(tools, tool_choice, parallel_tool_calls)
         self._precompile(sampling, use)
+        try:
+            prompt = admission.render_complete(prompt, use)
+        except ValueError as error:
+            failed: Future = Future()
+            failed.set_exception(error)
+            return failed
         return self._submit_async(
             lambda on: self._engine.admit(admission.prepare_complete(prompt, sampling, use), on).future, on_token
         )

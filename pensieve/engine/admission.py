@@ -43,6 +43,14 @@ class Admission:
 
 
 @dataclass(frozen=True)
+class RenderedPrompt:
+    """A completion's prompt as tokens (`Admitter.render_complete`), and how its reply splits off reasoning."""
+
+    tokens: list[int]
+    reasoning: Reasoning | None = None
+
+
+@dataclass(frozen=True)
 class CompletionId:
     """The id of a `complete()` call's conversation: never a str, so never a caller's conversation id."""
 
@@ -106,13 +114,22 @@ class Admitter:
         return Admission(conv_id, tokens, messages, params, len(history), prefix, tools=tools, reasoning=reasoning)
 
     def prepare_complete(self, prompt, sampling: SamplingParams | None, tools: ToolUse | None = None) -> Admission:
-        """Validate a stateless completion: `prompt` is token ids, or chat messages rendered with the chat template."""
+        """Validate a stateless completion: `prompt` is token ids, chat messages rendered with the chat template, or
+        what `render_complete` made of either (rendered on the caller's thread)."""
         params = self.with_tools(self.resolve(sampling), tools)
-        tokens = render_prompt(self.tokenizer, prompt, self.check_token_ids, tools)
+        rendered = prompt if isinstance(prompt, RenderedPrompt) else self.render_complete(prompt, tools)
         conv_id = CompletionId(next(self.completions))
-        self.check_fits("a completion", len(tokens), params.max_new_tokens, params.n)
-        reasoning = self.reasoning(tokens) if isinstance(prompt[0], dict) else None
-        return Admission(conv_id, tokens, None, params, 0, 0, stored=False, tools=tools, reasoning=reasoning)
+        self.check_fits("a completion", len(rendered.tokens), params.max_new_tokens, params.n)
+        return Admission(
+            conv_id, rendered.tokens, None, params, 0, 0, stored=False, tools=tools, reasoning=rendered.reasoning
+        )
+
+    def render_complete(self, prompt, tools: ToolUse | None = None) -> RenderedPrompt:
+        """A completion's prompt -> its tokens (chat messages through the chat template, with the tools). Reads only
+        the tokenizer: any thread may call it. ValueError names what is wrong."""
+        tokens = render_prompt(self.tokenizer, prompt, self.check_token_ids, tools)
+        templated = isinstance(prompt[0], dict)
+        return RenderedPrompt(tokens, self.reasoning(tokens) if templated else None)
 
     def reasoning(self, prompt: list[int]) -> Reasoning | None:
         """How a reply to a prompt the chat template rendered splits off its reasoning (None: the template does not

@@ -2,9 +2,9 @@
 own (DESIGN §9).
 
 The app only assembles: the middleware (API key, body size, metrics), the error handlers (OpenAI's error shape), and
-one router per API — chat completions (pensieve/server/chat.py), responses (responses.py), conversations
-(conversations.py), models, health and metrics (models.py) — over the state they share (common.py: `ServerState`)
-and the threads that map stored responses to pensieve conversations (threads.py).
+one router per API — chat completions (pensieve/server/chat.py), completions (completions.py), responses
+(responses.py), conversations (conversations.py), models, health and metrics (models.py) — over the state they share
+(common.py: `ServerState`) and the threads that map stored responses to pensieve conversations (threads.py).
 
 Chat templating and detokenization run off the engine's thread (a worker thread and the event loop); the engine
 thread only schedules, steps and samples.
@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 
 from pensieve.api import Generator
-from pensieve.server import chat, conversations, models, responses
+from pensieve.server import chat, completions, conversations, models, responses
 from pensieve.server.common import APIError, ClientGone, ServerConfig, ServerState, error_response
 from pensieve.server.store import Store
 
@@ -32,7 +32,7 @@ def create_app(gen: Generator, tokenizer, store: Store | None = None, config: Se
     app.state.pensieve = s
     _guard(app, s)
     _error_handlers(app)
-    for router in (models.router, chat.router, responses.router, conversations.router):
+    for router in (models.router, chat.router, completions.router, responses.router, conversations.router):
         app.include_router(router)
     return app
 
@@ -81,9 +81,11 @@ def _error_handlers(app: FastAPI) -> None:
     async def bad_request(_request: Request, error: RequestValidationError):
         first = error.errors()[0] if error.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:])
-        return error_response(
-            400, f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request body"
-        )
+        what = first.get("msg", "invalid request")
+        if first.get("type") == "extra_forbidden":  # a field this endpoint does not take
+            what = "not supported by this server (docs/serving.md lists every field and what it does)"
+        param = where.split(".")[0] if where else None
+        return error_response(400, f"{where}: {what}" if where else "invalid request body", param=param)
 
 
 def _endpoint(path: str) -> str:
@@ -94,5 +96,13 @@ def _endpoint(path: str) -> str:
         if len(parts) >= 5:
             parts[4] = "{id}"
     label = "/" + "/".join(parts[:5])
-    known = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/responses", "/v1/conversations")
+    known = (
+        "/health",
+        "/metrics",
+        "/v1/models",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
+        "/v1/conversations",
+    )
     return label if label.startswith(known) else "other"

@@ -74,7 +74,9 @@ class ServerState:
         self.metrics = Metrics()
         self.turns = Turns(gen)
 
-    def sampling(self, temperature, top_p, max_tokens, stop, seed) -> SamplingParams:
+    def sampling(self, temperature=None, top_p=None, max_tokens=None, stop=None, seed=None, **more) -> SamplingParams:
+        """A request's sampling fields -> SamplingParams (`more`: its other fields, by SamplingParams' names). A bad
+        value is a 400 naming it."""
         config = self.config
         if max_tokens is not None and max_tokens > config.max_tokens:
             raise APIError(400, f"max tokens {max_tokens} is over this server's limit of {config.max_tokens}")
@@ -88,6 +90,7 @@ class ServerState:
                 top_p=top_p,
                 seed=seed,
                 stop=tuple(stops),
+                **{k: v for k, v in more.items() if v is not None},
             )
         except ValueError as error:
             raise APIError(400, str(error)) from None
@@ -103,6 +106,13 @@ class ServerState:
             name = self.config.model_name
             raise APIError(404, f"model {model!r} is not served here (this server serves {name!r})", param="model")
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text (a logprob's `token`)."""
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+
     async def render(self, messages: list[dict]) -> list[int]:
         """The chat template over messages (on a worker thread: templating stays off the engine's thread)."""
 
@@ -111,10 +121,11 @@ class ServerState:
 
         return await asyncio.to_thread(work)
 
-    async def run_turn(self, request: Request, thread_id, tokens, sampling, on_piece) -> Reply:
-        """One turn, aborted if the client disconnects (checked while it runs); on_piece(text) gets the reply's text
-        as it becomes safe to show (on the event loop; the pieces join to `Reply.text`)."""
-        task = asyncio.ensure_future(self.turns.run(thread_id, tokens, sampling, on_piece))
+    async def run_turn(self, request: Request, thread_id, prompt, sampling, on_delta=None, tools=None) -> Reply:
+        """One turn, aborted if the client disconnects (checked while it runs). prompt: token ids (a thread's new
+        tokens, or a whole prompt), or chat messages (a completion: rendered with `tools` on a worker thread).
+        on_delta(Delta) gets each sampled token's delta on the event loop (their texts join to `Reply.text`)."""
+        task = asyncio.ensure_future(self.turns.run(thread_id, prompt, sampling, on_delta, tools))
         watcher = asyncio.ensure_future(_watch_disconnect(request, task))
         try:
             reply = await task
@@ -131,6 +142,11 @@ class ServerState:
         finally:
             watcher.cancel()
         return reply
+
+
+def text_pieces(on_piece):
+    """An on_delta that passes each delta's text on (None: None)."""
+    return None if on_piece is None else (lambda delta: delta.text and on_piece(delta.text))
 
 
 def _state(request: Request) -> ServerState:
@@ -150,14 +166,14 @@ class Turns:
     def __init__(self, gen: Generator) -> None:
         self.gen = gen
 
-    async def run(self, thread_id: str | None, tokens: list[int], sampling: SamplingParams, on_text) -> Reply:
+    async def run(self, thread_id: str | None, prompt, sampling: SamplingParams, on_delta, tools=None) -> Reply:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         done.add_done_callback(lambda f: f.cancelled() or f.exception())  # (also when nobody awaits it any more)
 
-        def pass_text(delta: Delta) -> None:
-            if delta.text and not loop.is_closed():
-                loop.call_soon_threadsafe(on_text, delta.text)
+        def pass_delta(delta: Delta) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(on_delta, delta)
 
         def finish(future) -> None:
             def settle() -> None:
@@ -168,11 +184,18 @@ class Turns:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(settle)
 
-        on_token = None if on_text is None else pass_text
-        if thread_id is None:
-            future = self.gen.submit_complete(tokens, sampling, on_token=on_token)
-        else:
-            future = self.gen.submit(thread_id, tokens, sampling, on_token=on_token)
+        on_token = None if on_delta is None else pass_delta
+        if thread_id is not None:
+            future = self.gen.submit(thread_id, prompt, sampling, on_token=on_token)
+        else:  # a completion renders its prompt on the thread that submits it: a worker's, not the event loop
+            submitting = asyncio.ensure_future(
+                asyncio.to_thread(self.gen.submit_complete, prompt, sampling, on_token=on_token, tools=tools)
+            )
+            try:
+                future = await asyncio.shield(submitting)
+            except asyncio.CancelledError:
+                await asyncio.to_thread(self.gen.abort, await submitting)
+                raise
         future.add_done_callback(finish)
         try:
             return await asyncio.shield(done)
@@ -249,9 +272,40 @@ def content_text(content: Any) -> str:
 
 
 def chat_message(m) -> dict:
-    """A request's message model -> a chat-template message ("developer" is the template's "system")."""
+    """A request's message model -> a chat-template message ("developer" is the template's "system"): an assistant's
+    tool calls and reasoning, a tool result's call id and a name, where given."""
     role = "system" if m.role == "developer" else m.role
-    return {"role": role, "content": content_text(m.content)}
+    content = None if m.content is None else content_text(m.content)
+    if content is None and not getattr(m, "tool_calls", None):
+        raise APIError(400, f"a {m.role} message needs content", param="messages")
+    message = {"role": role, "content": content}
+    for key in ("name", "tool_call_id", "reasoning_content"):
+        if getattr(m, key, None) is not None:
+            message[key] = getattr(m, key)
+    if getattr(m, "tool_calls", None):
+        message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    return message
+
+
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """A request's logit_bias (token ids as strings, biases in [-100, 100]) -> SamplingParams'; a bad one is a 400.
+    Ids outside the vocabulary are refused by admission."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not key.isdigit() or not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias: keys are token ids, values in [-100, 100]; got {key!r}: {value}",
+                           param="logit_bias")  # fmt: skip
+        out[int(key)] = value
+    return out
+
+
+def refuse(body: BaseModel, refused: dict[str, str]) -> None:
+    """A 400 naming the first field of `refused` the request gives a value (why: refused[field])."""
+    for field, why in refused.items():
+        if getattr(body, field, None) is not None:
+            raise APIError(400, f"{field}: {why}", param=field)
 
 
 def list_of(items: list[dict]) -> dict:

@@ -30,6 +30,7 @@ from pensieve.server.common import (
     list_of,
     live,
     sse,
+    text_pieces,
 )
 from pensieve.server.store import ConversationRecord, ResponseRecord, Thread, new_id
 
@@ -102,7 +103,8 @@ async def create_response(body: ResponsesRequest, request: Request, s: State):
         """The turn and its bookkeeping, as one task of its own: a client going away cancels it (its turn is
         aborted, the thread released) but never interrupts the bookkeeping half-way."""
         try:
-            reply = await s.run_turn(request, thread.id if thread is not None else None, delta, sampling, on_piece)
+            thread_id = thread.id if thread is not None else None
+            reply = await s.run_turn(request, thread_id, delta, sampling, text_pieces(on_piece))
         except BaseException:
             await threads.release(s.store, s.gen, thread, made)
             raise

@@ -257,7 +257,28 @@ def test_bad_input_is_refused_and_changes_nothing(client, served):
     post("/v1/chat/completions", {"model": "tiny", "messages": msg * 13}, 400)  # too many messages
     post("/v1/chat/completions", {"model": "tiny", "messages": []}, 400)
     post("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400)
-    post("/v1/chat/completions", {"model": "tiny", "messages": msg, "n": 2}, 400)
+    for bad, field in [
+        ({"n": 99}, "n"),  # over the server's candidates per request
+        ({"frequency_penalty": 3}, "frequency_penalty"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"999999": 1}}, "logit_bias"),  # outside the vocabulary
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs
+        ({"tool_choice": "required"}, "tool_choice"),  # without tools
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
+                "tool_choice": "required",
+            },
+            "schema",
+        ),  # fmt: skip
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema"),
+        ({"modalities": ["audio"]}, "modalities"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "content"),
+    ]:
+        error = post("/v1/chat/completions", {"model": "tiny", "messages": msg, **bad}, 400)
+        assert field in error["message"] or field == error["param"], (bad, error)
     post("/v1/chat/completions", {"model": "tiny", "messages": msg, "bogus": 1}, 400)
     post("/v1/chat/completions", {"model": "other", "messages": msg}, 404)
     post("/v1/chat/completions", {"model": "tiny", "messages": msg, "temperature": -1}, 400)
