@@ -110,7 +110,7 @@ class Admitter:
         )
         self.check_fits(f"conversation {conv_id!r}", len(tokens), params.max_new_tokens, params.n)
         prefix = common_prefix(history, tokens)
-        reasoning = self.reasoning(tokens) if messages is not None else None
+        reasoning = self.reasoning(tokens, params.grammar is not None) if messages is not None else None
         return Admission(conv_id, tokens, messages, params, len(history), prefix, tools=tools, reasoning=reasoning)
 
     def prepare_complete(self, prompt, sampling: SamplingParams | None, tools: ToolUse | None = None) -> Admission:
@@ -120,9 +120,10 @@ class Admitter:
         rendered = prompt if isinstance(prompt, RenderedPrompt) else self.render_complete(prompt, tools)
         conv_id = CompletionId(next(self.completions))
         self.check_fits("a completion", len(rendered.tokens), params.max_new_tokens, params.n)
-        return Admission(
-            conv_id, rendered.tokens, None, params, 0, 0, stored=False, tools=tools, reasoning=rendered.reasoning
-        )
+        reasoning = rendered.reasoning
+        if reasoning is not None and params.grammar is not None:
+            reasoning = dataclasses.replace(reasoning, constrained=True)
+        return Admission(conv_id, rendered.tokens, None, params, 0, 0, stored=False, tools=tools, reasoning=reasoning)
 
     def render_complete(self, prompt, tools: ToolUse | None = None) -> RenderedPrompt:
         """A completion's prompt -> its tokens (chat messages through the chat template, with the tools). Reads only
@@ -131,12 +132,12 @@ class Admitter:
         templated = isinstance(prompt[0], dict)
         return RenderedPrompt(tokens, self.reasoning(tokens) if templated else None)
 
-    def reasoning(self, prompt: list[int]) -> Reasoning | None:
+    def reasoning(self, prompt: list[int], constrained: bool = False) -> Reasoning | None:
         """How a reply to a prompt the chat template rendered splits off its reasoning (None: the template does not
-        think)."""
+        think); constrained: a grammar constrains the reply."""
         if not ChatFormat.of(self.tokenizer).thinks:
             return None
-        return Reasoning(opened=opens_reasoning(self.tokenizer, prompt))
+        return Reasoning(opened=opens_reasoning(self.tokenizer, prompt), constrained=constrained)
 
     def with_tools(self, params: ResolvedSampling, tools: ToolUse | None) -> ResolvedSampling:
         """A turn with tools needs the chat template; a forced tool choice becomes the turn's grammar."""

@@ -84,7 +84,8 @@ def _error_handlers(app: FastAPI) -> None:
         what = first.get("msg", "invalid request")
         if first.get("type") == "extra_forbidden":  # a field this endpoint does not take
             what = "not supported by this server (docs/serving.md lists every field and what it does)"
-        param = where.split(".")[0] if where else None
+        loc = first.get("loc", ())
+        param = loc[1] if len(loc) > 1 and isinstance(loc[1], str) else None
         return error_response(400, f"{where}: {what}" if where else "invalid request body", param=param)
 
 

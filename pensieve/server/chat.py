@@ -27,10 +27,11 @@ from pensieve.server.common import (
     State,
     Strict,
     cached_tokens,
+    chain,
     chat_message,
     detach,
     drain,
-    logit_bias,
+    first,
     refuse,
     sse,
     sse_data,
@@ -165,21 +166,10 @@ async def chat_completions(body: ChatRequest, request: Request, s: State):
     s.check_model(body.model)
     refuse(body, REFUSED)
     s.check_count(len(body.messages), "messages")
-    sampling = s.sampling(
-        body.temperature,
-        body.top_p,
+    sampling = s.request_sampling(
+        body,
         body.max_completion_tokens or body.max_tokens,
-        body.stop,
-        body.seed,
-        n=body.n,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty,
-        logit_bias=logit_bias(body.logit_bias),
         logprobs=_logprobs(body),
-        top_k=body.top_k,
-        min_p=body.min_p,
-        ignore_eos=body.ignore_eos,
         structured_output=_structured_output(body.response_format),
     )
     tools = _tools(body)
@@ -191,11 +181,14 @@ async def chat_completions(body: ChatRequest, request: Request, s: State):
         choices = [_choice(s, r, i, body.logprobs) for i, r in enumerate((reply, *reply.candidates))]
         return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(reply)}
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    return sse(_events(s, request, messages, sampling, tools, head, include_usage, bool(body.logprobs)))
+    queue: asyncio.Queue = asyncio.Queue()
+    task = detach(s.run_turn(request, None, messages, sampling, queue.put_nowait, tools))
+    early = await first(queue, task)  # a turn refused at admission is a 400 here, not a broken stream
+    return sse(_events(s, queue, task, early, sampling.n, head, include_usage, bool(body.logprobs)))
 
 
 async def _events(
-    s: ServerState, request: Request, messages, sampling, tools, head: dict, include_usage: bool, logprobs: bool
+    s: ServerState, queue, task, early: list, n: int, head: dict, include_usage: bool, logprobs: bool
 ) -> AsyncIterator:
     def chunk(index: int, delta: dict, finish: str | None = None, lp: list | None = None) -> str:
         choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
@@ -206,12 +199,10 @@ async def _events(
             data["usage"] = None
         return sse_data(data)
 
-    queue: asyncio.Queue = asyncio.Queue()
-    for index in range(sampling.n):
-        yield chunk(index, {"role": "assistant", "content": ""})
-    task = detach(s.run_turn(request, None, messages, sampling, queue.put_nowait, tools))
     try:
-        async for delta in drain(queue, task):
+        for index in range(n):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        async for delta in chain(early, drain(queue, task)):
             piece = _delta(delta)
             lp = [_logprob(s, delta.logprob)] if logprobs and delta.logprob is not None else None
             if piece or lp:

@@ -95,6 +95,20 @@ class ServerState:
         except ValueError as error:
             raise APIError(400, str(error)) from None
 
+    def request_sampling(self, body, max_tokens, **more) -> SamplingParams:
+        """The sampling fields chat and legacy completions share, read off the request (`more`: the rest)."""
+        shared = ("n", "presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "min_p", "ignore_eos")
+        return self.sampling(
+            body.temperature,
+            body.top_p,
+            max_tokens,
+            body.stop,
+            body.seed,
+            logit_bias=logit_bias(body.logit_bias),
+            **{field: getattr(body, field) for field in shared},
+            **more,
+        )
+
     def check_count(self, n: int, what: str) -> None:
         if n == 0:
             raise APIError(400, f"{what} is empty")
@@ -194,7 +208,10 @@ class Turns:
             try:
                 future = await asyncio.shield(submitting)
             except asyncio.CancelledError:
-                await asyncio.to_thread(self.gen.abort, await submitting)
+                try:
+                    await asyncio.to_thread(self.gen.abort, await submitting)
+                except Exception:  # noqa: BLE001, S110  (the submission failed: nothing runs)
+                    pass
                 raise
         future.add_done_callback(finish)
         try:
@@ -234,6 +251,28 @@ def detach(coro) -> asyncio.Task:
     task.add_done_callback(_DETACHED.discard)
     task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its error is the stream's, not unhandled
     return task
+
+
+async def first(queue: asyncio.Queue, task: asyncio.Future) -> list:
+    """Wait for a turn's first delta, or its end: a turn refused at admission raises its error here, before a stream
+    sends its 200. -> [the first delta] ([] if it ended with none; drain the queue for the rest)."""
+    getter = asyncio.ensure_future(queue.get())
+    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+    if getter.done():
+        return [getter.result()]
+    getter.cancel()
+    if task.exception() is not None:
+        task.cancel()
+        task.result()
+    return []
+
+
+async def chain(early: list, rest: AsyncIterator) -> AsyncIterator:
+    """The items of `early`, then those of `rest`."""
+    for item in early:
+        yield item
+    async for item in rest:
+        yield item
 
 
 async def drain(queue: asyncio.Queue, task: asyncio.Future) -> AsyncIterator[str]:

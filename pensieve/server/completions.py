@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from pydantic import Field
@@ -20,9 +19,10 @@ from pensieve.server.common import (
     State,
     Strict,
     cached_tokens,
+    chain,
     detach,
     drain,
-    logit_bias,
+    first,
     sse,
     sse_data,
 )
@@ -75,45 +75,38 @@ async def completions(body: CompletionRequest, request: Request, s: State):
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo with logprobs needs the prompt's log-probabilities, which a cached prefix does "
                        "not have: ask for one of them", param="echo")  # fmt: skip
-    sampling = s.sampling(
-        body.temperature,
-        body.top_p,
-        body.max_tokens,
-        body.stop,
-        body.seed,
-        n=body.n,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty,
-        logit_bias=logit_bias(body.logit_bias),
-        logprobs=body.logprobs,
-        top_k=body.top_k,
-        min_p=body.min_p,
-        ignore_eos=body.ignore_eos,
-    )
+    sampling = s.request_sampling(body, body.max_tokens, logprobs=body.logprobs)
     prompts = _prompts(body.prompt)
     s.check_count(len(prompts), "prompts")
     tokens = await asyncio.to_thread(lambda: [_tokens(s, p) for p in prompts])
     echoes = [s.decode(t) if body.echo else "" for t in tokens]
     head = {"id": new_id("cmpl"), "created": int(time.time()), "model": s.config.model_name}
     n = sampling.n
+    queue: asyncio.Queue = asyncio.Queue()
+    on_delta = (lambda p: lambda d: queue.put_nowait((p, d))) if body.stream else (lambda p: None)
+    tasks = [detach(s.run_turn(request, None, t, sampling, on_delta(p))) for p, t in enumerate(tokens)]
+    everything = asyncio.gather(*tasks)
+    everything.add_done_callback(lambda f: f.cancelled() or f.exception())
+    try:  # one prompt refused (or the client gone): every prompt's turn is aborted, and the error is the answer
+        early = await first(queue, everything) if body.stream else await asyncio.shield(everything)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
     if not body.stream:
-        replies = await asyncio.gather(*[s.run_turn(request, None, t, sampling) for t in tokens])
         choices = []
-        for p, reply in enumerate(replies):
+        for p, reply in enumerate(early):
             s.metrics.turn(reply, len(tokens[p]))
             for i, r in enumerate((reply, *reply.candidates)):
-                lp = _logprobs(s, r, len(echoes[p])) if body.logprobs is not None else None
+                lp = _token_logprobs(s, r.logprobs or [], len(echoes[p])) if body.logprobs is not None else None
                 text = echoes[p] + (r.text or "")
                 choices.append({"text": text, "index": p * n + i, "logprobs": lp, "finish_reason": r.finish_reason})
-        return {**head, "object": "text_completion", "choices": choices, "usage": _usage(tokens, replies)}
+        return {**head, "object": "text_completion", "choices": choices, "usage": _usage(tokens, early)}
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    return sse(_events(s, request, tokens, echoes, sampling, head, include_usage, body.logprobs))
+    return sse(_events(s, queue, tasks, everything, early, tokens, echoes, n, head, include_usage, body.logprobs))
 
 
-async def _events(s: ServerState, request, tokens, echoes, sampling, head, include_usage, logprobs) -> AsyncIterator:
-    n = sampling.n
-
+async def _events(s: ServerState, queue, tasks, everything, early, tokens, echoes, n, head, include_usage, logprobs):
     def chunk(index: int, text: str, finish: str | None = None, lp: dict | None = None) -> str:
         choice = {"text": text, "index": index, "logprobs": lp, "finish_reason": finish}
         data = {**head, "object": "text_completion", "choices": [choice]}
@@ -121,21 +114,17 @@ async def _events(s: ServerState, request, tokens, echoes, sampling, head, inclu
             data["usage"] = None
         return sse_data(data)
 
-    queue: asyncio.Queue = asyncio.Queue()
-    tasks = [
-        detach(s.run_turn(request, None, t, sampling, lambda d, p=p: queue.put_nowait((p, d))))
-        for p, t in enumerate(tokens)
-    ]
-    everything = asyncio.gather(*tasks)
+    offsets = {(p, i): len(echo) for p, echo in enumerate(echoes) for i in range(n)}  # each choice's text so far
     try:
         for p, echo in enumerate(echoes):
             for i in range(n):
                 if echo:
                     yield chunk(p * n + i, echo)
-        async for p, delta in drain(queue, everything):
+        async for p, delta in chain(early, drain(queue, everything)):
             lp = None
             if logprobs is not None and delta.logprob is not None:
-                lp = _token_logprobs(s, [delta.logprob])
+                lp = _token_logprobs(s, [delta.logprob], offsets[p, delta.index])
+            offsets[p, delta.index] += len(delta.text)
             if delta.text or lp:
                 yield chunk(p * n + delta.index, delta.text, lp=lp)
         replies = everything.result()
@@ -180,10 +169,6 @@ def _token_logprobs(s: ServerState, logprobs, offset: int = 0) -> dict:
         out["text_offset"].append(offset)
         offset += len(text)
     return out
-
-
-def _logprobs(s: ServerState, reply: Reply, offset: int) -> dict:
-    return _token_logprobs(s, reply.logprobs or [], offset)
 
 
 def _usage(tokens: list[list[int]], replies: list[Reply]) -> dict:

@@ -7,6 +7,8 @@ Where the reasoning is:
 - The generation prompt may open the block itself (QwQ, DeepSeek-R1 distills, Qwen3-Thinking-2507 end it with
   `<think>\n`): then the reply starts in reasoning (`opened`, read off the prompt's tail: its last `<think>` comes
   after its last `</think>`).
+  Under a grammar (a structured output, a forced call) such a reply is reasoning only if it closes the block:
+  until `</think>` nothing is shown, and without one the whole reply is content.
 - Else the reply opens it: reasoning iff its text starts (after whitespace) with `<think>`. Qwen3 with
   `enable_thinking=False` closes an empty block in the prompt, so its reply is content.
 
@@ -32,9 +34,8 @@ def thinks(chat_template: str | None) -> bool:
 
 
 def opens_reasoning(tokenizer, prompt: list[int]) -> bool:
-    """Whether a rendered prompt ends inside an open `<think>` block (its generation prompt opened it)."""
-    tail = tokenizer.decode(prompt[-24:], skip_special_tokens=False)
-    return tail.rfind(THINK) > tail.rfind(END_THINK)
+    """Whether a rendered prompt's generation prompt opened a `<think>` block: the prompt ends with it."""
+    return tokenizer.decode(prompt[-4:], skip_special_tokens=False).rstrip().endswith(THINK)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class Reasoning:
     """Where a reply's reasoning and content are, as its text grows. opened: the prompt opened the block."""
 
     opened: bool = False
+    # a grammar constrains the reply: a block the prompt opened is reasoning only if the reply closes it (held until
+    # then); else the whole reply is content (a forced call, a JSON document)
+    constrained: bool = False
 
     def split(self, text: str, final: bool) -> tuple[int | None, int, int | None]:
         """The reply's text so far (`final`: all of it) -> (start, safe, content): its reasoning starts at `start`
@@ -57,6 +61,8 @@ class Reasoning:
             else:
                 return None, 0, 0
         end = text.find(END_THINK, start)
+        if end < 0 and self.opened and self.constrained:
+            return (None, 0, 0) if final else (None, 0, None)
         if end < 0:
             if final:
                 return start, len(text), len(text)

@@ -138,3 +138,10 @@ def test_a_tool_loop_plain_and_streamed(client, reference):
     expected = reference.complete(history, SamplingParams(max_new_tokens=6, temperature=0), tools=[WEATHER])
     assert answer.choices[0].message.content == expected.text
     assert answer.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_a_streamed_request_refused_at_admission_is_a_400(client):
+    for extra in ({"logit_bias": {"999999": 1}}, {"tools": [WEATHER], "tool_choice": NAMED,
+                                                  "response_format": {"type": "json_object"}}):  # fmt: skip
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=4, stream=True, **extra)

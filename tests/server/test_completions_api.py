@@ -73,7 +73,16 @@ def test_streamed_pieces_join_to_the_reply(client):
         ({"max_tokens": 999}, "max tokens"),
     ],
 )
-def test_refused_with_a_400_naming_the_field(client, extra, field):
+@pytest.mark.parametrize("stream", [False, True])
+def test_refused_with_a_400_naming_the_field(client, extra, field, stream):
+    """Streamed too: a turn refused at admission is a 400 before the stream's 200."""
     with pytest.raises(openai.BadRequestError) as refused:
-        client.completions.create(model="tiny", **{"prompt": PROMPT, "max_tokens": 4, **extra})
+        client.completions.create(model="tiny", **{"prompt": PROMPT, "max_tokens": 4, "stream": stream, **extra})
     assert field in refused.value.body["message"]
+
+
+def test_one_bad_prompt_refuses_the_request(client, tokenizer):
+    ids = tokenizer(PROMPT)["input_ids"]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="tiny", prompt=[ids, [10**7]], max_tokens=4, stream=stream)

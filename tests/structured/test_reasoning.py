@@ -89,3 +89,17 @@ def test_no_block_is_content_and_a_tool_call_follows_reasoning(model, smol_token
         assert reply.reasoning and reply.reasoning.isalpha()
         assert [(c.name, c.arguments) for c in reply.tool_calls] == [("get_time", "{}")] and reply.text == ""
         gen.check_integrity()
+
+
+def test_a_forced_call_under_a_prompt_that_opened_a_block_is_a_call(model, smol_tokenizer):
+    """A grammar that never writes </think> (a forced call) under a generation prompt that opened a block: the
+    reply is content, and its call is parsed."""
+    tokenizer = with_template(smol_tokenizer, OPENS)
+    named = {"type": "function", "function": {"name": "get_time"}}
+    with StatefulGenerator(model, tokenizer, CacheConfig(block_size=8, num_device_blocks=128)) as gen:
+        sp = SamplingParams(max_new_tokens=60, temperature=0)
+        reply = gen.generate("a", "Time?", sp, tools=[TIME], tool_choice=named)
+        assert reply.reasoning is None and reply.text == ""
+        assert [c.name for c in reply.tool_calls] == ["get_time"] and reply.finish_reason == "stop"
+        done = gen.complete([{"role": "user", "content": "Time?"}], sp, tools=[TIME], tool_choice=named)
+        assert [c.name for c in done.tool_calls] == ["get_time"]
