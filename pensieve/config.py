@@ -48,6 +48,10 @@ class CacheConfig:
     swap_out_watermark: after each step, idle chunks move down a tier ahead of time while fewer than this
         fraction of device blocks is free (only to a tier with room: never dropped ahead of time).
     decode_reserve: new turns may not take the last fraction of device blocks while other turns are decoding.
+    reply_memory_tokens: `complete()` on chat messages remembers the token sequences its replies ended, up to this
+        many tokens (least recently used go first; 0 turns it off), so a stateless client's resent history keeps
+        the sampled tokens of pensieve's replies, tool calls included, and the KV computed for them
+        (engine.replies).
     """
 
     block_size: int = 16
@@ -58,9 +62,11 @@ class CacheConfig:
     swap_out_watermark: float = 0.25
     decode_reserve: float = 0.10
     share_prefixes: bool = True
+    reply_memory_tokens: int = 1 << 22
 
     def __post_init__(self) -> None:
         _require_int(self, "block_size", 1)
+        _require_int(self, "reply_memory_tokens", 0)
         _require(isinstance(self.share_prefixes, bool), f"share_prefixes must be a bool, got {self.share_prefixes!r}")
         _require_int(self, "num_device_blocks", 1, optional=True)
         _require_int(self, "num_host_blocks", 0)

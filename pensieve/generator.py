@@ -219,7 +219,7 @@ class StatefulGenerator:
 
         def admit() -> list[Future]:
             admissions = [self._engine.admission.prepare_complete(prompt, sampling, use) for prompt in rendered]
-            return [self._engine.admit(adm).future for adm in admissions]
+            return [self._admit_complete(r, adm) for r, adm in zip(rendered, admissions, strict=True)]
 
         return [self._result(f) for f in self.call(admit)]
 
@@ -264,8 +264,14 @@ class StatefulGenerator:
             failed.set_exception(error)
             return failed
         return self._submit_async(
-            lambda on: self._engine.admit(admission.prepare_complete(prompt, sampling, use), on).future, on_token
+            lambda on: self._admit_complete(prompt, admission.prepare_complete(prompt, sampling, use), on), on_token
         )
+
+    def _admit_complete(self, rendered, adm, on_token=None) -> Future:
+        """Start a prepared completion (engine thread); its replies are remembered for a resent history."""
+        future = self._engine.admit(adm, on_token).future
+        self._engine.admission.remember(rendered, adm, future)
+        return future
 
     def abort(self, target) -> bool:
         """Stop a turn that has not finished: target is its conversation id, or the Future `submit` /

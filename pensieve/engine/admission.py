@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pensieve.cache.manager import KVManager
 from pensieve.cache.tree import common_prefix
 from pensieve.config import SamplingParams
+from pensieve.engine.replies import ReplyMemory
 from pensieve.engine.turn import ResolvedSampling
 from pensieve.models.support import ModelShape
 from pensieve.structured.grammar import Grammars, tool_call_grammar
@@ -48,6 +49,7 @@ class RenderedPrompt:
 
     tokens: list[int]
     reasoning: Reasoning | None = None
+    key: bytes | None = None  # chat messages: their history key (engine.replies), to remember the replies under
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,9 @@ class CompletionId:
 
 
 class Admitter:
-    def __init__(self, model, tokenizer, shape: ModelShape, kv: KVManager) -> None:
+    def __init__(self, model, tokenizer, shape: ModelShape, kv: KVManager, replies: ReplyMemory | None = None) -> None:
         self.model = model
+        self.replies = replies if replies is not None else ReplyMemory()
         self.tokenizer = tokenizer
         self.shape = shape
         self.kv = kv
@@ -128,9 +131,17 @@ class Admitter:
     def render_complete(self, prompt, tools: ToolUse | None = None) -> RenderedPrompt:
         """A completion's prompt -> its tokens (chat messages through the chat template, with the tools). Reads only
         the tokenizer: any thread may call it. ValueError names what is wrong."""
-        tokens = render_prompt(self.tokenizer, prompt, self.check_token_ids, tools)
-        templated = isinstance(prompt[0], dict)
-        return RenderedPrompt(tokens, self.reasoning(tokens) if templated else None)
+        templated = isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+        if not templated or self.tokenizer is None:
+            return RenderedPrompt(render_prompt(self.tokenizer, prompt, self.check_token_ids, tools))
+        tokens, key = self.replies.render(self.tokenizer, check_messages(prompt), tools)
+        return RenderedPrompt(tokens, self.reasoning(tokens), key)
+
+    def remember(self, rendered: RenderedPrompt, adm: Admission, future) -> None:
+        """Remember the replies of the completion `rendered` started (`future`: its Reply) for a resent history."""
+        if rendered.key is not None and self.replies.max_tokens:
+            # copied now, right after admit: the completion's token list is its conversation's and grows by the reply
+            self.replies.remember(rendered.key, list(rendered.tokens), adm.params, future)
 
     def reasoning(self, prompt: list[int], constrained: bool = False) -> Reasoning | None:
         """How a reply to a prompt the chat template rendered splits off its reasoning (None: the template does not
@@ -271,9 +282,9 @@ def render_prompt(tokenizer, prompt, check_ids, tools: ToolUse | None = None) ->
     if not isinstance(prompt, (list, tuple)) or not prompt:
         raise ValueError(f"prompt must be a non-empty list of token ids or of chat messages, got {prompt!r:.80}")
     if not all(isinstance(m, dict) for m in prompt):
-        if tools is not None:
-            raise ValueError("tools need chat messages (text mode), not token ids")
-        return check_ids(prompt)
+        if tools is not None and tokenizer is None:
+            raise ValueError("tools need a tokenizer: pass tokenizer=")
+        return check_ids(prompt)  # with tools: the caller rendered them; calls are forced and parsed as usual
     if tokenizer is None:
         raise ValueError("chat messages need a tokenizer: pass tokenizer= or send token ids")
     check_messages(prompt)
@@ -348,6 +359,7 @@ def render_turn(
         raise ValueError(f"message must be a non-empty str, chat message(s) or list of token ids, got {msg!r:.80}")
     if text_mode:
         raise ValueError(f"conversation {conv_id!r} is in text mode; send a str or chat messages")
-    if tools is not None:
-        raise ValueError("tools need text mode (a str or chat messages), not token ids")
+    if tools is not None and tokenizer is None:
+        raise ValueError("tools need a tokenizer: pass tokenizer=")
+    # token ids with tools: the caller rendered the tools into the prompt; the calls are forced and parsed as usual
     return [*history, *check_ids(msg)], None

@@ -24,6 +24,7 @@ from pensieve.engine.admission import Admission, Admitter, CompletionId, candida
 from pensieve.engine.detokenizer import HoldBack, StopStrings, TextStream
 from pensieve.engine.graphs import CompiledForward
 from pensieve.engine.output import OutputProcessor
+from pensieve.engine.replies import ReplyMemory
 from pensieve.engine.runner import ModelRunner, default_num_blocks
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
 from pensieve.engine.turn import Candidates, ResolvedSampling, Turn, TurnAborted
@@ -80,7 +81,7 @@ class Engine:
             max_positions=shape.max_positions,
             engine_config=engine_config,
         )
-        self.admission = Admitter(model, tokenizer, shape, self.kv)
+        self.admission = Admitter(model, tokenizer, shape, self.kv, ReplyMemory(cache_config.reply_memory_tokens))
         self.output = OutputProcessor(self.kv, self.scheduler, shape.max_positions, self._spawn_candidates)
         self.num_steps = 0
 

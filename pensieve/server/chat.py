@@ -35,6 +35,8 @@ from pensieve.server.common import (
     refuse,
     sse,
     sse_data,
+    stats,
+    tool_use,
 )
 from pensieve.server.store import new_id
 from pensieve.structured.tools import ToolUse
@@ -179,7 +181,8 @@ async def chat_completions(body: ChatRequest, request: Request, s: State):
         reply = await s.run_turn(request, None, messages, sampling, None, tools)
         s.metrics.turn(reply, reply.num_new_tokens)
         choices = [_choice(s, r, i, body.logprobs) for i, r in enumerate((reply, *reply.candidates))]
-        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(reply)}
+        usage = _usage(reply)
+        return {**head, "object": "chat.completion", "choices": choices, "usage": usage, "stats": stats(reply)}
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     queue: asyncio.Queue = asyncio.Queue()
     task = detach(s.run_turn(request, None, messages, sampling, queue.put_nowait, tools))
@@ -218,7 +221,9 @@ async def _events(
             yield chunk(index, {"tool_calls": calls})
         yield chunk(index, {}, _finish_reason(r))
     if include_usage:
-        yield sse_data({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(reply)})
+        yield sse_data(
+            {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(reply), "stats": stats(reply)}
+        )
     yield "data: [DONE]\n\n"
 
 
@@ -273,16 +278,8 @@ def _structured_output(fmt: ResponseFormat | None) -> StructuredOutput | None:
 
 def _tools(body: ChatRequest) -> ToolUse | None:
     choice = body.tool_choice
-    if not body.tools:
-        if choice not in (None, "none", "auto"):
-            raise APIError(400, "tool_choice needs tools", param="tool_choice")
-        return None
-    tools = tuple(t.model_dump(exclude_none=True) for t in body.tools)
     named = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
-    try:
-        return ToolUse(tools, named or "auto", True if body.parallel_tool_calls is None else body.parallel_tool_calls)
-    except ValueError as error:
-        raise APIError(400, str(error), param="tools") from None
+    return tool_use([t.model_dump(exclude_none=True) for t in body.tools or []], named, body.parallel_tool_calls)
 
 
 def _usage(reply: Reply) -> dict:

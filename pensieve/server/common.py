@@ -18,6 +18,7 @@ from pensieve.config import SamplingParams
 from pensieve.engine.turn import Delta, Reply, TurnAborted
 from pensieve.server.metrics import Metrics
 from pensieve.server.store import Store
+from pensieve.structured.tools import ToolUse
 
 
 @dataclass(frozen=True)
@@ -127,14 +128,6 @@ class ServerState:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
-    async def render(self, messages: list[dict]) -> list[int]:
-        """The chat template over messages (on a worker thread: templating stays off the engine's thread)."""
-
-        def work() -> list[int]:
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
-
-        return await asyncio.to_thread(work)
-
     async def run_turn(self, request: Request, thread_id, prompt, sampling, on_delta=None, tools=None) -> Reply:
         """One turn, aborted if the client disconnects (checked while it runs). prompt: token ids (a thread's new
         tokens, or a whole prompt), or chat messages (a completion: rendered with `tools` on a worker thread).
@@ -200,7 +193,7 @@ class Turns:
 
         on_token = None if on_delta is None else pass_delta
         if thread_id is not None:
-            future = self.gen.submit(thread_id, prompt, sampling, on_token=on_token)
+            future = self.gen.submit(thread_id, prompt, sampling, on_token=on_token, tools=tools)
         else:  # a completion renders its prompt on the thread that submits it: a worker's, not the event loop
             submitting = asyncio.ensure_future(
                 asyncio.to_thread(self.gen.submit_complete, prompt, sampling, on_token=on_token, tools=tools)
@@ -304,6 +297,38 @@ def sse_data(data: dict) -> str:
 def cached_tokens(reply: Reply) -> int:
     """Prompt tokens whose KV was found (any tier): OpenAI's cached_tokens."""
     return reply.num_reused_device + reply.num_reused_host + reply.num_reused_disk
+
+
+def stats(reply: Reply) -> dict:
+    """What the turn cost and what the cache gave it (pensieve's own field on a response or completion)."""
+    decode_s = reply.latency_s - reply.ttft_s
+    produced = sum(len(r.token_ids) for r in (reply, *reply.candidates))
+    return {
+        "cached_tokens": {
+            "device": reply.num_reused_device,
+            "host": reply.num_reused_host,
+            "disk": reply.num_reused_disk,
+        },  # fmt: skip
+        "prefilled_tokens": reply.num_prefilled,
+        "recomputed_tokens": reply.num_recomputed,
+        "new_tokens": reply.num_new_tokens,
+        "ttft_s": round(reply.ttft_s, 6),
+        "latency_s": round(reply.latency_s, 6),
+        "output_tokens_per_s": round((produced - 1) / decode_s, 3) if produced > 1 and decode_s > 0 else None,
+    }
+
+
+def tool_use(tools: list[dict], choice, parallel: bool | None) -> ToolUse | None:
+    """A request's tools (OpenAI's chat shape) and tool_choice (None, a str, or {"type": "function", "function":
+    {"name": ...}}) -> the library's ToolUse; a bad one is a 400 naming tools."""
+    if not tools:
+        if choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        return None
+    try:
+        return ToolUse(tuple(tools), choice or "auto", True if parallel is None else parallel)
+    except ValueError as error:
+        raise APIError(400, str(error), param="tools") from None
 
 
 def content_text(content: Any) -> str:

@@ -9,26 +9,26 @@ import time
 from fastapi import APIRouter
 
 from pensieve.server import threads
-from pensieve.server.common import APIError, ServerState, State, Strict, chat_message, list_of, live
-from pensieve.server.responses import InputMessage, input_item
+from pensieve.server.common import APIError, ServerState, State, Strict, list_of, live
+from pensieve.server.responses import InputItem, input_items, messages_of
 from pensieve.server.store import ConversationRecord, Thread, new_id
 
 router = APIRouter()
 
 
 class ConversationCreate(Strict):
-    items: list[InputMessage] | None = None
+    items: list[InputItem] | None = None
     metadata: dict[str, str] | None = None
 
 
 class ItemsCreate(Strict):
-    items: list[InputMessage]
+    items: list[InputItem]
 
 
 @router.post("/v1/conversations")
 async def create_conversation(s: State, body: ConversationCreate | None = None):
     body = body or ConversationCreate()
-    items = [input_item(chat_message(m)) for m in body.items or []]
+    items = [item for m in messages_of(body.items or []) for item in input_items(m)]
     s.check_count(len(items) or 1, "items")
     record = ConversationRecord(new_id("conv"), int(time.time()), body.metadata or {}, items)
     s.store.save(record)
@@ -67,7 +67,7 @@ async def conversation_items(conversation_id: str, s: State):
 @router.post("/v1/conversations/{conversation_id}/items")
 async def add_items(conversation_id: str, body: ItemsCreate, s: State):
     record = _idle(s, conversation_id)
-    items = [input_item(chat_message(m)) for m in body.items]
+    items = [item for m in messages_of(body.items) for item in input_items(m)]
     s.check_count(len(items), "items")
     s.check_count(len(record.items) + len(items), "items in the conversation")
     record.items += items

@@ -1,7 +1,10 @@
 """`/v1/responses`: stateful. A stored response lives on a pensieve conversation (a thread, pensieve/server/threads.py)
 and a follow-up (`previous_response_id`, or a `conversation`) continues that thread's KV: only the new tokens are
-prefilled. A client that disconnects aborts its turn: none of it is kept, nothing is stored, the thread is as it
-was."""
+prefilled. The tokens pensieve sampled stay as they were — a follow-up renders only its new items after them
+(`ChatFormat.append`) when the history it continues is the one the thread's tokens end with (same messages,
+instructions and tools: `replies.history_keys`), so a function call is never re-rendered. Function tools, forced or
+free, `function_call` output items and `function_call_output` input items, `text.format` (a structured output). A
+client that disconnects aborts its turn: none of it is kept, nothing is stored, the thread is as it was."""
 
 from __future__ import annotations
 
@@ -10,11 +13,14 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import Field
+from pydantic import ConfigDict, Field, TypeAdapter
 
+from pensieve.config import StructuredOutput
+from pensieve.engine.admission import check_messages
+from pensieve.engine.replies import extend_key, history_keys
 from pensieve.engine.turn import Reply
 from pensieve.server import threads
 from pensieve.server.common import (
@@ -25,14 +31,19 @@ from pensieve.server.common import (
     Strict,
     cached_tokens,
     chat_message,
+    content_text,
     detach,
     drain,
     list_of,
     live,
+    refuse,
     sse,
+    stats,
     text_pieces,
+    tool_use,
 )
 from pensieve.server.store import ConversationRecord, ResponseRecord, Thread, new_id
+from pensieve.structured.tools import ChatFormat, ToolUse
 
 router = APIRouter()
 
@@ -45,18 +56,74 @@ class InputMessage(Strict):
     status: str | None = None
 
 
+class FunctionCallItem(Strict):
+    """A call the model made, sent back as input (a stateless client's history)."""
+
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutputItem(Strict):
+    """A tool's result for a call."""
+
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1)
+    output: str | list[ContentPart]
+    id: str | None = None
+    status: str | None = None
+
+
+InputItem = InputMessage | FunctionCallItem | FunctionCallOutputItem
+
+
+class FunctionTool(Strict):
+    type: Literal["function"]
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # forced calls follow the schema whatever it says; free calls are parsed, not forced
+
+
+class ToolChoiceFunction(Strict):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None  # the reply always follows the schema (constrained decoding)
+
+
+class TextConfig(Strict):
+    format: TextFormat | None = None
+    verbosity: str | None = None  # accepted, not used
+
+
+class StreamOptions(Strict):
+    include_obfuscation: bool | None = None  # no obfuscation padding is sent
+
+
 class ConversationRef(Strict):
     id: str
 
 
 class ResponsesRequest(Strict):
     model: str | None = None
-    input: str | list[InputMessage]
+    input: str | list[InputItem]
     instructions: str | None = None
     previous_response_id: str | None = None
     conversation: str | ConversationRef | None = None
     store: bool = True
     stream: bool = False
+    stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     max_output_tokens: int | None = Field(None, ge=1)
@@ -64,6 +131,40 @@ class ResponsesRequest(Strict):
     stop: str | list[str] | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    truncation: Literal["disabled"] | None = None  # "auto" (drop the oldest items) is not done: a 400
+    include: list[str] | None = None
+    # accepted, no effect (docs/serving.md says why)
+    reasoning: dict[str, Any] | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    # refused unless null (REFUSED says why)
+    background: bool | None = None
+    max_tool_calls: Any = None
+    top_logprobs: Any = None
+    prompt: Any = None
+    context_management: Any = None
+    moderation: Any = None
+    access_programs: Any = None
+    image: Any = None
+
+
+REFUSED = {
+    "max_tool_calls": "a limit on calls across a response's built-in tool loop does not apply: this server runs no "
+    "tools itself (each response makes at most one round of function calls)",
+    "top_logprobs": "log-probabilities are not returned on /v1/responses: use /v1/chat/completions (logprobs)",
+    "prompt": "stored prompt templates are not supported: send input and instructions",
+    "context_management": "server-side context compaction is not supported",
+    "moderation": "moderation is not supported by this server",
+    "access_programs": "programmatic tool calling is not supported: function tools only",
+    "image": "image generation is not supported: this server generates text",
+}
 
 
 @dataclass
@@ -71,7 +172,8 @@ class _Turn:
     """One response being made: where it runs and what it records."""
 
     body: ResponsesRequest
-    tokens: list[int]  # the whole rendered prompt
+    tokens: list[int]  # the whole prompt
+    key: bytes  # the history key of the prompt's messages (system, context, new) and tools
     new_messages: list[dict]
     conversation: ConversationRecord | None
     thread: Thread | None
@@ -83,28 +185,39 @@ class _Turn:
 @router.post("/v1/responses")
 async def create_response(body: ResponsesRequest, request: Request, s: State):
     s.check_model(body.model)
-    sampling = s.sampling(body.temperature, body.top_p, body.max_output_tokens, body.stop, body.seed)
+    refuse(body, REFUSED)
+    if body.background:
+        raise APIError(400, "background responses are not supported: stream instead", param="background")
+    if body.include:
+        raise APIError(400, f"include: nothing more can be included here (got {body.include})", param="include")
+    tools = _tools(body)
+    sampling = s.sampling(
+        body.temperature, body.top_p, body.max_output_tokens, body.stop, body.seed,
+        structured_output=_structured_output(body.text),
+    )  # fmt: skip
     if isinstance(body.input, str) and not body.input:
         raise APIError(400, "input is empty", param="input")
-    text_input = isinstance(body.input, str)
-    new_messages = [{"role": "user", "content": body.input}] if text_input else [chat_message(m) for m in body.input]
+    new_messages = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else messages_of(body.input)
+    if not new_messages:
+        raise APIError(400, "input has no items", param="input")
     s.check_count(len(new_messages), "input items")
     previous, conversation, context = _context(s, body)
     s.check_count(len(context) + len(new_messages), "messages in the conversation")
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
-    tokens = await s.render(system + context + new_messages)
+    after = _continued(s, previous, conversation)
+    tokens, key = await asyncio.to_thread(_render, s, system + context, new_messages, tools, after)
     keep = body.store or conversation is not None
     thread, made = await threads.claim(s.store, s.gen, previous, conversation, keep, tokens)
     delta = tokens if thread is None else await threads.cut_back(s.store, s.gen, thread, made, tokens)
     base = _base(s, body, conversation, keep)
-    turn = _Turn(body, tokens, new_messages, conversation, thread, keep, base, new_id("msg"))
+    turn = _Turn(body, tokens, key, new_messages, conversation, thread, keep, base, new_id("msg"))
 
     async def run(on_piece) -> dict:
         """The turn and its bookkeeping, as one task of its own: a client going away cancels it (its turn is
         aborted, the thread released) but never interrupts the bookkeeping half-way."""
         try:
             thread_id = thread.id if thread is not None else None
-            reply = await s.run_turn(request, thread_id, delta, sampling, text_pieces(on_piece))
+            reply = await s.run_turn(request, thread_id, delta, sampling, text_pieces(on_piece), tools)
         except BaseException:
             await threads.release(s.store, s.gen, thread, made)
             raise
@@ -115,6 +228,27 @@ async def create_response(body: ResponsesRequest, request: Request, s: State):
     return sse(_events(turn, run))
 
 
+def _tools(body: ResponsesRequest) -> ToolUse | None:
+    tools = [
+        {"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)} for t in body.tools or []
+    ]
+    choice = body.tool_choice
+    if isinstance(choice, ToolChoiceFunction):
+        choice = {"type": "function", "function": {"name": choice.name}}
+    return tool_use(tools, choice, body.parallel_tool_calls)
+
+
+def _structured_output(text: TextConfig | None) -> StructuredOutput | None:
+    fmt = text.format if text is not None else None
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return StructuredOutput(json_object=True)
+    if fmt.schema_ is None:
+        raise APIError(400, "text.format json_schema needs a schema", param="text")
+    return StructuredOutput(json=fmt.schema_)
+
+
 def _context(s: ServerState, body: ResponsesRequest) -> tuple[ResponseRecord | None, ConversationRecord | None, list]:
     """The response continued, the conversation continued, and the messages before this request's."""
     if body.conversation is not None:
@@ -122,14 +256,53 @@ def _context(s: ServerState, body: ResponsesRequest) -> tuple[ResponseRecord | N
             raise APIError(400, "give previous_response_id or conversation, not both", param="conversation")
         conv_id = body.conversation if isinstance(body.conversation, str) else body.conversation.id
         conversation = live(s.store.conversations, conv_id, "conversation")
-        return None, conversation, [item_message(item) for item in conversation.items]
+        return None, conversation, items_messages(conversation.items)
     if body.previous_response_id is not None:
         previous = live(s.store.responses, body.previous_response_id, "response")
         return previous, None, s.store.context(previous)
     return None, None, []
 
 
+def _continued(
+    s: ServerState, previous: ResponseRecord | None, conversation: ConversationRecord | None
+) -> tuple[list[int], str] | None:
+    """The tokens the turn may continue and the history key of the messages they end with (None: nothing to
+    continue): the previous response's point of its thread, or the conversation's thread."""
+    if conversation is not None:
+        thread = s.store.threads.get(conversation.id)
+        return (list(thread.tokens), thread.key) if thread is not None and thread.key else None
+    if previous is None or previous.thread_id is None or not previous.key:
+        return None
+    thread = s.store.threads.get(previous.thread_id)
+    if thread is None or len(thread.tokens) < previous.num_tokens:
+        return None
+    return thread.tokens[: previous.num_tokens], previous.key
+
+
+def _render(
+    s: ServerState, before: list[dict], new: list[dict], tools: ToolUse | None, after: tuple[list[int], str] | None
+) -> tuple[list[int], bytes]:
+    """-> (the prompt's tokens, its history key). When `after`'s tokens end with the first j messages (their key:
+    a response and its follow-up, or a conversation with items added since), they are kept and only the messages
+    after those are rendered after them; else the whole conversation is rendered."""
+    chat = ChatFormat.of(s.tokenizer)
+    messages = before + new
+    keys = history_keys(messages, tools)
+    try:
+        check_messages(messages)
+        hexes = [k.hex() for k in keys[1 : len(before) + 1]]
+        if after is not None and after[1] in hexes:
+            j = hexes.index(after[1]) + 1
+            appended = chat.append(s.tokenizer, after[0], messages[:j], messages[j:], tools)
+            if appended is not None:
+                return [*after[0], *appended], keys[-1]
+        return chat.render(s.tokenizer, messages, tools, add_generation_prompt=True), keys[-1]
+    except ValueError as error:  # the template refused the messages
+        raise APIError(400, f"input: {error}", param="input") from None
+
+
 def _base(s: ServerState, body: ResponsesRequest, conversation: ConversationRecord | None, keep: bool) -> dict:
+    choice = body.tool_choice
     return {
         "id": new_id("resp"),
         "object": "response",
@@ -143,10 +316,16 @@ def _base(s: ServerState, body: ResponsesRequest, conversation: ConversationReco
         "top_p": body.top_p,
         "max_output_tokens": body.max_output_tokens,
         "metadata": body.metadata or {},
-        "parallel_tool_calls": False,
-        "tool_choice": "none",
-        "tools": [],
-        "text": {"format": {"type": "text"}},
+        "parallel_tool_calls": True if body.parallel_tool_calls is None else body.parallel_tool_calls,
+        "tool_choice": choice.model_dump() if isinstance(choice, ToolChoiceFunction) else choice or "auto",
+        "tools": [t.model_dump() for t in body.tools or []],
+        "text": {
+            "format": (
+                body.text.format.model_dump(by_alias=True, exclude_none=True)
+                if body.text and body.text.format
+                else {"type": "text"}
+            )
+        },  # fmt: skip
         "truncation": "disabled",
         "error": None,
         "incomplete_details": None,
@@ -158,14 +337,17 @@ def _finish(s: ServerState, turn: _Turn, reply: Reply) -> dict:
     """The response object; the thread, the stored response and the conversation move on."""
     s.metrics.turn(reply, len(turn.tokens))
     prompt, completion = len(turn.tokens), len(reply.token_ids)
-    text = reply.text or ""
-    output_item = output_message(turn.message_id, text)
+    message = {"role": "assistant", "content": reply.text or ""}
+    if reply.tool_calls:
+        message["tool_calls"] = [c.message_form() for c in reply.tool_calls]
+    output = output_items(message, turn.message_id)
+    key = extend_key(turn.key, message)
     stopped = reply.finish_reason == "stop"
     response = {
         **turn.base,
         "status": "completed" if stopped else "incomplete",
         "incomplete_details": None if stopped else {"reason": "max_output_tokens"},
-        "output": [output_item],
+        "output": output,
         "usage": {
             "input_tokens": prompt,
             "input_tokens_details": {"cached_tokens": cached_tokens(reply)},
@@ -173,10 +355,12 @@ def _finish(s: ServerState, turn: _Turn, reply: Reply) -> dict:
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt + completion,
         },
+        "stats": stats(reply),
     }
     thread, conversation = turn.thread, turn.conversation
     if thread is not None:
         thread.tokens = turn.tokens + reply.token_ids
+        thread.key = key.hex()
         thread.busy = False
         s.store.save(thread)
     if turn.keep:
@@ -188,12 +372,13 @@ def _finish(s: ServerState, turn: _Turn, reply: Reply) -> dict:
             previous_response_id=turn.body.previous_response_id,
             conversation_id=conversation.id if conversation is not None else None,
             input_messages=turn.new_messages,
-            output_message={"role": "assistant", "content": text},
+            output_message=message,
             body=response,
+            key=key.hex() if thread is not None else "",
         )
         s.store.save(record)
     if conversation is not None:
-        conversation.items += [input_item(m) for m in turn.new_messages] + [output_item]
+        conversation.items += [item for m in turn.new_messages for item in input_items(m)] + output
         s.store.save(conversation)
     return response
 
@@ -205,26 +390,47 @@ async def _events(turn: _Turn, run) -> AsyncIterator[str]:
         return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': next(seq), **data})}\n\n"
 
     started = {**turn.base, "status": "in_progress", "output": [], "usage": None}
-    item = {"type": "message", "id": turn.message_id, "status": "in_progress", "role": "assistant", "content": []}
     where = {"item_id": turn.message_id, "output_index": 0, "content_index": 0}
+    empty = {"type": "output_text", "text": "", "annotations": []}
+
+    def opening() -> list[str]:
+        item = {"type": "message", "id": turn.message_id, "status": "in_progress", "role": "assistant", "content": []}
+        return [
+            event("response.output_item.added", output_index=0, item=item),
+            event("response.content_part.added", **where, part=empty),
+        ]
+
     queue: asyncio.Queue = asyncio.Queue()
     task = detach(run(queue.put_nowait))
+    opened = False
     try:
         yield event("response.created", response=started)
         yield event("response.in_progress", response=started)
-        yield event("response.output_item.added", output_index=0, item=item)
-        part = {"type": "output_text", "text": "", "annotations": []}
-        yield event("response.content_part.added", **where, part=part)
         async for piece in drain(queue, task):
+            if not opened:  # the message item opens with its first text (a reply that only calls has none)
+                opened = True
+                for e in opening():
+                    yield e
             yield event("response.output_text.delta", **where, delta=piece, logprobs=[])
         response = task.result()
     except BaseException:  # the client went away (this generator was cancelled or closed), or the turn failed
         task.cancel()  # (not awaited: a cancelled scope would cancel the wait; the task cleans up by itself)
         raise
-    content = response["output"][0]["content"][0]
-    yield event("response.output_text.done", **where, text=content["text"], logprobs=[])
-    yield event("response.content_part.done", **where, part=content)
-    yield event("response.output_item.done", output_index=0, item=response["output"][0])
+    for index, item in enumerate(response["output"]):
+        if item["type"] == "message":
+            if not opened:
+                for e in opening():
+                    yield e
+            content = item["content"][0]
+            yield event("response.output_text.done", **where, text=content["text"], logprobs=[])
+            yield event("response.content_part.done", **where, part=content)
+        else:  # a function call: whole, once the reply is parsed (its text is never streamed)
+            at = {"item_id": item["id"], "output_index": index}
+            yield event("response.output_item.added", output_index=index,
+                        item={**item, "arguments": "", "status": "in_progress"})  # fmt: skip
+            yield event("response.function_call_arguments.delta", **at, delta=item["arguments"])
+            yield event("response.function_call_arguments.done", **at, name=item["name"], arguments=item["arguments"])
+        yield event("response.output_item.done", output_index=index, item=item)
     done = "response.completed" if response["status"] == "completed" else "response.incomplete"
     yield event(done, response=response)
 
@@ -249,32 +455,61 @@ async def delete_response(response_id: str, s: State):
 @router.get("/v1/responses/{response_id}/input_items")
 async def response_input_items(response_id: str, s: State):
     record = live(s.store.responses, response_id, "response")
-    return list_of([input_item(m) for m in record.input_messages])
+    return list_of([item for m in record.input_messages for item in input_items(m)])
 
 
 # ---- items (shared with the Conversations API) ----------------------------------------------------------------------
 
-
-def input_item(message: dict) -> dict:
-    kind = "output_text" if message["role"] == "assistant" else "input_text"
-    return {
-        "type": "message",
-        "id": new_id("msg"),
-        "status": "completed",
-        "role": message["role"],
-        "content": [{"type": kind, "text": message["content"]}],
-    }
+_ITEMS = TypeAdapter(list[InputItem])
 
 
-def item_message(item: dict) -> dict:
-    return {"role": item["role"], "content": "".join(part["text"] for part in item["content"])}
+def messages_of(items: list[InputItem]) -> list[dict]:
+    """Input items -> chat messages: a function_call joins the assistant message right before it (the same reply)
+    or starts one; a function_call_output is a tool message."""
+    out: list[dict] = []
+    for item in items:
+        if isinstance(item, FunctionCallItem):
+            function = {"name": item.name, "arguments": item.arguments}
+            call = {"id": item.call_id, "type": "function", "function": function}
+            last = out[-1] if out else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif isinstance(item, FunctionCallOutputItem):
+            out.append({"role": "tool", "tool_call_id": item.call_id, "content": content_text(item.output)})
+        else:
+            out.append(chat_message(item))
+    return out
 
 
-def output_message(message_id: str, text: str) -> dict:
-    return {
-        "type": "message",
-        "id": message_id,
-        "status": "completed",
-        "role": "assistant",
-        "content": [{"type": "output_text", "text": text, "annotations": []}],
-    }
+def items_messages(items: list[dict]) -> list[dict]:
+    """Stored items (a conversation's) -> chat messages."""
+    return messages_of(_ITEMS.validate_python(items))
+
+
+def input_items(message: dict) -> list[dict]:
+    """A chat message -> the items that stand for it (an assistant's calls: function_call items)."""
+    if message["role"] == "assistant":
+        return output_items(message, new_id("msg"))
+    if message["role"] == "tool":
+        return [{"type": "function_call_output", "id": new_id("fco"), "call_id": message.get("tool_call_id", ""),
+                 "output": message["content"], "status": "completed"}]  # fmt: skip
+    content = [{"type": "input_text", "text": message["content"]}]
+    item_id = new_id("msg")
+    return [{"type": "message", "id": item_id, "status": "completed", "role": message["role"], "content": content}]
+
+
+def output_items(message: dict, message_id: str) -> list[dict]:
+    """An assistant message -> its output items: the text (unless it only calls), then one function_call a call."""
+    calls = message.get("tool_calls") or []
+    items = []
+    if message.get("content") or not calls:
+        content = [{"type": "output_text", "text": message.get("content") or "", "annotations": []}]
+        items.append({"type": "message", "id": message_id, "status": "completed", "role": "assistant",
+                      "content": content})  # fmt: skip
+    for call in calls:
+        items.append({"type": "function_call", "id": new_id("fc"), "call_id": call["id"],
+                      "name": call["function"]["name"], "arguments": call["function"]["arguments"],
+                      "status": "completed"})  # fmt: skip
+    return items

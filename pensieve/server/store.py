@@ -25,6 +25,7 @@ class Thread:
     id: str
     tokens: list[int] = field(default_factory=list)
     busy: bool = False  # a turn runs on it (not persisted)
+    key: str = ""  # the history key (engine.replies.history_keys, hex) of the messages its tokens end with
 
 
 @dataclass
@@ -38,6 +39,7 @@ class ResponseRecord:
     output_message: dict  # the assistant's reply as a chat message
     body: dict  # the Response object returned to the client
     deleted: bool = False  # deleted by the client; kept (hidden) while later responses build on it
+    key: str = ""  # the history key (hex) of the messages its thread's first num_tokens tokens end with
 
 
 @dataclass

@@ -32,6 +32,28 @@ def hf_reply(oracle, tokenizer, messages, max_new_tokens=MAX_OUT) -> str:
     return tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
 
 
+def hf_chain(oracle, tokenizer, turns, max_new_tokens=MAX_OUT) -> list[str]:
+    """The truth for a chain of stateful turns (a response and its follow-ups, a conversation's responses): each
+    turn's new messages (a str: one user message) rendered alone after the tokens sampled so far, as pensieve keeps
+    them (`ChatFormat.append`; the first turn through the whole template), HF generate over that. -> the replies."""
+    from pensieve.structured.tools import ChatFormat
+
+    chat = ChatFormat.of(tokenizer)
+    tokens, messages, replies = [], [], []
+    for turn in turns:
+        new = [{"role": "user", "content": turn}] if isinstance(turn, str) else list(turn)
+        appended = chat.append(tokenizer, tokens, messages, new, None) if messages else None
+        tokens = tokens + appended if appended is not None else chat.render(tokenizer, messages + new, None, True)
+        ids = torch.tensor([tokens])
+        with torch.no_grad():
+            out = oracle.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  do_sample=False)[0, len(tokens):].tolist()  # fmt: skip
+        replies.append(tokenizer.decode(out, skip_special_tokens=True))
+        tokens = tokens + out
+        messages += [*new, {"role": "assistant", "content": replies[-1]}]
+    return replies
+
+
 def abort_mid_stream(server, key: str | None, previous_id: str) -> str:
     """Start a long streamed follow-up of previous_id and go away after two text deltas; wait until the server has
     released the thread. -> the aborted response's id."""

@@ -137,7 +137,8 @@ def test_a_tool_loop_plain_and_streamed(client, reference):
                                             tools=[WEATHER])  # fmt: skip
     expected = reference.complete(history, SamplingParams(max_new_tokens=6, temperature=0), tools=[WEATHER])
     assert answer.choices[0].message.content == expected.text
-    assert answer.usage.prompt_tokens_details.cached_tokens > 0
+    # the server remembered the call's sampled tokens: everything up to the result is cached (prefill <= new + 1)
+    assert answer.usage.prompt_tokens_details.cached_tokens >= out.usage.prompt_tokens + out.usage.completion_tokens - 1
 
 
 def test_a_streamed_request_refused_at_admission_is_a_400(client):
@@ -145,3 +146,119 @@ def test_a_streamed_request_refused_at_admission_is_a_400(client):
                                                   "response_format": {"type": "json_object"}}):  # fmt: skip
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=4, stream=True, **extra)
+
+
+# ---- the Responses API with tools --------------------------------------------------------------------------------
+
+FLAT = {"type": "function", **WEATHER["function"]}  # the Responses API's tool shape
+FORCE = {"type": "function", "name": "get_weather"}
+
+
+def test_a_responses_tool_loop_continues_the_thread_in_place(client, reference):
+    sp = SamplingParams(max_new_tokens=100, temperature=0)
+    first = client.responses.create(model="tiny", input="Weather in Paris?", tools=[FLAT], tool_choice=FORCE,
+                                    temperature=0, max_output_tokens=100)  # fmt: skip
+    (call,) = [item for item in first.output if item.type == "function_call"]
+    assert [item.type for item in first.output] == ["function_call"] and first.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
+    expected = reference.generate("resp", "Weather in Paris?", sp, tools=[WEATHER], tool_choice=NAMED)
+    assert (call.name, call.arguments) == (expected.tool_calls[0].name, expected.tool_calls[0].arguments)
+    assert call.call_id.startswith("call_") and call.id.startswith("fc_")
+    # the result continues the thread in place: only it and the generation prompt are prefilled
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp": 18}'}
+    second = client.responses.create(model="tiny", input=[result], previous_response_id=first.id, tools=[FLAT],
+                                     temperature=0, max_output_tokens=6)  # fmt: skip
+    tool_message = {"role": "tool", "tool_call_id": call.call_id, "content": '{"temp": 18}'}
+    answer = reference.generate("resp", tool_message, SamplingParams(max_new_tokens=6, temperature=0), tools=[WEATHER])
+    assert second.output_text == answer.text
+    total = first.usage.input_tokens + first.usage.output_tokens
+    assert second.usage.input_tokens_details.cached_tokens == total - 1
+    stats = second.model_extra["stats"]
+    assert stats["prefilled_tokens"] == second.usage.input_tokens - total + 1 == answer.num_new_tokens + 1
+    # the stored chain reads back with the call and its result as items
+    items = client.responses.input_items.list(second.id).data
+    assert [i.type for i in items] == ["function_call_output"]
+    assert client.responses.retrieve(first.id).output[0].arguments == call.arguments
+    reference.end("resp")
+
+
+def test_responses_streamed_function_call_events(client):
+    events = list(client.responses.create(model="tiny", input="Weather in Oslo?", tools=[FLAT], tool_choice=FORCE,
+                                          temperature=0, max_output_tokens=100, stream=True))  # fmt: skip
+    kinds = [e.type for e in events]
+    assert "response.output_text.delta" not in kinds  # a call's text is never streamed
+    assert kinds[-5:] == ["response.output_item.added", "response.function_call_arguments.delta",
+                          "response.function_call_arguments.done", "response.output_item.done",
+                          "response.completed"]  # fmt: skip
+    done = events[-1].response
+    (call,) = done.output
+    delta = next(e for e in events if e.type == "response.function_call_arguments.delta")
+    assert delta.delta == call.arguments and delta.item_id == call.id and delta.output_index == 0
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    usage = done.usage  # (the system prompt with the tools is shared with earlier requests through the prompt tree)
+    assert (
+        done.model_extra["stats"]["prefilled_tokens"] == usage.input_tokens - usage.input_tokens_details.cached_tokens
+    )
+
+
+def test_stateless_responses_items_and_text_format(client, reference):
+    """A client that keeps the history itself sends the call and its result back as items (store: false)."""
+    items = [
+        {"type": "message", "role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": '{"temp": 18}'},
+    ]  # fmt: skip
+    out = client.responses.create(model="tiny", input=items, tools=[FLAT], store=False, temperature=0,
+                                  max_output_tokens=6)  # fmt: skip
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": items[1]["arguments"]}}
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 18}'}]  # fmt: skip
+    expected = reference.complete(messages, SamplingParams(max_new_tokens=6, temperature=0), tools=[WEATHER])
+    assert out.output_text == expected.text
+    schema = {
+        "type": "object",
+        "properties": {"a": {"enum": [1, 2]}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    fmt = {"format": {"type": "json_schema", "name": "a", "schema": schema, "strict": True}}
+    shaped = client.responses.create(model="tiny", input="Give me a.", text=fmt, temperature=0, max_output_tokens=40)
+    jsonschema.validate(json.loads(shaped.output_text), schema)
+    assert shaped.text.format.type == "json_schema"
+
+
+def test_a_conversation_keeps_function_items(client, served):
+    conv = client.conversations.create(items=[{"type": "message", "role": "user", "content": "Weather in Oslo?"}])
+    first = client.responses.create(model="tiny", input="Now.", conversation=conv.id, tools=[FLAT], tool_choice=FORCE,
+                                    temperature=0, max_output_tokens=100)  # fmt: skip
+    (call,) = first.output
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "-3"}
+    second = client.responses.create(model="tiny", input=[result], conversation=conv.id, tools=[FLAT], temperature=0,
+                                     max_output_tokens=4)  # fmt: skip
+    types = [i.type for i in client.conversations.items.list(conv.id).data]
+    assert types == ["message", "message", "function_call", "function_call_output", "message"]
+    total = first.usage.input_tokens + first.usage.output_tokens
+    assert second.usage.input_tokens_details.cached_tokens == total - 1  # the thread continued in place
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [FLAT], "tool_choice": {"type": "function", "name": "nope"}}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"include": ["reasoning.encrypted_content"]}, "include"),
+        ({"max_tool_calls": 2}, "max_tool_calls"),
+        ({"background": True}, "background"),
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text"),
+        ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}]}, "input"),
+    ],
+)
+def test_bad_responses_requests_are_400s_naming_the_field(client, served, extra, param):
+    server = served[1]
+    before = (len(server.store.responses), len(server.store.threads), sorted(served[0].conversations()))
+    body = {"model": "tiny", "input": "hi", "max_output_tokens": 2, **extra}
+    with pytest.raises(openai.BadRequestError) as error:
+        client.responses.create(**body)
+    assert error.value.body["param"] == param
+    assert (len(server.store.responses), len(server.store.threads), sorted(served[0].conversations())) == before

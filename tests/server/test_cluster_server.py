@@ -7,7 +7,7 @@ import functools
 
 import pytest
 
-from tests.server.common import MAX_OUT, abort_mid_stream, follow_up_history, hf_reply, make_model, tiny_chat_model
+from tests.server.common import MAX_OUT, abort_mid_stream, hf_chain, hf_reply, make_model, tiny_chat_model
 from tests.tiny import oracle_copy
 
 openai = pytest.importorskip("openai")
@@ -38,19 +38,18 @@ def test_responses_and_chat_through_a_cluster(cluster_server, tokenizer):
     cluster, server = cluster_server
     oracle = oracle_copy(make_model(tokenizer))
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-    history, previous = [], None
-    for text in ["Hello there", "Tell me about cats", "And dogs?"]:
+    turns, texts, previous = ["Hello there", "Tell me about cats", "And dogs?"], [], None
+    for text in turns:
         response = client.responses.create(model="tiny", input=text, previous_response_id=previous, **GREEDY)
-        history.append({"role": "user", "content": text})
-        assert response.output_text == hf_reply(oracle, tokenizer, history)
         if previous is not None:
             assert response.usage.input_tokens_details.cached_tokens > 0
-        history.append({"role": "assistant", "content": response.output_text})
+        texts.append(response.output_text)
         previous = response.id
+    assert texts == hf_chain(oracle, tokenizer, turns)
     branch = client.responses.create(model="tiny", input="Birds?", previous_response_id=previous, **GREEDY)
     fork = client.responses.create(model="tiny", input="Fish?", previous_response_id=previous, **GREEDY)
-    assert branch.output_text == hf_reply(oracle, tokenizer, [*history, {"role": "user", "content": "Birds?"}])
-    assert fork.output_text == hf_reply(oracle, tokenizer, [*history, {"role": "user", "content": "Fish?"}])
+    assert branch.output_text == hf_chain(oracle, tokenizer, [*turns, "Birds?"])[-1]
+    assert fork.output_text == hf_chain(oracle, tokenizer, [*turns, "Fish?"])[-1]
     messages = [{"role": "user", "content": "Name a color."}]
     pieces = [
         chunk.choices[0].delta.content or ""
@@ -83,6 +82,5 @@ def test_disconnect_aborts_on_the_instance(cluster_server, tokenizer):
     assert server.store.threads[thread].tokens == before
     assert completed() == turns_before  # aborted on its instance, not run to its end
     after = client.responses.create(model="tiny", input="Go on", previous_response_id=base.id, **GREEDY)
-    history = follow_up_history("Start here", base.output_text, "Go on")
-    assert after.output_text == hf_reply(oracle, tokenizer, history)
+    assert [base.output_text, after.output_text] == hf_chain(oracle, tokenizer, ["Start here", "Go on"])
     cluster.check_integrity()

@@ -120,3 +120,68 @@ def test_every_chat_row_once(client):
             assert chunks and chunks[-1].choices == [] if field == "stream_options" else chunks[-1].choices, field
         else:
             assert out.choices and out.choices[0].finish_reason in ("stop", "length"), field
+
+
+FLAT = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}, "strict": False}
+RESPONSES_EXAMPLES = {  # one value a client may send for each Responses field (the request has model, input too)
+    "input": None,
+    "model": None,
+    "max_output_tokens": None,
+    "access_programs": {"access_programs": [{"type": "code"}]},
+    "background": {"background": True},
+    "context_management": {"context_management": [{"type": "compaction"}]},
+    "conversation": "conversation",
+    "image": {"image": {"prompt": "a cat"}},
+    "include": {"include": ["message.output_text.logprobs"]},
+    "instructions": {"instructions": "Be brief."},
+    "max_tool_calls": {"max_tool_calls": 3},
+    "metadata": {"metadata": {"k": "v"}},
+    "moderation": {"moderation": {"model": "omni-moderation-latest"}},
+    "parallel_tool_calls": {"tools": [FLAT], "parallel_tool_calls": False},
+    "previous_response_id": "previous_response_id",
+    "prompt": {"prompt": {"id": "pmpt_1"}},
+    "prompt_cache_key": {"prompt_cache_key": "k"},
+    "prompt_cache_options": {"prompt_cache_options": {"mode": "implicit"}},
+    "prompt_cache_retention": {"prompt_cache_retention": "24h"},
+    "reasoning": {"reasoning": {"effort": "low"}},
+    "safety_identifier": {"safety_identifier": "s-1"},
+    "service_tier": {"service_tier": "auto"},
+    "store": {"store": False},
+    "stream": {"stream": True},
+    "stream_options": {"stream": True, "stream_options": {"include_obfuscation": False}},
+    "temperature": {"temperature": 0.7, "extra_body": {"seed": 1}},
+    "text": {"text": {"format": {"type": "json_object"}, "verbosity": "low"}},
+    "tool_choice": {"tools": [FLAT], "tool_choice": {"type": "function", "name": "get_weather"}},
+    "tools": {"tools": [FLAT]},
+    "top_logprobs": {"top_logprobs": 2},
+    "top_p": {"top_p": 0.5},
+    "truncation": {"truncation": "disabled"},
+    "user": {"user": "u-1"},
+}
+
+
+def test_every_responses_row_once(client):
+    rows = {field: status for (e, field), status in table().items() if e == "responses"}
+    assert set(rows) == set(RESPONSES_EXAMPLES)
+    anchor = client.responses.create(model="tiny", input="Hi", max_output_tokens=2)
+    conversation = client.conversations.create()
+    links = {
+        "previous_response_id": {"previous_response_id": anchor.id},
+        "conversation": {"conversation": conversation.id},
+    }
+    for field, status in rows.items():
+        extra = RESPONSES_EXAMPLES[field] or {}
+        extra = links.get(extra, extra) if isinstance(extra, str) else extra
+        call = lambda: client.responses.create(model="tiny", input="Hi", max_output_tokens=2, **extra)  # noqa: B023, E731
+        if status == "refused":
+            with pytest.raises(openai.BadRequestError) as refused:
+                call()
+            error = refused.value.body
+            assert field in error["message"] and error["param"] == field, (field, error)
+            continue
+        out = call()
+        if extra.get("stream"):
+            events = list(out)
+            assert events[-1].type in ("response.completed", "response.incomplete"), field
+        else:
+            assert out.status in ("completed", "incomplete") and out.output, field

@@ -9,7 +9,7 @@ import concurrent.futures as cf
 import pytest
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator
-from tests.server.common import MAX_OUT, abort_mid_stream, follow_up_history, hf_reply, make_model
+from tests.server.common import MAX_OUT, abort_mid_stream, hf_chain, hf_reply, make_model
 from tests.tiny import oracle_copy
 
 openai = pytest.importorskip("openai")
@@ -98,24 +98,25 @@ TURNS = ["Hello there", "Tell me about cats", "And dogs?", "Thanks, bye"]
 
 def test_responses_chain_equals_stateful_generator(client, reference, tokenizer):
     sp = SamplingParams(max_new_tokens=MAX_OUT, temperature=0)
-    previous, last_total, messages = None, 0, []
+    previous, last_total = None, 0
     for i, text in enumerate(TURNS):
         response = client.responses.create(model="tiny", input=text, previous_response_id=previous, **GREEDY)
-        # the server renders the whole chain with the template each turn (unlike the library's text mode, which
-        # appends to the sampled tokens: issue 34 brings that to the server): the same tokens as a completion
-        messages.append({"role": "user", "content": text})
-        expected = reference.complete(messages, sp)
-        messages.append({"role": "assistant", "content": expected.text})
+        # each follow-up is rendered alone after the tokens sampled before, as the library's text mode does
+        expected = reference.generate("chain", text, sp)
         assert response.output_text == expected.text, i
         assert response.id.startswith("resp_") and len(response.id) == len("resp_") + 32
         usage = response.usage
-        if i:
-            # the previous turns' KV is reused: all of it up to where the re-rendered reply text tokenizes
-            # differently from the sampled tokens (a random model's replies often do), at block granularity
-            assert last_total - 1 - 16 <= usage.input_tokens_details.cached_tokens <= last_total - 1
+        assert usage.input_tokens == len(reference.engine.kv.conversations["chain"].tokens) - len(expected.token_ids)
+        if i:  # all of the previous turns' KV is reused
+            assert usage.input_tokens_details.cached_tokens == last_total - 1
+        stats = response.model_extra["stats"]
+        assert stats["prefilled_tokens"] == usage.input_tokens - usage.input_tokens_details.cached_tokens
+        assert stats["cached_tokens"]["device"] == usage.input_tokens_details.cached_tokens
+        assert stats["ttft_s"] > 0 and stats["recomputed_tokens"] == 0
         last_total = usage.input_tokens + usage.output_tokens
         previous = response.id
     assert client.responses.retrieve(previous).output_text == response.output_text
+    reference.end("chain")
 
 
 def test_responses_streamed_and_branching(client, reference, tokenizer, served):
@@ -135,7 +136,7 @@ def test_responses_streamed_and_branching(client, reference, tokenizer, served):
         {"role": "assistant", "content": first.output_text},
         {"role": "user", "content": "Why?"},
     ]
-    assert done.output_text == hf_reply(oracle, tokenizer, history)
+    assert done.output_text == hf_reply(oracle, tokenizer, history)  # rendered whole: the system message went
     # a second follow-up of `first`: a branch (fork), its own history
     branch = client.responses.create(model="tiny", input="Another one", previous_response_id=first.id, **GREEDY)
     history_b = [*history[:2], {"role": "user", "content": "Another one"}]
@@ -143,8 +144,9 @@ def test_responses_streamed_and_branching(client, reference, tokenizer, served):
     assert branch.usage.input_tokens_details.cached_tokens > 0
     # and the first branch continues as before
     more = client.responses.create(model="tiny", input="Go on", previous_response_id=done.id, **GREEDY)
-    history_c = [*history, {"role": "assistant", "content": done.output_text}, {"role": "user", "content": "Go on"}]
-    assert more.output_text == hf_reply(oracle, tokenizer, history_c)
+    # the same instructions (none): "Go on" is rendered alone after the tokens sampled for `done`
+    assert [done.output_text, more.output_text] == hf_chain(oracle, tokenizer, [history, "Go on"])
+    assert more.usage.input_tokens_details.cached_tokens == done.usage.input_tokens + done.usage.output_tokens - 1
     integrity(served[0])
 
 
@@ -175,17 +177,15 @@ def test_conversations_api(client, served, tokenizer):
     )
     assert conv.id.startswith("conv_") and client.conversations.retrieve(conv.id).metadata == {"topic": "intro"}
     r1 = client.responses.create(model="tiny", input="What is my name?", conversation=conv.id, **GREEDY)
-    messages = [{"role": "user", "content": "Hi, I am Ann."}, {"role": "user", "content": "What is my name?"}]
-    assert r1.output_text == hf_reply(oracle, tokenizer, messages)
     client.conversations.items.create(conv.id, items=[{"type": "message", "role": "user", "content": "Really?"}])
     r2 = client.responses.create(model="tiny", input="Say it again.", conversation=conv.id, **GREEDY)
-    messages += [
-        {"role": "assistant", "content": r1.output_text},
-        {"role": "user", "content": "Really?"},
-        {"role": "user", "content": "Say it again."},
+    # the item added between the responses and the new input are rendered after the tokens sampled for r1
+    turns = [
+        [{"role": "user", "content": "Hi, I am Ann."}, {"role": "user", "content": "What is my name?"}],
+        [{"role": "user", "content": "Really?"}, {"role": "user", "content": "Say it again."}],
     ]
-    assert r2.output_text == hf_reply(oracle, tokenizer, messages)
-    assert r2.usage.input_tokens_details.cached_tokens >= r1.usage.input_tokens  # the conversation's KV
+    assert [r1.output_text, r2.output_text] == hf_chain(oracle, tokenizer, turns)
+    assert r2.usage.input_tokens_details.cached_tokens == r1.usage.input_tokens + r1.usage.output_tokens - 1
     items = client.conversations.items.list(conv.id)
     assert [i.role for i in items.data] == ["user", "user", "assistant", "user", "user", "assistant"]
     client.conversations.delete(conv.id)
@@ -228,9 +228,8 @@ def test_disconnect_mid_stream_keeps_none_of_the_turn(client, served, tokenizer)
     integrity(gen)
     # the next turn continues from `base` exactly, with its KV reused
     after = client.responses.create(model="tiny", input="Go on", previous_response_id=base.id, **GREEDY)
-    history = follow_up_history("Start here", base.output_text, "Go on")
-    assert after.output_text == hf_reply(oracle, tokenizer, history)
-    assert after.usage.input_tokens_details.cached_tokens >= len(tokens_before) - 1
+    assert [base.output_text, after.output_text] == hf_chain(oracle, tokenizer, ["Start here", "Go on"])
+    assert after.usage.input_tokens_details.cached_tokens == len(tokens_before) - 1
 
 
 def test_bad_input_is_refused_and_changes_nothing(client, served):
@@ -362,17 +361,12 @@ def test_restart_on_the_same_disk_dir_continues(tokenizer, tmp_path):
         c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
         assert c.responses.retrieve(first.id).output_text == first.output_text
         after = c.responses.create(model="tiny", input="Which word?", previous_response_id=first.id, **GREEDY)
-        history = follow_up_history("Remember the word apple", first.output_text, "Which word?")
-        assert after.output_text == hf_reply(oracle, tokenizer, history)
+        expected = hf_chain(oracle, tokenizer, ["Remember the word apple", "Which word?"])
+        assert [first.output_text, after.output_text] == expected
         assert after.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens  # from the disk tier
         more = c.responses.create(model="tiny", input="And now?", conversation=conv.id, **GREEDY)
-        history = [
-            {"role": "user", "content": "Hello"},
-            {"role": "user", "content": "Hi again"},
-            {"role": "assistant", "content": in_conv.output_text},
-            {"role": "user", "content": "And now?"},
-        ]
-        assert more.output_text == hf_reply(oracle, tokenizer, history)
+        turns = [[{"role": "user", "content": "Hello"}, {"role": "user", "content": "Hi again"}], "And now?"]
+        assert [in_conv.output_text, more.output_text] == hf_chain(oracle, tokenizer, turns)
         assert more.usage.input_tokens_details.cached_tokens >= in_conv.usage.input_tokens
         integrity(gen)
     finally:

@@ -7,10 +7,8 @@ import copy
 from pathlib import Path
 
 import pytest
-import transformers as tf
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator, StructuredOutput
-from pensieve.models.smollm2 import GGUF_NAME, smollm2_path
 from tests.structured.grammar_oracle import hf_constrained
 from tests.tiny import drive, oracle_copy, tiny_model
 
@@ -27,11 +25,6 @@ OPENS = THINKING.replace(
     "{%- if add_generation_prompt %}<|im_start|>assistant\n<think>\n",
 )
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
-
-
-@pytest.fixture(scope="module")
-def smol_tokenizer():
-    return tf.AutoTokenizer.from_pretrained(smollm2_path(), gguf_file=GGUF_NAME)
 
 
 def with_template(tokenizer, template):

@@ -9,10 +9,8 @@ import json
 
 import jsonschema
 import pytest
-import transformers as tf
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator
-from pensieve.models.smollm2 import GGUF_NAME, smollm2_path
 from pensieve.structured.grammar import tool_call_grammar
 from pensieve.structured.tools import ChatFormat
 from tests.structured.grammar_oracle import hf_constrained
@@ -54,11 +52,6 @@ WEATHER = {
 }
 CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 TOOLS = [WEATHER, CLOCK]
-
-
-@pytest.fixture(scope="module")
-def smol_tokenizer():
-    return tf.AutoTokenizer.from_pretrained(smollm2_path(), gguf_file=GGUF_NAME)
 
 
 def family(smol_tokenizer, template, specials=()):

@@ -4,26 +4,21 @@ conversation appended to the sampled tokens (the call is not re-rendered), check
 same tokens (float64 tiny models over SmolLM2's tokenizer).
 """
 
-import copy
 import json
-from pathlib import Path
 
 import jsonschema
 import pytest
 import torch
-import transformers as tf
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator, StructuredOutput
 from pensieve.engine.detokenizer import TextStream
-from pensieve.models.smollm2 import GGUF_NAME, smollm2_path
 from pensieve.structured.grammar import tool_call_grammar
 from pensieve.structured.tools import ChatFormat, ToolUse
 from tests.structured.grammar_oracle import hf_constrained
-from tests.tiny import oracle_copy, tiny_model
+from tests.tiny import oracle_copy
 
 pytest.importorskip("xgrammar")
 
-TEMPLATE = (Path(__file__).parents[1] / "fixtures" / "hermes_tools.jinja").read_text()
 WEATHER = {
     "type": "function",
     "function": {
@@ -46,25 +41,6 @@ CLOCK = {
 }
 TOOLS = [WEATHER, CLOCK]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-
-
-@pytest.fixture(scope="module")
-def smol_tokenizer():
-    return tf.AutoTokenizer.from_pretrained(smollm2_path(), gguf_file=GGUF_NAME)
-
-
-@pytest.fixture(scope="module")
-def hermes_tokenizer(smol_tokenizer):
-    tok = copy.deepcopy(smol_tokenizer)
-    tok.chat_template = TEMPLATE
-    return tok
-
-
-@pytest.fixture(scope="module")
-def model(smol_tokenizer):
-    model = tiny_model("llama", vocab=len(smol_tokenizer), seed=7)
-    model.generation_config.eos_token_id = smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
-    return model
 
 
 def hf_reply(oracle, ids: list[int], max_new_tokens: int) -> list[int]:
@@ -217,9 +193,11 @@ def test_bad_tools_are_named_and_change_nothing(model, hermes_tokenizer, kwargs,
         with pytest.raises(ValueError, match="a str 'role' and a str 'content'"):
             gen.generate("c", {"role": "tool", "content": 3})
         assert tokens_of(gen, "c") == before
-        with pytest.raises(ValueError, match="tools need text mode"):
-            gen.generate("raw", [1, 2, 3], tools=TOOLS)
         gen.check_integrity()
+    with StatefulGenerator(model, None, CacheConfig(block_size=8, num_device_blocks=64)) as gen:
+        with pytest.raises(ValueError, match="tools need a tokenizer"):
+            gen.generate("raw", [1, 2, 3], tools=TOOLS)
+        assert gen.conversations() == []
     assert ToolUse(tuple(TOOLS)).forced is None and ToolUse(tuple(TOOLS), "required").forced == [
         "get_weather",
         "get_time",
@@ -290,4 +268,19 @@ def test_tools_given_or_changed_on_a_later_turn_reach_the_prompt(model, smol_tok
         reply = gen.generate("a", "Bye", sp)  # tools gone: rendered whole, without them
         assert prompt_of(gen, reply) == rendered(gen, None)
         assert "<tools>" not in smol_tokenizer.decode(prompt_of(gen, reply))
+        gen.check_integrity()
+
+
+def test_token_id_turns_force_and_parse_calls_the_caller_rendered(model, hermes_tokenizer):
+    """A raw token turn with tools (the caller rendered them into the prompt, as the server's Responses threads do):
+    the same forced call, parsed, and the same tokens as the text-mode turn."""
+    sp = SamplingParams(max_new_tokens=80, temperature=0)
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    with StatefulGenerator(model, hermes_tokenizer, CacheConfig(block_size=8, num_device_blocks=256)) as gen:
+        text = gen.generate("text", msgs, sp, tools=TOOLS, tool_choice="required")
+        ids = ChatFormat.of(hermes_tokenizer).render(hermes_tokenizer, msgs, ToolUse(tuple(TOOLS)), True)
+        raw = gen.generate("raw", ids, sp, tools=TOOLS, tool_choice="required")
+        assert raw.token_ids == text.token_ids and raw.text == ""
+        assert [(c.name, c.arguments) for c in raw.tool_calls] == [(c.name, c.arguments) for c in text.tool_calls]
+        assert tokens_of(gen, "raw") == tokens_of(gen, "text")
         gen.check_integrity()
