@@ -25,6 +25,8 @@ class Capabilities:
     disk_tier: bool  # conversations are stored on disk and survive a restart (CacheConfig.disk_dir)
     streamed_complete: bool  # submit_complete's on_token sees deltas as tokens are sampled, and abort stops it
     num_instances: int = 1  # engines serving (a Cluster's live instances)
+    max_model_len: int | None = None  # the model's positions (a conversation's tokens + its reply)
+    vocab_size: int | None = None  # token ids are in [0, vocab_size)
 
 
 class Stream(Iterator, Protocol):

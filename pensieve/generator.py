@@ -94,7 +94,9 @@ class StatefulGenerator:
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(disk_tier=self._engine.kv.disk is not None, streamed_complete=True)
+        shape = self._engine.admission.shape
+        return Capabilities(disk_tier=self._engine.kv.disk is not None, streamed_complete=True,
+                            max_model_len=shape.max_positions, vocab_size=shape.vocab_size)  # fmt: skip
 
     @property
     def engine(self):

@@ -36,7 +36,10 @@ def test_a_generator_is_a_generator_and_says_what_it_can_do(tmp_path):
     model = tiny_model("llama", seed=0)
     with StatefulGenerator(model, None, CacheConfig(block_size=4, num_device_blocks=16)) as gen:
         assert isinstance(gen, Generator)
-        assert gen.capabilities == Capabilities(disk_tier=False, streamed_complete=True)
+        shape = model.config
+        assert gen.capabilities == Capabilities(disk_tier=False, streamed_complete=True,
+                                                max_model_len=shape.max_position_embeddings,
+                                                vocab_size=shape.vocab_size)  # fmt: skip
     config = CacheConfig(block_size=4, num_device_blocks=16, disk_dir=str(tmp_path))
     with StatefulGenerator(model, None, config) as gen:
         assert gen.capabilities.disk_tier

@@ -165,7 +165,8 @@ class Cluster:
     @property
     def capabilities(self) -> Capabilities:
         """No disk tier yet (the driver keeps the record); a completion is not streamed by its instance."""
-        return Capabilities(disk_tier=False, streamed_complete=False, num_instances=len(self.alive))
+        return Capabilities(disk_tier=False, streamed_complete=False, num_instances=len(self.alive),
+                            max_model_len=self._max_positions, vocab_size=self._vocab)  # fmt: skip
 
     def generate(
         self,

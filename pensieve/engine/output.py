@@ -97,8 +97,9 @@ class OutputProcessor:
         reasoning = None if turn.text is None else turn.text.reasoning_text
         parsed = None if turn.tool_text is None else turn.tool_text.parsed
         calls = () if parsed is None else parsed.tool_calls
+        dropped = 0
         if calls and not turn.tools.parallel:
-            calls = calls[:1]
+            calls, dropped = calls[:1], len(calls) - 1
         new_messages = None
         if conv.messages is not None:
             message = {"role": "assistant", "content": text}
@@ -109,7 +110,7 @@ class OutputProcessor:
             new_messages = [*turn.new_messages(conv.messages), message]
         self.kv.end_turn(conv, None if new_messages is None else new_messages[-1])
         self.kv.log_turn(conv, turn.history_kept, new_messages)
-        reply = _reply(turn, reason, text, calls, reasoning)
+        reply = dataclasses.replace(_reply(turn, reason, text, calls, reasoning), tool_calls_dropped=dropped)
         if not conv.stored:  # a completion: its full chunks stay in the prompt tree, the conversation goes
             self.kv.remove(conv.conv_id)
         return reply

@@ -125,7 +125,7 @@ class ReplyMemory:
 
     def remember(self, key: bytes, prompt: list[int], params: ResolvedSampling, future: Future) -> None:
         """Once the completion behind `future` ends, remember each of its replies under key + its message. A reply a
-        stop string ended is not: its tokens hold text the client never saw (the stop string)."""
+        stop string ended is not, nor one whose extra calls were dropped: its tokens hold what the client never saw."""
 
         def done(f: Future) -> None:
             if f.cancelled() or f.exception() is not None:
@@ -134,6 +134,8 @@ class ReplyMemory:
             for reply in (first, *first.candidates):
                 by_string = reply.finish_reason == "stop" and params.stop and params.grammar is None
                 if by_string and not (reply.token_ids and reply.token_ids[-1] in params.stop_token_ids):
+                    continue
+                if reply.tool_calls_dropped:  # (parallel_tool_calls false) the tokens hold calls the client never got
                     continue
                 self.put(extend_key(key, reply_message(reply)), [*prompt, *reply.token_ids])
 

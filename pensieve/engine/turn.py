@@ -115,6 +115,7 @@ class Reply:
     candidates: tuple[Reply, ...] = ()  # with SamplingParams.n > 1: candidates 1 .. n-1 (conv ids `<conv_id>/<i>`)
     tool_calls: tuple[ToolCall, ...] = ()  # the calls the reply makes (turns with tools); their text is not in `text`
     reasoning: str | None = None  # the reply's <think> block (a template that thinks), when it has one: not in text
+    tool_calls_dropped: int = 0  # calls parsed beyond the first and dropped (parallel_tool_calls=False)
 
 
 _arrivals = itertools.count()

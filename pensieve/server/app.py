@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 
 from pensieve.api import Generator
-from pensieve.server import chat, completions, conversations, models, responses
+from pensieve.server import chat, completions, conversations, models, responses, tokens
 from pensieve.server.common import APIError, ClientGone, ServerConfig, ServerState, error_response
 from pensieve.server.store import Store
 
@@ -28,11 +28,13 @@ __all__ = ["ServerConfig", "create_app"]
 def create_app(gen: Generator, tokenizer, store: Store | None = None, config: ServerConfig | None = None) -> FastAPI:
     """The API over `gen` (a Generator whose engine a thread drives: `gen.serve`)."""
     s = ServerState(gen, tokenizer, store or Store(), config or ServerConfig())
-    app = FastAPI(title="pensieve", docs_url=None, redoc_url=None, openapi_url=None)
+    # /openapi.json is served; Swagger UI and ReDoc are not (they load their assets from a CDN)
+    app = FastAPI(title="pensieve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.pensieve = s
     _guard(app, s)
     _error_handlers(app)
-    for router in (models.router, chat.router, completions.router, responses.router, conversations.router):
+    routers = (models.router, chat.router, completions.router, responses.router, conversations.router, tokens.router)
+    for router in routers:
         app.include_router(router)
     return app
 

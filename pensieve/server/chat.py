@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from pensieve.config import StructuredOutput
 from pensieve.engine.turn import Delta, Reply, TokenLogprob
@@ -108,8 +109,15 @@ class StreamOptions(Strict):
 
 
 class ChatRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Weather in Paris?"}],
+        "max_tokens": 4, "temperature": 0, "n": 2, "logprobs": True, "top_logprobs": 2, "stream": True,
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+                   "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
+        "tool_choice": "required", "stream_options": {"include_usage": True},
+    }]})  # fmt: skip
     model: str | None = None
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(min_length=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
@@ -147,11 +155,11 @@ class ChatRequest(Strict):
     prediction: dict[str, Any] | None = None
     modalities: list[Literal["text"]] | None = None
     # refused unless null (REFUSED says why)
-    audio: Any = None
-    web_search_options: Any = None
-    functions: Any = None
-    function_call: Any = None
-    moderation: Any = None
+    audio: SkipJsonSchema[Any] = None
+    web_search_options: SkipJsonSchema[Any] = None
+    functions: SkipJsonSchema[Any] = None
+    function_call: SkipJsonSchema[Any] = None
+    moderation: SkipJsonSchema[Any] = None
 
 
 REFUSED = {
@@ -167,7 +175,7 @@ REFUSED = {
 async def chat_completions(body: ChatRequest, request: Request, s: State):
     s.check_model(body.model)
     refuse(body, REFUSED)
-    s.check_count(len(body.messages), "messages")
+    s.check_count(len(body.messages), "messages", "messages")
     sampling = s.request_sampling(
         body,
         body.max_completion_tokens or body.max_tokens,

@@ -96,7 +96,9 @@ def load_model(model: str | None, dtype: str):
 
 
 def load(model: str | None, dtype: str):
-    """-> (model, tokenizer, name): a local HF checkpoint folder, or the bundled SmolLM2-135M-Instruct."""
+    """-> (model, tokenizer, name): a local HF checkpoint folder, a .gguf file (dequantized to `dtype`), a hub id
+    already in the local Hugging Face cache (nothing is downloaded), or the bundled SmolLM2-135M-Instruct.
+    SystemExit with what was tried when `model` is none of these."""
     import torch
 
     torch_dtype = getattr(torch, dtype)
@@ -108,14 +110,40 @@ def load(model: str | None, dtype: str):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).eval()
-    return lm, AutoTokenizer.from_pretrained(model), Path(model).name
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise SystemExit(f"pensieve serve: --model {model!r} is a file but not a .gguf one")
+        where, kwargs, name = path.parent, {"gguf_file": path.name}, path.stem
+    elif path.is_dir():
+        where, kwargs, name = path, {}, path.name
+    else:  # a hub id: from the local cache only (no network at run time)
+        where, kwargs, name = model, {"local_files_only": True}, model
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs).eval()
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except OSError as error:
+        if path.exists():
+            raise SystemExit(f"pensieve serve: --model {model!r}: {error}") from None
+        raise SystemExit(
+            f"pensieve serve: --model {model!r} is not a folder, not a .gguf file, and not a model in the local "
+            f"Hugging Face cache (nothing is downloaded at run time: `huggingface-cli download {model}` first)"
+        ) from None
+    return lm, tokenizer, name
+
+
+def _limit(parser, flag: str, value):
+    """A retention limit: 0 is none (None), a negative one an error."""
+    if value < 0:
+        parser.error(f"{flag} must be >= 0 (0: no limit), got {value}")
+    return value or None
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="pensieve serve", description="An OpenAI-compatible server whose "
                                      "conversations keep their KV (docs/serving.md).")  # fmt: skip
-    parser.add_argument("--model", help="local HF checkpoint folder (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", help="a local HF checkpoint folder, a .gguf file, or a hub id already in the local "
+                        "HF cache (default: the bundled SmolLM2-135M-Instruct)")  # fmt: skip
     parser.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--host", default="127.0.0.1")
@@ -127,6 +155,12 @@ def main(argv=None) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=4096, help="the most tokens a request may generate")
     parser.add_argument("--max-body-bytes", type=int, default=4 * 2**20)
+    parser.add_argument("--max-stored-responses", type=int, default=10_000,
+                        help="stored responses kept; past it the least recently used that nothing builds on goes, "
+                        "with its KV (0: no bound)")  # fmt: skip
+    parser.add_argument("--records-ttl", type=float, default=30 * 86_400.0,
+                        help="seconds a stored response or conversation may stay idle before it goes, with its KV "
+                        "(0: kept until deleted)")  # fmt: skip
     parser.add_argument("--max-messages", type=int, default=1024)
     parser.add_argument("--no-compile", action="store_true", help="run every step eagerly (no torch.compile)")
     parser.add_argument(
@@ -159,6 +193,8 @@ def main(argv=None) -> None:
         max_body_bytes=args.max_body_bytes,
         max_tokens=args.max_tokens,
         max_messages=args.max_messages,
+        max_stored_responses=_limit(parser, "--max-stored-responses", args.max_stored_responses),
+        records_ttl_s=_limit(parser, "--records-ttl", args.records_ttl),
     )
     if args.instances:
         if args.instances < 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -30,6 +31,8 @@ class ServerConfig:
     default_max_tokens: int = 256  # when a request names none
     max_messages: int = 1024  # chat messages / input items per request
     max_stop: int = 4  # stop strings per request
+    max_stored_responses: int | None = 10_000  # retention (server/retention.py); None: no bound
+    records_ttl_s: float | None = 30 * 86_400.0  # a record idle longer is dropped; None: kept until deleted
 
 
 class APIError(Exception):
@@ -74,13 +77,18 @@ class ServerState:
         self.config = config
         self.metrics = Metrics()
         self.turns = Turns(gen)
+        # ids of the responses and conversations running turns continue (never swept or deleted: retention.py)
+        self.pinned: Counter[str] = Counter()
 
-    def sampling(self, temperature=None, top_p=None, max_tokens=None, stop=None, seed=None, **more) -> SamplingParams:
-        """A request's sampling fields -> SamplingParams (`more`: its other fields, by SamplingParams' names). A bad
-        value is a 400 naming it."""
+    def sampling(
+        self, temperature=None, top_p=None, max_tokens=None, stop=None, seed=None, max_field="max_tokens", **more
+    ) -> SamplingParams:
+        """A request's sampling fields -> SamplingParams (`more`: its other fields, by SamplingParams' names;
+        max_field: the request's name for max_tokens). A bad value is a 400 naming it."""
         config = self.config
         if max_tokens is not None and max_tokens > config.max_tokens:
-            raise APIError(400, f"max tokens {max_tokens} is over this server's limit of {config.max_tokens}")
+            raise APIError(400, f"{max_field} {max_tokens} is over this server's limit of {config.max_tokens}",
+                           param=max_field)  # fmt: skip
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if len(stops) > config.max_stop or any(not s for s in stops):
             raise APIError(400, f"stop: at most {config.max_stop} non-empty strings", param="stop")
@@ -110,11 +118,11 @@ class ServerState:
             **more,
         )
 
-    def check_count(self, n: int, what: str) -> None:
+    def check_count(self, n: int, what: str, param: str) -> None:
         if n == 0:
-            raise APIError(400, f"{what} is empty")
+            raise APIError(400, f"{what} is empty", param=param)
         if n > self.config.max_messages:
-            raise APIError(400, f"{n} {what}: over this server's limit of {self.config.max_messages}")
+            raise APIError(400, f"{n} {what}: over this server's limit of {self.config.max_messages}", param=param)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.config.model_name:

@@ -10,7 +10,7 @@ import asyncio
 import time
 
 from fastapi import APIRouter, Request
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from pensieve.engine.turn import Reply
 from pensieve.server.common import (
@@ -40,6 +40,9 @@ class StreamOptions(Strict):
 
 
 class CompletionRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"prompt": ["Once upon", [1, 2, 3]], "max_tokens": 4, "n": 2, "logprobs": 2, "stream": True},
+    ]})  # fmt: skip
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default
@@ -77,7 +80,7 @@ async def completions(body: CompletionRequest, request: Request, s: State):
                        "not have: ask for one of them", param="echo")  # fmt: skip
     sampling = s.request_sampling(body, body.max_tokens, logprobs=body.logprobs)
     prompts = _prompts(body.prompt)
-    s.check_count(len(prompts), "prompts")
+    s.check_count(len(prompts), "prompts", "prompt")
     tokens = await asyncio.to_thread(lambda: [_tokens(s, p) for p in prompts])
     echoes = [s.decode(t) if body.echo else "" for t in tokens]
     head = {"id": new_id("cmpl"), "created": int(time.time()), "model": s.config.model_name}

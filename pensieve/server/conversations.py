@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
+from pensieve.engine.admission import check_messages
 from pensieve.server import threads
 from pensieve.server.common import APIError, ServerState, State, Strict, list_of, live
 from pensieve.server.responses import InputItem, input_items, messages_of
+from pensieve.server.retention import swept
 from pensieve.server.store import ConversationRecord, Thread, new_id
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(swept)])  # each request first drops what retention says is due
 
 
 class ConversationCreate(Strict):
@@ -28,10 +30,10 @@ class ItemsCreate(Strict):
 @router.post("/v1/conversations")
 async def create_conversation(s: State, body: ConversationCreate | None = None):
     body = body or ConversationCreate()
-    items = [item for m in messages_of(body.items or []) for item in input_items(m)]
-    s.check_count(len(items) or 1, "items")
+    items = _items(body.items or [])
+    s.check_count(len(items) or 1, "items", "items")
     record = ConversationRecord(new_id("conv"), int(time.time()), body.metadata or {}, items)
-    s.store.save(record)
+    s.store.touch(record)
     s.store.save(Thread(record.id))
     return _conversation(record)
 
@@ -67,11 +69,11 @@ async def conversation_items(conversation_id: str, s: State):
 @router.post("/v1/conversations/{conversation_id}/items")
 async def add_items(conversation_id: str, body: ItemsCreate, s: State):
     record = _idle(s, conversation_id)
-    items = [item for m in messages_of(body.items) for item in input_items(m)]
-    s.check_count(len(items), "items")
-    s.check_count(len(record.items) + len(items), "items in the conversation")
+    items = _items(body.items)
+    s.check_count(len(items), "items", "items")
+    s.check_count(len(record.items) + len(items), "items in the conversation", "items")
     record.items += items
-    s.store.save(record)
+    s.store.touch(record)
     return list_of(items)
 
 
@@ -82,6 +84,17 @@ async def conversation_item(conversation_id: str, item_id: str, s: State):
         if item["id"] == item_id:
             return item
     raise APIError(404, f"no item {item_id!r} in conversation {conversation_id!r}", "not_found_error")
+
+
+def _items(items: list) -> list[dict]:
+    """Request items -> stored items, checked as a later response will render them (a bad one is a 400 now, not a
+    conversation no response can continue)."""
+    messages = messages_of(items)
+    try:
+        check_messages(messages)
+    except ValueError as error:
+        raise APIError(400, f"items: {error}", param="items") from None
+    return [item for m in messages for item in input_items(m)]
 
 
 def _idle(s: ServerState, conversation_id: str) -> ConversationRecord:

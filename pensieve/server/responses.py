@@ -15,8 +15,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
+from jinja2 import TemplateError
 from pydantic import ConfigDict, Field, TypeAdapter
+from pydantic.json_schema import SkipJsonSchema
 
 from pensieve.config import StructuredOutput
 from pensieve.engine.admission import check_messages
@@ -30,22 +32,24 @@ from pensieve.server.common import (
     State,
     Strict,
     cached_tokens,
+    chain,
     chat_message,
     content_text,
     detach,
     drain,
+    first,
     list_of,
     live,
     refuse,
     sse,
     stats,
-    text_pieces,
     tool_use,
 )
+from pensieve.server.retention import swept
 from pensieve.server.store import ConversationRecord, ResponseRecord, Thread, new_id
 from pensieve.structured.tools import ChatFormat, ToolUse
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(swept)])  # each request first drops what retention says is due
 
 
 class InputMessage(Strict):
@@ -116,6 +120,14 @@ class ConversationRef(Strict):
 
 
 class ResponsesRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "input": [{"type": "message", "role": "user", "content": "Weather in Oslo?"},
+                  {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+                  {"type": "function_call_output", "call_id": "c1", "output": "-3"}],
+        "instructions": "Be terse.", "max_output_tokens": 4, "temperature": 0, "stream": True,
+        "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}],
+        "text": {"format": {"type": "json_object"}},
+    }]})  # fmt: skip
     model: str | None = None
     input: str | list[InputItem]
     instructions: str | None = None
@@ -146,13 +158,13 @@ class ResponsesRequest(Strict):
     prompt_cache_options: dict[str, Any] | None = None
     # refused unless null (REFUSED says why)
     background: bool | None = None
-    max_tool_calls: Any = None
-    top_logprobs: Any = None
-    prompt: Any = None
-    context_management: Any = None
-    moderation: Any = None
-    access_programs: Any = None
-    image: Any = None
+    max_tool_calls: SkipJsonSchema[Any] = None
+    top_logprobs: SkipJsonSchema[Any] = None
+    prompt: SkipJsonSchema[Any] = None
+    context_management: SkipJsonSchema[Any] = None
+    moderation: SkipJsonSchema[Any] = None
+    access_programs: SkipJsonSchema[Any] = None
+    image: SkipJsonSchema[Any] = None
 
 
 REFUSED = {
@@ -193,39 +205,55 @@ async def create_response(body: ResponsesRequest, request: Request, s: State):
     tools = _tools(body)
     sampling = s.sampling(
         body.temperature, body.top_p, body.max_output_tokens, body.stop, body.seed,
-        structured_output=_structured_output(body.text),
+        structured_output=_structured_output(body.text), max_field="max_output_tokens",
     )  # fmt: skip
     if isinstance(body.input, str) and not body.input:
         raise APIError(400, "input is empty", param="input")
     new_messages = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else messages_of(body.input)
     if not new_messages:
         raise APIError(400, "input has no items", param="input")
-    s.check_count(len(new_messages), "input items")
+    s.check_count(len(new_messages), "input items", "input")
     previous, conversation, context = _context(s, body)
-    s.check_count(len(context) + len(new_messages), "messages in the conversation")
-    system = [{"role": "system", "content": body.instructions}] if body.instructions else []
-    after = _continued(s, previous, conversation)
-    tokens, key = await asyncio.to_thread(_render, s, system + context, new_messages, tools, after)
-    keep = body.store or conversation is not None
-    thread, made = await threads.claim(s.store, s.gen, previous, conversation, keep, tokens)
-    delta = tokens if thread is None else await threads.cut_back(s.store, s.gen, thread, made, tokens)
+    s.check_count(len(context) + len(new_messages), "messages in the conversation", "input")
+    # from here to the end of the turn, what it continues is pinned: no sweep or delete takes it (no await before)
+    pins = [r.id for r in (previous, conversation) if r is not None]
+    s.pinned.update(pins)
+    try:
+        for record in (previous, conversation):
+            if record is not None:
+                s.store.touch(record)  # continued: its age starts again
+        system = [{"role": "system", "content": body.instructions}] if body.instructions else []
+        after = _continued(s, previous, conversation)
+        tokens, key = await asyncio.to_thread(_render, s, system + context, new_messages, tools, after)
+        keep = body.store or conversation is not None
+        thread, made = await threads.claim(s.store, s.gen, previous, conversation, keep, tokens)
+        delta = tokens if thread is None else await threads.cut_back(s.store, s.gen, thread, made, tokens)
+    except BaseException:
+        s.pinned.subtract(pins)
+        raise
     base = _base(s, body, conversation, keep)
     turn = _Turn(body, tokens, key, new_messages, conversation, thread, keep, base, new_id("msg"))
 
-    async def run(on_piece) -> dict:
+    async def run(on_delta) -> dict:
         """The turn and its bookkeeping, as one task of its own: a client going away cancels it (its turn is
         aborted, the thread released) but never interrupts the bookkeeping half-way."""
         try:
-            thread_id = thread.id if thread is not None else None
-            reply = await s.run_turn(request, thread_id, delta, sampling, text_pieces(on_piece), tools)
-        except BaseException:
-            await threads.release(s.store, s.gen, thread, made)
-            raise
-        return _finish(s, turn, reply)
+            try:
+                thread_id = thread.id if thread is not None else None
+                reply = await s.run_turn(request, thread_id, delta, sampling, on_delta, tools)
+            except BaseException:
+                await threads.release(s.store, s.gen, thread, made)
+                raise
+            return _finish(s, turn, reply)
+        finally:
+            s.pinned.subtract(pins)
 
     if not body.stream:
         return await run(None)
-    return sse(_events(turn, run))
+    queue: asyncio.Queue = asyncio.Queue()
+    task = detach(run(queue.put_nowait))
+    early = await first(queue, task)  # a turn refused at admission is a 400 here, not a broken stream
+    return sse(_events(turn, queue, task, early))
 
 
 def _tools(body: ResponsesRequest) -> ToolUse | None:
@@ -297,7 +325,7 @@ def _render(
             if appended is not None:
                 return [*after[0], *appended], keys[-1]
         return chat.render(s.tokenizer, messages, tools, add_generation_prompt=True), keys[-1]
-    except ValueError as error:  # the template refused the messages
+    except (ValueError, TemplateError) as error:  # the template refused the messages
         raise APIError(400, f"input: {error}", param="input") from None
 
 
@@ -375,15 +403,16 @@ def _finish(s: ServerState, turn: _Turn, reply: Reply) -> dict:
             output_message=message,
             body=response,
             key=key.hex() if thread is not None else "",
+            last_used=s.store.clock(),
         )
         s.store.save(record)
     if conversation is not None:
         conversation.items += [item for m in turn.new_messages for item in input_items(m)] + output
-        s.store.save(conversation)
+        s.store.touch(conversation)
     return response
 
 
-async def _events(turn: _Turn, run) -> AsyncIterator[str]:
+async def _events(turn: _Turn, queue: asyncio.Queue, task, early: list) -> AsyncIterator[str]:
     seq = iter(range(1 << 62))
 
     def event(kind: str, **data) -> str:
@@ -400,13 +429,14 @@ async def _events(turn: _Turn, run) -> AsyncIterator[str]:
             event("response.content_part.added", **where, part=empty),
         ]
 
-    queue: asyncio.Queue = asyncio.Queue()
-    task = detach(run(queue.put_nowait))
     opened = False
     try:
         yield event("response.created", response=started)
         yield event("response.in_progress", response=started)
-        async for piece in drain(queue, task):
+        async for delta in chain(early, drain(queue, task)):
+            piece = delta.text
+            if not piece:  # a token whose text is held back (a call's), or not yet complete
+                continue
             if not opened:  # the message item opens with its first text (a reply that only calls has none)
                 opened = True
                 for e in opening():
@@ -444,8 +474,9 @@ async def get_response(response_id: str, s: State):
 async def delete_response(response_id: str, s: State):
     record = live(s.store.responses, response_id, "response")
     record.deleted = True
-    if any(r.previous_response_id == response_id for r in s.store.responses.values()):
-        s.store.save(record)  # later responses build on its messages: kept, hidden
+    built_on = any(r.previous_response_id == response_id for r in s.store.responses.values())
+    if built_on or s.pinned[response_id] > 0:
+        s.store.save(record)  # later responses (or one running) build on its messages: kept, hidden
     else:
         s.store.remove(record)
     await threads.forget(s.store, s.gen, record.thread_id)

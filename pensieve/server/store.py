@@ -9,6 +9,7 @@ import json
 import secrets
 import sqlite3
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class ResponseRecord:
     body: dict  # the Response object returned to the client
     deleted: bool = False  # deleted by the client; kept (hidden) while later responses build on it
     key: str = ""  # the history key (hex) of the messages its thread's first num_tokens tokens end with
+    last_used: float = 0.0  # when it was made or last continued (epoch seconds): its age for retention
 
 
 @dataclass
@@ -49,6 +51,7 @@ class ConversationRecord:
     metadata: dict
     items: list[dict]  # conversation items (messages) in order
     deleted: bool = False
+    last_used: float = 0.0  # when it was made or last continued (epoch seconds): its age for retention
 
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS records (kind TEXT, id TEXT, body TEXT, PRIMARY KEY (kind, id))"
@@ -56,7 +59,8 @@ _KINDS = {"thread": Thread, "response": ResponseRecord, "conversation": Conversa
 
 
 class Store:
-    def __init__(self, disk_dir: str | Path | None = None) -> None:
+    def __init__(self, disk_dir: str | Path | None = None, clock=time.time) -> None:
+        self.clock = clock
         self.threads: dict[str, Thread] = {}
         self.responses: dict[str, ResponseRecord] = {}
         self.conversations: dict[str, ConversationRecord] = {}
@@ -68,8 +72,15 @@ class Store:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(_SCHEMA)
-            for kind, _id, body in self._db.execute("SELECT kind, id, body FROM records"):
-                self._table(kind)[_id] = _KINDS[kind](**json.loads(body))
+            aged = []
+            for kind, _id, body in self._db.execute("SELECT kind, id, body FROM records").fetchall():
+                record = _KINDS[kind](**json.loads(body))
+                if getattr(record, "last_used", None) == 0.0:  # kept before records had an age: from now on
+                    record.last_used = self.clock()
+                    aged.append(record)
+                self._table(kind)[_id] = record
+            for record in aged:
+                self.save(record)
 
     def _table(self, kind: str) -> dict:
         return {"thread": self.threads, "response": self.responses, "conversation": self.conversations}[kind]
@@ -82,6 +93,11 @@ class Store:
             body.pop("busy", None)
             with self._lock:
                 self._db.execute("INSERT OR REPLACE INTO records VALUES (?, ?, ?)", (kind, record.id, json.dumps(body)))
+
+    def touch(self, record) -> None:
+        """The record was used (made or continued) now."""
+        record.last_used = self.clock()
+        self.save(record)
 
     def remove(self, record) -> None:
         kind = next(k for k, cls in _KINDS.items() if isinstance(record, cls))

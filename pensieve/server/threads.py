@@ -67,6 +67,7 @@ async def cut_back(store: Store, gen: Generator, thread: Thread, made: bool, tok
         if p < len(thread.tokens):  # a conversation whose rendering changed past p, or a fork cut back
             await asyncio.to_thread(gen.truncate, thread.id, p)
             thread.tokens = thread.tokens[:p]
+            thread.key = ""  # the messages its tokens end with are no longer known (the turn sets it again)
     except BaseException:
         await release(store, gen, thread, made)
         raise

@@ -238,6 +238,11 @@ def test_a_conversation_keeps_function_items(client, served):
                                      max_output_tokens=4)  # fmt: skip
     types = [i.type for i in client.conversations.items.list(conv.id).data]
     assert types == ["message", "message", "function_call", "function_call_output", "message"]
+    # an item a later response could not render is refused when added, not stored
+    bad = {"type": "function_call", "call_id": "c9", "name": "get_weather", "arguments": "[1, 2]"}
+    with pytest.raises(openai.BadRequestError) as error:
+        client.conversations.items.create(conv.id, items=[bad])
+    assert error.value.body["param"] == "items" and len(client.conversations.items.list(conv.id).data) == 5
     total = first.usage.input_tokens + first.usage.output_tokens
     assert second.usage.input_tokens_details.cached_tokens == total - 1  # the thread continued in place
 

@@ -61,3 +61,40 @@ def test_serve_process_restarts_on_its_disk_dir(tmp_path, tokenizer):
         stop(proc)
     assert [first.output_text, after.output_text] == hf_chain(oracle, tokenizer, ["Remember: blue", "Which colour?"])
     assert after.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens  # read from the disk tier
+
+
+def load_in_subprocess(model: str, cache: Path) -> subprocess.CompletedProcess:
+    code = ("from pensieve.server.cli import load; lm, tok, name = load(__import__('sys').argv[1], 'float64'); "
+            "print('loaded', name, type(lm).__name__, len(tok))")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "0"}
+    return subprocess.run([sys.executable, "-c", code, model], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_model_is_a_folder_a_gguf_file_or_a_cached_hub_id(tmp_path, tokenizer):
+    # a hub id already in the local cache (hub layout: snapshots/<commit>, refs/main): loaded without the network
+    snapshot = tmp_path / "hub" / "models--acme--tiny-chat" / "snapshots" / ("0" * 40)
+    make_model(tokenizer).save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (tmp_path / "hub" / "models--acme--tiny-chat" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny-chat" / "refs" / "main").write_text("0" * 40)
+    done = load_in_subprocess("acme/tiny-chat", tmp_path / "hub")
+    assert done.returncode == 0 and f"loaded acme/tiny-chat LlamaForCausalLM {len(tokenizer)}" in done.stdout, done
+    # one that is not cached: a clear error, nothing downloaded
+    missing = load_in_subprocess("acme/not-here", tmp_path / "hub")
+    assert missing.returncode != 0
+    assert "not a model in the local Hugging Face cache" in missing.stderr and "Traceback" not in missing.stderr
+    assert not (tmp_path / "hub" / "models--acme--not-here").exists()
+    # a file that is not a .gguf
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    wrong = load_in_subprocess(str(tmp_path / "weights.bin"), tmp_path / "hub")
+    assert wrong.returncode != 0 and "not a .gguf" in wrong.stderr
+
+
+def test_model_as_the_bundled_gguf_file(tokenizer):
+    from pensieve.models.smollm2 import GGUF_NAME, smollm2_path
+    from pensieve.server.cli import load
+
+    lm, tok, name = load(str(Path(smollm2_path()) / GGUF_NAME), "float32")
+    assert name == Path(GGUF_NAME).stem and len(tok) == len(tokenizer)
+    assert tok.encode("Hello world") == tokenizer.encode("Hello world")
+    assert lm.config.num_hidden_layers == 30 and lm.config.vocab_size == len(tokenizer)

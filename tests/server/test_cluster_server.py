@@ -62,7 +62,8 @@ def test_responses_and_chat_through_a_cluster(cluster_server, tokenizer):
     metrics = httpx.get(server.url + "/metrics").text
     assert "pensieve_kv_blocks" in metrics
     health = httpx.get(server.url + "/health").json()
-    assert health == {"status": "ok", "disk_tier": False, "streamed_complete": False, "num_instances": 2}
+    assert health == {"status": "ok", "disk_tier": False, "streamed_complete": False, "num_instances": 2,
+                      "max_model_len": 512, "vocab_size": 49152}  # fmt: skip
     cluster.check_integrity()
 
 

@@ -70,7 +70,7 @@ def test_streamed_pieces_join_to_the_reply(client):
         ({"best_of": 3}, "best_of"),
         ({"prompt": [10**7]}, "token ids"),
         ({"prompt": ""}, "prompt"),
-        ({"max_tokens": 999}, "max tokens"),
+        ({"max_tokens": 999}, "max_tokens 999"),
     ],
 )
 @pytest.mark.parametrize("stream", [False, True])

@@ -303,7 +303,8 @@ def test_bad_input_is_refused_and_changes_nothing(client, served):
     post("/v1/responses", {"model": "tiny", "input": "x"}, 401, headers={"Authorization": "Bearer wrong"})
     health = httpx.get(server.url + "/health")
     assert health.status_code == 200
-    assert health.json() == {"status": "ok", "disk_tier": False, "streamed_complete": True, "num_instances": 1}
+    assert health.json() == {"status": "ok", "disk_tier": False, "streamed_complete": True, "num_instances": 1,
+                             "max_model_len": 512, "vocab_size": 49152}  # fmt: skip
     # nothing changed anywhere
     assert snapshot == (
         {k: list(t.tokens) for k, t in server.store.threads.items()},
