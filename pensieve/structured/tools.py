@@ -377,10 +377,17 @@ class ChatFormat:
         return out, {}
 
     def render(self, tokenizer, messages, tools, add_generation_prompt: bool, tokenize: bool = True):
+        """The messages through the chat template; ValueError when the template refuses them (its
+        raise_exception, or a message it cannot read)."""
+        from jinja2 import TemplateError
+
         msgs, kwargs = self.template_input(messages, tools)
-        out = tokenizer.apply_chat_template(
-            msgs, add_generation_prompt=add_generation_prompt, tokenize=tokenize, return_dict=False, **kwargs
-        )
+        try:
+            out = tokenizer.apply_chat_template(
+                msgs, add_generation_prompt=add_generation_prompt, tokenize=tokenize, return_dict=False, **kwargs
+            )
+        except TemplateError as error:
+            raise ValueError(f"the chat template refused the messages: {error}") from None
         return list(out) if tokenize else out
 
     def append(self, tokenizer, history: list[int], messages: list[dict], new: list[dict], tools) -> list[int] | None:

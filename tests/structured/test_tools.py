@@ -4,6 +4,7 @@ conversation appended to the sampled tokens (the call is not re-rendered), check
 same tokens (float64 tiny models over SmolLM2's tokenizer).
 """
 
+import copy
 import json
 
 import jsonschema
@@ -284,3 +285,17 @@ def test_token_id_turns_force_and_parse_calls_the_caller_rendered(model, hermes_
         assert [(c.name, c.arguments) for c in raw.tool_calls] == [(c.name, c.arguments) for c in text.tool_calls]
         assert tokens_of(gen, "raw") == tokens_of(gen, "text")
         gen.check_integrity()
+
+
+def test_a_template_that_refuses_the_messages_is_a_value_error(model, smol_tokenizer):
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system messages') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    with StatefulGenerator(model, tok, CacheConfig(block_size=8, num_device_blocks=64)) as gen:
+        with pytest.raises(ValueError, match="the chat template refused the messages: no system messages"):
+            gen.complete([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
+        with pytest.raises(ValueError, match="no system messages"):
+            gen.generate("c", [{"role": "system", "content": "x"}])
+        assert gen.conversations() == []
