@@ -25,6 +25,7 @@ from pensieve.engine.admission import check_messages
 from pensieve.engine.replies import extend_key, history_keys
 from pensieve.engine.turn import Reply
 from pensieve.server import threads
+from pensieve.server.chat import FunctionDef
 from pensieve.server.common import (
     APIError,
     ContentPart,
@@ -84,12 +85,10 @@ class FunctionCallOutputItem(Strict):
 InputItem = InputMessage | FunctionCallItem | FunctionCallOutputItem
 
 
-class FunctionTool(Strict):
+class FunctionTool(FunctionDef):
+    """The Responses API's function tool: chat's function definition with its type beside it (not nested)."""
+
     type: Literal["function"]
-    name: str = Field(min_length=1, max_length=64)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None  # forced calls follow the schema whatever it says; free calls are parsed, not forced
 
 
 class ToolChoiceFunction(Strict):

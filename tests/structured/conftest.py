@@ -25,8 +25,13 @@ def hermes_tokenizer(smol_tokenizer):
     return tok
 
 
+def chat_model(tokenizer, seed: int):
+    """A tiny float64 llama over the tokenizer's vocabulary, ChatML's end of turn as its EOS."""
+    model = tiny_model("llama", vocab=len(tokenizer), seed=seed)
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return model
+
+
 @pytest.fixture(scope="module")
 def model(smol_tokenizer):
-    model = tiny_model("llama", vocab=len(smol_tokenizer), seed=7)
-    model.generation_config.eos_token_id = smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
-    return model
+    return chat_model(smol_tokenizer, seed=7)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator, StructuredOutput
+from tests.structured.conftest import chat_model
 from tests.structured.grammar_oracle import hf_constrained
-from tests.tiny import drive, oracle_copy, tiny_model
+from tests.tiny import drive, oracle_copy
 
 pytest.importorskip("xgrammar")
 
@@ -35,9 +36,7 @@ def with_template(tokenizer, template):
 
 @pytest.fixture(scope="module")
 def model(smol_tokenizer):
-    model = tiny_model("llama", vocab=len(smol_tokenizer), seed=3)
-    model.generation_config.eos_token_id = smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
-    return model
+    return chat_model(smol_tokenizer, seed=3)
 
 
 @pytest.mark.parametrize("opens", ["prompt", "reply"])
