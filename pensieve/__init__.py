@@ -4,6 +4,7 @@ from pensieve.api import Capabilities, Generator
 from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, StructuredOutput
 from pensieve.engine.turn import Delta, Reply, TurnAborted
 from pensieve.generator import StatefulGenerator
+from pensieve.structured.tools import ToolUse
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,6 @@ __all__ = [
     "SchedulerConfig",
     "StatefulGenerator",
     "StructuredOutput",
+    "ToolUse",
     "TurnAborted",
 ]

@@ -6,6 +6,7 @@ Where one side lacks something, `capabilities` says so and callers ask it instea
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -46,7 +47,7 @@ class Generator(Protocol):
     @property
     def capabilities(self) -> Capabilities: ...
 
-    # ---- turns, blocking (keywords tools=, tool_choice=, parallel_tool_calls=: StatefulGenerator.generate) ---
+    # ---- turns, blocking (keyword tools=: a list of tools or a ToolUse, StatefulGenerator.generate) ----------
     def generate(
         self,
         conv_id: str,
@@ -54,8 +55,6 @@ class Generator(Protocol):
         sampling: SamplingParams | None = None,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
     ) -> Reply: ...
 
     def generate_batch(
@@ -64,8 +63,6 @@ class Generator(Protocol):
         sampling: SamplingParams | None = None,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
     ) -> dict[str, Reply]: ...
 
     def stream(
@@ -76,8 +73,6 @@ class Generator(Protocol):
         token_ids: bool = False,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
     ) -> Stream: ...
 
     async def agenerate(
@@ -87,9 +82,10 @@ class Generator(Protocol):
         sampling: SamplingParams | None = None,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
-    ) -> Reply: ...
+    ) -> Reply:
+        """`generate` for asyncio (same keywords): the turn is driven on a worker thread, never on the event loop.
+        (Written once here: StatefulGenerator and Cluster subclass this protocol.)"""
+        return await asyncio.to_thread(lambda: self.generate(conv_id, msg, sampling, tools=tools))
 
     def complete(
         self,
@@ -97,9 +93,12 @@ class Generator(Protocol):
         sampling: SamplingParams | None = None,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
-    ) -> Reply: ...
+    ) -> Reply:
+        """A stateless turn: `prompt` is token ids, or chat messages rendered with the chat template; the longest
+        cached prefix of any conversation or earlier completion is reused, no conversation is kept
+        (`Reply.conv_id` is None). `complete_batch` of one."""
+        (reply,) = self.complete_batch([prompt], sampling, tools=tools)
+        return reply
 
     def complete_batch(
         self,
@@ -107,8 +106,6 @@ class Generator(Protocol):
         sampling: SamplingParams | None = None,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
     ) -> list[Reply]: ...
 
     # ---- turns, for a server that drives the engine on a thread of its own -------------------------------------------
@@ -121,8 +118,6 @@ class Generator(Protocol):
         on_token: OnToken = None,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
     ) -> Future: ...
 
     def submit_complete(
@@ -132,8 +127,6 @@ class Generator(Protocol):
         on_token: OnToken = None,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
     ) -> Future: ...
 
     def abort(self, target) -> bool: ...

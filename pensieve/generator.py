@@ -13,13 +13,12 @@ while there is work and sleeps on the command queue when there is none; callers 
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
-from pensieve.api import Capabilities
+from pensieve.api import Capabilities, Generator
 from pensieve.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
 from pensieve.engine.admission import candidate_ids
 from pensieve.engine.engine import Engine
@@ -54,7 +53,7 @@ class ReplyStream(Iterator):
         return self._future.result()
 
 
-class StatefulGenerator:
+class StatefulGenerator(Generator):
     """Serve many multi-turn conversations on one HF causal LM, keeping each conversation's KV between turns.
 
     >>> gen = StatefulGenerator(model, tokenizer)
@@ -119,16 +118,15 @@ class StatefulGenerator:
         sampling: SamplingParams | None = None,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
     ) -> Reply:
         """One turn: append msg (str: a user turn through the chat template; a dict or list of dicts: chat messages,
         e.g. tool results {"role": "tool", "tool_call_id": ..., "content": ...}; list[int]: raw tokens) and reply.
         tools: the functions the reply may call (OpenAI's shape), rendered through the chat template (or, for a
         template without tool support, described in the system prompt); the calls come back in `Reply.tool_calls`.
-        tool_choice: "auto", "none", "required" or {"type": "function", "function": {"name": ...}} (the last
-        two forced by a grammar); parallel_tool_calls: whether one reply may make several."""
-        (future,) = self._submit([(conv_id, msg)], sampling, tools=tool_use(tools, tool_choice, parallel_tool_calls))
+        A list is tool_choice "auto"; a `ToolUse(tools, choice, parallel)` says more: choice "auto", "none",
+        "required" or {"type": "function", "function": {"name": ...}} (the last two forced by a grammar), parallel
+        whether one reply may make several (OpenAI's tool_choice and parallel_tool_calls)."""
+        (future,) = self._submit([(conv_id, msg)], sampling, tools=tool_use(tools))
         return self._result(future)
 
     def generate_batch(
@@ -137,13 +135,9 @@ class StatefulGenerator:
         sampling: SamplingParams | None = None,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
     ) -> dict[str, Reply]:
         """One turn on each of several conversations, batched together. All are validated before any starts."""
-        futures = self._submit(
-            list(messages.items()), sampling, tools=tool_use(tools, tool_choice, parallel_tool_calls)
-        )
+        futures = self._submit(list(messages.items()), sampling, tools=tool_use(tools))
         return {conv_id: self._result(f) for conv_id, f in zip(messages, futures, strict=True)}
 
     def stream(
@@ -154,53 +148,15 @@ class StatefulGenerator:
         token_ids: bool = False,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
     ) -> ReplyStream:
         """Iterate over the reply as it is generated: str pieces with a tokenizer (held back where they may be part
         of a stop string; they join to the reply's text), token ids without one (or with `token_ids`). The returned
         stream's `.reply` is the whole Reply (with its stats) once the turn is done."""
         deltas: queue.SimpleQueue = queue.SimpleQueue()
-        (future,) = self._submit(
-            [(conv_id, msg)], sampling, on_token=deltas.put, tools=tool_use(tools, tool_choice, parallel_tool_calls)
-        )
+        (future,) = self._submit([(conv_id, msg)], sampling, on_token=deltas.put, tools=tool_use(tools))
         future.add_done_callback(lambda _: deltas.put(_DONE))
         token_ids = token_ids or self._engine.tokenizer is None
         return ReplyStream(self._deltas(deltas, future), future, token_ids)
-
-    async def agenerate(
-        self,
-        conv_id: str,
-        msg,
-        sampling: SamplingParams | None = None,
-        *,
-        tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
-    ) -> Reply:
-        """`generate` for asyncio (same keywords): the turn is driven on a worker thread, never on the event loop."""
-        return await asyncio.to_thread(
-            lambda: self.generate(
-                conv_id, msg, sampling, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls
-            )
-        )
-
-    def complete(
-        self,
-        prompt,
-        sampling: SamplingParams | None = None,
-        *,
-        tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
-    ) -> Reply:
-        """A stateless turn: `prompt` is token ids, or chat messages ([{"role": ..., "content": ...}, ...]) rendered
-        with the chat template. It reuses the longest cached prefix of any conversation or earlier completion and
-        leaves what it computed in the prompt tree (evictable); no conversation is kept (`Reply.conv_id` is None)."""
-        (reply,) = self.complete_batch(
-            [prompt], sampling, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls
-        )
-        return reply
 
     def complete_batch(
         self,
@@ -208,14 +164,12 @@ class StatefulGenerator:
         sampling: SamplingParams | None = None,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
     ) -> list[Reply]:
         """`complete` on several prompts at once, batched together. All are validated before any starts."""
         if not isinstance(prompts, (list, tuple)):
             raise ValueError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
 
-        use = tool_use(tools, tool_choice, parallel_tool_calls)
+        use = tool_use(tools)
         self._precompile(sampling, use)
         rendered = [self._engine.admission.render_complete(prompt, use) for prompt in prompts]  # here, not the engine's
 
@@ -233,14 +187,12 @@ class StatefulGenerator:
         on_token=None,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
     ) -> Future:
         """Start a turn without waiting: -> a Future of its Reply (bad input: the Future raises ValueError / KeyError
         and nothing changed). on_token(delta) is called on the engine's thread as each token is sampled (`Delta`: the
         token and the text it makes safe to show). The turn runs while some thread drives: `serve` on a thread of its
         own, or any blocking call."""
-        use = tool_use(tools, tool_choice, parallel_tool_calls)
+        use = tool_use(tools)
         self._precompile(sampling, use)
         return self._submit_async(lambda on: self._admit([(conv_id, msg)], sampling, on, use)[0], on_token)
 
@@ -251,13 +203,11 @@ class StatefulGenerator:
         on_token=None,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
     ) -> Future:
         """`complete` without waiting, as `submit`: -> a Future of its Reply (`abort` takes that Future). The prompt
         is rendered (chat template) on the calling thread."""
         admission = self._engine.admission
-        use = tool_use(tools, tool_choice, parallel_tool_calls)
+        use = tool_use(tools)
         self._precompile(sampling, use)
         try:
             prompt = admission.render_complete(prompt, use)

@@ -26,7 +26,6 @@ lacks is recomputed). Instances are pinged every `health_check_s` without waitin
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import threading
 import time
@@ -35,7 +34,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pensieve.api import Capabilities
+from pensieve.api import Capabilities, Generator
 from pensieve.cache.tree import prefix_keys
 from pensieve.cluster import runtime
 from pensieve.cluster.instance import ROLES
@@ -74,7 +73,7 @@ class _Turn:
     attempts: int = 0
 
 
-class Cluster:
+class Cluster(Generator):
     """`StatefulGenerator`'s API over N pensieve instances (Ray actors), each with a role and a prompt tree."""
 
     def __init__(
@@ -175,8 +174,6 @@ class Cluster:
         sampling: SamplingParams | None = None,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
     ) -> Reply:
         """One turn on conv_id, on the instance the router picks."""
         _no_tools(tools)
@@ -188,8 +185,6 @@ class Cluster:
         sampling: SamplingParams | None = None,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
     ) -> dict[str, Reply]:
         """One turn on each of several conversations, run concurrently across instances (and batched on each).
         All are validated before any starts."""
@@ -207,8 +202,6 @@ class Cluster:
         token_ids: bool = False,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
     ):
         """The reply's pieces as the instance produces them (str pieces that join to the reply's text with a
         tokenizer, else or with `token_ids` token ids); the stream's `.reply` is the whole Reply once done."""
@@ -224,8 +217,6 @@ class Cluster:
         on_token=None,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
     ) -> Future:
         """Start a turn without waiting (as `StatefulGenerator.submit`): -> a Future of its Reply; on_token(delta)
         is called (on a driver thread) as the instance streams the reply."""
@@ -253,8 +244,6 @@ class Cluster:
         on_token=None,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
     ) -> Future:
         """`complete` without waiting: -> a Future of its Reply. A completion is not streamed by the instance: on_token
         sees the reply's deltas when it is done (the last carries the text), and `abort` cannot stop it."""
@@ -328,45 +317,12 @@ class Cluster:
                 self._pool = ThreadPoolExecutor(max_workers=128, thread_name_prefix="pensieve-cluster")
             return self._pool
 
-    async def agenerate(
-        self,
-        conv_id: str,
-        msg,
-        sampling: SamplingParams | None = None,
-        *,
-        tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
-    ) -> Reply:
-        return await asyncio.to_thread(
-            lambda: self.generate(
-                conv_id, msg, sampling, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls
-            )
-        )
-
-    def complete(
-        self,
-        prompt,
-        sampling: SamplingParams | None = None,
-        *,
-        tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
-    ) -> Reply:
-        """A stateless turn (token ids or chat messages), routed to the instance caching most of the prompt."""
-        (reply,) = self.complete_batch(
-            [prompt], sampling, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls
-        )
-        return reply
-
     def complete_batch(
         self,
         prompts: list,
         sampling: SamplingParams | None = None,
         *,
         tools=None,
-        tool_choice="auto",
-        parallel_tool_calls: bool = True,
     ) -> list[Reply]:
         """`complete` on several prompts, run concurrently across instances (and batched on each). All are
         validated before any starts."""

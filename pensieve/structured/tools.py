@@ -249,15 +249,13 @@ class ToolUse:
         return bool(self.tools) and self.choice != "none"
 
 
-def tool_use(tools, tool_choice="auto", parallel_tool_calls: bool = True) -> ToolUse | None:
-    """The generators' tools keywords -> a ToolUse (None: no tools, and tool_choice left at "auto"/"none")."""
-    if isinstance(tools, ToolUse):
+def tool_use(tools) -> ToolUse | None:
+    """The generators' tools keyword -> a ToolUse: a list of tools is tool_choice "auto" (None or []: no tools)."""
+    if tools is None or isinstance(tools, ToolUse):
         return tools
-    if tools is None or (not tools and tool_choice in ("auto", "none")):
-        if tool_choice not in ("auto", "none"):
-            raise ValueError(f"tool_choice {tool_choice!r:.80} needs tools")
+    if isinstance(tools, (list, tuple)) and not tools:
         return None
-    return ToolUse(tools, tool_choice, parallel_tool_calls)
+    return ToolUse(tools)
 
 
 def _is_tool(tool) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -22,6 +23,28 @@ def tiny_chat_model(vocab: int, eos: int):
     model = tiny_model("llama", seed=SEED, vocab=vocab)
     model.generation_config.eos_token_id = eos
     return model
+
+
+@contextlib.contextmanager
+def served_tiny(tokenizer, config, num_device_blocks: int = 1024):
+    """A real server on 127.0.0.1 over a fresh generator of the tiny model (engine on its own thread)."""
+    from pensieve import CacheConfig, StatefulGenerator
+    from pensieve.server import Server
+
+    cache = CacheConfig(block_size=4, num_device_blocks=num_device_blocks)
+    gen = StatefulGenerator(make_model(tokenizer), tokenizer, cache)
+    server = Server(gen, tokenizer, config=config).start(engine_thread=True)
+    try:
+        yield gen, server
+    finally:
+        server.stop()
+        gen.close()
+
+
+def openai_client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
 
 
 def hf_reply(oracle, tokenizer, messages, max_new_tokens=MAX_OUT) -> str:

@@ -11,8 +11,9 @@ import json
 import jsonschema
 import pytest
 
-from pensieve import CacheConfig, SamplingParams, StatefulGenerator
+from pensieve import CacheConfig, SamplingParams, StatefulGenerator, ToolUse
 from tests.server.common import make_model
+from tests.structured.conftest import WEATHER
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("xgrammar")
@@ -21,19 +22,6 @@ from pensieve.server import Server, ServerConfig  # noqa: E402
 
 CONFIG = ServerConfig(model_name="tiny", max_tokens=128)
 MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Weather in Paris?"}]
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["celsius", "fahrenheit"]}},
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
@@ -116,8 +104,8 @@ def test_a_tool_loop_plain_and_streamed(client, reference):
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
-    expected = reference.complete(MSGS, SamplingParams(max_new_tokens=100, temperature=0), tools=[WEATHER],
-                                  tool_choice=NAMED)  # fmt: skip
+    expected = reference.complete(MSGS, SamplingParams(max_new_tokens=100, temperature=0),
+                                  tools=ToolUse([WEATHER], NAMED))  # fmt: skip
     assert (call.function.name, call.function.arguments) == (expected.tool_calls[0].name,
                                                              expected.tool_calls[0].arguments)  # fmt: skip
     # streamed: no text, the call arrives in tool_calls deltas that accumulate to the same call
@@ -161,7 +149,7 @@ def test_a_responses_tool_loop_continues_the_thread_in_place(client, reference):
     (call,) = [item for item in first.output if item.type == "function_call"]
     assert [item.type for item in first.output] == ["function_call"] and first.status == "completed"
     jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
-    expected = reference.generate("resp", "Weather in Paris?", sp, tools=[WEATHER], tool_choice=NAMED)
+    expected = reference.generate("resp", "Weather in Paris?", sp, tools=ToolUse([WEATHER], NAMED))
     assert (call.name, call.arguments) == (expected.tool_calls[0].name, expected.tool_calls[0].arguments)
     assert call.call_id.startswith("call_") and call.id.startswith("fc_")
     # the result continues the thread in place: only it and the generation prompt are prefilled

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from pensieve import CacheConfig, StatefulGenerator
-from tests.server.common import make_model
+from tests.server.common import openai_client, served_tiny
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("xgrammar")
 
-from pensieve.server import Server, ServerConfig  # noqa: E402
+from pensieve.server import ServerConfig  # noqa: E402
 
 DOC = Path(__file__).parents[2] / "docs" / "serving.md"
 ROW = re.compile(r"^\| (chat|completions|responses) \| `(\w+)` \| (implemented|neutral|refused|missing) \|")
@@ -94,11 +93,8 @@ EXAMPLES = {  # one value a client may send for each chat field (the request als
 
 @pytest.fixture(scope="module")
 def client(tokenizer):
-    gen = StatefulGenerator(make_model(tokenizer), tokenizer, CacheConfig(block_size=4, num_device_blocks=512))
-    server = Server(gen, tokenizer, config=ServerConfig(model_name="tiny", max_tokens=16)).start(engine_thread=True)
-    yield openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-    server.stop()
-    gen.close()
+    with served_tiny(tokenizer, ServerConfig(model_name="tiny", max_tokens=16), num_device_blocks=512) as (_, server):
+        yield openai_client(server)
 
 
 def send(call, field: str, status: str):

@@ -7,22 +7,19 @@ from __future__ import annotations
 import pytest
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator
-from tests.server.common import make_model
+from tests.server.common import make_model, openai_client, served_tiny
 
 openai = pytest.importorskip("openai")
 
-from pensieve.server import Server, ServerConfig  # noqa: E402
+from pensieve.server import ServerConfig  # noqa: E402
 
 PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
 def client(tokenizer):
-    gen = StatefulGenerator(make_model(tokenizer), tokenizer, CacheConfig(block_size=4, num_device_blocks=1024))
-    server = Server(gen, tokenizer, config=ServerConfig(model_name="tiny", max_tokens=32)).start(engine_thread=True)
-    yield openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-    server.stop()
-    gen.close()
+    with served_tiny(tokenizer, ServerConfig(model_name="tiny", max_tokens=32), num_device_blocks=1024) as (_, server):
+        yield openai_client(server)
 
 
 @pytest.fixture(scope="module")

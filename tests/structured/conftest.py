@@ -10,6 +10,20 @@ import transformers as tf
 from pensieve.models.smollm2 import GGUF_NAME, smollm2_path
 from tests.tiny import tiny_model
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}  # a tool with an enum-only schema (a forced call is valid JSON at any budget)
+
 HERMES_TEMPLATE = (Path(__file__).parents[1] / "fixtures" / "hermes_tools.jinja").read_text()
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pensieve import CacheConfig, SamplingParams, StatefulGenerator, StructuredOutput
+from pensieve import CacheConfig, SamplingParams, StatefulGenerator, StructuredOutput, ToolUse
 from tests.structured.conftest import chat_model
 from tests.structured.grammar_oracle import hf_constrained
 from tests.tiny import drive, oracle_copy
@@ -90,8 +90,8 @@ def test_a_forced_call_under_a_prompt_that_opened_a_block_is_a_call(model, smol_
     named = {"type": "function", "function": {"name": "get_time"}}
     with StatefulGenerator(model, tokenizer, CacheConfig(block_size=8, num_device_blocks=128)) as gen:
         sp = SamplingParams(max_new_tokens=60, temperature=0)
-        reply = gen.generate("a", "Time?", sp, tools=[TIME], tool_choice=named)
+        reply = gen.generate("a", "Time?", sp, tools=ToolUse([TIME], named))
         assert reply.reasoning is None and reply.text == ""
         assert [c.name for c in reply.tool_calls] == ["get_time"] and reply.finish_reason == "stop"
-        done = gen.complete([{"role": "user", "content": "Time?"}], sp, tools=[TIME], tool_choice=named)
+        done = gen.complete([{"role": "user", "content": "Time?"}], sp, tools=ToolUse([TIME], named))
         assert [c.name for c in done.tool_calls] == ["get_time"]

@@ -41,7 +41,7 @@ def test_a_resent_tool_call_keeps_its_sampled_tokens_and_kv(model, smol_tokenize
     for memory in (1 << 16, 0):
         cache = CacheConfig(block_size=8, num_device_blocks=512, reply_memory_tokens=memory)
         with StatefulGenerator(model, tokenizer, cache) as gen:
-            first = gen.complete(MSGS, sp, tools=TOOLS, tool_choice=FORCED)
+            first = gen.complete(MSGS, sp, tools=ToolUse(TOOLS, FORCED))
             (call,) = first.tool_calls
             sampled = chat.render(tokenizer, MSGS, use, add_generation_prompt=True) + first.token_ids
             history = [*MSGS, resent(first, spaced=memory == 0)]

@@ -10,7 +10,7 @@ import json
 import jsonschema
 import pytest
 
-from pensieve import CacheConfig, SamplingParams, StatefulGenerator
+from pensieve import CacheConfig, SamplingParams, StatefulGenerator, ToolUse
 from pensieve.structured.grammar import tool_call_grammar
 from pensieve.structured.tools import ChatFormat
 from tests.structured.grammar_oracle import hf_constrained
@@ -89,8 +89,8 @@ def test_forced_calls_in_each_format(smol_tokenizer, case):
         ):
             sp = SamplingParams(max_new_tokens=120, temperature=0, logit_bias=bias)
             deltas = []
-            future = gen.submit(f"c{i}", "Weather in Oslo?", sp, deltas.append, tools=TOOLS, tool_choice=choice,
-                                parallel_tool_calls=parallel)  # fmt: skip
+            use = ToolUse(TOOLS, choice, parallel)
+            future = gen.submit(f"c{i}", "Weather in Oslo?", sp, deltas.append, tools=use)
             reply = drive(gen, future)
             assert reply.finish_reason == "stop" and reply.text == "" and reply.tool_calls
             assert "".join(d.text for d in deltas) == ""

@@ -15,24 +15,12 @@ from pensieve import CacheConfig, SamplingParams, StatefulGenerator, StructuredO
 from pensieve.engine.detokenizer import TextStream
 from pensieve.structured.grammar import tool_call_grammar
 from pensieve.structured.tools import ChatFormat, ToolUse
+from tests.structured.conftest import WEATHER
 from tests.structured.grammar_oracle import hf_constrained
 from tests.tiny import oracle_copy
 
 pytest.importorskip("xgrammar")
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["celsius", "fahrenheit"]}},
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 CLOCK = {
     "type": "function",
     "function": {
@@ -73,9 +61,7 @@ def test_forced_calls_parse_validate_and_the_tool_result_keeps_the_kv(
     oracle = oracle_copy(model)
     sp = SamplingParams(max_new_tokens=80, temperature=0)
     with StatefulGenerator(model, tokenizer, CacheConfig(block_size=8, num_device_blocks=256)) as gen:
-        reply = gen.generate(
-            "a", "Weather in Paris?", sp, tools=TOOLS, tool_choice="required", parallel_tool_calls=False
-        )
+        reply = gen.generate("a", "Weather in Paris?", sp, tools=ToolUse(TOOLS, "required", False))
         assert reply.finish_reason == "stop" and reply.text == "" and len(reply.tool_calls) == 1
         for call in reply.tool_calls:
             valid(call)
@@ -108,13 +94,13 @@ def test_a_named_tool_and_no_parallel_calls(model, hermes_tokenizer):
     named = {"type": "function", "function": {"name": "get_time"}}
     with StatefulGenerator(model, hermes_tokenizer, CacheConfig(block_size=8, num_device_blocks=256)) as gen:
         for i in range(3):
-            reply = gen.generate(f"n{i}", "What time is it?", sp, tools=TOOLS, tool_choice=named)
+            reply = gen.generate(f"n{i}", "What time is it?", sp, tools=ToolUse(TOOLS, named))
             assert [c.name for c in reply.tool_calls] == ["get_time"]
             valid(reply.tool_calls[0])
-        one = gen.generate("p", "Both?", sp, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+        one = gen.generate("p", "Both?", sp, tools=ToolUse(TOOLS, "required", False))
         assert len(one.tool_calls) == 1
         budget = SamplingParams(max_new_tokens=300, temperature=1.0, seed=2)
-        several = [gen.generate(f"m{i}", "Both?", budget, tools=TOOLS, tool_choice="required") for i in range(4)]
+        several = [gen.generate(f"m{i}", "Both?", budget, tools=ToolUse(TOOLS, "required")) for i in range(4)]
         assert all(r.finish_reason == "stop" and r.tool_calls for r in several)
         assert max(len(r.tool_calls) for r in several) > 1  # parallel calls: one reply, several calls
         for call in [c for r in several for c in r.tool_calls]:
@@ -129,8 +115,7 @@ def test_a_calls_text_is_never_streamed(model, hermes_tokenizer):
                 name,
                 "Weather?",
                 SamplingParams(max_new_tokens=budget, temperature=0),
-                tools=TOOLS,
-                tool_choice="required",
+                tools=ToolUse(TOOLS, "required"),
             )
             pieces = list(stream)
             assert pieces == [] and stream.reply.text == "", pieces
@@ -161,7 +146,7 @@ def test_the_hold_back_shows_content_and_keeps_calls(smol_tokenizer):
 
 def test_tool_choice_none_renders_tools_and_parses_nothing(model, hermes_tokenizer):
     with StatefulGenerator(model, hermes_tokenizer, CacheConfig(block_size=8, num_device_blocks=256)) as gen:
-        reply = gen.generate("x", "hi", SamplingParams(max_new_tokens=5), tools=TOOLS, tool_choice="none")
+        reply = gen.generate("x", "hi", SamplingParams(max_new_tokens=5), tools=ToolUse(TOOLS, "none"))
         assert reply.tool_calls == ()
         assert "<tools>" in hermes_tokenizer.decode(tokens_of(gen, "x"))
 
@@ -169,28 +154,29 @@ def test_tool_choice_none_renders_tools_and_parses_nothing(model, hermes_tokeniz
 def test_completions_take_tools_too(model, hermes_tokenizer):
     with StatefulGenerator(model, hermes_tokenizer, CacheConfig(block_size=8, num_device_blocks=256)) as gen:
         reply = gen.complete([{"role": "user", "content": "Weather?"}], SamplingParams(max_new_tokens=60),
-                             tools=TOOLS, tool_choice="required")  # fmt: skip
+                             tools=ToolUse(TOOLS, "required"))  # fmt: skip
         assert reply.tool_calls and valid(reply.tool_calls[0]) is not None
         assert gen.conversations() == []
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"tools": [{"type": "function"}]}, "tools must be a list"),
-        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice must be one of"),
-        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "names no tool"),
-        ({"tools": [WEATHER, WEATHER]}, "unique"),
-        ({"tool_choice": "required"}, "needs tools"),
-        ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls must be a bool"),
+    ("tools", "message"),
+    [  # a list is passed as it is; a tuple is ToolUse's arguments (tools, tool_choice, parallel_tool_calls)
+        ([{"type": "function"}], "tools must be a list"),
+        ((TOOLS, "sometimes"), "tool_choice must be one of"),
+        ((TOOLS, {"type": "function", "function": {"name": "nope"}}), "names no tool"),
+        ([WEATHER, WEATHER], "unique"),
+        (((), "required"), "needs tools"),
+        ((TOOLS, "auto", "yes"), "parallel_tool_calls must be a bool"),
     ],
 )
-def test_bad_tools_are_named_and_change_nothing(model, hermes_tokenizer, kwargs, message):
+def test_bad_tools_are_named_and_change_nothing(model, hermes_tokenizer, tools, message):
     with StatefulGenerator(model, hermes_tokenizer, CacheConfig(block_size=8, num_device_blocks=64)) as gen:
         gen.generate("c", "hi", SamplingParams(max_new_tokens=2))
         before = tokens_of(gen, "c")
         with pytest.raises(ValueError, match=message):
-            gen.generate("c", "again", SamplingParams(max_new_tokens=2), **kwargs)
+            use = tools if isinstance(tools, list) else ToolUse(*tools)
+            gen.generate("c", "again", SamplingParams(max_new_tokens=2), tools=use)
         with pytest.raises(ValueError, match="a str 'role' and a str 'content'"):
             gen.generate("c", {"role": "tool", "content": 3})
         assert tokens_of(gen, "c") == before
@@ -208,15 +194,15 @@ def test_bad_tools_are_named_and_change_nothing(model, hermes_tokenizer, kwargs,
 def test_candidates_carry_their_own_calls_and_bad_grammars_are_value_errors(model, hermes_tokenizer):
     sp = SamplingParams(max_new_tokens=60, temperature=1.0, seed=1, n=3)
     with StatefulGenerator(model, hermes_tokenizer, CacheConfig(block_size=8, num_device_blocks=256)) as gen:
-        reply = gen.generate("c", "Weather?", sp, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+        reply = gen.generate("c", "Weather?", sp, tools=ToolUse(TOOLS, "required", False))
         for r in (reply, *reply.candidates):
             assert r.text == "" and len(r.tool_calls) == 1
             valid(r.tool_calls[0])
         bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}
         with pytest.raises(ValueError, match="not a JSON schema"):
-            gen.generate("d", "x", SamplingParams(max_new_tokens=4), tools=[bad], tool_choice="required")
+            gen.generate("d", "x", SamplingParams(max_new_tokens=4), tools=ToolUse([bad], "required"))
         with pytest.raises(ValueError, match="names no tool"):
-            gen.generate("d", "x", tools=TOOLS, tool_choice={"type": "function", "function": "get_time"})
+            gen.generate("d", "x", tools=ToolUse(TOOLS, {"type": "function", "function": "get_time"}))
         call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}
         with pytest.raises(ValueError, match="a str 'role' and a str 'content'"):
             gen.generate("d", [call, {"role": "tool", "content": "1"}], tools=TOOLS)
@@ -249,7 +235,7 @@ def test_tools_given_or_changed_on_a_later_turn_reach_the_prompt(model, smol_tok
         text = smol_tokenizer.decode(prompt_of(gen, reply))
         assert '"get_weather"' in text and '"get_time"' not in text
         history = tokens_of(gen, "a")
-        reply = gen.generate("a", "And Oslo?", sp, tools=[WEATHER], tool_choice="none")  # same tools: appended
+        reply = gen.generate("a", "And Oslo?", sp, tools=ToolUse([WEATHER], "none"))  # same tools: appended
         assert prompt_of(gen, reply)[: len(history)] == history and reply.num_recomputed == 0
         history = tokens_of(gen, "a")
         future = gen.submit("a", "What time is it?", sp, tools=TOOLS)  # changed, then aborted: put back
@@ -278,9 +264,9 @@ def test_token_id_turns_force_and_parse_calls_the_caller_rendered(model, hermes_
     sp = SamplingParams(max_new_tokens=80, temperature=0)
     msgs = [{"role": "user", "content": "Weather in Paris?"}]
     with StatefulGenerator(model, hermes_tokenizer, CacheConfig(block_size=8, num_device_blocks=256)) as gen:
-        text = gen.generate("text", msgs, sp, tools=TOOLS, tool_choice="required")
+        text = gen.generate("text", msgs, sp, tools=ToolUse(TOOLS, "required"))
         ids = ChatFormat.of(hermes_tokenizer).render(hermes_tokenizer, msgs, ToolUse(tuple(TOOLS)), True)
-        raw = gen.generate("raw", ids, sp, tools=TOOLS, tool_choice="required")
+        raw = gen.generate("raw", ids, sp, tools=ToolUse(TOOLS, "required"))
         assert raw.token_ids == text.token_ids and raw.text == ""
         assert [(c.name, c.arguments) for c in raw.tool_calls] == [(c.name, c.arguments) for c in text.tool_calls]
         assert tokens_of(gen, "raw") == tokens_of(gen, "text")
