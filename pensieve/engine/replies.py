@@ -59,6 +59,25 @@ def extend_key(key: bytes, message: dict) -> bytes:
     return hashlib.sha256(key + message_key(message).encode()).digest()
 
 
+def render_continuing(tokenizer, messages: list[dict], tools: ToolUse | None, find, limit: int | None = None):
+    """Chat messages through the chat template, continuing tokens already computed: find(key) -> the token sequence
+    that the history messages[:j] (its `history_keys` key) ended with, or None. The latest j (<= limit) found keeps
+    its tokens and only messages[j:] and the generation prompt are rendered after them (`ChatFormat.append`); none
+    found, or a template that does not render append-only there: the whole conversation is rendered.
+    -> (tokens, the messages' history key, whether known tokens were continued)."""
+    keys = history_keys(messages, tools)
+    chat = ChatFormat.of(tokenizer)
+    for j in range(len(messages) if limit is None else limit, 0, -1):
+        known = find(keys[j])
+        if known is None:
+            continue
+        appended = chat.append(tokenizer, known, messages[:j], messages[j:], tools)
+        if appended is not None:
+            return [*known, *appended], keys[-1], True
+        break
+    return chat.render(tokenizer, messages, tools, add_generation_prompt=True), keys[-1], False
+
+
 def reply_message(reply: Reply) -> dict:
     """The assistant message a client gets for `reply` (and sends back)."""
     message: dict = {"role": "assistant", "content": reply.text or ""}
@@ -108,20 +127,9 @@ class ReplyMemory:
         """Chat messages -> (the prompt's tokens, the messages' history key). The latest assistant message with a
         remembered history keeps its sampled tokens and only the messages after it are rendered; otherwise (or
         where the template does not render append-only) the whole conversation is."""
-        keys = history_keys(messages, tools)
-        chat = ChatFormat.of(tokenizer)
-        for j in range(len(messages) - 1, -1, -1):
-            if messages[j].get("role") != "assistant":
-                continue
-            history = self.get(keys[j + 1])
-            if history is None:
-                continue
-            appended = chat.append(tokenizer, history, messages[: j + 1], messages[j + 1 :], tools)
-            if appended is None:
-                break
-            self.hits += 1
-            return [*history, *appended], keys[-1]
-        return chat.render(tokenizer, messages, tools, add_generation_prompt=True), keys[-1]
+        tokens, key, continued = render_continuing(tokenizer, messages, tools, self.get)
+        self.hits += continued
+        return tokens, key
 
     def remember(self, key: bytes, prompt: list[int], params: ResolvedSampling, future: Future) -> None:
         """Once the completion behind `future` ends, remember each of its replies under key + its message. A reply a

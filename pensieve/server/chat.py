@@ -34,10 +34,10 @@ from pensieve.server.common import (
     drain,
     first,
     refuse,
+    request_tools,
     sse,
     sse_data,
     stats,
-    tool_use,
 )
 from pensieve.server.store import new_id
 from pensieve.structured.tools import ToolUse
@@ -287,7 +287,7 @@ def _structured_output(fmt: ResponseFormat | None) -> StructuredOutput | None:
 def _tools(body: ChatRequest) -> ToolUse | None:
     choice = body.tool_choice
     named = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
-    return tool_use([t.model_dump(exclude_none=True) for t in body.tools or []], named, body.parallel_tool_calls)
+    return request_tools([t.model_dump(exclude_none=True) for t in body.tools or []], named, body.parallel_tool_calls)
 
 
 def _usage(reply: Reply) -> dict:

@@ -326,7 +326,7 @@ def stats(reply: Reply) -> dict:
     }
 
 
-def tool_use(tools: list[dict], choice, parallel: bool | None) -> ToolUse | None:
+def request_tools(tools: list[dict], choice, parallel: bool | None) -> ToolUse | None:
     """A request's tools (OpenAI's chat shape) and tool_choice (None, a str, or {"type": "function", "function":
     {"name": ...}}) -> the library's ToolUse; a bad one is a 400 naming tools."""
     if not tools:

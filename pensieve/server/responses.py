@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from jinja2 import TemplateError
 from pydantic import ConfigDict, Field, TypeAdapter
 from pydantic.json_schema import SkipJsonSchema
 
 from pensieve.config import StructuredOutput
 from pensieve.engine.admission import check_messages
-from pensieve.engine.replies import extend_key, history_keys
+from pensieve.engine.replies import extend_key, render_continuing, reply_message
 from pensieve.engine.turn import Reply
 from pensieve.server import threads
 from pensieve.server.chat import FunctionDef
@@ -42,13 +41,13 @@ from pensieve.server.common import (
     list_of,
     live,
     refuse,
+    request_tools,
     sse,
     stats,
-    tool_use,
 )
 from pensieve.server.retention import swept
 from pensieve.server.store import ConversationRecord, ResponseRecord, Thread, new_id
-from pensieve.structured.tools import ChatFormat, ToolUse
+from pensieve.structured.tools import ToolUse
 
 router = APIRouter(dependencies=[Depends(swept)])  # each request first drops what retention says is due
 
@@ -262,7 +261,7 @@ def _tools(body: ResponsesRequest) -> ToolUse | None:
     choice = body.tool_choice
     if isinstance(choice, ToolChoiceFunction):
         choice = {"type": "function", "function": {"name": choice.name}}
-    return tool_use(tools, choice, body.parallel_tool_calls)
+    return request_tools(tools, choice, body.parallel_tool_calls)
 
 
 def _structured_output(text: TextConfig | None) -> StructuredOutput | None:
@@ -312,20 +311,16 @@ def _render(
     """-> (the prompt's tokens, its history key). When `after`'s tokens end with the first j messages (their key:
     a response and its follow-up, or a conversation with items added since), they are kept and only the messages
     after those are rendered after them; else the whole conversation is rendered."""
-    chat = ChatFormat.of(s.tokenizer)
     messages = before + new
-    keys = history_keys(messages, tools)
+
+    def find(key: bytes) -> list[int] | None:
+        return after[0] if after is not None and key.hex() == after[1] else None
+
     try:
-        check_messages(messages)
-        hexes = [k.hex() for k in keys[1 : len(before) + 1]]
-        if after is not None and after[1] in hexes:
-            j = hexes.index(after[1]) + 1
-            appended = chat.append(s.tokenizer, after[0], messages[:j], messages[j:], tools)
-            if appended is not None:
-                return [*after[0], *appended], keys[-1]
-        return chat.render(s.tokenizer, messages, tools, add_generation_prompt=True), keys[-1]
-    except (ValueError, TemplateError) as error:  # the template refused the messages
+        tokens, key, _ = render_continuing(s.tokenizer, check_messages(messages), tools, find, limit=len(before))
+    except ValueError as error:  # a bad message, or the template refused the messages
         raise APIError(400, f"input: {error}", param="input") from None
+    return tokens, key
 
 
 def _base(s: ServerState, body: ResponsesRequest, conversation: ConversationRecord | None, keep: bool) -> dict:
@@ -364,9 +359,7 @@ def _finish(s: ServerState, turn: _Turn, reply: Reply) -> dict:
     """The response object; the thread, the stored response and the conversation move on."""
     s.metrics.turn(reply, len(turn.tokens))
     prompt, completion = len(turn.tokens), len(reply.token_ids)
-    message = {"role": "assistant", "content": reply.text or ""}
-    if reply.tool_calls:
-        message["tool_calls"] = [c.message_form() for c in reply.tool_calls]
+    message = reply_message(reply)
     output = output_items(message, turn.message_id)
     key = extend_key(turn.key, message)
     stopped = reply.finish_reason == "stop"

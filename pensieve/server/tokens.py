@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter
-from jinja2 import TemplateError
 
 from pensieve.server.chat import ChatMessage, NamedToolChoice, ToolDef
-from pensieve.server.common import APIError, State, Strict, chat_message, tool_use
+from pensieve.server.common import APIError, State, Strict, chat_message, request_tools
 from pensieve.structured.tools import ChatFormat
 
 router = APIRouter()
@@ -43,14 +42,14 @@ async def tokenize(body: TokenizeRequest, s: State):
                            param="add_special_tokens")  # fmt: skip
         s.check_count(len(body.messages), "messages", "messages")
         messages = [chat_message(m) for m in body.messages]
-        tools = tool_use([t.model_dump(exclude_none=True) for t in body.tools or []], None, None)
+        tools = request_tools([t.model_dump(exclude_none=True) for t in body.tools or []], None, None)
 
         def render() -> list[int]:
             return ChatFormat.of(tokenizer).render(tokenizer, messages, tools, body.add_generation_prompt)
 
         try:
             tokens = await asyncio.to_thread(render)
-        except (ValueError, TemplateError) as error:  # the template refused the messages
+        except ValueError as error:  # the template refused the messages
             raise APIError(400, f"messages: {error}", param="messages") from None
     else:
         special = True if body.add_special_tokens is None else body.add_special_tokens
