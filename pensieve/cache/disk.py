@@ -22,6 +22,10 @@ Chunk files are written to a temp file, fsync'd and renamed into place, so a cra
 one. Their metadata carry: a checksum of the tensor bytes, the model fingerprint, the number of tokens the KV covers
 and the content key. Anything that does not check out is reported (a warning) and treated as "dropped": recomputed,
 never used.
+
+Once written (and once read) a chunk file's pages are dropped from the OS page cache (`posix_fadvise(DONTNEED)`): the
+KV tiers in memory are the ones pensieve budgets, so a chunk on disk is read from the disk, not from a second,
+unaccounted copy in DRAM. `bytes_read` counts what was read back.
 """
 
 from __future__ import annotations
@@ -124,6 +128,7 @@ class DiskStore:
         self.num_write_errors = 0
         self.num_bad_files = 0
         self.num_removed_files = 0
+        self.bytes_read = 0  # chunk-file bytes read back (each read goes to the disk: see _drop_cached)
         self._lock = None
         try:
             (self.root / "convs").mkdir(parents=True, exist_ok=True)
@@ -311,6 +316,7 @@ class DiskStore:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+                _drop_cached(f.fileno())  # written back by the fsync, so the pages can go
             os.replace(tmp, path)
         except OSError as error:
             self.num_write_errors += 1
@@ -325,7 +331,10 @@ class DiskStore:
         """The chunk's k, v if its file is intact, of this model, and for exactly this content; else None (warned)."""
         path = self._chunk_path(key)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = f.read()
+                _drop_cached(f.fileno())
+            self.bytes_read += len(data)
             meta = _read_header(io.BytesIO(data))["__metadata__"]
             problem = None
             if meta.get("format") != FORMAT:
@@ -367,6 +376,13 @@ def _parse_record(line: bytes) -> dict | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def _drop_cached(fd: int) -> None:
+    """Drop a file's clean pages from the OS page cache (no-op where posix_fadvise does not exist)."""
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -447,11 +447,12 @@ class KVManager:
         finally:
             self.disk.close()
 
-    def disk_errors(self) -> dict[str, int]:
+    def disk_stats(self) -> dict[str, int]:
         disk = self.disk
         return {
             "disk_write_errors": disk.num_write_errors if disk is not None else 0,
             "disk_bad_files": disk.num_bad_files if disk is not None else 0,
+            "bytes_read_disk": disk.bytes_read if disk is not None else 0,
         }
 
     def persist(self, conv: Conversation) -> None:

@@ -330,7 +330,7 @@ class Engine:
             "preemptions": self.scheduler.num_preemptions,
             **(compiled.stats() if (compiled := self.runner.compiled) is not None else CompiledForward.NO_STATS),
             "cuda_graphs": len(self.runner.graphs.graphs) if self.runner.graphs is not None else 0,
-            **kv.disk_errors(),
+            **kv.disk_stats(),
             **{name: kv.counters[name] for name in COUNTERS},
         }
 

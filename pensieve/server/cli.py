@@ -95,6 +95,26 @@ def load_model(model: str | None, dtype: str):
     return load(model, dtype)[0]
 
 
+def kv_capacity(stats: dict, config, args) -> str:
+    """The start-up line naming the KV capacity per tier (in tokens: what a peer's budget is compared against)."""
+    instances = list(stats["per_instance"].values()) if "per_instance" in stats else [stats]
+    bs = instances[0]["block_size"]
+    device = sum(s["device_blocks_total"] for s in instances)
+    host = sum(s["host_blocks_total"] for s in instances)
+    size = ""
+    if config is not None:
+        import torch
+
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * getattr(torch, args.dtype).itemsize
+        size = f" ({device * bs * per_token / 2**30:.3f} GiB)"
+    disk = f"; disk tier in {args.disk_dir}" if args.disk_dir else "; no disk tier"
+    return (f"pensieve: KV cache: device {device} blocks x {bs} = {device * bs} tokens{size}; host {host} blocks"
+            f" = {host * bs} tokens{disk}; max_num_seqs {args.max_num_seqs}, max_num_batched_tokens"
+            f" {args.max_num_batched_tokens}")  # fmt: skip
+
+
 def load(model: str | None, dtype: str):
     """-> (model, tokenizer, name): a local HF checkpoint folder, a .gguf file (dequantized to `dtype`), a hub id
     already in the local Hugging Face cache (nothing is downloaded), or the bundled SmolLM2-135M-Instruct.
@@ -153,6 +173,10 @@ def main(argv=None) -> None:
     parser.add_argument("--device-blocks", type=int, help="cap the device KV pool (blocks)")
     parser.add_argument("--host-blocks", type=int, default=0, help="a host KV tier of this many blocks")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="conversations one engine step may batch")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512,
+                        help="tokens one engine step may compute (longer prompts are chunked)")  # fmt: skip
+    parser.add_argument("--chat-template", help="a Jinja chat template file used instead of the tokenizer's")
     parser.add_argument("--max-tokens", type=int, default=4096, help="the most tokens a request may generate")
     parser.add_argument("--max-body-bytes", type=int, default=4 * 2**20)
     parser.add_argument("--max-stored-responses", type=int, default=10_000,
@@ -176,10 +200,19 @@ def main(argv=None) -> None:
 
     import os
 
-    from pensieve import CacheConfig, EngineConfig, StatefulGenerator
+    from pensieve import CacheConfig, EngineConfig, SchedulerConfig, StatefulGenerator
 
     t0 = time.perf_counter()
     model, tokenizer, name = load(args.model, args.dtype)
+    if args.chat_template:
+        try:
+            tokenizer.chat_template = open(args.chat_template, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as error:
+            parser.error(f"--chat-template: {error}")
+    try:
+        scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    except ValueError as error:
+        parser.error(str(error))
     cache = CacheConfig(
         block_size=args.block_size,
         num_device_blocks=args.device_blocks,
@@ -208,9 +241,11 @@ def main(argv=None) -> None:
         del model  # each instance loads its own
         factory = functools.partial(load_model, args.model, args.dtype)
         roles = ["colocated"] * args.instances
-        gen = Cluster(factory, tokenizer, roles=roles, cache_config=cache, engine_config=engine)
+        gen = Cluster(factory, tokenizer, roles=roles, cache_config=cache, scheduler_config=scheduler,
+                      engine_config=engine)  # fmt: skip
     else:
-        gen = StatefulGenerator(model, tokenizer, cache, engine_config=engine)
+        gen = StatefulGenerator(model, tokenizer, cache, scheduler_config=scheduler, engine_config=engine)
+    print(kv_capacity(gen.stats(), model.config if not args.instances else None, args), flush=True)
     with gen:
         server = Server(gen, tokenizer, args.host, args.port, config, args.disk_dir, args.log_level)
         server.start(engine_thread=args.engine_thread == "worker")

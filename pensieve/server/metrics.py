@@ -1,5 +1,6 @@
 """Prometheus metrics (prometheus_client, a registry per app): requests, tokens, time to first token, where each
-turn's history KV was found, what was recomputed, and the cache's blocks per tier (read from `stats()` at scrape)."""
+turn's history KV was found, what was recomputed, the cache's blocks per tier and the disk tier's bytes moved (read
+from `stats()` at scrape)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ class Metrics:
         self.blocks = Gauge("pensieve_kv_blocks", "KV blocks per tier", ["tier", "state"], registry=r)
         self.conversations = Gauge("pensieve_conversations", "Conversations in memory", registry=r)
         self.running = Gauge("pensieve_running_turns", "Turns running", registry=r)
+        self.disk_bytes = Gauge(
+            "pensieve_disk_kv_bytes", "KV chunk-file bytes moved since start", ["direction"], registry=r
+        )
 
     def request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
@@ -50,4 +54,6 @@ class Metrics:
             self.blocks.labels(tier, "free").set(free)
         self.conversations.set(stats["conversations"])
         self.running.set(sum(s["active_turns"] for s in instances))
+        self.disk_bytes.labels("read").set(sum(s["bytes_read_disk"] for s in instances))
+        self.disk_bytes.labels("written").set(sum(s["bytes_written_disk"] for s in instances))
         return generate_latest(self.registry)

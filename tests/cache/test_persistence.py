@@ -319,3 +319,37 @@ def test_the_model_fingerprint_tells_weights_apart():
     with torch.no_grad():
         b.model.layers[1].mlp.up_proj.weight[5, 7] += 1e-4  # one weight, not in the strided sample
     assert model_fingerprint(a) != model_fingerprint(b)
+
+
+def test_chunk_files_leave_the_page_cache_once_written_and_read_and_reads_are_counted(
+    model, oracle, tmp_path, monkeypatch
+):
+    """The disk tier is not DRAM in disguise: every chunk file written or read is dropped from the page cache
+    (posix_fadvise DONTNEED on its own descriptor), and stats() counts the bytes read back."""
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this platform")
+    advised: list[tuple[str, int]] = []
+    real = os.posix_fadvise
+
+    def record(fd, offset, length, advice):
+        advised.append((os.readlink(f"/proc/self/fd/{fd}"), advice))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    histories = {}
+    with _open(model, tmp_path, device=12) as gen:
+        _chat(gen, oracle, histories, rounds=3)  # the device tier overflows: chunks go to disk and come back
+        stats = gen.stats()
+        seen = list(advised)  # (close() writes more: the device tier's chunks)
+    assert stats["disk_write_chunks"] > 0 and stats["disk_read_chunks"] > 0
+    assert all(advice == os.POSIX_FADV_DONTNEED for _, advice in advised)
+    dropped = [path for path, _ in seen]
+    writes = [p for p in dropped if ".tmp" in Path(p).name]
+    reads = [p for p in dropped if ".tmp" not in Path(p).name]
+    assert writes and len(reads) >= stats["disk_read_chunks"]  # (a chunk's file is written once, whoever holds it)
+    assert all(Path(p).parent == tmp_path / "kv" for p in dropped)
+    chunk_bytes = {p.stat().st_size for p in (tmp_path / "kv").iterdir()}
+    assert len(chunk_bytes) == 1  # every chunk file holds one block, so bytes are whole files
+    size = chunk_bytes.pop()
+    assert stats["bytes_written_disk"] == len(writes) * size
+    assert stats["bytes_read_disk"] == len(reads) * size

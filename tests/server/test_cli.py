@@ -3,6 +3,7 @@ gracefully (KV written to the disk_dir), and a restarted server continues a stor
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx2 as httpx
 import pytest
 
 from tests.server.common import hf_chain, make_model
@@ -20,16 +22,19 @@ openai = pytest.importorskip("openai")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def serve(model_dir: Path, disk_dir: Path) -> tuple[subprocess.Popen, str]:
+def serve(model_dir: Path, disk_dir: Path, *extra: str) -> tuple[subprocess.Popen, str, list[str]]:
+    """-> the server process, its base URL, and the lines it printed up to the one naming it."""
     cmd = [sys.executable, "-m", "pensieve", "serve", "--model", str(model_dir), "--dtype", "float64", "--port", "0",
            "--disk-dir", str(disk_dir), "--no-compile", "--block-size", "4", "--api-key", "k",
-           "--log-level", "warning"]  # fmt: skip
+           "--log-level", "warning", *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
     for line in proc.stdout:
+        lines.append(line)
         if found := re.search(r"serving .* on (http://127\.0\.0\.1:\d+/v1)", line):
-            return proc, found.group(1)
-    raise AssertionError(f"the server did not start (exit {proc.wait()})")
+            return proc, found.group(1), lines
+    raise AssertionError(f"the server did not start (exit {proc.wait()}): {''.join(lines)}")
 
 
 def stop(proc: subprocess.Popen) -> str:
@@ -40,12 +45,20 @@ def stop(proc: subprocess.Popen) -> str:
 
 
 def test_serve_process_restarts_on_its_disk_dir(tmp_path, tokenizer):
+    """Also: --chat-template replaces the checkpoint's template, the start-up line names the KV capacity and the
+    scheduler limits, and /metrics counts the disk tier's bytes read back."""
     model = make_model(tokenizer)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     oracle = oracle_copy(model)
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = "{{- 'Served with a template file.' }}" + tokenizer.chat_template
+    (tmp_path / "chat.jinja").write_text(tokenizer.chat_template)
     greedy = dict(temperature=0, max_output_tokens=6)
-    proc, url = serve(tmp_path / "model", tmp_path / "kv")
+    flags = ("--chat-template", str(tmp_path / "chat.jinja"), "--device-blocks", "40", "--max-num-seqs", "3")
+    proc, url, lines = serve(tmp_path / "model", tmp_path / "kv", *flags)
+    capacity = "".join(lines)
+    assert "KV cache: device 40 blocks x 4 = 160 tokens" in capacity and "max_num_seqs 3," in capacity
     try:
         client = openai.OpenAI(base_url=url, api_key="k", max_retries=0)
         assert client.models.list().data[0].id == "model"
@@ -53,12 +66,15 @@ def test_serve_process_restarts_on_its_disk_dir(tmp_path, tokenizer):
     finally:
         out = stop(proc)
     assert "stopped; KV kept in" in out
-    proc, url = serve(tmp_path / "model", tmp_path / "kv")
+    proc, url, _ = serve(tmp_path / "model", tmp_path / "kv", *flags)
     try:
         client = openai.OpenAI(base_url=url, api_key="k", max_retries=0)
         after = client.responses.create(model="model", input="Which colour?", previous_response_id=first.id, **greedy)
+        metrics = httpx.get(url.removesuffix("/v1") + "/metrics", headers={"Authorization": "Bearer k"}).text
     finally:
         stop(proc)
+    read = re.search(r'^pensieve_disk_kv_bytes\{direction="read"\} (\S+)$', metrics, re.M)
+    assert read is not None and float(read.group(1)) > 0, metrics
     assert [first.output_text, after.output_text] == hf_chain(oracle, tokenizer, ["Remember: blue", "Which colour?"])
     assert after.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens  # read from the disk tier
 
