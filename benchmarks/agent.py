@@ -9,20 +9,27 @@ result. The same client drives both servers, greedy, with the same seeds, over t
 stays under 7k tokens.
 
 Both servers get the same model folder and dtype, the same chat template (benchmarks/agent_template.jinja, ChatML
-with Hermes tool calls, because SmolLM2's own template has no tools), block size 32, and equal scheduler limits
-(--max-num-seqs, --max-num-batched-tokens). Their KV budgets are equal in tokens:
-  pensieve  --device-blocks N --host-blocks 0 --disk-dir (fresh per run). Overflow goes to the disk tier, whose
-            chunk files are dropped from the page cache (posix_fadvise DONTNEED) once written and once read. Reported:
-            the disk-tier bytes read (/metrics) and the bytes the server process read from storage (/proc/PID/io).
-  vLLM      --num-gpu-blocks-override N --enable-prefix-caching. Overflow is recomputed.
+with Hermes tool calls, because SmolLM2's own template has no tools), block size 32, equal scheduler limits
+(--max-num-seqs, --max-num-batched-tokens) and every core of the machine (pensieve: torch threads; vLLM:
+VLLM_CPU_OMP_THREADS_BIND=0-(n-1)). Tools are `strict`: vLLM enforces a forced call's argument schema only then.
+Their KV budgets are equal in tokens:
+  pensieve  --device-blocks N --host-blocks 0 --disk-dir (fresh per run, refused on tmpfs). Overflow goes to the
+            disk tier, whose chunk files are dropped from the page cache (posix_fadvise DONTNEED) once written and
+            once read. Reported over the timed run: the disk-tier bytes read and written (/metrics), and the bytes
+            the server process read from storage (/proc/PID/io).
+  vLLM      --num-gpu-blocks-override N+1 --enable-prefix-caching: block 0 is vLLM's null block, never used for KV,
+            so its usable capacity is N blocks (its quoted "KV cache size" line counts the null block). Overflow is
+            recomputed.
 A budget is a fraction of the working set W, the tokens of every session's final history (estimated from the trace
 before the run). The full budget is 1.1 W (>= the working set); the others are 1/2 and 1/4 of W. Each engine's own
 start-up line with its KV capacity is quoted in the results.
 
-Reported per (budget, server): round trips/s and output tokens/s over the wall time, call latency p50/p90, and the
-share of later calls' prompts each engine computed. That share is prompt - cached over the new tokens, where a call's
-new tokens are its prompt minus the previous call's prompt and reply. For vLLM the re-rendered call differs from the
-tokens it sampled, so that share counts the re-rendered call as new. JSON (written after every run) + PNG in results/.
+Reported per (budget, server): round trips/s, calls/s and output tokens/s over the wall time, call latency p50/p90,
+and later calls' computed tokens over their new tokens. A call's new tokens are counted the same way for both, on
+the client: its rendered messages past the previous call's messages and reply (the tool result and the generation
+prompt). Computed: pensieve's own count of the positions it ran before the first token (`stats.prefilled_tokens`,
+recompute included); vLLM's prompt - cached, its cache hits at first scheduling (work redone after a preemption is
+missed: its preemptions are reported beside). JSON (written after every run) + PNG in results/.
 
 Usage: python benchmarks/agent.py --vllm-python .venv-vllm/bin/python [--sessions 16] [--round-trips 12]
        [--budgets 0.25,0.5,1.1] [--servers pensieve,vllm] [--pause-mean 1.0] [--out results/agent.json]
@@ -31,12 +38,14 @@ Usage: python benchmarks/agent.py --vllm-python .venv-vllm/bin/python [--session
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -52,6 +61,7 @@ from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "agent_template.jinja"
+CORES = len(os.sched_getaffinity(0))  # both servers compute on all of them (pensieve: torch threads; vLLM: OMP bind)
 BLOCK = 32  # vLLM's CPU attention wants a multiple of 32; pensieve runs the same
 SYSTEM = (
     "You are a coding agent. You work in a Python repository through the tools you are given: read files, search "
@@ -66,7 +76,9 @@ TARGETS = ["tests/test_cache.py", "tests/test_server.py", "tests/", "tests/test_
 def _tool(name: str, description: str, param: str, values: list[str]) -> dict:
     schema = {"type": "object", "properties": {param: {"type": "string", "enum": values}}, "required": [param],
               "additionalProperties": False}  # fmt: skip
-    return {"type": "function", "function": {"name": name, "description": description, "parameters": schema}}
+    # strict: vLLM enforces a forced call's argument schema only for a strict tool (pensieve always does)
+    return {"type": "function",
+            "function": {"name": name, "description": description, "parameters": schema, "strict": True}}  # fmt: skip
 
 
 TOOLS = [
@@ -168,13 +180,15 @@ def start_pensieve(args, folder: Path, blocks: int, log: Path, disk_dir: Path) -
            str(blocks), "--host-blocks", "0", "--disk-dir", str(disk_dir), "--chat-template", str(TEMPLATE),
            "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
            "--max-stored-responses", "0", "--log-level", "warning"]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ})
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ},
+                            start_new_session=True)  # fmt: skip
 
 
 def start_vllm(args, folder: Path, blocks: int, log: Path) -> subprocess.Popen:
     cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
            "--served-model-name", "agent", "--dtype", args.dtype, "--port", str(args.port), "--block-size", str(BLOCK),
-           "--enable-prefix-caching", "--num-gpu-blocks-override", str(blocks),
+           # one block more than pensieve's: vLLM keeps block 0 as its null block, never used for KV
+           "--enable-prefix-caching", "--num-gpu-blocks-override", str(blocks + 1),
            # vLLM refuses a budget below one max-length request: a budget under 8192 tokens (a smoke run) caps it
            "--max-model-len", str(min(8192, blocks * BLOCK)),
            "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
@@ -183,15 +197,25 @@ def start_vllm(args, folder: Path, blocks: int, log: Path) -> subprocess.Popen:
     # vLLM's CPU KV space (GiB, whole) only has to hold the blocks: the override sets how many it uses
     per_token = 2 * 30 * 3 * 64 * (4 if args.dtype == "float32" else 2)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(blocks * BLOCK * per_token / 2**30) + 1)),
-           "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}  # fmt: skip
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+           "VLLM_CPU_OMP_THREADS_BIND": f"0-{CORES - 1}"}  # fmt: skip
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def capacity_line(server: str, log: Path) -> str:
     """The engine's own start-up line naming its KV capacity."""
-    pattern = r"pensieve: KV cache:" if server == "pensieve" else r"KV cache size|num_gpu_blocks|Maximum concurrency"
+    pattern = r"pensieve: KV cache:" if server == "pensieve" else r"KV cache size|Overriding num_gpu_blocks"
     lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if re.search(pattern, ln)]
     return " | ".join(lines[:3]) or "(not found in the log)"
+
+
+def filesystem(path: str) -> str:
+    """The type of the file system holding path (/proc/mounts: the longest mount point above it)."""
+    real, best = os.path.realpath(path), ("", "?")
+    for line in Path("/proc/mounts").read_text().splitlines() if Path("/proc/mounts").exists() else []:
+        _, point, kind, *_ = line.split()
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) > len(best[0]):
+            best = (point, kind)
+    return best[1]
 
 
 def process_read_bytes(pid: int) -> int | None:
@@ -214,19 +238,37 @@ def _children(pid: int) -> list[int]:
     return kids + [g for k in kids for g in _children(k)]
 
 
-def disk_bytes(port: int) -> dict:
+def scrape(port: int) -> dict[str, float]:
+    """The counters read from /metrics: pensieve's disk-tier bytes (disk=read, disk=written), vLLM's preemptions."""
     text = httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
-    found = dict(re.findall(r'^pensieve_disk_kv_bytes\{direction="(\w+)"\} ([0-9.e+]+)$', text, re.M))
-    return {k: int(float(v)) for k, v in found.items()}
+    found = {
+        f"disk={d}": float(v) for d, v in re.findall(r'^pensieve_disk_kv_bytes\{direction="(\w+)"\} (\S+)$', text, re.M)
+    }
+    preempted = re.findall(r"^vllm:num_preemptions_total\{[^}]*\} (\S+)$", text, re.M)
+    if preempted:
+        found["preemptions"] = sum(float(v) for v in preempted)
+    return found
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server and every process it started (vLLM's engine core and workers run in their own)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 # ---- the client ---------------------------------------------------------------------------------------------------
 
 
-def run_session(client, s: int, session: dict, args, t_start: float, out: list, bar) -> None:
+def run_session(client, s: int, session: dict, args, t_start: float, out: list, bar, histories: dict) -> None:
     time.sleep(max(0.0, t_start + session["start_s"] - time.perf_counter()))
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": session["task"]}]
-    previous = None  # (prompt tokens, completion tokens) of the last call
+    messages = histories[s] = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": session["task"]}]
     for r in range(len(session["rounds"]) + 1):
         forced = r < len(session["rounds"])
         choice = {"type": "function", "function": {"name": session["rounds"][r]["tool"]}} if forced else "none"
@@ -239,14 +281,14 @@ def run_session(client, s: int, session: dict, args, t_start: float, out: list, 
         usage, message = resp.usage, resp.choices[0].message
         details = usage.prompt_tokens_details
         cached = details.cached_tokens if details is not None and details.cached_tokens is not None else 0
-        new = usage.prompt_tokens - (previous[0] + previous[1]) if previous else usage.prompt_tokens
-        extra = resp.model_extra or {}
-        out.append({"session": s, "call": r, "prompt": usage.prompt_tokens, "cached": cached,
-                    "computed": usage.prompt_tokens - cached, "new": new, "completion": usage.completion_tokens,
-                    "latency_s": latency, "end_s": time.perf_counter() - t_start,
-                    "pensieve_stats": extra.get("stats")})  # fmt: skip
+        stats = (resp.model_extra or {}).get("stats")  # pensieve's: what the turn computed, measured by the engine
+        # computed: pensieve counts every position it ran before the first token (recompute included); vLLM reports
+        # the prompt's cache hits at its first scheduling, so prompt - cached misses work redone after a preemption
+        computed = stats["prefilled_tokens"] if stats else usage.prompt_tokens - cached
+        out.append({"session": s, "call": r, "messages": len(messages), "prompt": usage.prompt_tokens,
+                    "cached": cached, "computed": computed, "completion": usage.completion_tokens,
+                    "latency_s": latency, "end_s": time.perf_counter() - t_start, "pensieve_stats": stats})  # fmt: skip
         bar.update(1)
-        previous = (usage.prompt_tokens, usage.completion_tokens)
         if not forced:
             return
         calls = message.tool_calls or []
@@ -261,9 +303,25 @@ def run_session(client, s: int, session: dict, args, t_start: float, out: list, 
         messages.append({"role": "tool", "tool_call_id": call.id, "content": session["rounds"][r]["result"]})
 
 
+def count_new_tokens(calls: list[dict], histories: dict, tokenizer) -> None:
+    """Each call's new tokens, the same way for both servers: the tokens of the benchmark template's rendering of
+    its messages past the previous call's messages and the reply it got (the tool result and the generation prompt;
+    the first call: its whole prompt). Sets calls[i]["new"]."""
+
+    def length(messages: list[dict], prompt: bool) -> int:
+        ids = tokenizer.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=prompt, tokenize=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    for c in calls:
+        messages = histories[c["session"]]
+        before = next((p for p in calls if p["session"] == c["session"] and p["call"] == c["call"] - 1), None)
+        whole = length(messages[: c["messages"]], True)
+        c["new"] = whole - length(messages[: before["messages"] + 1], False) if before else whole
+
+
 def warm_up(client, args) -> list[float]:
     """Bursts as wide as the run, each tool forced and the final answer, so compiling (batch shapes, grammars) is not
-    timed: repeated until a burst takes under 1.5x the one before (at most 4). -> each burst's seconds."""
+    timed: at least 3, until two in a row agree within 15% (at most 6). -> each burst's seconds."""
 
     def one(i: int) -> None:
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Warm-up {i}: look around."}]
@@ -273,12 +331,12 @@ def warm_up(client, args) -> list[float]:
                                        tool_choice=choice, max_tokens=args.call_tokens)  # fmt: skip
 
     times: list[float] = []
-    while len(times) < 4 and (len(times) < 2 or times[-1] > 1.5 * times[-2]):
+    while len(times) < 6 and (len(times) < 3 or abs(times[-1] - times[-2]) > 0.15 * times[-2]):
         times.append(run_threads([threading.Thread(target=one, args=(i,)) for i in range(args.sessions)]))
     return times
 
 
-def run_one(server: str, fraction: float, blocks: int, trace: list[dict], folder: Path, args) -> dict:
+def run_one(server: str, fraction: float, blocks: int, trace: list[dict], folder: Path, args, tokenizer) -> dict:
     name = f"{server}@{fraction:g}"
     log = Path(args.out).with_name(f"agent-{server}-{fraction:g}.log")
     disk_dir = Path(tempfile.mkdtemp(prefix="pensieve-agent-", dir=args.disk_root))
@@ -292,31 +350,29 @@ def run_one(server: str, fraction: float, blocks: int, trace: list[dict], folder
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="none", max_retries=0,
                                timeout=1800)  # fmt: skip
         warmup_s = warm_up(client, args)
-        read_before = process_read_bytes(proc.pid)
+        read_before, metrics_before = process_read_bytes(proc.pid), scrape(args.port)
         calls: list = []
+        histories: dict = {}
         bar = tqdm(total=sum(len(s["rounds"]) + 1 for s in trace), desc=name, unit="call", mininterval=5)
         t_start = time.perf_counter()
-        threads = [threading.Thread(target=run_session, args=(client, s, session, args, t_start, calls, bar))
+        threads = [threading.Thread(target=run_session, args=(client, s, session, args, t_start, calls, bar, histories))
                    for s, session in enumerate(trace)]  # fmt: skip
         wall = run_threads(threads)
         bar.close()
-        read_after = process_read_bytes(proc.pid)
-        disk = disk_bytes(args.port) if server == "pensieve" else {}
+        read_after, metrics_after = process_read_bytes(proc.pid), scrape(args.port)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         shutil.rmtree(disk_dir, ignore_errors=True)
     expected = sum(len(s["rounds"]) + 1 for s in trace)
     if len(calls) != expected:
         raise RuntimeError(f"{name}: {len(calls)} of {expected} calls finished (a session failed: see above)")
-    return summarize(server, fraction, blocks, calls, wall, warmup_s, capacity_line(server, log), disk,
-                     None if read_before is None or read_after is None else read_after - read_before)  # fmt: skip
+    count_new_tokens(calls, histories, tokenizer)
+    moved = {k: metrics_after[k] - metrics_before.get(k, 0) for k in metrics_after}  # over the timed run only
+    read = None if read_before is None or read_after is None else read_after - read_before
+    return summarize(server, fraction, blocks, calls, wall, warmup_s, capacity_line(server, log), moved, read)
 
 
-def summarize(server, fraction, blocks, calls, wall, warmup_s, capacity, disk, read_bytes) -> dict:
+def summarize(server, fraction, blocks, calls, wall, warmup_s, capacity, moved, read_bytes) -> dict:
     later = [c for c in calls if c["call"] > 0]
     answer = max(c["call"] for c in calls)  # the final answer's index = the round trips a session makes
     latencies = sorted(c["latency_s"] for c in calls)
@@ -344,7 +400,11 @@ def summarize(server, fraction, blocks, calls, wall, warmup_s, capacity, disk, r
         "later_computed_tokens": sum(c["computed"] for c in later),
         "later_computed_over_new": round(sum(c["computed"] for c in later) / max(1, sum(c["new"] for c in later)), 3),
         "pensieve_reused_tokens_by_tier": reused if server == "pensieve" else None,
-        "disk_tier_bytes": disk or None,
+        "disk_tier_bytes": {k.split("=")[1]: int(v) for k, v in moved.items() if k.startswith("disk")} or None,
+        "recomputed_tokens": sum((c["pensieve_stats"] or {}).get("recomputed_tokens", 0) for c in calls)
+        if server == "pensieve"
+        else None,
+        "vllm_preemptions": int(moved.get("preemptions", 0)) if server == "vllm" else None,
         "process_storage_read_bytes": read_bytes,
         "per_call": [{k: v for k, v in c.items() if k != "pensieve_stats"} for c in calls],
     }
@@ -423,9 +483,12 @@ def main() -> None:
     trace = make_trace(args, tokenizer)
     work = working_set(trace, tokenizer, args)
     servers = args.servers.split(",")
+    if "pensieve" in servers and filesystem(args.disk_root or tempfile.gettempdir()) in ("tmpfs", "ramfs"):
+        raise SystemExit("--disk-root is in memory (tmpfs): pensieve's disk tier would be DRAM; give a disk folder")
     if "vllm" in servers and not Path(args.vllm_python).exists():
         raise SystemExit(f"no vLLM venv at {args.vllm_python}: `make vllm-peer`, or --servers pensieve")
-    meta = {"machine": cpu_name(), "dtype": args.dtype, "working_set_tokens": work,
+    meta = {"machine": cpu_name(), "dtype": args.dtype, "working_set_tokens": work, "compute_cores": CORES,
+            "disk_root_filesystem": filesystem(args.disk_root or tempfile.gettempdir()),
             "args": {k: v for k, v in vars(args).items()},
             "tool_result_tokens": sum(r["result_tokens"] for s in trace for r in s["rounds"])}  # fmt: skip
     print(f"{args.sessions} sessions x {args.round_trips} round trips; working set W = {work} tokens; {cpu_name()}")
@@ -435,7 +498,7 @@ def main() -> None:
     for fraction in (float(f) for f in args.budgets.split(",")):
         blocks = math.ceil(fraction * work / BLOCK)
         for server in servers:
-            rows.append(run_one(server, fraction, blocks, trace, folder, args))
+            rows.append(run_one(server, fraction, blocks, trace, folder, args, tokenizer))
             out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(f"\n{table(rows)}")

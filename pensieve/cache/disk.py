@@ -65,8 +65,9 @@ def conv_key(conv_id: str) -> str:
     return hashlib.sha256(conv_id.encode("utf-8")).hexdigest()[:40]
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+def _tensor_bytes(t: torch.Tensor):
+    """The tensor's bytes as a buffer (no copy of a contiguous CPU tensor): what hashlib reads."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _checksum(k: torch.Tensor, v: torch.Tensor) -> str:
@@ -378,11 +379,21 @@ def _parse_record(line: bytes) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+_fadvise_warned = False
+
+
 def _drop_cached(fd: int) -> None:
-    """Drop a file's clean pages from the OS page cache (no-op where posix_fadvise does not exist)."""
-    if hasattr(os, "posix_fadvise"):
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    """Drop a file's clean pages from the OS page cache (no-op where posix_fadvise does not exist; warned once if it
+    fails: the disk tier's reads may then come from memory)."""
+    global _fadvise_warned
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError as error:
+        if not _fadvise_warned:
+            _fadvise_warned = True
+            _warn(f"disk tier: cannot drop chunk files from the page cache ({error}); reads may come from memory")
 
 
 def _fsync_dir(path: Path) -> None:

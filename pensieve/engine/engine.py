@@ -314,6 +314,8 @@ class Engine:
             "conversations": sum(c.stored for c in kv.conversations.values()),
             "stored_conversations": len(kv.stored_ids()),
             "active_turns": len(self.scheduler.active),
+            "max_num_seqs": self.scheduler.max_num_seqs,
+            "max_num_batched_tokens": self.scheduler.max_num_batched_tokens,
             "turns_completed": self.output.num_turns,
             "steps": self.num_steps,
             "tokens_computed": self.output.num_tokens_computed,

@@ -96,11 +96,11 @@ def load_model(model: str | None, dtype: str):
 
 
 def kv_capacity(stats: dict, config, args) -> str:
-    """The start-up line naming the KV capacity per tier (in tokens: what a peer's budget is compared against)."""
+    """The start-up line naming the KV capacity per tier (in tokens: what a peer's budget is compared against) and
+    the scheduler's limits, as the engine holds them (per instance, with --instances)."""
     instances = list(stats["per_instance"].values()) if "per_instance" in stats else [stats]
-    bs = instances[0]["block_size"]
-    device = sum(s["device_blocks_total"] for s in instances)
-    host = sum(s["host_blocks_total"] for s in instances)
+    one = instances[0]
+    bs, device, host = one["block_size"], one["device_blocks_total"], one["host_blocks_total"]
     size = ""
     if config is not None:
         import torch
@@ -110,9 +110,10 @@ def kv_capacity(stats: dict, config, args) -> str:
         per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * getattr(torch, args.dtype).itemsize
         size = f" ({device * bs * per_token / 2**30:.3f} GiB)"
     disk = f"; disk tier in {args.disk_dir}" if args.disk_dir else "; no disk tier"
-    return (f"pensieve: KV cache: device {device} blocks x {bs} = {device * bs} tokens{size}; host {host} blocks"
-            f" = {host * bs} tokens{disk}; max_num_seqs {args.max_num_seqs}, max_num_batched_tokens"
-            f" {args.max_num_batched_tokens}")  # fmt: skip
+    each = f" (each of {len(instances)} instances)" if "per_instance" in stats else ""
+    return (f"pensieve: KV cache{each}: device {device} blocks x {bs} = {device * bs} tokens{size}; host {host} blocks"
+            f" = {host * bs} tokens{disk}; max_num_seqs {one['max_num_seqs']}, max_num_batched_tokens"
+            f" {one['max_num_batched_tokens']}")  # fmt: skip
 
 
 def load(model: str | None, dtype: str):
@@ -245,8 +246,8 @@ def main(argv=None) -> None:
                       engine_config=engine)  # fmt: skip
     else:
         gen = StatefulGenerator(model, tokenizer, cache, scheduler_config=scheduler, engine_config=engine)
-    print(kv_capacity(gen.stats(), model.config if not args.instances else None, args), flush=True)
     with gen:
+        print(kv_capacity(gen.stats(), None if args.instances else model.config, args), flush=True)
         server = Server(gen, tokenizer, args.host, args.port, config, args.disk_dir, args.log_level)
         server.start(engine_thread=args.engine_thread == "worker")
         where = f"{args.instances} instances on Ray" if args.instances else f"engine on the {args.engine_thread} thread"

@@ -11,13 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx2 as httpx
 import pytest
 
 from tests.server.common import hf_chain, make_model
 from tests.tiny import oracle_copy
 
 openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx2")
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,11 +58,16 @@ def test_serve_process_restarts_on_its_disk_dir(tmp_path, tokenizer):
     flags = ("--chat-template", str(tmp_path / "chat.jinja"), "--device-blocks", "40", "--max-num-seqs", "3")
     proc, url, lines = serve(tmp_path / "model", tmp_path / "kv", *flags)
     capacity = "".join(lines)
-    assert "KV cache: device 40 blocks x 4 = 160 tokens" in capacity and "max_num_seqs 3," in capacity
+    assert "KV cache: device 40 blocks x 4 = 160 tokens" in capacity
+    assert "max_num_seqs 3, max_num_batched_tokens 512" in capacity  # (read back from the engine)
     try:
         client = openai.OpenAI(base_url=url, api_key="k", max_retries=0)
         assert client.models.list().data[0].id == "model"
         first = client.responses.create(model="model", input="Remember: blue", **greedy)
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Remember: blue"}], tokenize=True,
+                                                 add_generation_prompt=True)  # fmt: skip
+        rendered = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
+        assert first.usage.input_tokens == len(rendered)  # the prompt was rendered with the file's template
     finally:
         out = stop(proc)
     assert "stopped; KV kept in" in out
