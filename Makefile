@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-thorough bench-kernel bench-linear bench-decode bench-multiturn bench-multiturn-vllm bench-oversubscription bench-shared-prefix bench-shared-prefix-vllm bench-cluster bench-serve vllm-peer install clean
+.PHONY: demo test test-thorough bench-kernel bench-linear bench-decode bench-multiturn bench-multiturn-vllm bench-oversubscription bench-shared-prefix bench-shared-prefix-vllm bench-cluster bench-serve bench-agent vllm-peer install clean
 
 demo: $(STAMP)  ## the main job: a multi-turn chat on SmolLM2-135M-Instruct with per-turn cache stats
 	$(PY) examples/chat.py
@@ -47,6 +47,9 @@ bench-multiturn-vllm: $(STAMP) $(VLLM_STAMP)  ## the multi-turn runs with vLLM's
 
 bench-serve: $(STAMP)  ## a load run against `pensieve serve` (16 streamed clients; responses vs chat, engine thread)
 	$(PY) benchmarks/serve.py
+
+bench-agent: $(STAMP) $(VLLM_STAMP)  ## agent sessions (forced tool calls) vs vLLM's OpenAI server at 3 KV budgets
+	$(PY) benchmarks/agent.py --vllm-python $(VLLM_VENV)/bin/python
 
 bench-cluster: $(STAMP)  ## 2 SmolLM2 instances on Ray: prompt_tree vs session vs round_robin, colocated vs P/D
 	$(PY) benchmarks/cluster.py
