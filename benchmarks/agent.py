@@ -56,7 +56,7 @@ from pathlib import Path
 
 import httpx2
 import openai
-from plotting import cpu_name, pyplot, run_threads, save
+from plotting import cpu_name, pyplot, run_threads, save, wait_ready
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
@@ -159,21 +159,6 @@ def working_set(trace: list[dict], tokenizer, args) -> int:
 # ---- servers ------------------------------------------------------------------------------------------------------
 
 
-def wait_ready(proc: subprocess.Popen, port: int, log: Path, limit_s: float = 600) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return
-        except httpx2.HTTPError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise RuntimeError(f"the server did not start in {limit_s:.0f} s: {log.read_text()[-3000:]}")
-
-
 def start_pensieve(args, folder: Path, blocks: int, log: Path, disk_dir: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pensieve", "serve", "--model", str(folder), "--served-model-name", "agent",
            "--dtype", args.dtype, "--port", str(args.port), "--block-size", str(BLOCK), "--device-blocks",
@@ -195,7 +180,10 @@ def start_vllm(args, folder: Path, blocks: int, log: Path) -> subprocess.Popen:
            "--chat-template", str(TEMPLATE), "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
            "--enable-prompt-tokens-details", "--seed", "0", "--disable-uvicorn-access-log"]  # fmt: skip
     # vLLM's CPU KV space (GiB, whole) only has to hold the blocks: the override sets how many it uses
-    per_token = 2 * 30 * 3 * 64 * (4 if args.dtype == "float32" else 2)
+    config = json.loads((folder / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    per_token = 2 * config["num_hidden_layers"] * kv_heads * head_dim * (4 if args.dtype == "float32" else 2)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(blocks * BLOCK * per_token / 2**30) + 1)),
            "VLLM_CPU_OMP_THREADS_BIND": f"0-{CORES - 1}"}  # fmt: skip
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -206,16 +194,6 @@ def capacity_line(server: str, log: Path) -> str:
     pattern = r"pensieve: KV cache:" if server == "pensieve" else r"KV cache size|Overriding num_gpu_blocks"
     lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if re.search(pattern, ln)]
     return " | ".join(lines[:3]) or "(not found in the log)"
-
-
-def filesystem(path: str) -> str:
-    """The type of the file system holding path (/proc/mounts: the longest mount point above it)."""
-    real, best = os.path.realpath(path), ("", "?")
-    for line in Path("/proc/mounts").read_text().splitlines() if Path("/proc/mounts").exists() else []:
-        _, point, kind, *_ = line.split()
-        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) > len(best[0]):
-            best = (point, kind)
-    return best[1]
 
 
 def process_read_bytes(pid: int) -> int | None:
@@ -474,6 +452,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    from pensieve.cache.disk import in_memory_filesystem
     from pensieve.models.smollm2 import cached_folder, load_smollm2
 
     load_smollm2()  # writes the HF folder both servers load, the first time
@@ -483,12 +462,12 @@ def main() -> None:
     trace = make_trace(args, tokenizer)
     work = working_set(trace, tokenizer, args)
     servers = args.servers.split(",")
-    if "pensieve" in servers and filesystem(args.disk_root or tempfile.gettempdir()) in ("tmpfs", "ramfs"):
+    if "pensieve" in servers and in_memory_filesystem(args.disk_root or tempfile.gettempdir()):
         raise SystemExit("--disk-root is in memory (tmpfs): pensieve's disk tier would be DRAM; give a disk folder")
     if "vllm" in servers and not Path(args.vllm_python).exists():
         raise SystemExit(f"no vLLM venv at {args.vllm_python}: `make vllm-peer`, or --servers pensieve")
     meta = {"machine": cpu_name(), "dtype": args.dtype, "working_set_tokens": work, "compute_cores": CORES,
-            "disk_root_filesystem": filesystem(args.disk_root or tempfile.gettempdir()),
+            "disk_root_in_memory": in_memory_filesystem(args.disk_root or tempfile.gettempdir()),
             "args": {k: v for k, v in vars(args).items()},
             "tool_result_tokens": sum(r["result_tokens"] for s in trace for r in s["rounds"])}  # fmt: skip
     print(f"{args.sessions} sessions x {args.round_trips} round trips; working set W = {work} tokens; {cpu_name()}")

@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: matplotlib when it is installed (headless), saving a figure, writing results."""
+"""Shared by the benchmark scripts: matplotlib when it is installed (headless), saving a figure, writing results,
+waiting for a server to answer."""
 
 from __future__ import annotations
 
@@ -57,3 +58,22 @@ def run_threads(threads: list[threading.Thread]) -> float:
     for t in threads:
         t.join()
     return time.perf_counter() - t0
+
+
+def wait_ready(proc, port: int, log: Path, limit_s: float = 600) -> None:
+    """Until the server process on 127.0.0.1:port answers GET /health with 200; RuntimeError with its log's tail if
+    it exits or does not answer in limit_s (then it is killed)."""
+    import httpx2
+
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {log.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx2.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"the server did not start in {limit_s:.0f} s: {log.read_text(errors='replace')[-3000:]}")

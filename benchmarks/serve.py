@@ -28,9 +28,8 @@ import threading
 import time
 from pathlib import Path
 
-import httpx2
 import openai
-from plotting import cpu_name, pyplot, run_threads, save
+from plotting import cpu_name, pyplot, run_threads, save, wait_ready
 from tqdm import tqdm
 
 MESSAGES = [
@@ -52,18 +51,8 @@ def start_server(port: int, engine_thread: str, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pensieve", "serve", "--port", str(port), "--engine-thread", engine_thread,
            "--log-level", "warning"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx2.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the server did not start in 300 s")
+    wait_ready(proc, port, log, limit_s=300)
+    return proc
 
 
 def one_client(client, model: str, api: str, i: int, args, out: list, bar) -> None:

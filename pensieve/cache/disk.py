@@ -146,6 +146,8 @@ class DiskStore:
                 raise ValueError(
                     f"disk_dir {str(self.root)!r} is in use by another StatefulGenerator (in this or another process)"
                 ) from None
+        if in_memory_filesystem(self.root):
+            _warn(f"disk tier: {self.root} is on an in-memory file system (tmpfs): its 'disk' KV is DRAM")
         self.index: dict[str, str] = self._scan()  # conv_id -> conv key, for every stored conversation
         self.files: set[bytes] = self._list_files()  # content keys of the chunk files present
         # conv_id -> content keys its tokens name (what a stored conversation references)
@@ -377,6 +379,18 @@ def _parse_record(line: bytes) -> dict | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def in_memory_filesystem(path: str | os.PathLike) -> bool:
+    """Whether path lies on tmpfs or ramfs (/proc/mounts: the longest mount point above it; False where there is no
+    /proc)."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return False
+    real = os.path.realpath(path)
+    above = [(point, kind) for point, kind in mounts if real == point or real.startswith(point.rstrip("/") + "/")]
+    return bool(above) and max(above, key=lambda m: len(m[0]))[1] in ("tmpfs", "ramfs")
 
 
 _fadvise_warned = False

@@ -321,6 +321,7 @@ class Engine:
             "tokens_computed": self.output.num_tokens_computed,
             "tokens_recomputed": self.output.num_recomputed,
             "block_size": kv.block_size,
+            "kv_bytes_per_block": kv.storage.bytes_per_block if kv.storage is not None else 0,
             "device_blocks_total": kv.device.num_blocks,
             "device_blocks_free": kv.device.num_free,
             "host_blocks_total": kv.host.num_blocks,

@@ -95,24 +95,19 @@ def load_model(model: str | None, dtype: str):
     return load(model, dtype)[0]
 
 
-def kv_capacity(stats: dict, config, args) -> str:
+def kv_capacity(stats: dict, disk_dir: str | None) -> str:
     """The start-up line naming the KV capacity per tier (in tokens: what a peer's budget is compared against) and
     the scheduler's limits, as the engine holds them (per instance, with --instances)."""
-    instances = list(stats["per_instance"].values()) if "per_instance" in stats else [stats]
+    from pensieve.server.metrics import instances_of
+
+    instances = instances_of(stats)
     one = instances[0]
     bs, device, host = one["block_size"], one["device_blocks_total"], one["host_blocks_total"]
-    size = ""
-    if config is not None:
-        import torch
-
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * getattr(torch, args.dtype).itemsize
-        size = f" ({device * bs * per_token / 2**30:.3f} GiB)"
-    disk = f"; disk tier in {args.disk_dir}" if args.disk_dir else "; no disk tier"
+    gib = device * one["kv_bytes_per_block"] / 2**30
+    disk = f"; disk tier in {disk_dir}" if disk_dir else "; no disk tier"
     each = f" (each of {len(instances)} instances)" if "per_instance" in stats else ""
-    return (f"pensieve: KV cache{each}: device {device} blocks x {bs} = {device * bs} tokens{size}; host {host} blocks"
-            f" = {host * bs} tokens{disk}; max_num_seqs {one['max_num_seqs']}, max_num_batched_tokens"
+    return (f"pensieve: KV cache{each}: device {device} blocks x {bs} = {device * bs} tokens ({gib:.3f} GiB); host"
+            f" {host} blocks = {host * bs} tokens{disk}; max_num_seqs {one['max_num_seqs']}, max_num_batched_tokens"
             f" {one['max_num_batched_tokens']}")  # fmt: skip
 
 
@@ -247,7 +242,7 @@ def main(argv=None) -> None:
     else:
         gen = StatefulGenerator(model, tokenizer, cache, scheduler_config=scheduler, engine_config=engine)
     with gen:
-        print(kv_capacity(gen.stats(), None if args.instances else model.config, args), flush=True)
+        print(kv_capacity(gen.stats(), args.disk_dir), flush=True)
         server = Server(gen, tokenizer, args.host, args.port, config, args.disk_dir, args.log_level)
         server.start(engine_thread=args.engine_thread == "worker")
         where = f"{args.instances} instances on Ray" if args.instances else f"engine on the {args.engine_thread} thread"

@@ -10,6 +10,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+def instances_of(stats: dict) -> list[dict]:
+    """The per-engine stats in `stats()` of a StatefulGenerator (itself) or of a Cluster (each instance's)."""
+    return list(stats["per_instance"].values()) if "per_instance" in stats else [stats]
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
@@ -46,7 +51,7 @@ class Metrics:
 
     def render(self, stats: dict) -> bytes:
         """`stats()` of a StatefulGenerator, or of a Cluster (its instances' summed)."""
-        instances = list(stats["per_instance"].values()) if "per_instance" in stats else [stats]
+        instances = instances_of(stats)
         for tier in ("device", "host"):
             total = sum(s[f"{tier}_blocks_total"] for s in instances)
             free = sum(s[f"{tier}_blocks_free"] for s in instances)

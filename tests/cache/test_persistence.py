@@ -345,14 +345,6 @@ def _resident_pages(path: Path) -> int:
     return sum(p & 1 for p in pages)
 
 
-def _in_memory_fs(path: Path) -> bool:
-    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
-    real = os.path.realpath(path)
-    point, kind = max(((m[1], m[2]) for m in mounts if real == m[1] or real.startswith(m[1].rstrip("/") + "/")),
-                      key=lambda m: len(m[0]))  # fmt: skip
-    return kind in ("tmpfs", "ramfs")
-
-
 def test_chunk_files_leave_the_page_cache_once_written_and_read_and_reads_are_counted(
     model, oracle, tmp_path, monkeypatch
 ):
@@ -391,5 +383,24 @@ def test_chunk_files_leave_the_page_cache_once_written_and_read_and_reads_are_co
     assert writes and len(reads) >= stats["disk_read_chunks"]  # (a chunk's file is written once, whoever holds it)
     assert all(Path(p).parent == tmp_path / "kv" for p in dropped)
     assert stats["bytes_read_disk"] == sum(Path(p).stat().st_size for p in reads)
-    if not _in_memory_fs(tmp_path):  # (tmpfs: the page cache is the file)
+    if not disk_module.in_memory_filesystem(tmp_path):  # (tmpfs: the page cache is the file)
         assert sum(_resident_pages(f) for f in (tmp_path / "kv").iterdir()) == 0
+
+
+def test_a_disk_dir_in_memory_is_named_so(model, tmp_path):
+    """A disk_dir on tmpfs is DRAM, not a disk tier: told apart (checked against `stat -f`) and warned about."""
+
+    def kind(path) -> str:
+        return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True).stdout.strip()
+
+    assert disk_module.in_memory_filesystem(tmp_path) == (kind(tmp_path) in ("tmpfs", "ramfs"))
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or kind(shm) != "tmpfs":
+        pytest.skip("no tmpfs at /dev/shm")
+    assert disk_module.in_memory_filesystem(shm)
+    folder = shm / f"pensieve-test-{os.getpid()}"
+    try:
+        with pytest.warns(DiskWarning, match="in-memory file system"), _open(model, folder):
+            pass
+    finally:
+        subprocess.run(["rm", "-rf", str(folder)], check=True)
