@@ -52,6 +52,11 @@ class CacheConfig:
         many tokens (least recently used go first; 0 turns it off), so a stateless client's resent history keeps
         the sampled tokens of pensieve's replies, tool calls included, and the KV computed for them
         (engine.replies).
+    write_behind_s: with a disk_dir, chunks of a stored conversation idle this many seconds get a clean copy on
+        disk in the background (they stay where they are; evicting them later writes nothing, and a crash loses
+        only the KV of the last seconds). None turns it off: KV then reaches disk only when evicted there, by
+        `end`, or at `close`.
+    write_behind_mb_s: the write-behind's bandwidth bound, MiB written per second on average.
     """
 
     block_size: int = 16
@@ -63,6 +68,8 @@ class CacheConfig:
     decode_reserve: float = 0.10
     share_prefixes: bool = True
     reply_memory_tokens: int = 1 << 22
+    write_behind_s: float | None = 5.0
+    write_behind_mb_s: float = 64.0
 
     def __post_init__(self) -> None:
         _require_int(self, "block_size", 1)
@@ -73,6 +80,14 @@ class CacheConfig:
         _require(
             self.disk_dir is None or isinstance(self.disk_dir, (str, os.PathLike)),
             f"disk_dir must be None or a path, got {self.disk_dir!r}",
+        )
+        _require(
+            self.write_behind_s is None or (_is_number(self.write_behind_s) and self.write_behind_s >= 0),
+            f"write_behind_s must be None or a number of seconds >= 0, got {self.write_behind_s!r}",
+        )
+        _require(
+            _is_number(self.write_behind_mb_s) and self.write_behind_mb_s > 0,
+            f"write_behind_mb_s must be a number > 0, got {self.write_behind_mb_s!r}",
         )
         _require(self.policy in POLICIES, f"policy must be one of {POLICIES}, got {self.policy!r}")
         for name in ("swap_out_watermark", "decode_reserve"):

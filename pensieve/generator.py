@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
@@ -30,6 +32,7 @@ from pensieve.structured.tools import ToolUse, tool_use
 _DONE = object()
 _WAIT_S = 0.002  # how often a waiting caller checks whether it can take over driving
 _IDLE_S = 0.05  # how long an idle `serve` loop sleeps on the command queue before checking its stop event
+_BACKGROUND_S = 0.25  # how often the idle loop runs background work while nobody drives the engine
 
 
 class ReplyStream(Iterator):
@@ -88,6 +91,8 @@ class StatefulGenerator(Generator):
         self._driver = threading.Lock()  # held by the thread stepping the engine
         self._server_thread: threading.Thread | None = None  # the thread in `serve`, if one is
         self._closed = False
+        if self._engine.kv.write_behind is not None:  # its background work, while no thread drives the engine
+            threading.Thread(target=self._idle_loop, name="pensieve-idle", daemon=True).start()
 
     # ---- public API ------------------------------------------------------------------------------------------
 
@@ -247,6 +252,7 @@ class StatefulGenerator(Generator):
                     try:  # idle: sleep until a command comes (bounded, so `stop` is seen)
                         fn, future = self._commands.get(timeout=_IDLE_S)
                     except queue.Empty:
+                        self._engine.idle()  # background work that is due (the write-behind)
                         continue
                     self._run_command(fn, future)
             finally:
@@ -384,6 +390,20 @@ class StatefulGenerator(Generator):
                     self._driver.release()
             elif not done():
                 self._wait_briefly()
+
+    def _idle_loop(self) -> None:
+        """While nobody drives (no `serve` loop, no call waiting on a turn), run the engine's background work now and
+        then (a `serve` loop and a driving caller run it themselves)."""
+        while not self._closed:
+            time.sleep(_BACKGROUND_S)
+            if self._server_thread is None and self._driver.acquire(blocking=False):
+                try:
+                    if not self._closed and not self._engine.has_work():
+                        self._engine.idle()
+                except Exception as error:  # noqa: BLE001  (background work must not kill the thread)
+                    warnings.warn(f"pensieve: background work failed: {error!r}", RuntimeWarning, stacklevel=1)
+                finally:
+                    self._driver.release()
 
     def _step(self) -> None:
         try:

@@ -37,6 +37,7 @@ import io
 import json
 import os
 import struct
+import threading
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -265,7 +266,7 @@ class DiskStore:
         removed = 0
         for key in sorted(self.files - keep):
             try:
-                self._chunk_path(key).unlink(missing_ok=True)
+                self.chunk_path(key).unlink(missing_ok=True)
             except OSError:
                 continue
             self.files.discard(key)
@@ -275,7 +276,8 @@ class DiskStore:
 
     # ---- chunk files ------------------------------------------------------------------------------------------
 
-    def _chunk_path(self, key: bytes) -> Path:
+    def chunk_path(self, key: bytes) -> Path:
+        """Where the chunk file of content key `key` is (or would be)."""
         return self.root / "kv" / f"{key.hex()}.safetensors"
 
     def _list_files(self) -> set[bytes]:
@@ -304,7 +306,13 @@ class DiskStore:
     def write_chunk(self, key: bytes, k: torch.Tensor, v: torch.Tensor, num_tokens: int) -> int:
         """KV of the chunk with content key `key`, covering `num_tokens` positions of a history.
         Returns bytes written, 0 (warned) on failure."""
-        path = self._chunk_path(key)
+        return self.record_write(key, *self.write_file(key, k, v, num_tokens))
+
+    def write_file(self, key: bytes, k: torch.Tensor, v: torch.Tensor, num_tokens: int) -> tuple[int, OSError | None]:
+        """Write the chunk file (temp file, fsync, rename) and nothing else: safe on another thread (the
+        write-behind's) while this one reads and collects. -> (bytes written, None) or (0, the error); hand both to
+        `record_write` on the owning thread."""
+        path = self.chunk_path(key)
         meta = {
             "format": FORMAT,
             "fingerprint": self.fingerprint,
@@ -312,7 +320,8 @@ class DiskStore:
             "key": key.hex(),
             "checksum": _checksum(k, v),
         }
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        # a temp name of its own per thread: an eviction and a write-behind may write the same key at once
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
         try:
             data = st_save({"k": k.contiguous(), "v": v.contiguous()}, metadata=meta)
             with open(tmp, "wb") as f:
@@ -322,17 +331,26 @@ class DiskStore:
                 _drop_cached(f.fileno())  # written back by the fsync, so the pages can go
             os.replace(tmp, path)
         except OSError as error:
-            self.num_write_errors += 1
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            _warn(f"disk tier: could not write a KV chunk ({error}); that chunk is dropped instead")
+            return 0, error
+        return len(data), None
+
+    def record_write(
+        self, key: bytes, written: int, error: OSError | None, instead: str = "that chunk is dropped instead"
+    ) -> int:
+        """The bookkeeping of a `write_file`: the file is known (or the failure counted and warned, saying what
+        happens `instead`). -> written."""
+        if error is not None:
+            self.num_write_errors += 1
+            _warn(f"disk tier: could not write a KV chunk ({error}); {instead}")
             return 0
         self.files.add(key)
-        return len(data)
+        return written
 
     def read_chunk(self, key: bytes, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The chunk's k, v if its file is intact, of this model, and for exactly this content; else None (warned)."""
-        path = self._chunk_path(key)
+        path = self.chunk_path(key)
         try:
             with open(path, "rb") as f:
                 data = f.read()

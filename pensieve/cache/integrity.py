@@ -6,6 +6,8 @@ calls it; tests call that after every operation).
 - chunks: `refs` equals the conversations holding it; a shared chunk has a content key; a chunk off the device and
   host holds no block;
 - the prompt tree: nodes filed under their own key and never dropped; tails unheld, partial, on device or host;
+- clean disk copies (write-behind): only of device and host chunks, their files known and present, each holding
+  exactly the positions its chunk covers for every holder (a tree chunk's: its own key);
 - conversations: chunks in index order and held once, no trailing dropped chunk, the uncomputed tail on the device
   and private, recompute ranges only during a turn and on the device, keys that match the tokens.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pensieve.cache.tree import prefix_keys
+from pensieve.cache.tree import ROOT, chunk_key, prefix_keys
 from pensieve.cache.types import Tier
 
 if TYPE_CHECKING:
@@ -32,6 +34,11 @@ def check_integrity(kv: KVManager) -> None:
     }
     for chunk, convs in holders.values():
         assert chunk.refs == len(convs), f"chunk {chunk.index}: refs {chunk.refs} != {len(convs)} holders"
+        if chunk.copy is not None:
+            assert chunk.tier in (Tier.DEVICE, Tier.HOST), f"a {chunk.tier.name} chunk has a clean copy"
+            assert kv.disk is not None and kv.disk.has(chunk.copy), f"chunk {chunk.index}: its copy's file is unknown"
+            assert kv.disk.chunk_path(chunk.copy).is_file(), f"chunk {chunk.index}: its copy's file is gone"
+            assert convs or chunk.copy == chunk.key, f"a tree chunk {chunk.index}: a copy of other content"
         assert len(convs) <= 1 or chunk.key is not None, f"chunk {chunk.index}: shared without a content key"
         if chunk.tier in owned:
             owned[chunk.tier].append(chunk.block)
@@ -62,6 +69,11 @@ def check_integrity(kv: KVManager) -> None:
         keys = prefix_keys(c.tokens, bs, min(c.num_computed // bs, len(c.chunks)))
         for i, key in enumerate(keys):
             assert c.chunks[i].key in (None, key), f"{name}: chunk {i} keyed for other tokens"
+        for i, ch in enumerate(c.chunks):  # a clean copy holds exactly the positions the chunk covers for c
+            if ch.copy is not None:
+                n = max(0, min(bs, c.num_computed - i * bs))
+                covered = keys[i] if n == bs else chunk_key(keys[i - 1] if i else ROOT, c.tokens[i * bs : i * bs + n])
+                assert n > 0 and ch.copy == covered, f"{name}: chunk {i}'s disk copy is of other positions"
     for tier, blocks in owned.items():
         assert len(blocks) == len(set(blocks)), f"a {tier.name} block is owned twice"
         assert set(blocks) == kv.pools[tier].allocated, f"{tier.name}: allocated and owned blocks differ"

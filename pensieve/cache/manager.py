@@ -48,6 +48,7 @@ from pensieve.cache.policy import LRUPolicy, PensievePolicy, RecomputeCost
 from pensieve.cache.tiers import KVStorage
 from pensieve.cache.tree import ROOT, PromptTree, chunk_key, common_prefix, prefix_keys
 from pensieve.cache.types import Chunk, Conversation, RestoreStats, Tier
+from pensieve.cache.writebehind import WriteBehind
 
 
 class KVManager:
@@ -63,6 +64,8 @@ class KVManager:
         swap_out_watermark: float = 0.25,
         decode_reserve: float = 0.10,
         share_prefixes: bool = True,
+        write_behind_s: float | None = None,
+        write_behind_bytes_s: float = 64 * 2**20,
     ) -> None:
         self.device = BlockPool(num_device_blocks)
         self.host = BlockPool(num_host_blocks)
@@ -79,6 +82,12 @@ class KVManager:
         self.counters: Counter[str] = Counter()
         self.mover = TierMover(self)  # where chunks live, tier moves, the disk writes
         self.content = ContentIndex(self)  # the MemPool's verbs: blocks by content
+        # clean disk copies of idle stored conversations' chunks, written in the background (cache/writebehind.py)
+        self.write_behind = (
+            WriteBehind(self, write_behind_s, write_behind_bytes_s)
+            if write_behind_s is not None and disk is not None and storage is not None
+            else None
+        )
 
     # ---- lookup -----------------------------------------------------------------------------------------------
 
@@ -304,6 +313,8 @@ class KVManager:
             start = conv.num_computed
             conv.num_computed += num_tokens
             done = range(start // bs, conv.num_computed // bs)
+            if start % bs:  # positions written into a partial chunk: a disk copy of it covers fewer
+                conv.chunks[start // bs].copy = None
         for i in done:
             chunk = conv.chunks[i]
             if chunk.key is None:
@@ -355,6 +366,8 @@ class KVManager:
                     chunk.key = None
                 if chunk.key is not None or chunk.refs > 1 or chunk.tier in (Tier.DISK, Tier.DROPPED):
                     conv.num_computed = i * bs
+                else:
+                    chunk.copy = None  # kept, covering fewer positions than a disk copy of it
         self._free_tail(conv)
         self.trim(conv)
 
@@ -403,7 +416,7 @@ class KVManager:
         conv.tools = None if messages is None else ""
         conv.stored = True
         if self.disk is not None:
-            self.disk.forget(conv_id, self._disk_keys_in_use())
+            self._forget(conv_id)
             self.disk.append_turn(conv_id, 0, list(conv.tokens), conv.messages, conv.tokens, conv.tools)
 
     def rewind(
@@ -441,11 +454,18 @@ class KVManager:
         if self.disk is None:
             return
         try:
+            if self.write_behind is not None:
+                self.write_behind.close()
             for conv in self.conversations.values():
                 if not conv.pinned:
                     self.persist(conv)
         finally:
             self.disk.close()
+
+    def maintain(self, now: float | None = None) -> None:
+        """Background work that is due (between steps, and while idle): the write-behind's clean disk copies."""
+        if self.write_behind is not None:
+            self.write_behind.poll(time.monotonic() if now is None else now)
 
     def disk_stats(self) -> dict[str, int]:
         disk = self.disk
@@ -481,7 +501,14 @@ class KVManager:
                         self.tree.delete(chunk)
                         self.mover.release(chunk)
         if forget and self.disk is not None:
-            self.disk.forget(conv_id, self._disk_keys_in_use())
+            self._forget(conv_id)
+
+    def _forget(self, conv_id: str) -> None:
+        """Delete conv_id's record and the chunk files nothing else needs (a write-behind in flight lands first, so
+        no file of it appears after)."""
+        if self.write_behind is not None:
+            self.write_behind.drain()
+        self.disk.forget(conv_id, self._disk_keys_in_use())
 
     def _keep_tail(self, conv: Conversation) -> None:
         """conv goes: its partial last chunk stays cached as a tree tail, for a request that continues its tokens."""
@@ -501,13 +528,14 @@ class KVManager:
                 self.ref(chunk)
 
     def _disk_keys_in_use(self) -> set[bytes]:
-        """Content keys of every disk-tier chunk in memory (their files must stay)."""
+        """Content keys of every disk-tier chunk in memory and of every clean copy (their files must stay)."""
         keys = set()
         for conv in self.conversations.values():
             for i, chunk in enumerate(conv.chunks):
                 if chunk.tier == Tier.DISK:
                     keys.add(self.file_key(conv, i))
         keys.update(c.key for c in self.tree.nodes.values() if c.tier == Tier.DISK)
+        keys.update(c.copy for c in self.chunks() if c.copy is not None)  # clean copies of chunks in memory
         return keys
 
     # ---- keys -------------------------------------------------------------------------------------------------

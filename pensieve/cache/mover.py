@@ -99,12 +99,15 @@ class TierMover:
                 kv.counters["swap_out_chunks"] += 1
                 kv.counters["bytes_swapped_out"] += kv.storage.bytes_per_block if kv.storage else 0
                 return True
-        if src in (Tier.DEVICE, Tier.HOST) and kv.disk is not None and self._to_disk(chunk, holders):
-            kv.pools[src].free([chunk.block])
-            self._trace(chunk, holders, Tier.DISK)
-            chunk.tier, chunk.block = Tier.DISK, -1
-            kv.counters["disk_write_chunks"] += 1
-            return True
+        if src in (Tier.DEVICE, Tier.HOST) and kv.disk is not None:
+            clean = chunk.copy is not None  # its file is there already: the move writes nothing
+            if self._to_disk(chunk, holders):
+                kv.pools[src].free([chunk.block])
+                self._trace(chunk, holders, Tier.DISK)
+                chunk.tier, chunk.block, chunk.copy = Tier.DISK, -1, None  # the file is its live place now
+                kv.counters["disk_write_chunks"] += 1
+                kv.counters["disk_clean_evictions"] += clean
+                return True
         if not allow_drop:
             return False
         self.drop(chunk, holders)
@@ -148,7 +151,7 @@ class TierMover:
         """Free chunk's block (no copy): it is dropped."""
         if chunk.tier in self.kv.pools:
             self.kv.pools[chunk.tier].free([chunk.block])
-        chunk.tier, chunk.block = Tier.DROPPED, -1
+        chunk.tier, chunk.block, chunk.copy = Tier.DROPPED, -1, None
 
     # ---- the disk tier's files ------------------------------------------------------------------------------------
 
@@ -173,27 +176,32 @@ class TierMover:
         return self._write_key(conv.chunks[i], kv.file_key(conv, i), num_tokens)
 
     def _write_key(self, chunk: Chunk, key: bytes, num_tokens: int) -> bool:
+        """chunk (on the device or host) has a file under `key`: written now, or there already. Its copy is then
+        clean."""
         kv = self.kv
-        if kv.disk.has(key):
-            return True
-        k, v = kv.storage.read_chunk(chunk.tier, chunk.block)
-        written = kv.disk.write_chunk(key, k, v, num_tokens)
-        kv.counters["bytes_written_disk"] += written
-        return written > 0
+        if not kv.disk.has(key):
+            k, v = kv.storage.read_chunk(chunk.tier, chunk.block)
+            written = kv.disk.write_chunk(key, k, v, num_tokens)
+            kv.counters["bytes_written_disk"] += written
+            if not written:
+                return False
+        chunk.copy = key
+        return True
 
     def read_from_disk(self, conv: Conversation) -> dict[int, tuple]:
-        """The KV of conv's disk chunks, read now: id(chunk) -> (k, v). A chunk whose file fails to read is dropped
-        (recomputed)."""
+        """The KV of conv's disk chunks, read now: id(chunk) -> (k, v, the file's key). A chunk whose file fails to
+        read is dropped (recomputed)."""
         kv = self.kv
         loaded = {}
         for i, chunk in enumerate(conv.chunks):
             if chunk.tier == Tier.DISK:
-                data = kv.disk.read_chunk(kv.file_key(conv, i), i * kv.block_size + kv.chunk_tokens(conv, i))
+                key = kv.file_key(conv, i)
+                data = kv.disk.read_chunk(key, i * kv.block_size + kv.chunk_tokens(conv, i))
                 if data is None:
                     kv.counters["disk_chunks_bad"] += 1
                     self.drop(chunk)
                 else:
-                    loaded[id(chunk)] = data
+                    loaded[id(chunk)] = (*data, key)
         return loaded
 
     # ---- up -------------------------------------------------------------------------------------------------------
@@ -209,8 +217,10 @@ class TierMover:
                 swap_dev.append(d)
                 self.pending_host_frees.append(chunk.block)
             elif chunk.tier == Tier.DISK:
-                load_data.append(loaded[id(chunk)])
+                k, v, key = loaded[id(chunk)]
+                load_data.append((k, v))
                 load_dev.append(d)
+                chunk.copy = key  # its file stays: loaded back, the chunk is clean
             self._trace(chunk, conv_id, Tier.DEVICE)
             chunk.tier, chunk.block = Tier.DEVICE, d
         bytes_in = 0

@@ -164,8 +164,8 @@ class KVStorage:
                 self.side.synchronize()  # a swap-out into this block may still be in flight
         else:
             caches = self.device_caches
-        k = torch.stack([layer[0][block] for layer in caches]).to("cpu", copy=True)
-        v = torch.stack([layer[1][block] for layer in caches]).to("cpu", copy=True)
+        k = torch.stack([layer[0][block] for layer in caches]).to("cpu")  # (stack copies: no second copy on CPU)
+        v = torch.stack([layer[1][block] for layer in caches]).to("cpu")
         return k, v
 
     def read_blocks(self, tier: Tier, ids: list[int], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:

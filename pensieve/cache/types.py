@@ -27,6 +27,9 @@ class Chunk:
     key: bytes | None = None  # content key (full, computed chunks only): chained hash of every token it depends on
     refs: int = 0  # conversations holding it
     last_used: float = 0.0  # when its last holder let go (the activity of a chunk only the tree holds)
+    # on the device or host: the content key of a clean disk copy (a chunk file holding exactly this KV, written
+    # in the background or by a persist), else None. Its live place stays in memory; evicting it writes nothing.
+    copy: bytes | None = None
 
 
 @dataclass(eq=False)

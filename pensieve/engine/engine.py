@@ -70,6 +70,8 @@ class Engine:
             swap_out_watermark=cache_config.swap_out_watermark,
             decode_reserve=cache_config.decode_reserve,
             share_prefixes=cache_config.share_prefixes,
+            write_behind_s=cache_config.write_behind_s,
+            write_behind_bytes_s=cache_config.write_behind_mb_s * 2**20,
         )
         self.scheduler = Scheduler(self.kv, scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs)
         self.runner = ModelRunner(
@@ -178,6 +180,11 @@ class Engine:
         logits = self._run(chunks)
         self.output.process(chunks, logits)
         self.kv.mover.swap_out_ahead()
+        self.kv.maintain()
+
+    def idle(self) -> None:
+        """Nothing to step: background work that is due (the write-behind)."""
+        self.kv.maintain()
 
     def _schedule(self) -> list[ScheduledChunk]:
         chunks = self.scheduler.schedule()
@@ -330,6 +337,7 @@ class Engine:
             "tree_chunks": len(kv.tree),
             "tree_tails": len(kv.tree.tails),
             "shared_chunks": sum(c.refs > 1 for c in chunks),
+            "clean_chunks": sum(c.copy is not None for c in chunks),
             "preemptions": self.scheduler.num_preemptions,
             **(compiled.stats() if (compiled := self.runner.compiled) is not None else CompiledForward.NO_STATS),
             "cuda_graphs": len(self.runner.graphs.graphs) if self.runner.graphs is not None else 0,
@@ -345,6 +353,9 @@ COUNTERS = (
     "swap_in_chunks",  # host -> device
     "disk_write_chunks",  # device/host -> disk, evicted
     "persisted_chunks",  # device/host chunks also written to disk by end()/close()
+    "write_behind_chunks",  # clean disk copies written in the background (CacheConfig.write_behind_s)
+    "bytes_written_behind",
+    "disk_clean_evictions",  # of disk_write_chunks, those that wrote nothing (the chunk had a clean copy)
     "disk_read_chunks",  # disk -> device
     "disk_chunks_bad",  # disk chunks that failed to load (recomputed)
     "dropped_chunks",  # moved to "dropped"

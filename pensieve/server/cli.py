@@ -95,7 +95,7 @@ def load_model(model: str | None, dtype: str):
     return load(model, dtype)[0]
 
 
-def kv_capacity(stats: dict, disk_dir: str | None) -> str:
+def kv_capacity(stats: dict, disk_dir: str | None, cache=None) -> str:
     """The start-up line naming the KV capacity per tier (in tokens: what a peer's budget is compared against) and
     the scheduler's limits, as the engine holds them (per instance, with --instances)."""
     from pensieve.server.metrics import instances_of
@@ -105,6 +105,9 @@ def kv_capacity(stats: dict, disk_dir: str | None) -> str:
     bs, device, host = one["block_size"], one["device_blocks_total"], one["host_blocks_total"]
     gib = device * one["kv_bytes_per_block"] / 2**30
     disk = f"; disk tier in {disk_dir}" if disk_dir else "; no disk tier"
+    if disk_dir and cache is not None:
+        disk += (f" (write-behind after {cache.write_behind_s:g} s idle, {cache.write_behind_mb_s:g} MiB/s)"
+                 if cache.write_behind_s is not None else " (no write-behind)")  # fmt: skip
     each = f" (each of {len(instances)} instances)" if "per_instance" in stats else ""
     return (f"pensieve: KV cache{each}: device {device} blocks x {bs} = {device * bs} tokens ({gib:.3f} GiB); host"
             f" {host} blocks = {host * bs} tokens{disk}; max_num_seqs {one['max_num_seqs']}, max_num_batched_tokens"
@@ -169,6 +172,15 @@ def main(argv=None) -> None:
     parser.add_argument("--device-blocks", type=int, help="cap the device KV pool (blocks)")
     parser.add_argument("--host-blocks", type=int, default=0, help="a host KV tier of this many blocks")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--policy", choices=["pensieve", "lru"], default="pensieve",
+                        help="which KV leaves a tier first: Pensieve's recompute cost over idle time, or whole "
+                        "conversations least recently active first")  # fmt: skip
+    parser.add_argument("--write-behind", type=float, default=5.0, metavar="SECONDS",
+                        help="with --disk-dir: KV of conversations idle this long is copied to disk in the "
+                        "background, so a crash loses only the last seconds' (default 5)")  # fmt: skip
+    parser.add_argument("--no-write-behind", action="store_true",
+                        help="KV reaches disk only when evicted there or at a clean shutdown")  # fmt: skip
+    parser.add_argument("--write-behind-mb-s", type=float, default=64.0, help="the write-behind's bandwidth (MiB/s)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="conversations one engine step may batch")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512,
                         help="tokens one engine step may compute (longer prompts are chunked)")  # fmt: skip
@@ -209,12 +221,18 @@ def main(argv=None) -> None:
         scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     except ValueError as error:
         parser.error(str(error))
-    cache = CacheConfig(
-        block_size=args.block_size,
-        num_device_blocks=args.device_blocks,
-        num_host_blocks=args.host_blocks,
-        disk_dir=args.disk_dir,
-    )
+    try:
+        cache = CacheConfig(
+            block_size=args.block_size,
+            num_device_blocks=args.device_blocks,
+            num_host_blocks=args.host_blocks,
+            disk_dir=args.disk_dir,
+            policy=args.policy,
+            write_behind_s=None if args.no_write_behind else args.write_behind,
+            write_behind_mb_s=args.write_behind_mb_s,
+        )
+    except ValueError as error:
+        parser.error(str(error))
     engine = EngineConfig(compile=False) if args.no_compile else EngineConfig()
     config = ServerConfig(
         model_name=args.served_model_name or name,
@@ -242,7 +260,7 @@ def main(argv=None) -> None:
     else:
         gen = StatefulGenerator(model, tokenizer, cache, scheduler_config=scheduler, engine_config=engine)
     with gen:
-        print(kv_capacity(gen.stats(), args.disk_dir), flush=True)
+        print(kv_capacity(gen.stats(), args.disk_dir, cache), flush=True)
         server = Server(gen, tokenizer, args.host, args.port, config, args.disk_dir, args.log_level)
         server.start(engine_thread=args.engine_thread == "worker")
         where = f"{args.instances} instances on Ray" if args.instances else f"engine on the {args.engine_thread} thread"

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,50 @@ def test_serve_process_restarts_on_its_disk_dir(tmp_path, tokenizer):
     assert read is not None and float(read.group(1)) > 0, metrics
     assert [first.output_text, after.output_text] == hf_chain(oracle, tokenizer, ["Remember: blue", "Which colour?"])
     assert after.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens  # read from the disk tier
+
+
+def test_serve_killed_after_an_idle_moment_restarts_with_the_kv_the_write_behind_copied(tmp_path, tokenizer):
+    """SIGKILL: no graceful shutdown writes anything. The write-behind had copied the idle conversations' KV, so the
+    restarted server continues them from disk (before it, a kill lost every conversation's KV)."""
+    model = make_model(tokenizer)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    oracle = oracle_copy(model)
+    greedy = dict(temperature=0, max_output_tokens=6)
+    flags = ("--device-blocks", "40", "--write-behind", "0.2")
+    proc, url, lines = serve(tmp_path / "model", tmp_path / "kv", *flags)
+    assert "write-behind after 0.2 s idle" in "".join(lines)
+    try:
+        client = openai.OpenAI(base_url=url, api_key="k", max_retries=0)
+        first = [client.responses.create(model="model", input=text, **greedy) for text in ("Remember: blue", "Hi")]
+        metrics_url = url.removesuffix("/v1") + "/metrics"
+        deadline = time.monotonic() + 60
+        while True:  # idle: wait until the write-behind has copied every chunk of both conversations
+            metrics = httpx.get(metrics_url, headers={"Authorization": "Bearer k"}).text
+            behind = float(re.search(r'^pensieve_disk_kv_bytes\{direction="written_behind"\} (\S+)$', metrics, re.M)[1])
+            clean = float(re.search(r"^pensieve_kv_clean_chunks (\S+)$", metrics, re.M)[1])
+            used = float(re.search(r'^pensieve_kv_blocks\{state="used",tier="device"\} (\S+)$', metrics, re.M)[1])
+            if behind > 0 and clean == used:
+                break
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    proc, url, _ = serve(tmp_path / "model", tmp_path / "kv", *flags)
+    try:
+        client = openai.OpenAI(base_url=url, api_key="k", max_retries=0)
+        after = [client.responses.create(model="model", input=text, previous_response_id=r.id, **greedy)
+                 for text, r in zip(("Which colour?", "Again"), first, strict=True)]  # fmt: skip
+    finally:
+        stop(proc)
+    for r, later in zip(first, after, strict=True):
+        assert later.usage.input_tokens_details.cached_tokens >= r.usage.input_tokens  # from the disk copies
+    assert [first[0].output_text, after[0].output_text] == hf_chain(
+        oracle, tokenizer, ["Remember: blue", "Which colour?"]
+    )
+    assert [first[1].output_text, after[1].output_text] == hf_chain(oracle, tokenizer, ["Hi", "Again"])
 
 
 def load_in_subprocess(model: str, cache: Path) -> subprocess.CompletedProcess:

@@ -1,0 +1,272 @@
+"""Write-behind (pensieve/cache/writebehind.py): clean disk copies of idle conversations' KV, in the background.
+
+Every reply is checked against the oracle (HF generate over the full history); check_integrity (which covers the
+copies) runs after every operation.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pensieve import CacheConfig, StatefulGenerator
+from pensieve.cache import disk as disk_module
+from pensieve.cache.types import Tier
+from tests.cache.test_persistence import GREEDY, _msg, _turn
+from tests.tiny import tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", seed=11)
+
+
+def _open(model, disk_dir, device=16, host=0, idle=0.0, mb_s=64.0) -> StatefulGenerator:
+    config = CacheConfig(block_size=4, num_device_blocks=device, num_host_blocks=host, disk_dir=disk_dir,
+                         write_behind_s=idle, write_behind_mb_s=mb_s)  # fmt: skip
+    return StatefulGenerator(model, None, config)
+
+
+def _dirty(kv) -> int:
+    """Chunks of stored conversations that are in memory, hold KV and have no clean copy."""
+    return sum(
+        chunk.copy is None and chunk.tier in (Tier.DEVICE, Tier.HOST) and kv.chunk_tokens(conv, i) > 0
+        for conv in kv.conversations.values()
+        if conv.stored
+        for i, chunk in enumerate(conv.chunks)
+    )
+
+
+def _settle(gen, timeout=30.0) -> dict:
+    """Run the write-behind (as the engine's thread does between steps; pretending everyone has been idle for
+    long) until every chunk of a stored conversation in memory is clean."""
+    kv = gen.engine.kv
+    deadline = time.monotonic() + timeout
+    while True:
+        gen.call(lambda: kv.write_behind.drain() or kv.maintain(time.monotonic() + 1e6))
+        gen.check_integrity()
+        if not gen.call(lambda: _dirty(kv)) and not kv.write_behind.in_flight:
+            return gen.stats()
+        assert time.monotonic() < deadline, f"not clean after {timeout} s: {gen.stats()}"
+
+
+def _chat(gen, oracle, histories, rounds, convs="abc"):
+    for r in range(rounds):
+        for i, conv_id in enumerate(convs):
+            _turn(gen, oracle, histories, conv_id, _msg(r * 10 + i))
+            gen.check_integrity()
+
+
+def test_idle_chunks_get_clean_copies_and_evicting_them_writes_nothing(model, oracle, tmp_path):
+    histories = {}
+    with _open(model, tmp_path, device=24, host=4) as gen:
+        _chat(gen, oracle, histories, rounds=2)
+        stats = _settle(gen)
+        assert stats["write_behind_chunks"] > 0 and stats["bytes_written_behind"] > 0
+        assert stats["clean_chunks"] > 0 and stats["disk_write_chunks"] == 0  # copies, not moves: nothing left memory
+        kv = gen.engine.kv
+        for conv in kv.conversations.values():  # each copy is its chunk's KV, byte for byte
+            for i, chunk in enumerate(conv.chunks):
+                k, v = kv.storage.read_chunk(chunk.tier, chunk.block)
+                n = kv.chunk_tokens(conv, i)
+                on_disk = kv.disk.read_chunk(chunk.copy, i * kv.block_size + n)
+                assert on_disk is not None and on_disk[0].equal(k) and on_disk[1].equal(v)
+        written = stats["bytes_written_disk"]
+        # a long new conversation pushes the others out of memory: their clean chunks move to disk without a write
+        _turn(gen, oracle, histories, "d", _msg(77, n=60))
+        gen.check_integrity()
+        after = gen.stats()
+        assert after["disk_write_chunks"] > 0 and after["disk_clean_evictions"] == after["disk_write_chunks"]
+        assert after["bytes_written_disk"] == written
+        for conv_id in "abc":  # and they come back exactly from their copies
+            reply = _turn(gen, oracle, histories, conv_id, _msg(5))
+            gen.check_integrity()
+            assert reply.num_recomputed == 0
+
+
+def test_a_continued_conversation_writes_into_its_last_chunk_and_that_copy_goes(model, oracle, tmp_path):
+    histories = {}
+    with _open(model, tmp_path) as gen:
+        _turn(gen, oracle, histories, "a", _msg(1))  # 6 + 4 tokens, 9 computed: the third chunk is partial
+        _settle(gen)
+        conv = gen.engine.kv.conversations["a"]
+        last = conv.chunks[-1]
+        assert gen.engine.kv.chunk_tokens(conv, len(conv.chunks) - 1) < 4 and last.copy is not None
+        old = last.copy
+        _turn(gen, oracle, histories, "a", _msg(2, n=1))
+        gen.check_integrity()  # the copy it had covered fewer positions: cleared, or a copy of the new ones
+        assert conv.chunks[2].copy != old
+        stats = _settle(gen)
+        assert stats["clean_chunks"] == len(conv.chunks)
+
+
+def test_only_idle_stored_conversations_are_copied_and_writes_leave_the_engines_thread(model, oracle, tmp_path):
+    threads = set()
+    real = disk_module.DiskStore.write_file
+
+    def spy(self, *args):
+        threads.add(threading.current_thread().name)
+        return real(self, *args)
+
+    histories = {}
+    with _open(model, tmp_path, idle=3600.0) as gen:  # nobody is idle for an hour
+        _chat(gen, oracle, histories, rounds=1)
+        gen.call(lambda: gen.engine.kv.maintain())
+        assert gen.stats()["write_behind_chunks"] == 0 and gen.stats()["clean_chunks"] == 0
+        gen.complete(_msg(3), GREEDY)  # a completion's conversation is never stored
+        disk_module.DiskStore.write_file = spy
+        try:
+            stats = _settle(gen)  # (settling pretends an hour passed)
+        finally:
+            disk_module.DiskStore.write_file = real
+        assert stats["write_behind_chunks"] > 0
+        assert threads == {"pensieve-write-behind"}
+
+
+def test_the_writer_keeps_to_its_bandwidth(model, oracle, tmp_path):
+    histories = {}
+    with _open(model, tmp_path, idle=3600.0, mb_s=1.0) as gen:
+        _chat(gen, oracle, histories, rounds=2)
+        per_chunk = gen.stats()["kv_bytes_per_block"]
+        gen.engine.kv.write_behind.bytes_s = 10 * per_chunk  # 10 chunks a second
+        start = time.monotonic()
+        stats = _settle(gen)
+        took = time.monotonic() - start
+    files = stats["write_behind_chunks"]
+    assert files >= 6
+    assert took >= (files - 1) / 10 * 0.9, f"{files} chunk files in {took:.2f} s at 10 chunks/s"
+
+
+def test_forget_leaves_no_file_of_a_write_in_flight(model, oracle, tmp_path):
+    histories = {}
+    with _open(model, tmp_path, idle=3600.0, mb_s=0.05) as gen:  # slow: writes are still queued when the forget comes
+        _chat(gen, oracle, histories, rounds=1, convs="ab")
+        gen.call(lambda: gen.engine.kv.maintain(time.monotonic() + 1e6))
+        assert gen.engine.kv.write_behind.in_flight
+        gen.end("b", forget=True)
+        gen.check_integrity()
+        gen.end("a", forget=True)
+        gen.check_integrity()
+        assert not gen.engine.kv.write_behind.in_flight
+    assert not list((tmp_path / "kv").iterdir())  # every file was a, b's (no prefix shared with anything kept)
+
+
+def test_a_copy_of_other_positions_fails_the_integrity_check(model, oracle, tmp_path):
+    histories = {}
+    with _open(model, tmp_path) as gen:
+        _chat(gen, oracle, histories, rounds=1, convs="ab")
+        _settle(gen)
+        kv = gen.engine.kv
+        a, b = kv.conversations["a"], kv.conversations["b"]
+        saved = a.chunks[0].copy
+        a.chunks[0].copy = b.chunks[0].copy  # a file that exists, but of b's tokens
+        with pytest.raises(AssertionError, match="copy is of other positions"):
+            gen.check_integrity()
+        a.chunks[0].copy = saved
+        gen.check_integrity()
+
+
+def test_config_rejects_bad_write_behind_settings():
+    with pytest.raises(ValueError, match="write_behind_s"):
+        CacheConfig(write_behind_s=-1)
+    with pytest.raises(ValueError, match="write_behind_mb_s"):
+        CacheConfig(write_behind_mb_s=0)
+    assert CacheConfig(write_behind_s=None).write_behind_s is None
+
+
+# ---- crashes -------------------------------------------------------------------------------------------------
+
+_CHILD = textwrap.dedent(
+    """
+    import json, os, sys, threading, time
+    sys.path.insert(0, {root!r})
+    from pensieve import CacheConfig, SamplingParams, StatefulGenerator
+    from pensieve.cache import disk as disk_module
+    from tests.tiny import tiny_model
+    from tests.cache.test_persistence import _msg
+
+    if {crash_mid_write!r}:  # die in the middle of the write-behind's first chunk file
+        real_fsync = os.fsync
+        def fsync(fd):
+            if threading.current_thread().name == "pensieve-write-behind":
+                os.ftruncate(fd, os.fstat(fd).st_size // 2)
+                os._exit(137)
+            return real_fsync(fd)
+        disk_module.os.fsync = fsync
+    gen = StatefulGenerator(tiny_model("llama", seed=11), None,
+                            CacheConfig(block_size=4, num_device_blocks=24, disk_dir={disk!r}, write_behind_s=0.2))
+    greedy = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    for r in range(2):
+        for i, conv_id in enumerate("abc"):
+            reply = gen.generate(conv_id, _msg(r * 10 + i), greedy)
+            print("DONE", json.dumps([conv_id, reply.token_ids]), flush=True)
+    while True:  # idle: the write-behind copies everything (nothing drives the engine: the idle loop runs it)
+        stats = gen.stats()
+        if stats["clean_chunks"] == stats["chunks_by_tier"]["device"] and stats["clean_chunks"] > 0:
+            break
+        time.sleep(0.05)
+    print("CLEAN", stats["write_behind_chunks"], flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def _run_child(tmp_path, crash_mid_write: bool) -> tuple[dict, list[str]]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD.format(root=str(ROOT), disk=str(tmp_path), crash_mid_write=crash_mid_write)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    histories: dict[str, list[int]] = {}
+    lines, rounds = [], 0
+    try:
+        for line in child.stdout:
+            lines.append(line)
+            if line.startswith("DONE"):
+                conv_id, reply = json.loads(line[5:])
+                histories[conv_id] = histories.get(conv_id, []) + _msg(rounds // 3 * 10 + "abc".index(conv_id)) + reply
+                rounds += 1
+            elif line.startswith("CLEAN"):
+                child.send_signal(signal.SIGKILL)
+                break
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+        child.stdout.close()
+    assert rounds == 6, lines
+    return histories, lines
+
+
+def test_after_a_sigkill_every_conversation_continues_with_its_kv_from_disk(model, oracle, tmp_path):
+    histories, lines = _run_child(tmp_path, crash_mid_write=False)
+    assert lines[-1].startswith("CLEAN")
+    with _open(model, tmp_path, idle=None) as gen:
+        assert gen.conversations() == ["a", "b", "c"]
+        for conv_id in "bca":
+            history = len(histories[conv_id])
+            reply = _turn(gen, oracle, histories, conv_id, _msg(7))
+            gen.check_integrity()
+            # every position of the history but the last (the turn samples from it) came from the disk copies
+            assert reply.num_reused_disk == history - 1 and reply.num_recomputed == 0
+
+
+def test_a_crash_in_the_middle_of_a_write_behind_never_gives_wrong_kv(model, oracle, tmp_path):
+    histories, lines = _run_child(tmp_path, crash_mid_write=True)
+    assert not any(line.startswith("CLEAN") for line in lines)  # it died writing its first copy
+    assert list((tmp_path / "kv").glob("*.tmp*"))  # the half-written temp file is there
+    with _open(model, tmp_path, idle=None) as gen:
+        assert not list((tmp_path / "kv").glob("*.tmp*"))  # removed at start-up, never read
+        for conv_id in "abc":
+            _turn(gen, oracle, histories, conv_id, _msg(7))  # recomputed where no whole file is: exact
+            gen.check_integrity()
+        assert gen.stats()["disk_bad_files"] == 0
