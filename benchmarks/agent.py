@@ -38,31 +38,23 @@ Usage: python benchmarks/agent.py --vllm-python .venv-vllm/bin/python [--session
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
 import random
-import re
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import httpx2
 import openai
 from plotting import cpu_name, pyplot, run_threads, save, wait_ready
+from servers import BLOCK, CORES, capacity_line, process_read_bytes, scrape, start_pensieve, start_vllm, stop
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "agent_template.jinja"
-CORES = len(os.sched_getaffinity(0))  # both servers compute on all of them (pensieve: torch threads; vLLM: OMP bind)
-BLOCK = 32  # vLLM's CPU attention wants a multiple of 32; pensieve runs the same
 SYSTEM = (
     "You are a coding agent. You work in a Python repository through the tools you are given: read files, search "
     "the code and run the tests, one call at a time, then explain the fix in one or two sentences."
@@ -159,86 +151,15 @@ def working_set(trace: list[dict], tokenizer, args) -> int:
 # ---- servers ------------------------------------------------------------------------------------------------------
 
 
-def start_pensieve(args, folder: Path, blocks: int, log: Path, disk_dir: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pensieve", "serve", "--model", str(folder), "--served-model-name", "agent",
-           "--dtype", args.dtype, "--port", str(args.port), "--block-size", str(BLOCK), "--device-blocks",
-           str(blocks), "--host-blocks", "0", "--disk-dir", str(disk_dir), "--chat-template", str(TEMPLATE),
-           "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-           "--max-stored-responses", "0", "--log-level", "warning"]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ},
-                            start_new_session=True)  # fmt: skip
-
-
-def start_vllm(args, folder: Path, blocks: int, log: Path) -> subprocess.Popen:
-    cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-           "--served-model-name", "agent", "--dtype", args.dtype, "--port", str(args.port), "--block-size", str(BLOCK),
-           # one block more than pensieve's: vLLM keeps block 0 as its null block, never used for KV
-           "--enable-prefix-caching", "--num-gpu-blocks-override", str(blocks + 1),
-           # vLLM refuses a budget below one max-length request: a budget under 8192 tokens (a smoke run) caps it
-           "--max-model-len", str(min(8192, blocks * BLOCK)),
-           "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-           "--chat-template", str(TEMPLATE), "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-           "--enable-prompt-tokens-details", "--seed", "0", "--disable-uvicorn-access-log"]  # fmt: skip
-    # vLLM's CPU KV space (GiB, whole) only has to hold the blocks: the override sets how many it uses
-    config = json.loads((folder / "config.json").read_text())
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
-    per_token = 2 * config["num_hidden_layers"] * kv_heads * head_dim * (4 if args.dtype == "float32" else 2)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(blocks * BLOCK * per_token / 2**30) + 1)),
-           "VLLM_CPU_OMP_THREADS_BIND": f"0-{CORES - 1}"}  # fmt: skip
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def capacity_line(server: str, log: Path) -> str:
-    """The engine's own start-up line naming its KV capacity."""
-    pattern = r"pensieve: KV cache:" if server == "pensieve" else r"KV cache size|Overriding num_gpu_blocks"
-    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if re.search(pattern, ln)]
-    return " | ".join(lines[:3]) or "(not found in the log)"
-
-
-def process_read_bytes(pid: int) -> int | None:
-    """Bytes the process (and its children) caused to be fetched from storage (/proc/PID/io read_bytes)."""
-    total = None
-    for p in [pid, *_children(pid)]:
-        try:
-            text = Path(f"/proc/{p}/io").read_text()
-        except OSError:
-            continue
-        total = (total or 0) + int(re.search(r"^read_bytes: (\d+)", text, re.M).group(1))
-    return total
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        kids = [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-    return kids + [g for k in kids for g in _children(k)]
-
-
-def scrape(port: int) -> dict[str, float]:
-    """The counters read from /metrics: pensieve's disk-tier bytes (disk=read, disk=written), vLLM's preemptions."""
-    text = httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
-    found = {
-        f"disk={d}": float(v) for d, v in re.findall(r'^pensieve_disk_kv_bytes\{direction="(\w+)"\} (\S+)$', text, re.M)
-    }
-    preempted = re.findall(r"^vllm:num_preemptions_total\{[^}]*\} (\S+)$", text, re.M)
-    if preempted:
-        found["preemptions"] = sum(float(v) for v in preempted)
-    return found
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a server and every process it started (vLLM's engine core and workers run in their own)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+def start_server(server: str, args, folder: Path, blocks: int, log: Path, disk_dir: Path):
+    limits = dict(port=args.port, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens)  # fmt: skip
+    if server == "pensieve":
+        template = ("--chat-template", str(TEMPLATE))
+        return start_pensieve(folder, blocks, log, disk_dir=disk_dir, extra=template, **limits)
+    return start_vllm(args.vllm_python, folder, blocks, log, **limits,
+                      extra=("--chat-template", str(TEMPLATE), "--enable-auto-tool-choice", "--tool-call-parser",
+                             "hermes"))  # fmt: skip
 
 
 # ---- the client ---------------------------------------------------------------------------------------------------
@@ -252,7 +173,7 @@ def run_session(client, s: int, session: dict, args, t_start: float, out: list, 
         choice = {"type": "function", "function": {"name": session["rounds"][r]["tool"]}} if forced else "none"
         t0 = time.perf_counter()
         resp = client.chat.completions.create(
-            model="agent", messages=messages, tools=TOOLS, tool_choice=choice, temperature=0, seed=0,
+            model="bench", messages=messages, tools=TOOLS, tool_choice=choice, temperature=0, seed=0,
             max_tokens=args.call_tokens if forced else args.answer_tokens,
         )  # fmt: skip
         latency = time.perf_counter() - t0
@@ -305,7 +226,7 @@ def warm_up(client, args) -> list[float]:
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Warm-up {i}: look around."}]
         tool = TOOLS[i % (len(TOOLS) + 1)]["function"]["name"] if i % (len(TOOLS) + 1) < len(TOOLS) else None
         choice = {"type": "function", "function": {"name": tool}} if tool else "none"
-        client.chat.completions.create(model="agent", messages=messages, tools=TOOLS, temperature=0,
+        client.chat.completions.create(model="bench", messages=messages, tools=TOOLS, temperature=0,
                                        tool_choice=choice, max_tokens=args.call_tokens)  # fmt: skip
 
     times: list[float] = []
@@ -318,11 +239,7 @@ def run_one(server: str, fraction: float, blocks: int, trace: list[dict], folder
     name = f"{server}@{fraction:g}"
     log = Path(args.out).with_name(f"agent-{server}-{fraction:g}.log")
     disk_dir = Path(tempfile.mkdtemp(prefix="pensieve-agent-", dir=args.disk_root))
-    proc = (
-        start_pensieve(args, folder, blocks, log, disk_dir)
-        if server == "pensieve"
-        else start_vllm(args, folder, blocks, log)
-    )
+    proc = start_server(server, args, folder, blocks, log, disk_dir)
     try:
         wait_ready(proc, args.port, log)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="none", max_retries=0,
