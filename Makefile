@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-thorough bench-kernel bench-linear bench-decode bench-multiturn bench-multiturn-vllm bench-oversubscription bench-shared-prefix bench-shared-prefix-vllm bench-cluster bench-serve bench-agent vllm-peer install clean
+.PHONY: demo test test-thorough bench-kernel bench-linear bench-decode bench-multiturn bench-multiturn-vllm bench-oversubscription bench-shared-prefix bench-shared-prefix-vllm bench-cluster bench-serve bench-agent bench-scale bench-scale-quick vllm-peer install clean
 
 demo: $(STAMP)  ## the main job: a multi-turn chat on SmolLM2-135M-Instruct with per-turn cache stats
 	$(PY) examples/chat.py
@@ -50,6 +50,12 @@ bench-serve: $(STAMP)  ## a load run against `pensieve serve` (16 streamed clien
 
 bench-agent: $(STAMP) $(VLLM_STAMP)  ## agent sessions (forced tool calls) vs vLLM's OpenAI server at 3 KV budgets
 	$(PY) benchmarks/agent.py --vllm-python $(VLLM_VENV)/bin/python
+
+bench-scale: $(STAMP) $(VLLM_STAMP)  ## open-loop multi-turn load (Poisson arrivals, think times) vs vLLM: max rate under a p90 SLO
+	$(PY) benchmarks/scale.py --vllm-python $(VLLM_VENV)/bin/python
+
+bench-scale-quick: $(STAMP) $(VLLM_STAMP)  ## the same with short points (for the docs)
+	$(PY) benchmarks/scale.py --vllm-python $(VLLM_VENV)/bin/python --quick
 
 bench-cluster: $(STAMP)  ## 2 SmolLM2 instances on Ray: prompt_tree vs session vs round_robin, colocated vs P/D
 	$(PY) benchmarks/cluster.py

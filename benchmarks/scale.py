@@ -31,8 +31,9 @@ A rate is *sustained* when p90 normalized latency <= --slo (seconds per output t
 sustained and the lowest not. Partial results are written after every point (JSON), the curves plotted (PNG).
 
 Usage: python benchmarks/scale.py --vllm-python .venv-vllm/bin/python [--systems pensieve,pensieve-lru,vllm,
-       vllm-noprefix] [--budget-tokens 4096] [--rate0 0.05] [--max-points 4] [--duration 300] [--warmup 90]
-       [--slo 0.25] [--out results/scale.json]    # --quick: short points for the docs
+       vllm-noprefix] [--budget-tokens 3072] [--rate0 0.1] [--max-points 4] [--duration 300] [--warmup 90]
+       [--slo 0.1] [--out results/scale.json]    # --quick: short points for the docs
+Conversations are capped at the budget (less a turn's template) so that every engine can hold any one of them.
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ def make_trace(rate: float, args, tokenizer) -> list[dict]:
     convs = open_loop(rate, args.duration, args.seed, stats, args.think_mean, max_tokens=args.max_conv_tokens)
     rng = random.Random(f"text:{args.seed}:{rate!r}")
     return [{"index": c.index, "arrival_s": c.arrival_s,
-             "turns": [{"text": user_text(rng, tokenizer, t.user_tokens), "reply_tokens": t.reply_tokens,
-                        "think_s": t.think_s} for t in c.turns]} for c in convs]  # fmt: skip
+             "turns": [{"text": user_text(rng, tokenizer, t.user_tokens), "user_tokens": t.user_tokens,
+                        "reply_tokens": t.reply_tokens, "think_s": t.think_s} for t in c.turns]}
+            for c in convs]  # fmt: skip
 
 
 # ---- the client ---------------------------------------------------------------------------------------------------
@@ -90,7 +92,7 @@ class Point:
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
-        self.live: dict[int, int] = {}  # conversation -> its history tokens now (the client's count)
+        self.live: dict[int, int] = {}  # conversation -> its history tokens (the client's count; a prompt's at send)
         self.samples: list[tuple[float, int, int]] = []  # (t, live conversations, their history tokens)
         self.t0 = 0.0
 
@@ -105,6 +107,7 @@ async def conversation(client, conv: dict, point: Point, bar) -> None:
             if turn["think_s"]:
                 await asyncio.sleep(turn["think_s"])
             messages.append({"role": "user", "content": turn["text"]})
+            point.live[conv["index"]] = before + turn.get("user_tokens", 0)  # its state once this prompt is in
             record = {"conv": conv["index"], "turn": i, "sent_s": time.perf_counter() - point.t0, "done": False,
                       "reply_tokens": turn["reply_tokens"]}  # fmt: skip
             point.requests.append(record)
@@ -114,12 +117,13 @@ async def conversation(client, conv: dict, point: Point, bar) -> None:
                 stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
             )  # fmt: skip
             pieces, first, usage, stats = [], None, None, None
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    first = first or time.perf_counter()
-                    pieces.append(chunk.choices[0].delta.content)
-                if chunk.usage is not None:
-                    usage, stats = chunk.usage, (chunk.model_extra or {}).get("stats")
+            async with stream:  # closed on cancellation too: the server sees the disconnect and aborts the turn
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        first = first or time.perf_counter()
+                        pieces.append(chunk.choices[0].delta.content)
+                    if chunk.usage is not None:
+                        usage, stats = chunk.usage, (chunk.model_extra or {}).get("stats")
             end = time.perf_counter()
             details = usage.prompt_tokens_details
             cached = (details.cached_tokens or 0) if details is not None else 0
@@ -230,7 +234,7 @@ def summarize(system: str, rate: float, point: Point, args, moved: dict, read_by
         "later_computed_over_new": round(sum(r["computed"] for r in later) / max(1, sum(r["new"] for r in later)), 3),
         "pensieve_cached_by_tier": tiers if system.startswith("pensieve") else None,
         "disk_tier_bytes": {k.split("=")[1]: int(v) for k, v in moved.items() if k.startswith("disk")} or None,
-        "vllm_preemptions": int(moved.get("preemptions", 0)) if system.startswith("vllm") else None,
+        "preemptions": int(moved.get("preemptions", 0)),
         "process_storage_read_bytes": read_bytes,
     }
 
@@ -334,16 +338,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--systems", default="pensieve,pensieve-lru,vllm,vllm-noprefix")
     parser.add_argument("--trace", choices=["sharegpt", "long"], default="sharegpt")
-    parser.add_argument("--budget-tokens", type=int, default=4096, help="KV budget of every system, in tokens")
+    parser.add_argument("--budget-tokens", type=int, default=3072, help="KV budget of every system, in tokens")
     parser.add_argument("--rates", help="comma-separated rates (conversations/s) instead of the bisection")
-    parser.add_argument("--rate0", type=float, default=0.05)
+    parser.add_argument("--rate0", type=float, default=0.1)
     parser.add_argument("--max-points", type=int, default=4)
     parser.add_argument("--duration", type=float, default=300.0, help="seconds of arrivals per point")
     parser.add_argument("--warmup", type=float, default=90.0, help="requests sent before this are not counted")
     parser.add_argument("--grace", type=float, default=120.0, help="seconds after the arrivals end for the rest")
     parser.add_argument("--think-mean", type=float, default=15.0)
     parser.add_argument("--max-conv-tokens", type=int, default=7000)
-    parser.add_argument("--slo", type=float, default=0.25, help="p90 normalized latency (s per output token)")
+    parser.add_argument("--slo", type=float, default=0.1,
+                        help="p90 normalized latency, s per output token (0.1: streams at reading speed)")  # fmt: skip
     parser.add_argument("--vllm-python", default=".venv-vllm/bin/python")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-num-seqs", type=int, default=32)
@@ -356,6 +361,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.duration, args.warmup, args.grace = 120.0, 40.0, 60.0
+    # every turn must fit every engine's KV budget (vLLM refuses a request longer than its capacity)
+    args.max_conv_tokens = min(args.max_conv_tokens, args.budget_tokens - 72)
 
     from transformers import AutoTokenizer
 

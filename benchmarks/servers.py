@@ -92,13 +92,14 @@ def _children(pid: int) -> list[int]:
 
 
 def scrape(port: int) -> dict[str, float]:
-    """Counters read from /metrics: pensieve's disk-tier bytes (disk=read, disk=written, disk=written_behind), vLLM's
-    preemptions."""
+    """Counters read from /metrics: pensieve's disk-tier bytes (disk=read, disk=written, disk=written_behind), and
+    either engine's preemptions."""
     text = httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
     found = {
         f"disk={d}": float(v) for d, v in re.findall(r'^pensieve_disk_kv_bytes\{direction="(\w+)"\} (\S+)$', text, re.M)
     }
     preempted = re.findall(r"^vllm:num_preemptions_total\{[^}]*\} (\S+)$", text, re.M)
+    preempted += re.findall(r"^pensieve_preemptions (\S+)$", text, re.M)
     if preempted:
         found["preemptions"] = sum(float(v) for v in preempted)
     return found

@@ -53,9 +53,10 @@ class CacheConfig:
         the sampled tokens of pensieve's replies, tool calls included, and the KV computed for them
         (engine.replies).
     write_behind_s: with a disk_dir, chunks of a stored conversation idle this many seconds get a clean copy on
-        disk in the background (they stay where they are; evicting them later writes nothing, and a crash loses
-        only the KV of the last seconds). None turns it off: KV then reaches disk only when evicted there, by
-        `end`, or at `close`.
+        disk in the background (they stay where they are; evicting them later writes nothing). A crash then loses
+        the KV of the conversations active within the last write_behind_s seconds (all of it for one that was
+        never idle that long) and of any backlog the bandwidth bound left. None turns it off: KV then reaches disk
+        only when evicted there, by `end`, or at `close`.
     write_behind_mb_s: the write-behind's bandwidth bound, MiB written per second on average.
     """
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
@@ -33,6 +33,17 @@ _DONE = object()
 _WAIT_S = 0.002  # how often a waiting caller checks whether it can take over driving
 _IDLE_S = 0.05  # how long an idle `serve` loop sleeps on the command queue before checking its stop event
 _BACKGROUND_S = 0.25  # how often the idle loop runs background work while nobody drives the engine
+
+
+def _idle_loop(ref: weakref.ref) -> None:
+    """While nobody drives the generator (no `serve` loop, no call waiting on a turn), run its engine's background
+    work now and then (a `serve` loop and a driving caller run it themselves). Ends when it is closed or collected."""
+    while True:
+        time.sleep(_BACKGROUND_S)
+        gen = ref()
+        if gen is None or not gen._background():
+            return
+        del gen
 
 
 class ReplyStream(Iterator):
@@ -92,7 +103,8 @@ class StatefulGenerator(Generator):
         self._server_thread: threading.Thread | None = None  # the thread in `serve`, if one is
         self._closed = False
         if self._engine.kv.write_behind is not None:  # its background work, while no thread drives the engine
-            threading.Thread(target=self._idle_loop, name="pensieve-idle", daemon=True).start()
+            # (a weak reference: a generator that is never closed is still collected, and the thread ends)
+            threading.Thread(target=_idle_loop, args=(weakref.ref(self),), name="pensieve-idle", daemon=True).start()
 
     # ---- public API ------------------------------------------------------------------------------------------
 
@@ -249,10 +261,10 @@ class StatefulGenerator(Generator):
                     if self._engine.has_work():
                         self._step()
                         continue
+                    self._engine.idle()  # background work that is due (the write-behind; it keeps its own pace)
                     try:  # idle: sleep until a command comes (bounded, so `stop` is seen)
                         fn, future = self._commands.get(timeout=_IDLE_S)
                     except queue.Empty:
-                        self._engine.idle()  # background work that is due (the write-behind)
                         continue
                     self._run_command(fn, future)
             finally:
@@ -391,19 +403,17 @@ class StatefulGenerator(Generator):
             elif not done():
                 self._wait_briefly()
 
-    def _idle_loop(self) -> None:
-        """While nobody drives (no `serve` loop, no call waiting on a turn), run the engine's background work now and
-        then (a `serve` loop and a driving caller run it themselves)."""
-        while not self._closed:
-            time.sleep(_BACKGROUND_S)
-            if self._server_thread is None and self._driver.acquire(blocking=False):
-                try:
-                    if not self._closed and not self._engine.has_work():
-                        self._engine.idle()
-                except Exception as error:  # noqa: BLE001  (background work must not kill the thread)
-                    warnings.warn(f"pensieve: background work failed: {error!r}", RuntimeWarning, stacklevel=1)
-                finally:
-                    self._driver.release()
+    def _background(self) -> bool:
+        """The idle loop's turn: background work if nobody drives. -> False once closed."""
+        if self._closed:
+            return False
+        if self._server_thread is None and self._driver.acquire(blocking=False):
+            try:
+                if not self._closed and not self._engine.has_work():
+                    self._engine.idle()  # (warns, never raises)
+            finally:
+                self._driver.release()
+        return True
 
     def _step(self) -> None:
         try:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections import Counter
 
 from pensieve.cache.blocks import BlockPool
@@ -463,9 +464,29 @@ class KVManager:
             self.disk.close()
 
     def maintain(self, now: float | None = None) -> None:
-        """Background work that is due (between steps, and while idle): the write-behind's clean disk copies."""
-        if self.write_behind is not None:
+        """Background work that is due (between steps, and while idle): the write-behind's clean disk copies. A
+        failure is warned about, never raised: background work must not fail a turn or stop the engine."""
+        if self.write_behind is None:
+            return
+        try:
             self.write_behind.poll(time.monotonic() if now is None else now)
+        except Exception as error:  # noqa: BLE001
+            self.counters["background_errors"] += 1
+            warnings.warn(f"pensieve: the write-behind failed ({error!r}); it retries later", RuntimeWarning,
+                          stacklevel=2)  # fmt: skip
+
+    def settle_copies(self) -> None:
+        """A step failed: the copies queued for its forward run now; if they cannot, the chunks they target are
+        dropped (their blocks hold stale KV) and their conversations recompute them."""
+        if self.storage is None:
+            return
+        try:
+            self.storage.complete_queued()
+        except Exception:  # noqa: BLE001  (the device itself may be what failed)
+            stale = set(self.storage.cancel_queued())
+            for chunk, holders in list(self.holders().values()):
+                if chunk.tier == Tier.DEVICE and chunk.block in stale:
+                    self.mover.drop(chunk, holders)
 
     def disk_stats(self) -> dict[str, int]:
         disk = self.disk
@@ -502,6 +523,10 @@ class KVManager:
                         self.mover.release(chunk)
         if forget and self.disk is not None:
             self._forget(conv_id)
+
+    def collect_disk(self) -> int:
+        """Remove the chunk files no stored conversation references and nothing in memory uses. -> removed."""
+        return self.disk.collect(self._disk_keys_in_use()) if self.disk is not None else 0
 
     def _forget(self, conv_id: str) -> None:
         """Delete conv_id's record and the chunk files nothing else needs (a write-behind in flight lands first, so

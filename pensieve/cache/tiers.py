@@ -210,9 +210,17 @@ class KVStorage:
         staged = [(k[layer], v[layer]) for layer in range(self.num_layers)]
         self._queued.append(_QueuedCopy(staged, list(range(len(chunks))), list(dev_ids)))
 
-    def cancel_queued(self) -> None:
-        """Forget queued swap-ins (a step failed before its forward: the blocks they targeted are released)."""
+    def complete_queued(self) -> None:
+        """Run the queued swap-ins / loads now (a step failed before its forward: their chunks already count as on
+        the device, so their blocks must hold their KV)."""
+        if self._queued:
+            self.begin_forward().finish()
+
+    def cancel_queued(self) -> list[int]:
+        """Forget the queued swap-ins / loads. -> the device blocks they targeted (whose contents are now stale)."""
+        targets = [d for item in self._queued for d in item.dst_ids]
         self._queued = []
+        return targets
 
     def copy_layer(self, work: list[_QueuedCopy], layer: int) -> None:
         for item in work:

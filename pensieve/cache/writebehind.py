@@ -23,6 +23,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING
 
 from pensieve.cache.types import Tier
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 
 FAILURE_BACKOFF_S = 10.0  # after a failed write, the next snapshots wait this long
+COLLECT_S = 60.0  # how often chunk files nothing needs any more (a partial chunk's older copies) are removed
 
 
 class WriteBehind:
@@ -48,10 +50,16 @@ class WriteBehind:
         self._done: queue.SimpleQueue = queue.SimpleQueue()  # (key, bytes written, error)
         self._clean: dict[str, tuple] = {}  # conv_id -> its state when every chunk in memory had a copy
         self._next_poll = 0.0
+        self._next_collect = time.monotonic() + COLLECT_S
+        self._hurry = threading.Event()  # set while draining: the writer skips its pacing
+        # The writer holds the queues, the disk store and the pacing, not this object: a generator that is never
+        # closed is still collected, and then its writer stops (the finalizer).
         self._thread: threading.Thread | None = threading.Thread(
-            target=self._writer, name="pensieve-write-behind", daemon=True
-        )
+            target=_writer, args=(self._todo, self._done, kv.disk.write_file, self.bytes_s, self._hurry),
+            name="pensieve-write-behind", daemon=True,
+        )  # fmt: skip
         self._thread.start()
+        self._finalizer = weakref.finalize(self, self._todo.put, None)
 
     # ---- the engine's thread ----------------------------------------------------------------------------------
 
@@ -62,6 +70,9 @@ class WriteBehind:
         if now < self._next_poll or self._thread is None:
             return 0
         self._next_poll = now + self.interval
+        if now >= self._next_collect:  # a partial chunk's older copies: no conversation names them any more
+            self._next_collect = now + COLLECT_S
+            self.kv.collect_disk()
         budget = self.max_in_flight - len(self.in_flight)
         if budget <= 0:
             return 0
@@ -105,17 +116,28 @@ class WriteBehind:
         return queued
 
     def drain(self) -> None:
-        """Wait until every queued snapshot is written (or failed) and recorded."""
-        while self.in_flight:
-            self._record(*self._done.get())
+        """Wait until every queued snapshot is written (or failed) and recorded; the writer does not pace itself
+        meanwhile. (Gives up on the writes in flight if the writer thread is gone.)"""
+        self._hurry.set()
+        try:
+            while self.in_flight:
+                try:
+                    self._record(*self._done.get(timeout=1.0))
+                except queue.Empty:
+                    if self._thread is None or not self._thread.is_alive():
+                        self.in_flight.clear()
+        finally:
+            self._hurry.clear()
 
     def close(self) -> None:
-        """Finish the queued writes, record them, stop the writer."""
+        """Finish the queued writes (unpaced), record them, stop the writer."""
         if self._thread is None:
             return
+        self._hurry.set()
         self._todo.put(None)
         self._thread.join()
         self._thread = None
+        self._finalizer.detach()
         self._harvest()
 
     def _harvest(self) -> None:
@@ -134,23 +156,26 @@ class WriteBehind:
             self.kv.counters["write_behind_chunks"] += 1
             self.kv.counters["bytes_written_behind"] += written
 
-    # ---- the writer thread ------------------------------------------------------------------------------------
 
-    def _writer(self) -> None:
-        disk = self.kv.disk
-        start_next = time.monotonic()
-        while True:
-            item = self._todo.get()
-            if item is None:
-                return
-            key, k, v, num_tokens = item
-            wait = start_next - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            began = time.monotonic()
-            try:
-                written, error = disk.write_file(key, k, v, num_tokens)
-            except Exception as unexpected:  # noqa: BLE001  (recorded as a failed write: the chunk stays dirty)
-                written, error = 0, OSError(f"write-behind failed: {unexpected!r}")
-            start_next = began + written / self.bytes_s  # paced: bytes_s on average
-            self._done.put((key, written, error))
+# ---- the writer thread ----------------------------------------------------------------------------------------
+
+
+def _writer(todo: queue.SimpleQueue, done: queue.SimpleQueue, write_file, bytes_s: float, hurry: threading.Event):
+    """Write each queued snapshot (write_file: DiskStore.write_file), paced to bytes_s on average unless hurried;
+    report (key, bytes written, error) on `done`. Stops at None."""
+    start_next = time.monotonic()
+    while True:
+        item = todo.get()
+        if item is None:
+            return
+        key, k, v, num_tokens = item
+        wait = start_next - time.monotonic()
+        if wait > 0 and not hurry.is_set():
+            hurry.wait(wait)
+        began = time.monotonic()
+        try:
+            written, error = write_file(key, k, v, num_tokens)
+        except Exception as unexpected:  # noqa: BLE001  (recorded as a failed write: the chunk stays dirty)
+            written, error = 0, OSError(f"write-behind failed: {unexpected!r}")
+        start_next = began + written / bytes_s  # paced: bytes_s on average
+        done.put((key, written, error))

@@ -293,7 +293,7 @@ class Engine:
         return True
 
     def fail_all(self, error: BaseException) -> None:
-        self.runner.storage.cancel_queued()
+        self.kv.settle_copies()  # swap-ins / loads queued for a forward that never ran: land them now
         for turn in list(self.scheduler.active):
             for member in _members(turn):
                 if member in self.scheduler.active:
@@ -356,6 +356,7 @@ COUNTERS = (
     "write_behind_chunks",  # clean disk copies written in the background (CacheConfig.write_behind_s)
     "bytes_written_behind",
     "disk_clean_evictions",  # of disk_write_chunks, those that wrote nothing (the chunk had a clean copy)
+    "background_errors",  # background work (the write-behind) that failed and was warned about
     "disk_read_chunks",  # disk -> device
     "disk_chunks_bad",  # disk chunks that failed to load (recomputed)
     "dropped_chunks",  # moved to "dropped"

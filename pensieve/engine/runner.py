@@ -183,6 +183,12 @@ class ModelRunner:
         """-> logits [S, V] for the plan's sampling rows (S may be 0). Issues the step's queued swap-ins first: each
         layer's attention waits for its own layer's copies only."""
         gate = self.storage.begin_forward()
+        try:
+            return self._forward(plan, gate)
+        finally:
+            gate.finish()  # (also when the forward raised: every queued copy lands, no block keeps stale KV)
+
+    def _forward(self, plan: StepPlan, gate) -> torch.Tensor:
         if self.graphs is not None and plan.decode_only and not gate.pending:
             with trusted_inputs():
                 logits = self.graphs.run(plan)
@@ -210,5 +216,4 @@ class ModelRunner:
                 logits = self.compiled(input_ids, position_ids, views["logits_rows"], batch)[: plan.num_logits]
             else:
                 logits = forward(self.model, input_ids, position_ids, views["logits_rows"], batch)
-        gate.finish()
         return logits

@@ -36,6 +36,7 @@ class Metrics:
             "pensieve_disk_kv_bytes", "KV chunk-file bytes moved since start", ["direction"], registry=r
         )
         self.clean = Gauge("pensieve_kv_clean_chunks", "Chunks in memory with a clean copy on disk", registry=r)
+        self.preemptions = Gauge("pensieve_preemptions", "Running turns preempted since start", registry=r)
 
     def request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
@@ -64,4 +65,5 @@ class Metrics:
         self.disk_bytes.labels("written").set(sum(s["bytes_written_disk"] for s in instances))
         self.disk_bytes.labels("written_behind").set(sum(s.get("bytes_written_behind", 0) for s in instances))
         self.clean.set(sum(s.get("clean_chunks", 0) for s in instances))
+        self.preemptions.set(sum(s.get("preemptions", 0) for s in instances))
         return generate_latest(self.registry)

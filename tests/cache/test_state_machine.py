@@ -8,6 +8,7 @@ holders, tree nodes keyed by their tokens); after every rule `conversations()` l
 
 import shutil
 import tempfile
+import time
 
 from hypothesis import event, settings
 from hypothesis import strategies as st
@@ -47,6 +48,7 @@ class TieredCacheMachine(RuleBasedStateMachine):
             disk_dir=self.disk_dir,
             policy=policy,
             share_prefixes=share,
+            write_behind_s=3600.0,  # copies are made by the write_behind rule (deterministic), not by the clock
         )
         self.scheduler = SchedulerConfig(max_num_batched_tokens=budget)
         self.capacity = device * block_size
@@ -126,6 +128,18 @@ class TieredCacheMachine(RuleBasedStateMachine):
         self.gen.end(conv_id, forget=forget)
         if forget or self.disk_dir is None:
             del self.histories[conv_id]
+
+    @precondition(lambda self: self.disk_dir is not None)
+    @rule()
+    def write_behind(self):
+        """Every idle stored conversation's chunks get their clean copies (as if idle for long); later turns,
+        truncates, forks, evictions and drops must keep the copies true (check_integrity covers them)."""
+        kv = self.gen.engine.kv
+        for _ in range(50):
+            if not self.gen.call(lambda: kv.write_behind.drain() or kv.write_behind.poll(time.monotonic() + 1e7)):
+                break
+        self.gen.call(kv.write_behind.drain)
+        event("write-behind")
 
     @precondition(lambda self: self.disk_dir is not None)
     @rule()

@@ -20,7 +20,7 @@ from pensieve import CacheConfig, StatefulGenerator
 from pensieve.cache import disk as disk_module
 from pensieve.cache.types import Tier
 from tests.cache.test_persistence import GREEDY, _msg, _turn
-from tests.tiny import tiny_model
+from tests.tiny import hf_greedy, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,13 +109,16 @@ def test_a_continued_conversation_writes_into_its_last_chunk_and_that_copy_goes(
         assert stats["clean_chunks"] == len(conv.chunks)
 
 
-def test_only_idle_stored_conversations_are_copied_and_writes_leave_the_engines_thread(model, oracle, tmp_path):
+def test_only_idle_stored_conversations_are_copied_and_writes_leave_the_engines_thread(
+    model, oracle, tmp_path, monkeypatch
+):
     threads = set()
-    real = disk_module.DiskStore.write_file
+    real = os.replace
 
-    def spy(self, *args):
-        threads.add(threading.current_thread().name)
-        return real(self, *args)
+    def spy(src, dst):  # every chunk file lands through one rename: which thread made it
+        if str(dst).endswith(".safetensors"):
+            threads.add(threading.current_thread().name)
+        return real(src, dst)
 
     histories = {}
     with _open(model, tmp_path, idle=3600.0) as gen:  # nobody is idle for an hour
@@ -123,25 +126,30 @@ def test_only_idle_stored_conversations_are_copied_and_writes_leave_the_engines_
         gen.call(lambda: gen.engine.kv.maintain())
         assert gen.stats()["write_behind_chunks"] == 0 and gen.stats()["clean_chunks"] == 0
         gen.complete(_msg(3), GREEDY)  # a completion's conversation is never stored
-        disk_module.DiskStore.write_file = spy
-        try:
-            stats = _settle(gen)  # (settling pretends an hour passed)
-        finally:
-            disk_module.DiskStore.write_file = real
+        monkeypatch.setattr(disk_module.os, "replace", spy)
+        stats = _settle(gen)  # (settling pretends an hour passed)
+        monkeypatch.undo()
         assert stats["write_behind_chunks"] > 0
         assert threads == {"pensieve-write-behind"}
+        kv = gen.engine.kv
+        completion_chunks = [c for c in kv.tree.nodes.values() if c.refs == 0]
+        assert completion_chunks and all(c.copy is None for c in completion_chunks)  # not a stored conversation's
 
 
 def test_the_writer_keeps_to_its_bandwidth(model, oracle, tmp_path):
-    histories = {}
-    with _open(model, tmp_path, idle=3600.0, mb_s=1.0) as gen:
-        _chat(gen, oracle, histories, rounds=2)
+    with _open(model, tmp_path / "probe") as gen:
         per_chunk = gen.stats()["kv_bytes_per_block"]
-        gen.engine.kv.write_behind.bytes_s = 10 * per_chunk  # 10 chunks a second
+    histories = {}
+    with _open(model, tmp_path / "kv", idle=3600.0, mb_s=10 * per_chunk / 2**20) as gen:  # 10 chunks a second
+        _chat(gen, oracle, histories, rounds=2)
+        kv = gen.engine.kv
         start = time.monotonic()
-        stats = _settle(gen)
+        while gen.call(lambda: _dirty(kv)) or kv.write_behind.in_flight:  # polls as the engine does (no drain)
+            gen.call(lambda: kv.maintain(time.monotonic() + 1e6))
+            time.sleep(0.01)
         took = time.monotonic() - start
-    files = stats["write_behind_chunks"]
+        gen.check_integrity()
+        files = gen.stats()["write_behind_chunks"]
     assert files >= 6
     assert took >= (files - 1) / 10 * 0.9, f"{files} chunk files in {took:.2f} s at 10 chunks/s"
 
@@ -194,6 +202,13 @@ _CHILD = textwrap.dedent(
     from tests.tiny import tiny_model
     from tests.cache.test_persistence import _msg
 
+    gen = StatefulGenerator(tiny_model("llama", seed=11), None,
+                            CacheConfig(block_size=4, num_device_blocks=24, disk_dir={disk!r}, write_behind_s=3600))
+    greedy = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    for r in range(2):
+        for i, conv_id in enumerate("abc"):
+            reply = gen.generate(conv_id, _msg(r * 10 + i), greedy)
+            print("DONE", json.dumps([conv_id, reply.token_ids]), flush=True)
     if {crash_mid_write!r}:  # die in the middle of the write-behind's first chunk file
         real_fsync = os.fsync
         def fsync(fd):
@@ -202,17 +217,15 @@ _CHILD = textwrap.dedent(
                 os._exit(137)
             return real_fsync(fd)
         disk_module.os.fsync = fsync
-    gen = StatefulGenerator(tiny_model("llama", seed=11), None,
-                            CacheConfig(block_size=4, num_device_blocks=24, disk_dir={disk!r}, write_behind_s=0.2))
-    greedy = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
-    for r in range(2):
-        for i, conv_id in enumerate("abc"):
-            reply = gen.generate(conv_id, _msg(r * 10 + i), greedy)
-            print("DONE", json.dumps([conv_id, reply.token_ids]), flush=True)
+    gen.engine.kv.write_behind.idle_s = 0.2  # (due only now: no copy may be made while the turns run)
+    deadline = time.monotonic() + 60
     while True:  # idle: the write-behind copies everything (nothing drives the engine: the idle loop runs it)
         stats = gen.stats()
         if stats["clean_chunks"] == stats["chunks_by_tier"]["device"] and stats["clean_chunks"] > 0:
             break
+        if time.monotonic() > deadline:
+            print("NOT CLEAN", stats, flush=True)
+            sys.exit(1)
         time.sleep(0.05)
     print("CLEAN", stats["write_behind_chunks"], flush=True)
     time.sleep(120)
@@ -270,3 +283,31 @@ def test_a_crash_in_the_middle_of_a_write_behind_never_gives_wrong_kv(model, ora
             _turn(gen, oracle, histories, conv_id, _msg(7))  # recomputed where no whole file is: exact
             gen.check_integrity()
         assert gen.stats()["disk_bad_files"] == 0
+
+
+def test_a_step_that_fails_mid_forward_leaves_no_stale_kv_to_copy(model, oracle, tmp_path):
+    """A forward that raises after its first layer's swap-ins: the rest of the queued copies still land, so the
+    chunks the tree keeps hold their KV: a later turn through them gets the right values (as would a disk copy)."""
+    histories = {}
+    with _open(model, tmp_path, device=16, host=16, idle=3600.0) as gen:
+        _turn(gen, oracle, histories, "a", _msg(1, n=17))  # 21 tokens: 5 chunks, 4 of them full
+        kv, runner = gen.engine.kv, gen.engine.runner
+        gen.call(lambda: kv.mover.make_room(Tier.DEVICE, kv.device.num_blocks, set(), allow_drop=False))
+        assert gen.stats()["chunks_by_tier"]["host"] == 5  # all of a's KV is on the host tier now
+
+        def fail_after_layer_0(plan, gate):
+            gate.wait(0)  # layer 0's copies run, then the forward dies
+            raise RuntimeError("simulated failure in layer 1")
+
+        runner._forward = fail_after_layer_0
+        try:
+            with pytest.raises(RuntimeError, match="simulated failure"):
+                gen.generate("a", _msg(2), GREEDY)
+        finally:
+            del runner._forward
+        gen.check_integrity()
+        _settle(gen)  # the write-behind copies whatever is in memory now
+        prompt = histories["a"][:-1] + _msg(3)  # continues a's history, through the tree's chunks
+        reply = gen.complete(prompt, GREEDY)
+        assert reply.num_reused_device > 0
+        assert reply.token_ids == hf_greedy(oracle, prompt, GREEDY.max_new_tokens)
