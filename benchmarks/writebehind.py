@@ -1,18 +1,15 @@
-"""What the write-behind costs (issue 35): SmolLM2-135M, in process, on a real disk.
+"""What the write-behind costs (issue 35): SmolLM2-135M fp32, in process, chunk files on a real disk.
 
 Setup: --idle conversations of --history tokens each are prefilled and left idle (their KV on the device tier, no
-copy yet); --running other conversations then decode --steps steps, batched. Three phases, each measured over the
-same decode steps:
-  off        write-behind off: the decode steps alone
-  on         write-behind on (--mb-s, the default bandwidth) while it copies the idle conversations' chunks: the
-             snapshots on the engine's thread between steps, the writer thread beside the forward
-  drained    write-behind on, every copy written (nothing left to do): what an idle write-behind costs a step
-Reported: decode step ms (p50 and mean) per phase and the ratio to "off"; per chunk, the snapshot time on the engine's
-thread (poll's time / chunks queued) and the writer's time (unpaced: checksum + serialize + write + fsync + rename);
-bytes written; how many of the idle chunks got a copy during the "on" phase. JSON in results/.
+copy yet: a backlog of chunks to copy); --running other conversations then decode in blocks of --steps steps,
+batched. Blocks alternate between the write-behind paused ("off") and copying the backlog at --mb-s ("on": its
+snapshots on the engine's thread between steps, its writer thread beside the forward), in one generator, so drift
+between runs does not enter the ratio. Reported: decode step ms (p50 and mean) per phase and on / off; the snapshot's
+time per chunk on the engine's thread (`KVStorage.read_chunk`); the writer's own time per chunk, unpaced (checksum +
+serialize + write + fsync + rename); bytes written behind during each phase. JSON in results/.
 
-Usage: python benchmarks/writebehind.py [--idle 24] [--history 1024] [--running 8] [--steps 60] [--mb-s 64]
-       [--disk-root DIR]
+Usage: python benchmarks/writebehind.py [--idle 16] [--history 1024] [--running 8] [--steps 40] [--blocks 4]
+       [--mb-s 64] [--disk-root DIR]
 """
 
 from __future__ import annotations
@@ -59,55 +56,13 @@ def decode_steps(gen, running: list[str], steps: int, seed: int) -> list[float]:
     return times
 
 
-def run_phase(phase: str, model, args, block: int, need: int, root: str) -> dict:
-    disk = Path(tempfile.mkdtemp(prefix="pensieve-wb-", dir=root))
-    behind = None if phase == "off" else 3600.0  # (made due by hand below)
-    config = CacheConfig(block_size=block, num_device_blocks=need, disk_dir=disk, write_behind_s=behind,
-                         write_behind_mb_s=args.mb_s)  # fmt: skip
-    try:
-        with StatefulGenerator(model, None, config) as gen:
-            idle = [f"idle-{i}" for i in range(args.idle)]
-            gen.generate_batch({c: [1000 + (i * 31 + j) % 30000 for j in range(args.history)]
-                                for i, c in enumerate(idle)},
-                               SamplingParams(max_new_tokens=1, temperature=0))  # fmt: skip
-            running = [f"run-{i}" for i in range(args.running)]
-            decode_steps(gen, running, 8, seed=1)  # compile the batch shapes
-            kv = gen.engine.kv
-            wb = kv.write_behind
-            snapshot = {}
-            if wb is not None:
-                wb.idle_s = 0.0  # the idle conversations are due now (the running ones are pinned while they run)
-                if phase == "drained":
-                    while True:  # copy everything first, then time an idle write-behind
-                        gen.call(wb.drain)
-                        time.sleep(wb.interval + 0.01)
-                        if gen.call(lambda: wb.poll(time.monotonic())) == 0 and not wb.in_flight:
-                            break
-                else:
-                    time.sleep(wb.interval + 0.01)
-                    t = time.perf_counter()
-                    queued = gen.call(lambda: wb.poll(time.monotonic()))
-                    snapshot = {"poll_ms": (time.perf_counter() - t) * 1e3, "chunks": queued}
-            before = gen.stats()
-            times = decode_steps(gen, running, args.steps, seed=2)
-            after = gen.stats()
-    finally:
-        shutil.rmtree(disk, ignore_errors=True)
-    return {
-        "step_ms_p50": round(statistics.median(times) * 1e3, 2),
-        "step_ms_mean": round(statistics.fmean(times) * 1e3, 2),
-        "chunks_written_during": after["write_behind_chunks"] - before["write_behind_chunks"],
-        "bytes_written_during": after["bytes_written_behind"] - before["bytes_written_behind"],
-        "snapshot": snapshot,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--idle", type=int, default=24)
+    parser.add_argument("--idle", type=int, default=16)
     parser.add_argument("--history", type=int, default=1024)
     parser.add_argument("--running", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=40, help="decode steps per block")
+    parser.add_argument("--blocks", type=int, default=4, help="blocks per phase, alternated")
     parser.add_argument("--mb-s", type=float, default=64.0)
     parser.add_argument("--disk-root", default=None)
     parser.add_argument("--out", default="results/writebehind.json")
@@ -118,11 +73,43 @@ def main() -> None:
     torch.manual_seed(0)
     model, _ = load_smollm2(torch.float32)
     block = 32
-    need = (args.idle * args.history + args.running * (args.steps + 64)) // block + 64
-    rows = {}
-    for phase in ("off", "on", "drained"):
-        rows[phase] = run_phase(phase, model, args, block, need, root)
-        print(phase, rows[phase], flush=True)
+    need = (args.idle * args.history + args.running * (args.blocks * 2 * (args.steps + 16) + 64)) // block + 64
+    disk = Path(tempfile.mkdtemp(prefix="pensieve-wb-", dir=root))
+    config = CacheConfig(block_size=block, num_device_blocks=need, disk_dir=disk, write_behind_s=3600.0,
+                         write_behind_mb_s=args.mb_s)  # fmt: skip
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    written = {"off": 0, "on": 0}
+    try:
+        with StatefulGenerator(model, None, config) as gen:
+            idle = [f"idle-{i}" for i in range(args.idle)]
+            gen.generate_batch({c: [1000 + (i * 31 + j) % 30000 for j in range(args.history)]
+                                for i, c in enumerate(idle)},
+                               SamplingParams(max_new_tokens=1, temperature=0))  # fmt: skip
+            running = [f"run-{i}" for i in range(args.running)]
+            decode_steps(gen, running, 8, seed=1)  # compile the batch shapes
+            kv = gen.engine.kv
+            wb = kv.write_behind
+            k_block = kv.conversations[idle[0]].chunks[0].block
+            t = time.perf_counter()
+            for _ in range(20):
+                kv.storage.read_chunk(kv.conversations[idle[0]].chunks[0].tier, k_block)
+            snapshot_ms = (time.perf_counter() - t) / 20 * 1e3
+            wb.idle_s = 0.0  # every idle conversation is due: a backlog of idle chunks to copy
+            for i in range(2 * args.blocks):  # off, on, off, on, ...: the same generator, interleaved
+                phase = "on" if i % 2 else "off"
+                gen.call(wb.drain)
+                wb._next_poll = 0.0 if phase == "on" else float("inf")  # resume / pause the write-behind
+                before = gen.stats()["bytes_written_behind"]
+                times[phase] += decode_steps(gen, running, args.steps, seed=2 + i)
+                written[phase] += gen.stats()["bytes_written_behind"] - before
+                print(phase, f"{statistics.median(times[phase]) * 1e3:.2f} ms", flush=True)
+            clean = gen.stats()["clean_chunks"]
+            wb._next_poll = float("inf")
+    finally:
+        shutil.rmtree(disk, ignore_errors=True)
+    rows = {phase: {"step_ms_p50": round(statistics.median(ts) * 1e3, 2), "step_ms_mean":
+                    round(statistics.fmean(ts) * 1e3, 2), "steps": len(ts), "bytes_written_behind": written[phase]}
+            for phase, ts in times.items()}  # fmt: skip
     # the writer's own time per chunk, unpaced: write the same chunk under fresh keys
     disk = Path(tempfile.mkdtemp(prefix="pensieve-wb-", dir=root))
     try:
@@ -142,11 +129,12 @@ def main() -> None:
         "machine": cpu_name(),
         "args": vars(args),
         "phases": rows,
-        "on_over_off": round(rows["on"]["step_ms_mean"] / off, 3),
-        "drained_over_off": round(rows["drained"]["step_ms_mean"] / off, 3),
+        "on_over_off_mean": round(rows["on"]["step_ms_mean"] / off, 3),
+        "on_over_off_p50": round(rows["on"]["step_ms_p50"] / rows["off"]["step_ms_p50"], 3),
+        "clean_chunks_at_end": clean,
         "writer_ms_per_chunk_unpaced": round(writer_ms, 2),
         "chunk_bytes": written // n,
-        "snapshot_ms_per_chunk": round(rows["on"]["snapshot"]["poll_ms"] / max(1, rows["on"]["snapshot"]["chunks"]), 3),
+        "snapshot_ms_per_chunk": round(snapshot_ms, 3),
     }
     print(json.dumps({k: v for k, v in result.items() if k != "phases"}, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
