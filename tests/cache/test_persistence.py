@@ -256,29 +256,37 @@ _CHILD = textwrap.dedent(
 )
 
 
-def test_sigkill_mid_turn_loses_nothing_completed(model, oracle, tmp_path):
+def run_child_until(code: str, kill_at: str) -> tuple[dict[str, list[int]], list[str], int]:
+    """Run a child that chats on conversations a, b, c (two rounds of `_msg(round * 10 + i)`, printing each reply as
+    `DONE [conv_id, tokens]`) and SIGKILL it when it prints a line starting with `kill_at`. -> the histories of the
+    turns it completed, every line it printed, its exit status."""
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD.format(root=str(ROOT), disk=str(tmp_path))],
-        stdout=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+    )  # fmt: skip
     histories: dict[str, list[int]] = {}
-    rounds = 0
+    lines, rounds = [], 0
     try:
         for line in child.stdout:
+            lines.append(line)
             if line.startswith("DONE"):
                 conv_id, reply = json.loads(line[5:])
                 histories[conv_id] = histories.get(conv_id, []) + _msg(rounds // 3 * 10 + "abc".index(conv_id)) + reply
                 rounds += 1
-            elif line.startswith("MID-TURN"):
+            elif line.startswith(kill_at):
                 child.send_signal(signal.SIGKILL)
                 break
     finally:
         child.kill()
         child.wait(timeout=60)
         child.stdout.close()
-    assert rounds == 6 and child.returncode == -signal.SIGKILL
+    assert rounds == 6, lines
+    return histories, lines, child.returncode
+
+
+def test_sigkill_mid_turn_loses_nothing_completed(model, oracle, tmp_path):
+    histories, _, status = run_child_until(_CHILD.format(root=str(ROOT), disk=str(tmp_path)), "MID-TURN")
+    assert status == -signal.SIGKILL
     with _open(model, tmp_path, device=12, host=4) as gen:
         assert gen.conversations() == ["a", "b", "c"]
         for conv_id in "bca":  # b was mid-turn: it continues from its last completed turn

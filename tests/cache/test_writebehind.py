@@ -4,11 +4,7 @@ Every reply is checked against the oracle (HF generate over the full history); c
 copies) runs after every operation.
 """
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -19,7 +15,7 @@ import pytest
 from pensieve import CacheConfig, StatefulGenerator
 from pensieve.cache import disk as disk_module
 from pensieve.cache.types import Tier
-from tests.cache.test_persistence import GREEDY, _msg, _turn
+from tests.cache.test_persistence import GREEDY, _msg, _turn, run_child_until
 from tests.tiny import hf_greedy, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -234,29 +230,8 @@ _CHILD = textwrap.dedent(
 
 
 def _run_child(tmp_path, crash_mid_write: bool) -> tuple[dict, list[str]]:
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD.format(root=str(ROOT), disk=str(tmp_path), crash_mid_write=crash_mid_write)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    histories: dict[str, list[int]] = {}
-    lines, rounds = [], 0
-    try:
-        for line in child.stdout:
-            lines.append(line)
-            if line.startswith("DONE"):
-                conv_id, reply = json.loads(line[5:])
-                histories[conv_id] = histories.get(conv_id, []) + _msg(rounds // 3 * 10 + "abc".index(conv_id)) + reply
-                rounds += 1
-            elif line.startswith("CLEAN"):
-                child.send_signal(signal.SIGKILL)
-                break
-    finally:
-        child.kill()
-        child.wait(timeout=60)
-        child.stdout.close()
-    assert rounds == 6, lines
+    code = _CHILD.format(root=str(ROOT), disk=str(tmp_path), crash_mid_write=crash_mid_write)
+    histories, lines, _ = run_child_until(code, "CLEAN")
     return histories, lines
 
 
