@@ -286,3 +286,39 @@ def test_a_step_that_fails_mid_forward_leaves_no_stale_kv_to_copy(model, oracle,
         reply = gen.complete(prompt, GREEDY)
         assert reply.num_reused_device > 0
         assert reply.token_ids == hf_greedy(oracle, prompt, GREEDY.max_new_tokens)
+
+
+@pytest.mark.parametrize("copies_run", [True, False])
+def test_a_step_that_fails_before_its_forward_settles_its_queued_copies(model, oracle, tmp_path, copies_run):
+    """A step that fails after its swap-ins were queued but before the forward: `fail_all` runs the queued copies
+    (or, where even they fail, drops the chunks they targeted), so no chunk is left on a block that never got its KV."""
+    histories = {}
+    with _open(model, tmp_path, device=16, host=16, idle=3600.0) as gen:
+        _turn(gen, oracle, histories, "a", _msg(1, n=17))
+        kv, runner = gen.engine.kv, gen.engine.runner
+        gen.call(lambda: kv.mover.make_room(Tier.DEVICE, kv.device.num_blocks, set(), allow_drop=False))
+        for k_cache, v_cache in kv.storage.device_caches:  # poison the free device blocks: no stale KV to luck into
+            k_cache.fill_(float("nan"))
+            v_cache.fill_(float("nan"))
+
+        def no_plan(chunks):
+            raise RuntimeError("simulated failure before the forward")
+
+        def no_copies():
+            raise RuntimeError("the device failed too")
+
+        runner.build_plan = no_plan
+        if not copies_run:
+            kv.storage.complete_queued = no_copies
+        try:
+            with pytest.raises(RuntimeError, match="before the forward"):
+                gen.generate("a", _msg(2), GREEDY)
+        finally:
+            del runner.build_plan
+            kv.storage.__dict__.pop("complete_queued", None)
+        gen.check_integrity()
+        assert (gen.stats()["dropped_chunks"] > 0) == (not copies_run)
+        prompt = histories["a"][:-1] + _msg(3)
+        reply = gen.complete(prompt, GREEDY)
+        assert (reply.num_reused_device > 0) == copies_run
+        assert reply.token_ids == hf_greedy(oracle, prompt, GREEDY.max_new_tokens)
