@@ -244,7 +244,8 @@ class KVManager:
         return RestoreStats(dict(tokens), dict(chunks), bytes_in, shared)
 
     def _attach(self, conv: Conversation) -> list[Chunk]:
-        """Take the tree's chunks for the full blocks of conv's tokens past its own computed KV, then a kept tail
+        """Take the tree's chunks for the full blocks of conv's tokens past its own computed KV — past blocks the
+        tree lacks too, which become dropped chunks to recompute (`PromptTree.match_sparse`) — then a kept tail
         that continues them (leaving at least one token to compute: the turn samples from it). A partial last chunk
         is replaced by the tree's full one (the caller lets go of it). -> the chunks taken (their refs counted)."""
         if not self.share_prefixes or not (self.tree.nodes or self.tree.tails):
@@ -255,12 +256,17 @@ class KVManager:
             return []  # its own KV has no key (bookkeeping-only tests): nothing to chain from
         parent = conv.chunks[first - 1].key if first else ROOT
         limit = len(conv.tokens) - 1
-        found = self.tree.match(conv.tokens, first, parent, limit=limit)
-        if found:
+        matched = self.tree.match_sparse(conv.tokens, first, parent, limit=limit)
+        if matched and matched[0][1] is None and conv.num_computed > first * bs:
+            matched = []  # a hole would replace conv's own partial chunk, whose KV it keeps: take none
+        found: list[Chunk] = []
+        if matched:
             del conv.chunks[first:]
-            conv.chunks += found
+            for i, (key, chunk) in enumerate(matched, start=first):  # holes: dropped chunks, recomputed (restore)
+                conv.chunks.append(chunk if chunk is not None else Chunk(Tier.DROPPED, index=i, key=key))
+            found = conv.chunks[first:]
             conv.num_computed = len(conv.chunks) * bs
-            parent = found[-1].key
+            parent = matched[-1][0]
         if conv.num_computed == len(conv.chunks) * bs:  # no partial chunk of its own: a kept tail may continue it
             tail = self.tree.take_tail(parent, conv.tokens, conv.num_computed, limit)
             if tail is not None:

@@ -23,6 +23,10 @@ Tails: the partial last chunk of a conversation that ended (a finished `complete
 Nobody else can share a partial block (its owner writes the rest of it), but the next request that continues those
 exact tokens — a stateless client resending the history — takes it over whole: `take_tail` hands the chunk to
 exactly one new owner, so it never has two writers.
+
+Holes: `match` stops at the first block the tree lacks (a prefix cache's lookup); `match_sparse` looks past it. A
+chunk's key is computed from the tokens alone, so a history whose leading chunks were evicted (they are the cheapest
+to recompute) still finds the chunks after them; the restore recomputes the holes (DESIGN §3's recompute ranges).
 """
 
 from __future__ import annotations
@@ -101,6 +105,26 @@ class PromptTree:
             found.append(chunk)
             parent = key
         return found
+
+    def match_sparse(
+        self, tokens: Sequence[int], start: int = 0, parent: bytes = ROOT, limit: int | None = None
+    ) -> list[tuple[bytes, Chunk | None]]:
+        """Like `match`, but past blocks no chunk holds: [(key, chunk or None), ...] for the full blocks of
+        tokens[: limit] from block `start` to the last one the tree holds. A key names its whole path, so a node
+        is found by its tokens whether or not the nodes before it still are: a history whose leading chunks were
+        dropped (Pensieve's leading-end eviction) keeps the rest reachable, and its holes are recomputed."""
+        bs = self.block_size
+        end = (len(tokens) if limit is None else min(limit, len(tokens))) // bs
+        if not self.nodes:
+            return []
+        found, last = [], 0
+        for i in range(start, end):
+            parent = chunk_key(parent, tokens[i * bs : (i + 1) * bs])
+            chunk = self.nodes.get(parent)
+            found.append((parent, chunk))
+            if chunk is not None:
+                last = len(found)
+        return found[:last]
 
     def insert(self, chunk: Chunk) -> bool:
         """Index a full, computed chunk under its key. False (nothing changed) if another chunk holds the key: the

@@ -12,7 +12,7 @@ import pytest
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator
 from pensieve.cache.disk import referenced_keys
 from pensieve.cache.tree import prefix_keys
-from pensieve.cache.types import Tier
+from pensieve.cache.types import Chunk, Tier
 from tests.tiny import VOCAB, hf_greedy, oracle_copy, oracle_turn, tiny_model
 
 BS = 4
@@ -274,3 +274,49 @@ def test_a_failed_step_leaves_shared_chunks_intact_and_completions_gone(model, o
         reply = gen.complete(prompt, GREEDY)  # the shared prefix is still there, and still right
         assert reply.token_ids == hf_greedy(oracle, prompt, 4) and reply.num_reused_shared == 12
         _turn(gen, oracle, histories, "a", _msg(4))
+
+
+def test_match_sparse_looks_past_blocks_the_tree_lacks_and_stops_at_its_last_node():
+    from pensieve.cache.tree import PromptTree
+
+    tree = PromptTree(BS)
+    tokens = _system(6 * BS + 2, 5)
+    keys = prefix_keys(tokens, BS)
+    assert tree.match_sparse(tokens) == []
+    held = {1: Chunk(Tier.DEVICE, 7, index=1, key=keys[1]), 3: Chunk(Tier.HOST, 2, index=3, key=keys[3])}
+    for chunk in held.values():
+        tree.insert(chunk)
+    found = tree.match_sparse(tokens)
+    assert [k for k, _ in found] == keys[:4]  # through the last node held; blocks 4 and 5 not
+    assert [c for _, c in found] == [None, held[1], None, held[3]]
+    assert tree.match(tokens) == []  # the prefix lookup stops at block 0
+    assert tree.match_sparse(tokens, 2, keys[1]) == [(keys[2], None), (keys[3], held[3])]
+    assert tree.match_sparse(tokens, limit=3 * BS + 3) == found[:2]  # the full blocks of tokens[:limit] only
+    other = tokens[:BS] + [t + 1 for t in tokens[BS : 2 * BS]] + tokens[2 * BS :]
+    assert tree.match_sparse(other) == []  # a key names its whole path: other tokens before a node miss it
+
+
+def test_a_stateless_client_reuses_the_chunks_after_evicted_leading_ones_and_recomputes_those(model, oracle):
+    """Pensieve's policy drops a finished history's leading chunks first (the cheapest to recompute). A stateless
+    client resending that history still finds the chunks after them: only the holes are recomputed."""
+    with _open(model, device=16) as gen:
+        kv = gen.engine.kv
+        prompt = _system(30, 2)
+        first = gen.complete(prompt, GREEDY)
+        assert first.token_ids == hf_greedy(oracle, prompt, 4)
+        other = _system(26, 3)  # unrelated: its blocks push the first history's out, leading chunks first
+        assert gen.complete(other, GREEDY).token_ids == hf_greedy(oracle, other, 4)
+        again = prompt + first.token_ids + _msg(4)
+        keys = prefix_keys(again, BS, (len(again) - 1) // BS)
+        held = [kv.tree.get(k) is not None and kv.tree.get(k).tier == Tier.DEVICE for k in keys]
+        last = max(i for i, h in enumerate(held) if h)
+        holes = held[: last + 1].count(False)
+        assert not held[0] and holes > 0 and last > holes, f"expected leading holes, then kept chunks: {held}"
+        second = gen.complete(again, GREEDY)
+        assert second.token_ids == hf_greedy(oracle, again, 4)
+        computed = len(prompt) + 4 - 1  # the positions the first completion computed (its partial tail included)
+        assert last == computed // BS - 1  # its last full chunk was kept, so its tail continues it
+        assert second.num_reused_device == BS * (last + 1 - holes) + computed % BS
+        # a completion has no history of its own: the holes it recomputes count as prefill, with the new tokens
+        assert second.num_prefilled == BS * holes + len(again) - computed and second.num_recomputed == 0
+        kv.check_integrity()
