@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pensieve.ops.quant import dequantize_kv, quantize_kv
 from pensieve.ops.validation import check_attention_values, check_write_values, values_trusted
 
 
@@ -185,6 +186,8 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor, slot: str) -> torch.Te
         setattr(_scratch, slot, buf)
     out = buf[:numel].view(block_ids.numel(), block_size * num_kv_heads * head_dim)
     torch.index_select(cache.view(num_blocks, -1), 0, block_ids, out=out)
+    if cache.dtype == torch.int8:  # rows of head_dim + 4 bytes: dequantized (fp32) after the gather
+        return dequantize_kv(out.view(-1, num_kv_heads, head_dim))
     return out.view(-1, num_kv_heads, head_dim)
 
 
@@ -256,5 +259,7 @@ def torch_write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if k_cache.dtype == torch.int8:
+        k, v = quantize_kv(k), quantize_kv(v)
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k[valid])
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v[valid])

@@ -55,9 +55,14 @@ def reference_paged_attention(
 
 
 def reference_write_kv(k, v, k_cache, v_cache, slot_mapping) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return updated copies of the caches, written one slot at a time."""
+    """Return updated copies of the caches, written one slot at a time (an int8 cache: each row quantized by
+    `pensieve.ops.quant.quantize_kv`, the definition)."""
+    from pensieve.ops.quant import quantize_kv
+
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
     block_size = k_cache.shape[1]
+    if k_cache.dtype == torch.int8:
+        k, v = quantize_kv(k), quantize_kv(v)
     for t, slot in enumerate(slot_mapping.tolist()):
         if slot < 0:
             continue

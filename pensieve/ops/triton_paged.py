@@ -9,6 +9,10 @@ block table, from the first tile a sliding window can see to the last key the ti
 and window masks are fused; softmax is online, in fp32.
 
 These launchers run on CPU tensors under TRITON_INTERPRET=1, which is how CI tests them.
+
+int8 caches (pensieve/ops/quant.py: rows of head_dim int8 values, then their fp32 scale): the attention loads a K/V
+tile's values and scales and dequantizes them in registers (QUANT); `_write_kv_int8_kernel` quantizes one row per
+program. q and out are float32 there.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ def _paged_attention_kernel(
     SLIDING_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    QUANT: tl.constexpr = False,
 ):
     tile_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -120,9 +125,19 @@ def _paged_attention_kernel(
         block = tl.load(table + key_pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
         in_block = key_pos % BLOCK_SIZE
         k_offs = block[None, :] * stride_k_blk + in_block[None, :] * stride_k_off + kv_head * stride_k_head
-        k = tl.load(k_cache_ptr + k_offs + offs_d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0.0)
         v_offs = block[:, None] * stride_v_blk + in_block[:, None] * stride_v_off + kv_head * stride_v_head
-        v = tl.load(v_cache_ptr + v_offs + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        if QUANT:  # int8 values, then the row's fp32 scale: dequantized here
+            k = tl.load(k_cache_ptr + k_offs + offs_d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0)
+            k_scale = tl.load((k_cache_ptr + k_offs + HEAD_DIM).to(tl.pointer_type(tl.float32)), mask=key_ok[None, :],
+                              other=0.0)  # fmt: skip
+            k = k.to(tl.float32) * k_scale
+            v = tl.load(v_cache_ptr + v_offs + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0)
+            v_scale = tl.load((v_cache_ptr + v_offs + HEAD_DIM).to(tl.pointer_type(tl.float32)), mask=key_ok[:, None],
+                              other=0.0)  # fmt: skip
+            v = v.to(tl.float32) * v_scale
+        else:
+            k = tl.load(k_cache_ptr + k_offs + offs_d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0.0)
+            v = tl.load(v_cache_ptr + v_offs + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
 
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale  # [BLOCK_M, TILE_N]
         if USE_SOFTCAP:
@@ -183,6 +198,38 @@ def _write_kv_kernel(
     tl.store(v_cache_ptr + block * stride_vc_blk + offset * stride_vc_off + head * stride_vc_head + d, v, mask=ok)
 
 
+@triton.jit
+def _write_kv_int8_kernel(
+    src_ptr,
+    cache_ptr,
+    slot_ptr,
+    stride_t,
+    stride_h,
+    stride_c_blk,
+    stride_c_off,
+    stride_c_head,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Row (token t, head h) of src quantized into its slot: scale = max|x| / 127, round half to even."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slot_ptr + t)
+    if slot < 0:
+        return
+    d = tl.arange(0, HEAD_DIM_PAD)
+    ok = d < HEAD_DIM
+    x = tl.load(src_ptr + t.to(tl.int64) * stride_t + h * stride_h + d, mask=ok, other=0.0).to(tl.float32)
+    scale = tl.max(tl.abs(x), axis=0) / 127.0
+    y = x / tl.where(scale > 0, scale, 1.0)
+    y = (y + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds |y| <= 127 to the nearest integer, ties to even
+    y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+    row = cache_ptr + (slot // BLOCK_SIZE) * stride_c_blk + (slot % BLOCK_SIZE) * stride_c_off + h * stride_c_head
+    tl.store(row + d, y.to(tl.int8), mask=ok)
+    tl.store((row + HEAD_DIM).to(tl.pointer_type(tl.float32)), scale)
+
+
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -193,6 +240,8 @@ def _cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, .
 
 def _require_triton_layout(**tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
+        if t.dtype == torch.int8 and name.endswith("cache"):
+            continue  # an int8 cache (pensieve/ops/quant.py)
         if t.dtype not in _TRITON_DTYPES:
             raise ValueError(f"{name} dtype {t.dtype} is not supported by the Triton kernel (fp16/bf16/fp32)")
         if t.stride(-1) != 1:
@@ -261,6 +310,7 @@ def triton_paged_attention(
         SLIDING_WINDOW=sliding_window or 0,
         USE_SOFTCAP=softcap is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        QUANT=k_cache.dtype == torch.int8,
     )
     return out
 
@@ -273,6 +323,13 @@ def triton_write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
         check_write_values(k_cache, slot_mapping)
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
+        return
+    if k_cache.dtype == torch.int8:
+        for src, cache in ((k, k_cache), (v, v_cache)):
+            _write_kv_int8_kernel[(num_tokens, num_kv_heads)](
+                src, cache, slot_mapping, src.stride(0), src.stride(1), *cache.stride()[:3],
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=cache.shape[1],
+            )  # fmt: skip
         return
     _write_kv_kernel[(num_tokens,)](
         k,

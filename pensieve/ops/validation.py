@@ -14,6 +14,7 @@ import threading
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SCALE_BYTES = 4  # an int8 KV row's fp32 scale, stored after its head_dim values (pensieve/ops/quant.py)
 
 _trust = threading.local()
 
@@ -57,7 +58,10 @@ def _check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         v_cache.shape == k_cache.shape,
         f"v_cache shape {tuple(v_cache.shape)} differs from k_cache shape {tuple(k_cache.shape)}",
     )
-    _require(k_cache.dtype in FLOAT_DTYPES, f"k_cache dtype {k_cache.dtype} is not a floating type")
+    _require(
+        k_cache.dtype in FLOAT_DTYPES or k_cache.dtype == torch.int8,
+        f"k_cache dtype {k_cache.dtype} is not a floating type or int8",
+    )
     _require(v_cache.dtype == k_cache.dtype, f"v_cache dtype {v_cache.dtype} != k_cache dtype {k_cache.dtype}")
 
 
@@ -86,7 +90,11 @@ def check_attention_shapes(
 ) -> None:
     _require(q.dim() == 3, f"q must be [T, Hq, D], got rank {q.dim()}")
     _check_cache_pair(k_cache, v_cache)
-    _require(q.dtype == k_cache.dtype, f"q dtype {q.dtype} != k_cache dtype {k_cache.dtype}")
+    quantized = k_cache.dtype == torch.int8
+    if quantized:
+        _require(q.dtype == torch.float32, f"an int8 KV cache takes float32 q, got {q.dtype}")
+    else:
+        _require(q.dtype == k_cache.dtype, f"q dtype {q.dtype} != k_cache dtype {k_cache.dtype}")
     _check_same_device(
         q=q,
         k_cache=k_cache,
@@ -113,7 +121,11 @@ def check_attention_shapes(
     )
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
-    _require(head_dim == k_cache.shape[3], f"q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
+    _require(
+        head_dim == cache_head_dim(k_cache),
+        f"q head_dim {head_dim} != cache head_dim {cache_head_dim(k_cache)}"
+        + (f" (an int8 cache's rows hold head_dim + {SCALE_BYTES} bytes)" if quantized else ""),
+    )
     _require(
         num_kv_heads > 0 and num_q_heads % num_kv_heads == 0,
         f"Hq={num_q_heads} is not a multiple of Hkv={num_kv_heads}",
@@ -158,12 +170,14 @@ def check_write_shapes(k, v, k_cache, v_cache, slot_mapping) -> None:
     _require(k.dim() == 3, f"k must be [T, Hkv, D], got rank {k.dim()}")
     _require(v.shape == k.shape, f"v shape {tuple(v.shape)} differs from k shape {tuple(k.shape)}")
     _require(
-        k.shape[1:] == k_cache.shape[2:],
-        f"k is [T, {k.shape[1]}, {k.shape[2]}] but the cache holds [.., {k_cache.shape[2]}, {k_cache.shape[3]}]",
+        k.dim() == 3 and (k.shape[1], k.shape[2]) == (k_cache.shape[2], cache_head_dim(k_cache)),
+        f"k is [T, {k.shape[1]}, {k.shape[2]}] but the cache holds [.., {k_cache.shape[2]}, {cache_head_dim(k_cache)}]",
     )
+    want = torch.float32 if k_cache.dtype == torch.int8 else k_cache.dtype  # an int8 cache quantizes float32 rows
     _require(
-        k.dtype == k_cache.dtype and v.dtype == k_cache.dtype,
-        f"k/v dtypes {k.dtype}/{v.dtype} != cache dtype {k_cache.dtype}",
+        k.dtype == want and v.dtype == want,
+        f"k/v dtypes {k.dtype}/{v.dtype} != {want}" + (" (an int8 cache takes float32 k, v)" if want != k_cache.dtype
+                                                    else " (the cache dtype)"),
     )
     _require(
         slot_mapping.dim() == 1 and slot_mapping.shape[0] == k.shape[0],
@@ -171,6 +185,11 @@ def check_write_shapes(k, v, k_cache, v_cache, slot_mapping) -> None:
     )
     _require(slot_mapping.dtype == torch.int64, f"slot_mapping must be int64, got {slot_mapping.dtype}")
     _check_same_device(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+
+
+def cache_head_dim(cache: torch.Tensor) -> int:
+    """head_dim of a KV cache [num_blocks, block_size, Hkv, D] (int8: [.., D + SCALE_BYTES], each row's scale last)."""
+    return cache.shape[3] - SCALE_BYTES if cache.dtype == torch.int8 else cache.shape[3]
 
 
 def check_write_values(k_cache, slot_mapping) -> None:

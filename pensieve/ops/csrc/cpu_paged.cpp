@@ -5,7 +5,11 @@
 //   pensieve_cpu::paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale,
 //                                 sliding_window, softcap) -> out
 //   pensieve_cpu::paged_attention_out(..., out!): the same into a given tensor (tests poison it first)
-// Same contract as pensieve::paged_attention (pensieve/ops/attention.py). Every index these kernels follow is
+// Same contract as pensieve::paged_attention (pensieve/ops/attention.py).
+// int8 caches (kv_dtype="int8", pensieve/ops/quant.py): rows of head_dim int8 values then their fp32 scale, so the
+// caches are [num_blocks, block_size, Hkv, head_dim + 4] int8 and q, out, k, v float32. write_kv quantizes each row;
+// the attention dequantizes a block's rows into fp32 scratch as it reaches them (the path bf16 blocks take) and runs
+// the fp32 kernel on them. Every index these kernels follow is
 // checked first (ValueError): a bad table or slot can never make them read or write outside the pools.
 //
 // Work split (flash-decoding): a work item is (sequence, KV head, tile of up to kQueryTile queries, key split).
@@ -63,7 +67,11 @@ struct Problem {
   const int32_t* seq_lens;
   bool amx_scores = false;  // bf16: q . k by AMX tiles (amx_scores_apply)
   bool dot_scores = false;  // bf16: q . k by vdpbf16ps (dot_scores_apply)
+  const int8_t* k8 = nullptr;  // an int8 cache (float32 q): its packed rows, dequantized per block
+  const int8_t* v8 = nullptr;
 };
+
+constexpr int64_t kScaleBytes = 4;  // an int8 row's fp32 scale, after its head_dim values
 
 struct Item {
   int64_t seq, q_begin, q_end;  // queries [q_begin, q_end) of the sequence (0-based within it), all heads
@@ -82,8 +90,11 @@ void check_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache shape ", v_cache.sizes(), " differs from k_cache shape ",
                     k_cache.sizes());
   TORCH_CHECK_VALUE(k_cache.is_contiguous() && v_cache.is_contiguous(), "k_cache and v_cache must be contiguous");
-  TORCH_CHECK_VALUE(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(),
-                    "q dtype ", q.scalar_type(), " / v_cache dtype ", v_cache.scalar_type(), " != k_cache dtype ",
+  const bool quantized = k_cache.scalar_type() == at::kChar;
+  TORCH_CHECK_VALUE(v_cache.scalar_type() == k_cache.scalar_type(), "v_cache dtype ", v_cache.scalar_type(),
+                    " != k_cache dtype ", k_cache.scalar_type());
+  TORCH_CHECK_VALUE(quantized ? q.scalar_type() == at::kFloat : q.scalar_type() == k_cache.scalar_type(), "q dtype ",
+                    q.scalar_type(), quantized ? " != float32 (an int8 cache's)" : " != k_cache dtype ",
                     k_cache.scalar_type());
   for (const at::Tensor* t : {&q, &k_cache, &v_cache, &block_tables, &cu_seqlens_q, &seq_lens_k}) {
     TORCH_CHECK_VALUE(t->device().is_cpu(), "all tensors must be on the CPU, got ", t->device());
@@ -99,7 +110,8 @@ void check_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
                     " entries, expected num_seqs + 1 = ", num_seqs + 1);
   TORCH_CHECK_VALUE(seq_lens_k.size(0) == num_seqs, "seq_lens_k has ", seq_lens_k.size(0),
                     " entries, expected num_seqs = ", num_seqs);
-  TORCH_CHECK_VALUE(q.size(2) == k_cache.size(3), "q head_dim ", q.size(2), " != cache head_dim ", k_cache.size(3));
+  const int64_t cache_dim = k_cache.size(3) - (quantized ? kScaleBytes : 0);
+  TORCH_CHECK_VALUE(q.size(2) == cache_dim, "q head_dim ", q.size(2), " != cache head_dim ", cache_dim);
   TORCH_CHECK_VALUE(k_cache.size(2) > 0 && q.size(1) % k_cache.size(2) == 0, "Hq=", q.size(1),
                     " is not a multiple of Hkv=", k_cache.size(2));
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale must be a positive finite float, got ", scale);
@@ -191,13 +203,27 @@ class LinePrefetcher {
   int64_t per_step_ = 0;
 };
 
+// rows packed int8 rows (head_dim values, then the fp32 scale) -> fp32 [rows][D] at dst: q * scale, as
+// pensieve/ops/quant.py defines it (the loop vectorizes: sign-extend, convert, multiply).
+inline void dequant_rows(const int8_t* src, int64_t rows, int64_t D, float* dst) {
+  const int64_t stride = D + kScaleBytes;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* row = src + r * stride;
+    float scale;
+    std::memcpy(&scale, row + D, sizeof(float));
+    float* out = dst + r * D;
+    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(row[d]) * scale;
+  }
+}
+
 template <typename scalar_t>
 struct Scratch {
   using acc = acc_t<scalar_t>;
-  std::vector<acc> q, out, scores, row_max, row_sum, k_block;
+  std::vector<acc> q, out, scores, row_max, row_sum, k_block, v_block;  // v_block: int8 caches only
   std::vector<uint32_t> q_pairs;  // AMX scores: the item's queries as B tiles (amx_query_tiles)
-  void resize(int64_t rows, int64_t padded_dim, int64_t padded_block, int64_t block_numel) {
+  void resize(int64_t rows, int64_t padded_dim, int64_t padded_block, int64_t block_numel, int64_t v_numel = 0) {
     k_block.resize(block_numel);
+    v_block.resize(v_numel);
     q.assign(rows * padded_dim, 0);
     out.assign(rows * padded_dim, 0);
     scores.assign(rows * padded_block, 0);
@@ -360,7 +386,9 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
   // bf16/fp16 K: each block is converted to fp32 once (into s.k_block), not once per query row (bf16 with AMX: not
   // at all). V rows are converted in registers, once per pass of the p . V loop.
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc>;
-  s.resize(rows, Dp, BSp, kConvert ? bs * Hkv * D : 0);
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  const bool quant = kFloat && p.k8 != nullptr;  // an int8 cache: K and V blocks dequantized into s.k_block/v_block
+  s.resize(rows, Dp, BSp, kConvert || quant ? bs * Hkv * D : 0, quant ? bs * Hkv * D : 0);
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
   auto load_row = [&](const acc* src, Vec* dst) {
     for (int64_t c = 0; c < nv - 1; ++c) dst[c] = Vec::loadu(src + c * W);
@@ -417,12 +445,23 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
   for (int64_t col = it.key_begin / bs; col <= last_col; ++col) {
     const int64_t j0 = std::max(col * bs, it.key_begin), j1 = std::min((col + 1) * bs, it.key_end), n = j1 - j0;
     const int64_t slot0 = static_cast<int64_t>(table[col]) * bs + (j0 - col * bs);
-    const acc* kb = amx || dot ? nullptr : block_rows(k_cache + slot0 * slot_numel, n * slot_numel, s.k_block);
+    const acc* kb = nullptr;
+    if constexpr (kFloat) {
+      if (quant) {
+        dequant_rows(p.k8 + slot0 * Hkv * (D + kScaleBytes), n * Hkv, D, s.k_block.data());
+        kb = s.k_block.data();
+      }
+    }
+    if (!quant && !amx && !dot) kb = block_rows(k_cache + slot0 * slot_numel, n * slot_numel, s.k_block);
     // The next block's lines are requested a few at a time while this block is computed (after each row and W keys
     // of the score loop, or each tile product with AMX, and each pass of the V loop), so that its loads overlap the
     // arithmetic instead of stalling it in one burst.
     LinePrefetcher pk, pv;
-    if (col < last_col) {
+    if (col < last_col && quant) {
+      const int64_t bytes = bs * Hkv * (D + kScaleBytes), next = static_cast<int64_t>(table[col + 1]) * bytes;
+      pk = LinePrefetcher(p.k8 + next, bytes, rows * (BSp / W));
+      pv = LinePrefetcher(p.v8 + next, bytes, pv_passes);
+    } else if (col < last_col) {
       const int64_t next = static_cast<int64_t>(table[col + 1]) * bs * slot_numel;
       // as many parts as the score loop calls step(): per tile product (AMX), else per row and W keys (spreading
       // the lines over half the loop, as rows alone did on 8-wide AVX2, was 14-16% slower from memory)
@@ -538,7 +577,14 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
     }
     // out[r] += sum_t p[r][t] * v_t: for each KV head, its rows in passes of up to kPvRows, the passes' accumulators
     // in registers across the block. Each V row is loaded (and, for bf16/fp16, converted to fp32) once per pass.
-    const scalar_t* vb = v_cache + slot0 * slot_numel;
+    const scalar_t* vb = nullptr;
+    if constexpr (kFloat) {
+      if (quant) {
+        dequant_rows(p.v8 + slot0 * Hkv * (D + kScaleBytes), n * Hkv, D, s.v_block.data());
+        vb = s.v_block.data();
+      }
+    }
+    if (!quant) vb = v_cache + slot0 * slot_numel;
     auto pv_pass = [&](int64_t h, int64_t lr0, auto count) {
       constexpr int64_t R = decltype(count)::value;
       acc* o[R];
@@ -752,11 +798,19 @@ void attend_by_sdpa(const Problem& p, int64_t b, const at::Tensor& q, const at::
   const int64_t first_col = key_begin / p.block_size, num_cols = (key_end - 1) / p.block_size - first_col + 1;
   const int64_t keys = key_end - first_col * p.block_size;  // gathered rows [first_col * bs, seq_len)
   const int64_t block_numel = p.block_size * p.num_kv_heads * p.head_dim;
-  auto k = at::empty({num_cols * p.block_size, p.num_kv_heads, p.head_dim}, k_cache.options());
+  const bool quant = p.k8 != nullptr;  // an int8 cache: its rows dequantized into fp32 as they are gathered
+  auto k = at::empty({num_cols * p.block_size, p.num_kv_heads, p.head_dim},
+                     quant ? q.options().memory_format(at::MemoryFormat::Contiguous) : k_cache.options());
   auto v = at::empty_like(k);
   const int32_t* table = p.tables + b * p.table_cols + first_col;
   const int64_t item = k_cache.element_size();
-  for (int64_t c = 0; c < num_cols; ++c) {
+  const int64_t packed = p.block_size * p.num_kv_heads * (p.head_dim + kScaleBytes);
+  for (int64_t c = 0; c < num_cols && quant; ++c) {
+    const int64_t rows = p.block_size * p.num_kv_heads;
+    dequant_rows(p.k8 + table[c] * packed, rows, p.head_dim, k.data_ptr<float>() + c * block_numel);
+    dequant_rows(p.v8 + table[c] * packed, rows, p.head_dim, v.data_ptr<float>() + c * block_numel);
+  }
+  for (int64_t c = 0; c < num_cols && !quant; ++c) {
     std::memcpy(static_cast<char*>(k.data_ptr()) + c * block_numel * item,
                 static_cast<const char*>(k_cache.data_ptr()) + table[c] * block_numel * item, block_numel * item);
     std::memcpy(static_cast<char*>(v.data_ptr()) + c * block_numel * item,
@@ -808,6 +862,10 @@ void paged_attention_out(const at::Tensor& q_in, const at::Tensor& k_cache, cons
   Problem p{block_tables.size(0), q.size(0), q.size(1), k_cache.size(2), q.size(1) / k_cache.size(2), q.size(2),
             k_cache.size(1), k_cache.size(0), block_tables.size(1), sliding_window.value_or(0), scale, softcap,
             block_tables.data_ptr<int32_t>(), cu_seqlens_q.data_ptr<int32_t>(), seq_lens_k.data_ptr<int32_t>()};
+  if (k_cache.scalar_type() == at::kChar) {
+    p.k8 = k_cache.data_ptr<int8_t>();
+    p.v8 = v_cache.data_ptr<int8_t>();
+  }
   p.amx_scores = amx_scores_apply(q.scalar_type(), p.head_dim, p.block_size);
   p.dot_scores = dot_scores_apply(q.scalar_type(), p.head_dim, p.amx_scores);
   std::vector<int64_t> native, by_sdpa;
@@ -834,8 +892,8 @@ void paged_attention_out(const at::Tensor& q_in, const at::Tensor& k_cache, cons
       }
       acc* partials = partial_buffer.data();
       const scalar_t* qp = q.data_ptr<scalar_t>();
-      const scalar_t* kp = k_cache.data_ptr<scalar_t>();
-      const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+      const scalar_t* kp = p.k8 ? nullptr : k_cache.data_ptr<scalar_t>();  // int8: p.k8, p.v8
+      const scalar_t* vp = p.v8 ? nullptr : v_cache.data_ptr<scalar_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
       at::parallel_for(0, num_threads, 1, [&](int64_t begin, int64_t end) {
         Scratch<scalar_t> scratch;
@@ -871,11 +929,14 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cach
                     "k_cache and v_cache must both be [num_blocks, block_size, Hkv, D]");
   TORCH_CHECK_VALUE(k_cache.is_contiguous() && v_cache.is_contiguous(), "k_cache and v_cache must be contiguous");
   TORCH_CHECK_VALUE(k.dim() == 3 && v.sizes() == k.sizes(), "k and v must both be [T, Hkv, D]");
-  TORCH_CHECK_VALUE(k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3), "k is [T, ", k.size(1), ", ",
-                    k.size(2), "] but the cache holds [.., ", k_cache.size(2), ", ", k_cache.size(3), "]");
-  TORCH_CHECK_VALUE(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type() &&
-                        v_cache.scalar_type() == k_cache.scalar_type(),
-                    "k/v dtypes ", k.scalar_type(), "/", v.scalar_type(), " != cache dtype ", k_cache.scalar_type());
+  const bool quantized = k_cache.scalar_type() == at::kChar;  // int8 rows + fp32 scale (pensieve/ops/quant.py)
+  const int64_t cache_dim = k_cache.size(3) - (quantized ? kScaleBytes : 0);
+  TORCH_CHECK_VALUE(k.size(1) == k_cache.size(2) && k.size(2) == cache_dim, "k is [T, ", k.size(1), ", ", k.size(2),
+                    "] but the cache holds [.., ", k_cache.size(2), ", ", cache_dim, "]");
+  const auto want = quantized ? at::kFloat : k_cache.scalar_type();
+  TORCH_CHECK_VALUE(k.scalar_type() == want && v.scalar_type() == want && v_cache.scalar_type() == k_cache.scalar_type(),
+                    "k/v dtypes ", k.scalar_type(), "/", v.scalar_type(), " != ", want,
+                    quantized ? " (an int8 cache takes float32 k, v)" : " (the cache dtype)");
   TORCH_CHECK_VALUE(slot_mapping.dim() == 1 && slot_mapping.size(0) == k.size(0) &&
                         slot_mapping.scalar_type() == at::kLong,
                     "slot_mapping must be int64 [T=", k.size(0), "]");
@@ -894,6 +955,32 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cach
     seen[slots[t]] = true;
   }
   const int64_t heads = k.size(1), D = k.size(2), item = k.element_size();
+  if (quantized) {  // each (token, head) row: scale = max|x| / 127, q = round_half_even(x / scale) in [-127, 127]
+    for (const auto& [src_t, dst] : {std::pair{&k, &k_cache}, std::pair{&v, &v_cache}}) {
+      const at::Tensor src = src_t->stride(2) == 1 ? *src_t : src_t->contiguous();
+      const float* sp = src.data_ptr<float>();
+      int8_t* dp = dst->data_ptr<int8_t>();
+      const int64_t s0 = src.stride(0), s1 = src.stride(1);
+      at::parallel_for(0, num_tokens, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          if (slots[t] < 0) continue;
+          for (int64_t h = 0; h < heads; ++h) {
+            const float* x = sp + t * s0 + h * s1;
+            int8_t* row = dp + (slots[t] * heads + h) * (D + kScaleBytes);
+            float amax = 0.f;
+            for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
+            const float scale = amax / 127.f;
+            for (int64_t d = 0; d < D; ++d) {
+              const float y = scale > 0.f ? std::nearbyint(x[d] / scale) : 0.f;
+              row[d] = static_cast<int8_t>(std::clamp(y, -127.f, 127.f));
+            }
+            std::memcpy(row + D, &scale, sizeof(float));
+          }
+        }
+      });
+    }
+    return;
+  }
   for (const auto& [src_t, dst] : {std::pair{&k, &k_cache}, std::pair{&v, &v_cache}}) {
     const at::Tensor src = src_t->stride(2) == 1 ? *src_t : src_t->contiguous();
     const char* sp = static_cast<const char*>(src.data_ptr());

@@ -1,0 +1,138 @@
+"""int8 KV (pensieve/ops/quant.py): write_kv quantizes exactly as `quantize_kv` defines it (bit for bit, every other
+slot untouched), and every attention path on an int8 cache matches the float64 reference over the dequantized cache.
+Rows outside a sequence's history carry a NaN scale (poison): a path that reads one returns NaN."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pensieve.ops import cpu_kernel, paged_attention, triton_paged_attention, triton_write_kv, write_kv
+from pensieve.ops.cpu_paged import torch_paged_attention, torch_write_kv
+from pensieve.ops.quant import dequantize_kv, quantize_kv, row_bytes
+from pensieve.ops.reference import reference_paged_attention, reference_write_kv
+from tests.ops.cases import Case, cases
+
+needs_cpp = pytest.mark.skipif(not cpu_kernel.load(), reason="the C++ CPU kernels could not be built here")
+TOL = 2e-5  # fp32 arithmetic over the same dequantized numbers
+
+
+def test_quantize_round_trip_is_within_half_a_step_and_zero_rows_stay_zero():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 3, 64, generator=gen) * torch.rand(50, 3, 1, generator=gen) * 10
+    x[7, 1] = 0
+    packed = quantize_kv(x)
+    assert packed.shape == (50, 3, 68) and packed.dtype == torch.int8
+    step = x.abs().amax(-1, keepdim=True) / 127
+    assert ((dequantize_kv(packed) - x).abs() <= step / 2 + 1e-7).all()
+    assert (dequantize_kv(packed)[7, 1] == 0).all()
+    assert packed[..., :64].min() >= -127  # -128 is never written (the tests' poison byte)
+    assert row_bytes(64, "int8") == 68 and row_bytes(64, torch.float32) == 256 and row_bytes(64, "bfloat16") == 128
+
+
+@st.composite
+def int8_writes(draw):
+    num_blocks, block_size = draw(st.integers(1, 10)), draw(st.sampled_from((1, 8, 16)))
+    heads, head_dim = draw(st.integers(1, 3)), draw(st.sampled_from((32, 64, 80)))
+    num_tokens = draw(st.integers(0, min(num_blocks * block_size, 30)))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[torch.rand(num_tokens, generator=gen) < draw(st.sampled_from((0.0, 0.3)))] = -1
+    shape = (num_blocks, block_size, heads, head_dim + 4)
+    k_cache = torch.full(shape, -128, dtype=torch.int8)  # poison: a byte quantize never writes
+    v_cache = torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8)
+    scale = draw(st.sampled_from((1e-3, 1.0, 300.0)))
+    k = torch.randn(num_tokens, heads, head_dim, generator=gen) * scale
+    v = (torch.randn(heads, num_tokens, head_dim, generator=gen) * scale).transpose(0, 1)  # strided
+    if num_tokens:
+        k[0, 0] = 0  # a zero row: scale 0
+    return k, v, k_cache, v_cache, slots.long()
+
+
+@pytest.mark.parametrize("impl", ["op", "torch"])
+@given(problem=int8_writes())
+def test_write_kv_quantizes_bit_for_bit_and_leaves_other_slots(impl, problem):
+    k, v, k_cache, v_cache, slots = problem
+    want_k, want_v = reference_write_kv(k, v, k_cache, v_cache, slots)
+    (write_kv if impl == "op" else torch_write_kv)(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+def _quantized(case: Case) -> Case:
+    """The case over int8 caches (q float32); rows outside every history keep a NaN scale."""
+    return Case(
+        case.q.float(), quantize_kv(case.k_cache), quantize_kv(case.v_cache), case.block_tables, case.cu_seqlens_q,
+        case.seq_lens_k, case.scale, case.sliding_window, case.softcap,
+    )  # fmt: skip
+
+
+def _check(out: torch.Tensor, case: Case) -> None:
+    ref = reference_paged_attention(
+        case.q, dequantize_kv(case.k_cache), dequantize_kv(case.v_cache), *case.args()[3:], **case.kwargs()
+    )
+    assert out.dtype == torch.float32 and not out.isnan().any(), "a row unwritten or a poisoned row read"
+    torch.testing.assert_close(out.double(), ref, atol=TOL, rtol=TOL)
+
+
+@needs_cpp
+@given(cases(dtype=torch.float32, head_dims=(32, 36, 64, 80, 128)), st.sampled_from((1, 2)))
+def test_cpp_kernel_on_an_int8_cache_matches_the_reference_over_its_dequantized_rows(case, threads):
+    """Decodes, prefills (the gather + SDPA path past 16 queries), long split histories, windows, softcaps."""
+    case = _quantized(case)
+    out = torch.full(case.q.shape, float("nan"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.ops.pensieve_cpu.paged_attention_out(*case.args(), case.sliding_window, case.softcap, out)
+    finally:
+        torch.set_num_threads(before)
+    _check(out, case)
+
+
+@given(cases(dtype=torch.float32))
+def test_the_op_and_the_torch_path_on_an_int8_cache(case):
+    case = _quantized(case)
+    _check(paged_attention(*case.args(), **case.kwargs()), case)
+    _check(torch_paged_attention(*case.args(), case.sliding_window, case.softcap), case)
+
+
+def test_an_int8_cache_refuses_other_q_dtypes_and_shapes():
+    cache = torch.zeros(2, 4, 1, 68, dtype=torch.int8)
+    args = (torch.ones(1, dtype=torch.int32).view(1, 1) * 0, torch.tensor([0, 1], dtype=torch.int32),
+            torch.tensor([1], dtype=torch.int32), 0.125)  # fmt: skip
+    with pytest.raises(ValueError, match="float32"):
+        paged_attention(torch.zeros(1, 2, 64, dtype=torch.bfloat16), cache, cache, *args)
+    with pytest.raises(ValueError, match="head_dim"):
+        paged_attention(torch.zeros(1, 2, 68), cache, cache, *args)
+    with pytest.raises(ValueError, match="float32"):
+        write_kv(torch.zeros(1, 1, 64, dtype=torch.float64), torch.zeros(1, 1, 64, dtype=torch.float64), cache,
+                 cache, torch.zeros(1, dtype=torch.long))  # fmt: skip
+    if cpu_kernel.load():
+        with pytest.raises(ValueError, match="float32"):
+            torch.ops.pensieve_cpu.paged_attention(torch.zeros(1, 2, 64, dtype=torch.bfloat16), cache, cache, *args)
+
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None
+    or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (and the gpu extra)",
+)
+
+
+@needs_triton
+@given(problem=int8_writes())
+def test_triton_write_kv_quantizes_bit_for_bit(problem):
+    k, v, k_cache, v_cache, slots = problem
+    want_k, want_v = reference_write_kv(k, v, k_cache, v_cache, slots)
+    triton_write_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+@needs_triton
+@given(cases(dtype=torch.float32))
+def test_triton_attention_on_an_int8_cache(case):
+    case = _quantized(case)
+    _check(triton_paged_attention(*case.args(), **case.kwargs(), out=torch.full(case.q.shape, float("nan"))), case)
