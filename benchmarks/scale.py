@@ -14,6 +14,8 @@ Systems (each one server process for all of its rates; each rate a fresh trace, 
   pensieve-lru     the same with --policy lru (whole conversations, least recently active first)
   pensieve-disk    Pensieve's policy with a disk tier beyond the DRAM budget (chunk files dropped from the page
                    cache once written and once read; the bytes read back are reported), write-behind on
+  pensieve-int8    Pensieve's policy with int8 KV (--kv-dtype int8) in the same bytes as the others' KV budget:
+                   3.76x the tokens at SmolLM2's head_dim 64 (fp32 model; a row's fp32 scale included)
   vllm             vLLM CPU's OpenAI server with prefix caching
   vllm-noprefix    the same without prefix caching: a stateless system, every turn recomputes its history
 KV budgets are equal in tokens (benchmarks/servers.py: `--device-blocks N` vs `--num-gpu-blocks-override N+1`), as are
@@ -55,7 +57,7 @@ from servers import BLOCK, capacity_line, process_read_bytes, scrape, start_pens
 from tqdm import tqdm
 from workload import LONG, SHAREGPT, open_loop
 
-SYSTEMS = ("pensieve", "pensieve-lru", "pensieve-disk", "vllm", "vllm-noprefix")
+SYSTEMS = ("pensieve", "pensieve-lru", "pensieve-disk", "pensieve-int8", "vllm", "vllm-noprefix")
 WORDS = ("the a of and to in is it that for on with as was be at by this from or have not are but an they which "
          "you one all were we there can her has more if will their so what about out up into them would my make "
          "like time no just him know take people year your good some could see other than then now look only come "
@@ -179,8 +181,13 @@ def start(system: str, args, folder: Path, log: Path, disk_dir: Path | None):
     limits = dict(port=args.port, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens)  # fmt: skip
     blocks = args.budget_tokens // BLOCK
+    if system == "pensieve-int8":  # the same bytes: as many int8 blocks as fit in the budget's bytes in args.dtype
+        config = json.loads((folder / "config.json").read_text())
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        itemsize = 4 if args.dtype == "float32" else 2
+        blocks = blocks * head_dim * itemsize // (head_dim + 4)  # an int8 row: head_dim values + an fp32 scale
     if system.startswith("pensieve"):
-        extra = ("--policy", "lru") if system == "pensieve-lru" else ()
+        extra = {"pensieve-lru": ("--policy", "lru"), "pensieve-int8": ("--kv-dtype", "int8")}.get(system, ())
         return start_pensieve(folder, blocks, log, disk_dir=disk_dir, extra=extra, **limits)
     return start_vllm(args.vllm_python, folder, blocks, log, prefix_caching=system == "vllm", **limits)
 

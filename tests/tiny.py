@@ -104,3 +104,22 @@ def drive(gen, future):
 
     gen.call(run)
     return future.result()
+
+
+def int8_oracle(model: torch.nn.Module) -> torch.nn.Module:
+    """The truth for `CacheConfig(kv_dtype="int8")`: HF generate on a copy whose attention sees every K and V row
+    quantized and dequantized as pensieve/ops/quant.py defines it (through fp32, as the int8 cache takes them)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from pensieve.ops.quant import dequantize_kv, quantize_kv
+
+    def fake_int8(module, query, key, value, attention_mask, **kwargs):
+        key = dequantize_kv(quantize_kv(key)).to(key.dtype)
+        value = dequantize_kv(quantize_kv(value)).to(value.dtype)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("int8_reference", fake_int8)
+    oracle = copy.deepcopy(model)
+    oracle.set_attn_implementation("int8_reference")
+    return oracle

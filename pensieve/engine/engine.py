@@ -29,6 +29,7 @@ from pensieve.engine.runner import ModelRunner, default_num_blocks
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
 from pensieve.engine.turn import Candidates, ResolvedSampling, Turn, TurnAborted
 from pensieve.models.support import model_shape
+from pensieve.ops.quant import row_bytes
 from pensieve.structured.tools import ChatFormat, tools_key
 
 
@@ -47,18 +48,19 @@ class Engine:
         self.shape = shape = model_shape(model)
         param = next(model.parameters())
         bs = cache_config.block_size
-        num_blocks = cache_config.num_device_blocks or default_num_blocks(shape, bs, param.dtype, param.device)
+        kv_dtype = cache_config.kv_dtype or param.dtype  # "int8": rows of values + an fp32 scale (ops/quant.py)
+        num_blocks = cache_config.num_device_blocks or default_num_blocks(shape, bs, kv_dtype, param.device)
         storage = KVStorage(
             shape.num_layers,
-            (bs, shape.num_kv_heads, shape.head_dim),
-            param.dtype,
+            (bs, shape.num_kv_heads, row_bytes(shape.head_dim, kv_dtype) if kv_dtype == "int8" else shape.head_dim),
+            torch.int8 if kv_dtype == "int8" else param.dtype,
             param.device,
             num_blocks,
             cache_config.num_host_blocks,
         )
         disk = None
         if cache_config.disk_dir is not None:
-            disk = DiskStore(cache_config.disk_dir, model_fingerprint(model), storage.chunk_shape, param.dtype)
+            disk = DiskStore(cache_config.disk_dir, model_fingerprint(model), storage.chunk_shape, storage.dtype)
         cost = RecomputeCost.for_model(model, shape.num_layers, shape.num_heads, shape.head_dim)
         self.kv = KVManager(
             num_blocks,
@@ -329,6 +331,7 @@ class Engine:
             "tokens_recomputed": self.output.num_recomputed,
             "block_size": kv.block_size,
             "kv_bytes_per_block": kv.storage.bytes_per_block if kv.storage is not None else 0,
+            "kv_dtype": str(kv.storage.dtype).removeprefix("torch.") if kv.storage is not None else None,
             "device_blocks_total": kv.device.num_blocks,
             "device_blocks_free": kv.device.num_free,
             "host_blocks_total": kv.host.num_blocks,

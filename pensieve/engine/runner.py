@@ -25,13 +25,15 @@ from pensieve.engine.scheduler import ScheduledChunk
 from pensieve.forward import AttentionBatch
 from pensieve.models.support import ModelShape
 from pensieve.ops import trusted_inputs
+from pensieve.ops.quant import row_bytes
 
 
-def kv_bytes_per_block(shape: ModelShape, block_size: int, dtype: torch.dtype) -> int:
-    return 2 * shape.num_layers * block_size * shape.num_kv_heads * shape.head_dim * dtype.itemsize
+def kv_bytes_per_block(shape: ModelShape, block_size: int, dtype: torch.dtype | str) -> int:
+    """K and V of one block, every layer; dtype: the model's, or "int8" (values and per-row scales)."""
+    return 2 * shape.num_layers * block_size * shape.num_kv_heads * row_bytes(shape.head_dim, dtype)
 
 
-def default_num_blocks(shape: ModelShape, block_size: int, dtype: torch.dtype, device: torch.device) -> int:
+def default_num_blocks(shape: ModelShape, block_size: int, dtype: torch.dtype | str, device: torch.device) -> int:
     """Size the device tier from free memory: half of free GPU memory, or a quarter of available RAM (<= 4 GiB)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)

@@ -42,12 +42,14 @@ def pensieve_attention(
         pensieve.gate.wait(layer)  # this layer's swapped-in / loaded KV is in place (GPU: its copy event)
     k_cache, v_cache = pensieve.k_caches[layer], pensieve.v_caches[layer]  # [N, block_size, Hkv, D]
     write_kv, paged_attention = step_kernels(k_cache.device)
+    # an int8 cache (CacheConfig.kv_dtype) takes float32 k, v and q: the kernels quantize and dequantize
+    dtype = torch.float32 if k_cache.dtype == torch.int8 else k_cache.dtype
     q = query[0].transpose(0, 1)  # [T, Hq, D]
-    k = key[0].transpose(0, 1).to(k_cache.dtype)  # [T, Hkv, D]
-    v = value[0].transpose(0, 1).to(v_cache.dtype)
+    k = key[0].transpose(0, 1).to(dtype)  # [T, Hkv, D]
+    v = value[0].transpose(0, 1).to(dtype)
     write_kv(k, v, k_cache, v_cache, pensieve.slot_mapping)
     out = paged_attention(
-        q.to(k_cache.dtype),
+        q.to(dtype),
         k_cache,
         v_cache,
         pensieve.block_tables,

@@ -109,7 +109,8 @@ def kv_capacity(stats: dict, disk_dir: str | None, cache=None) -> str:
         disk += (f" (write-behind after {cache.write_behind_s:g} s idle, {cache.write_behind_mb_s:g} MiB/s)"
                  if cache.write_behind_s is not None else " (no write-behind)")  # fmt: skip
     each = f" (each of {len(instances)} instances)" if "per_instance" in stats else ""
-    return (f"pensieve: KV cache{each}: device {device} blocks x {bs} = {device * bs} tokens ({gib:.3f} GiB); host"
+    kv = f", {one['kv_dtype']}" if one.get("kv_dtype") else ""
+    return (f"pensieve: KV cache{each}: device {device} blocks x {bs} = {device * bs} tokens ({gib:.3f} GiB{kv}); host"
             f" {host} blocks = {host * bs} tokens{disk}; max_num_seqs {one['max_num_seqs']}, max_num_batched_tokens"
             f" {one['max_num_batched_tokens']}")  # fmt: skip
 
@@ -181,6 +182,9 @@ def main(argv=None) -> None:
     parser.add_argument("--no-write-behind", action="store_true",
                         help="KV reaches disk only when evicted there or at a clean shutdown")  # fmt: skip
     parser.add_argument("--write-behind-mb-s", type=float, default=64.0, help="the write-behind's bandwidth (MiB/s)")
+    parser.add_argument("--kv-dtype", choices=["auto", "int8"], default="auto",
+                        help="auto: KV in the model's dtype; int8: int8 values with a scale per token and head "
+                        "(~3.8x the tokens of fp32 in the same memory, not exact)")  # fmt: skip
     parser.add_argument("--max-num-seqs", type=int, default=64, help="conversations one engine step may batch")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512,
                         help="tokens one engine step may compute (longer prompts are chunked)")  # fmt: skip
@@ -230,6 +234,7 @@ def main(argv=None) -> None:
             policy=args.policy,
             write_behind_s=None if args.no_write_behind else args.write_behind,
             write_behind_mb_s=args.write_behind_mb_s,
+            kv_dtype=None if args.kv_dtype == "auto" else args.kv_dtype,
         )
     except ValueError as error:
         parser.error(str(error))
