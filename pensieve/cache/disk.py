@@ -375,6 +375,7 @@ class DiskStore:
             problem = f"unreadable ({type(error).__name__}: {error})"
         if problem is not None:
             self.num_bad_files += 1
+            self.files.discard(key)  # unknown again: the next write of this content replaces the file
             _warn(f"disk tier: KV chunk {path.name} not used ({problem}); recomputing it")
             return None
         return k, v

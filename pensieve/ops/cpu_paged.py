@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pensieve.ops.quant import dequantize_kv, quantize_kv
-from pensieve.ops.validation import check_attention_values, check_write_values, values_trusted
+from pensieve.ops.validation import cache_head_dim, check_attention_values, check_write_values, values_trusted
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,8 @@ _scratch = threading.local()
 
 def cached_plan(q, k_cache, block_tables, cu_seqlens_q, seq_lens_k, sliding_window) -> CpuAttentionPlan:
     """Validate (unless trusted) and plan, once per distinct metadata."""
-    token_bytes = 2 * k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size()
+    gathered = 4 if k_cache.dtype == torch.int8 else k_cache.element_size()  # int8 rows are gathered into fp32
+    token_bytes = 2 * k_cache.shape[2] * cache_head_dim(k_cache) * gathered
     key = (k_cache.shape[0], k_cache.shape[1], token_bytes, q.shape[0], tuple(block_tables.shape), sliding_window)
     plan = _plans.get(key, block_tables, cu_seqlens_q, seq_lens_k)
     must_validate = not values_trusted()

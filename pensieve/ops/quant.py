@@ -5,7 +5,8 @@ in 4 bytes: an int8 cache is [num_blocks, block_size, Hkv, head_dim + 4]. Symmet
 
     scale = max |x| / 127        q = round_half_even(x / scale), clamped to [-127, 127]        x' = q * scale
 
-all in fp32 (a row of zeros has scale 0 and stays zeros). The scale travels inside the row, so a block is one
+all in fp32 (a row of zeros has scale 0 and stays zeros; a row with a NaN or inf has values 0 and a NaN scale, so
+it reads back as NaN). The scale travels inside the row, so a block is one
 contiguous run of bytes like any other: swaps, disk files, MemPool transfers and the write-behind move int8 blocks
 unchanged, scales included. Per token-and-head costs 4 bytes per head_dim values (SmolLM2, head_dim 64: 68 bytes a
 row where fp32 takes 256 and bf16 128: 3.76x and 1.88x the tokens in the same bytes).
@@ -28,7 +29,8 @@ def quantize_kv(x: torch.Tensor) -> torch.Tensor:
     x = x.float()
     if x.numel() == 0:
         return torch.empty(*x.shape[:-1], x.shape[-1] + SCALE_BYTES, dtype=torch.int8, device=x.device)
-    scale = x.abs().amax(dim=-1, keepdim=True) / QMAX
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax.isfinite(), amax / QMAX, float("nan"))  # a non-finite row: values 0, scale NaN
     q = torch.where(scale > 0, torch.round(x / torch.where(scale > 0, scale, 1.0)), 0.0)
     q = q.clamp(-QMAX, QMAX).to(torch.int8)
     return torch.cat([q, scale.contiguous().view(torch.int8)], dim=-1)

@@ -221,8 +221,12 @@ def _write_kv_int8_kernel(
     d = tl.arange(0, HEAD_DIM_PAD)
     ok = d < HEAD_DIM
     x = tl.load(src_ptr + t.to(tl.int64) * stride_t + h * stride_h + d, mask=ok, other=0.0).to(tl.float32)
-    scale = tl.max(tl.abs(x), axis=0) / 127.0
-    y = x / tl.where(scale > 0, scale, 1.0)
+    # IEEE divisions (div_rn): Triton's `/` on CUDA is div.full.f32 (up to 2 ulp), which would not match quantize_kv
+    amax = tl.max(tl.abs(x), axis=0)
+    scale = tl.math.div_rn(amax, 127.0)
+    bad = tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=0)  # (tl.max may skip a NaN)
+    scale = tl.where(bad == 0, scale, float("nan"))  # a row with a NaN or inf: values 0, a NaN scale
+    y = tl.where(scale > 0, tl.math.div_rn(x, tl.where(scale > 0, scale, 1.0)), 0.0)
     y = (y + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds |y| <= 127 to the nearest integer, ties to even
     y = tl.minimum(tl.maximum(y, -127.0), 127.0)
     row = cache_ptr + (slot // BLOCK_SIZE) * stride_c_blk + (slot % BLOCK_SIZE) * stride_c_off + h * stride_c_head
@@ -240,8 +244,11 @@ def _cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, .
 
 def _require_triton_layout(**tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
-        if t.dtype == torch.int8 and name.endswith("cache"):
-            continue  # an int8 cache (pensieve/ops/quant.py)
+        if t.dtype == torch.int8 and name.endswith("cache"):  # an int8 cache (pensieve/ops/quant.py)
+            if (t.shape[-1] - 4) % 4:
+                raise ValueError(f"an int8 {name} on the Triton kernels needs head_dim % 4 == 0 (its fp32 scales "
+                                 f"are read aligned), got head_dim {t.shape[-1] - 4}")  # fmt: skip
+            continue
         if t.dtype not in _TRITON_DTYPES:
             raise ValueError(f"{name} dtype {t.dtype} is not supported by the Triton kernel (fp16/bf16/fp32)")
         if t.stride(-1) != 1:

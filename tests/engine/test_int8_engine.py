@@ -111,6 +111,10 @@ def test_files_of_another_kv_dtype_are_recomputed_never_misread(model, oracle8, 
         history = histories["a"] + _msg(4)
         assert reply.token_ids == hf_greedy(oracles[then], history, GREEDY.max_new_tokens)
         assert reply.num_reused_disk == 0 and reply.num_recomputed == len(histories["a"]) - 1
+        histories["a"] = history + reply.token_ids
+    with _open(model, device=16, disk_dir=tmp_path, kv_dtype=then) as gen:  # the rejected files were replaced
+        reply = _turn(gen, oracles[then], histories, "a", _msg(5))
+        assert reply.num_reused_disk == len(histories["a"]) - len(_msg(5)) - GREEDY.max_new_tokens - 1
 
 
 def test_a_mempool_transfer_moves_int8_kv_and_refuses_another_kv_dtype(model, oracle8):

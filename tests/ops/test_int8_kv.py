@@ -136,3 +136,31 @@ def test_triton_write_kv_quantizes_bit_for_bit(problem):
 def test_triton_attention_on_an_int8_cache(case):
     case = _quantized(case)
     _check(triton_paged_attention(*case.args(), **case.kwargs(), out=torch.full(case.q.shape, float("nan"))), case)
+
+
+def _ties() -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose scale is exactly 1 (max |x| = 127) holding halves: round half to even decides every value."""
+    row = torch.tensor([127.0, -2.5, 2.5, 3.5, -3.5, 0.5, -0.5, 1.5, 126.5, -126.5] + [0.0] * 6)
+    want = torch.tensor([127, -2, 2, 4, -4, 0, 0, 2, 126, -126] + [0] * 6, dtype=torch.int8)
+    return row.view(1, 1, 16), want
+
+
+@pytest.mark.parametrize("impl", ["cpp", "torch", "triton"])
+def test_every_write_path_rounds_half_to_even_and_poisons_non_finite_rows(impl):
+    if impl == "cpp" and not cpu_kernel.load():
+        pytest.skip("the C++ CPU kernels could not be built here")
+    if impl == "triton" and (importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    write = {"cpp": torch.ops.pensieve_cpu.write_kv if cpu_kernel.load() else None, "torch": torch_write_kv,
+             "triton": triton_write_kv}[impl]  # fmt: skip
+    row, want = _ties()
+    bad = torch.full((1, 1, 16), 1.0)
+    bad[0, 0, 3] = float("nan")
+    k = torch.cat([row, bad, bad.nan_to_num(nan=float("inf"))])  # [3, 1, 16]
+    k_cache, v_cache = (torch.zeros(1, 4, 1, 20, dtype=torch.int8) for _ in "kv")
+    write(k, k.clone(), k_cache, v_cache, torch.arange(3))
+    assert torch.equal(k_cache[0, 0, 0, :16], want) and dequantize_kv(k_cache[0, 0, 0])[0] == 127
+    assert torch.equal(quantize_kv(row)[0, 0, :16], want)  # the definition agrees
+    for slot in (1, 2):
+        assert dequantize_kv(k_cache[0, slot]).isnan().all() and (k_cache[0, slot, 0, :16] == 0).all()
+    assert (k_cache[0, 3] == 0).all()  # the unwritten slot

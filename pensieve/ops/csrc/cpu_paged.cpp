@@ -968,8 +968,13 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cach
             const float* x = sp + t * s0 + h * s1;
             int8_t* row = dp + (slots[t] * heads + h) * (D + kScaleBytes);
             float amax = 0.f;
-            for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
-            const float scale = amax / 127.f;
+            bool finite = true;
+            for (int64_t d = 0; d < D; ++d) {
+              finite = finite && std::isfinite(x[d]);
+              amax = std::max(amax, std::fabs(x[d]));
+            }
+            // a NaN or inf in the row: values 0 and a NaN scale (it reads back as NaN), as quantize_kv defines
+            const float scale = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
             for (int64_t d = 0; d < D; ++d) {
               const float y = scale > 0.f ? std::nearbyint(x[d] / scale) : 0.f;
               row[d] = static_cast<int8_t>(std::clamp(y, -127.f, 127.f));
