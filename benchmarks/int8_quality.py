@@ -61,8 +61,9 @@ def _reply_positions(tokenizer, messages) -> list[int]:
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=True, return_dict=False))
-        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=False))
+        render = dict(tokenize=True, return_dict=False)
+        start = len(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, **render))
+        end = len(tokenizer.apply_chat_template(messages[: i + 1], **render))
         positions += range(start - 1, end - 1)
     return positions
 
@@ -115,7 +116,7 @@ def main() -> None:
     quant = greedy_turns(model, tokenizer, messages, "int8", args.max_new_tokens)
     prefixes = []
     for a, b in zip(exact, quant, strict=True):
-        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
         prefixes.append(n)
     share = sum(prefixes) / sum(len(a) for a in exact)
 
@@ -126,12 +127,19 @@ def main() -> None:
         "chat_tokens": len(ids),
         "top1_agreement": agree,
         "perplexity": {"model_dtype": ppl_ref, "int8": ppl_q8, "change": ppl_q8 / ppl_ref - 1},
-        "greedy": {"turns": len(exact), "tokens_before_first_divergence": prefixes,
-                   "reply_tokens": [len(a) for a in exact], "share_before_divergence": share},  # fmt: skip
-        "bytes_per_token_row": {"float32": row_bytes(head_dim, torch.float32), "bfloat16": row_bytes(head_dim, torch.bfloat16),
-                                "int8": row_bytes(head_dim, "int8")},  # fmt: skip
-        "tokens_per_byte_vs": {"float32": row_bytes(head_dim, torch.float32) / row_bytes(head_dim, "int8"),
-                               "bfloat16": row_bytes(head_dim, torch.bfloat16) / row_bytes(head_dim, "int8")},  # fmt: skip
+        "greedy": {
+            "turns": len(exact),
+            "tokens_before_first_divergence": prefixes,
+            "reply_tokens": [len(a) for a in exact],
+            "share_before_divergence": share,
+        },  # fmt: skip
+        "bytes_per_token_row": {
+            name: row_bytes(head_dim, getattr(torch, name, name)) for name in ("float32", "bfloat16", "int8")
+        },  # fmt: skip
+        "tokens_per_byte_vs": {
+            name: row_bytes(head_dim, getattr(torch, name)) / row_bytes(head_dim, "int8")
+            for name in ("float32", "bfloat16")
+        },  # fmt: skip
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

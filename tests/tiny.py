@@ -123,3 +123,15 @@ def int8_oracle(model: torch.nn.Module) -> torch.nn.Module:
     oracle = copy.deepcopy(model)
     oracle.set_attn_implementation("int8_reference")
     return oracle
+
+
+def check_every_step(gen):
+    """gen, its engine checking the cache's and the scheduler's invariants after every step."""
+    engine, step = gen.engine, gen.engine.step
+
+    def checked_step():
+        step()
+        engine.check_integrity()
+
+    engine.step = checked_step
+    return gen

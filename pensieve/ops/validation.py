@@ -176,8 +176,8 @@ def check_write_shapes(k, v, k_cache, v_cache, slot_mapping) -> None:
     want = torch.float32 if k_cache.dtype == torch.int8 else k_cache.dtype  # an int8 cache quantizes float32 rows
     _require(
         k.dtype == want and v.dtype == want,
-        f"k/v dtypes {k.dtype}/{v.dtype} != {want}" + (" (an int8 cache takes float32 k, v)" if want != k_cache.dtype
-                                                    else " (the cache dtype)"),
+        f"k/v dtypes {k.dtype}/{v.dtype} != {want}"
+        + (" (an int8 cache takes float32 k, v)" if want != k_cache.dtype else " (the cache dtype)"),
     )
     _require(
         slot_mapping.dim() == 1 and slot_mapping.shape[0] == k.shape[0],

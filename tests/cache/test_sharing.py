@@ -13,7 +13,7 @@ from pensieve import CacheConfig, SamplingParams, StatefulGenerator
 from pensieve.cache.disk import referenced_keys
 from pensieve.cache.tree import prefix_keys
 from pensieve.cache.types import Chunk, Tier
-from tests.tiny import VOCAB, hf_greedy, oracle_copy, oracle_turn, tiny_model
+from tests.tiny import VOCAB, check_every_step, hf_greedy, oracle_copy, oracle_turn, tiny_model
 
 BS = 4
 GREEDY = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
@@ -21,15 +21,7 @@ GREEDY = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
 
 def _open(model, device=64, host=0, disk_dir=None) -> StatefulGenerator:
     config = CacheConfig(block_size=BS, num_device_blocks=device, num_host_blocks=host, disk_dir=disk_dir)
-    gen = StatefulGenerator(model, None, config)
-    engine, step = gen.engine, gen.engine.step
-
-    def checked_step():
-        step()
-        engine.check_integrity()
-
-    engine.step = checked_step
-    return gen
+    return check_every_step(StatefulGenerator(model, None, config))
 
 
 def _msg(seed: int, n: int = 5) -> list[int]:

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator
 from pensieve.cluster.mempool import MemPool
-from tests.tiny import VOCAB, hf_greedy, int8_oracle, oracle_copy, tiny_model
+from tests.tiny import VOCAB, check_every_step, hf_greedy, int8_oracle, oracle_copy, tiny_model
 
 BS = 4
 GREEDY = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
@@ -30,15 +30,7 @@ def oracle8(model):
 def _open(model, device=64, host=0, disk_dir=None, kv_dtype="int8") -> StatefulGenerator:
     config = CacheConfig(block_size=BS, num_device_blocks=device, num_host_blocks=host, disk_dir=disk_dir,
                          kv_dtype=kv_dtype, write_behind_s=None)  # fmt: skip
-    gen = StatefulGenerator(copy.deepcopy(model), None, config)
-    engine, step = gen.engine, gen.engine.step
-
-    def checked_step():
-        step()
-        engine.check_integrity()
-
-    engine.step = checked_step
-    return gen
+    return check_every_step(StatefulGenerator(copy.deepcopy(model), None, config))
 
 
 def _msg(seed: int, n: int = 6) -> list[int]:

@@ -99,3 +99,15 @@ def cases(draw, dtype=torch.float64, head_dims=(32, 36, 64, 80, 128), block_size
         sliding_window=draw(st.one_of(st.none(), st.integers(1, 64))),
         softcap=draw(st.one_of(st.none(), st.floats(0.5, 30.0))),
     )
+
+
+def cpp_into_poison(case: Case, threads: int) -> torch.Tensor:
+    """The C++ op's result for case at `threads` threads, written into an output poisoned with NaN."""
+    out = torch.full(case.q.shape, float("nan"), dtype=case.q.dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.ops.pensieve_cpu.paged_attention_out(*case.args(), case.sliding_window, case.softcap, out)
+    finally:
+        torch.set_num_threads(before)
+    return out

@@ -14,7 +14,7 @@ from pensieve.ops import cpu_kernel, paged_attention, triton_paged_attention, tr
 from pensieve.ops.cpu_paged import torch_paged_attention, torch_write_kv
 from pensieve.ops.quant import dequantize_kv, quantize_kv, row_bytes
 from pensieve.ops.reference import reference_paged_attention, reference_write_kv
-from tests.ops.cases import Case, cases
+from tests.ops.cases import Case, cases, cpp_into_poison
 
 needs_cpp = pytest.mark.skipif(not cpu_kernel.load(), reason="the C++ CPU kernels could not be built here")
 TOL = 2e-5  # fp32 arithmetic over the same dequantized numbers
@@ -82,14 +82,7 @@ def _check(out: torch.Tensor, case: Case) -> None:
 def test_cpp_kernel_on_an_int8_cache_matches_the_reference_over_its_dequantized_rows(case, threads):
     """Decodes, prefills (the gather + SDPA path past 16 queries), long split histories, windows, softcaps."""
     case = _quantized(case)
-    out = torch.full(case.q.shape, float("nan"))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.ops.pensieve_cpu.paged_attention_out(*case.args(), case.sliding_window, case.softcap, out)
-    finally:
-        torch.set_num_threads(before)
-    _check(out, case)
+    _check(cpp_into_poison(case, threads), case)
 
 
 @given(cases(dtype=torch.float32))

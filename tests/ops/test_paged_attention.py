@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pensieve.ops import cpu_kernel, paged_attention, triton_paged_attention
 from pensieve.ops.cpu_paged import _decode_chunks, plan_cpu_attention, run_cpu_attention, torch_paged_attention
 from pensieve.ops.reference import reference_paged_attention
-from tests.ops.cases import Case, cases
+from tests.ops.cases import Case, cases, cpp_into_poison
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
@@ -29,17 +29,6 @@ def _poisoned(case: Case) -> torch.Tensor:
     return torch.full(case.q.shape, float("nan"), dtype=case.q.dtype)
 
 
-def _cpp_into_poison(case: Case, threads: int) -> torch.Tensor:
-    out = _poisoned(case)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.ops.pensieve_cpu.paged_attention_out(*case.args(), case.sliding_window, case.softcap, out)
-    finally:
-        torch.set_num_threads(before)
-    return out
-
-
 @given(cases(dtype=torch.float64))
 def test_cpu_op_float64(case):
     _check(paged_attention(*case.args(), **case.kwargs()), case)
@@ -50,7 +39,7 @@ def test_cpu_op_float64(case):
 def test_cpp_kernel_writes_every_row_at_any_thread_count(case, threads):
     """Thread counts change how key ranges are split and dealt out; head dims 16..128 take every vector-count path
     (36 is not a multiple of any vector width: the generic path with a masked last vector)."""
-    _check(_cpp_into_poison(case, threads), case)
+    _check(cpp_into_poison(case, threads), case)
 
 
 @needs_cpp
@@ -58,7 +47,7 @@ def test_cpp_kernel_writes_every_row_at_any_thread_count(case, threads):
 @given(data=st.data())
 def test_cpp_kernel_low_precision(dtype, data):
     case = data.draw(cases(dtype=dtype))
-    _check(_cpp_into_poison(case, 2), case)
+    _check(cpp_into_poison(case, 2), case)
 
 
 @given(cases(dtype=torch.float64))
