@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator
 from pensieve.cluster.mempool import MemPool
-from tests.tiny import VOCAB, check_every_step, hf_greedy, int8_oracle, oracle_copy, tiny_model
+from tests.tiny import VOCAB, check_every_step, hf_greedy, int8_oracle, oracle_copy, oracle_turn, tiny_model
 
 BS = 4
 GREEDY = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
@@ -38,11 +38,7 @@ def _msg(seed: int, n: int = 6) -> list[int]:
 
 
 def _turn(gen, oracle, histories, conv_id, msg):
-    reply = gen.generate(conv_id, msg, GREEDY)
-    history = histories.get(conv_id, []) + msg
-    assert reply.token_ids == hf_greedy(oracle, history, GREEDY.max_new_tokens), conv_id
-    histories[conv_id] = history + reply.token_ids
-    return reply
+    return oracle_turn(gen, oracle, histories, conv_id, msg, GREEDY)
 
 
 def test_int8_blocks_hold_values_and_scales_in_their_bytes(model):
@@ -111,8 +107,7 @@ def test_files_of_another_kv_dtype_are_recomputed_never_misread(model, oracle8, 
 
 def test_a_mempool_transfer_moves_int8_kv_and_refuses_another_kv_dtype(model, oracle8):
     a, b = MemPool(_open(model)), MemPool(_open(model))
-    history: list[int] = []
-    histories = {"c": history}
+    histories: dict[str, list[int]] = {}
     for seed in (1, 2):
         _turn(a.generator, oracle8, histories, "c", _msg(seed))
     history = histories["c"]
