@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-thorough bench-kernel bench-linear bench-decode bench-multiturn bench-multiturn-vllm bench-oversubscription bench-shared-prefix bench-shared-prefix-vllm bench-cluster bench-serve bench-agent bench-scale bench-scale-quick vllm-peer install clean
+.PHONY: demo test test-thorough bench-kernel bench-linear bench-decode bench-multiturn bench-multiturn-vllm bench-oversubscription bench-shared-prefix bench-shared-prefix-vllm bench-cluster bench-serve bench-agent bench-scale bench-scale-quick vllm-peer llamacpp-peer install clean
 
 demo: $(STAMP)  ## the main job: a multi-turn chat on SmolLM2-135M-Instruct with per-turn cache stats
 	$(PY) examples/chat.py
@@ -41,6 +41,24 @@ $(VLLM_STAMP):
 	# built for another torch, these break vLLM's imports under torch 2.13.0+cpu
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $(VLLM_STAMP)
+
+# llama.cpp as a peer (benchmarks/scale.py --systems llamacpp): llama-cpp-python's server, built from its sdist
+# (~6 min on 2 cores), and the convert_hf_to_gguf.py of the llama.cpp it vendors (for the F32 GGUF)
+LLAMA_VENV    := .venv-llama
+LLAMA_STAMP   := $(LLAMA_VENV)/.installed
+LLAMA_VERSION := 0.3.36
+LLAMA_SDIST   := $(LLAMA_VENV)/sdist/llama_cpp_python-$(LLAMA_VERSION).tar.gz
+llamacpp-peer: $(LLAMA_STAMP)
+$(LLAMA_STAMP):
+	test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
+	test -f $(LLAMA_SDIST) || $(LLAMA_VENV)/bin/python -m pip download -q --no-deps --no-binary :all: \
+		llama-cpp-python==$(LLAMA_VERSION) -d $(LLAMA_VENV)/sdist
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(LLAMA_VENV)/bin/python -m pip install -q "$(LLAMA_SDIST)[server]"
+	rm -rf $(LLAMA_VENV)/convert && mkdir -p $(LLAMA_VENV)/convert
+	tar -xzf $(LLAMA_SDIST) -C $(LLAMA_VENV)/convert --strip-components=3 --wildcards \
+		'*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/gguf-py/*'
+	touch $(LLAMA_STAMP)
 
 bench-multiturn-vllm: $(STAMP) $(VLLM_STAMP)  ## the multi-turn runs with vLLM's CPU build as a peer
 	$(PY) benchmarks/multiturn.py --suite --vllm-python $(VLLM_VENV)/bin/python

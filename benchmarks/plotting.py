@@ -60,8 +60,8 @@ def run_threads(threads: list[threading.Thread]) -> float:
     return time.perf_counter() - t0
 
 
-def wait_ready(proc, port: int, log: Path, limit_s: float = 600) -> None:
-    """Until the server process on 127.0.0.1:port answers GET /health with 200; RuntimeError with its log's tail if
+def wait_ready(proc, port: int, log: Path, limit_s: float = 600, path: str = "/health") -> None:
+    """Until the server process on 127.0.0.1:port answers GET `path` with 200; RuntimeError with its log's tail if
     it exits or does not answer in limit_s (then it is killed)."""
     import httpx2
 
@@ -70,7 +70,7 @@ def wait_ready(proc, port: int, log: Path, limit_s: float = 600) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited: {log.read_text(errors='replace')[-3000:]}")
         try:
-            if httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if httpx2.get(f"http://127.0.0.1:{port}{path}", timeout=1).status_code == 200:
                 return
         except httpx2.HTTPError:
             pass

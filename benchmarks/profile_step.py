@@ -5,11 +5,17 @@ B conversations get `--context`-token histories; then one turn of `--steps` deco
 self time (per step); with --python, the top Python functions (cProfile) instead: the engine's host-side work,
 which is what is left of a step on a GPU once its forward replays from a CUDA graph. With --prefill N, a prefill
 step instead: each conversation sends N new tokens (on top of its --context history; --context 0 for a first turn)
-and one token is generated; `--compile-prefill` picks EngineConfig.compile_prefill. docs/performance-log.md quotes it.
+and one token is generated; `--compile-prefill` picks EngineConfig.compile_prefill. With --live N, the host overhead
+of a decode step instead (issue 35's target: <= 10% at batch 64 with 256 live conversations): N conversations hold
+--context-token histories in the device pool, --batch of them decode --steps steps at a time (every conversation
+takes its turn), and each step's wall time is split into the forward (the compiled model call, kernels included:
+timed around it) and everything else the engine does on its thread (scheduling, the plan, uploads, sampling,
+detokenizing, the cache's bookkeeping and eviction checks). docs/performance-log.md quotes it.
 
 Usage: python benchmarks/profile_step.py [--batch 6] [--context 1500] [--dtype float32] [--compile on|off]
                                          [--device cuda] [--random-weights --shape llama-1b] [--python]
        python benchmarks/profile_step.py --prefill 1500 --batch 1 --context 0 --dtype bfloat16 [--compile-prefill off]
+       python benchmarks/profile_step.py --live 256 --batch 64 --context 200 --steps 16
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from decode import SHAPES, history, load_model
 from torch.profiler import ProfilerActivity, profile
 
+import pensieve.engine.runner as runner_module
 from pensieve import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, StatefulGenerator
 
 
@@ -40,9 +47,12 @@ def main(argv=None) -> None:
     parser.add_argument("--python", action="store_true", help="profile Python functions (cProfile), not operators")
     parser.add_argument("--prefill", type=int, default=0, help="a prefill step of N new tokens per conversation")
     parser.add_argument("--compile-prefill", default="on", choices=("on", "off"))
+    parser.add_argument("--live", type=int, default=0, help="host overhead with N live conversations (see above)")
     args = parser.parse_args(argv)
     if args.prefill:
         return profile_prefill(args)
+    if args.live:
+        return host_overhead(args)
     model = load_model(getattr(torch, args.dtype), args)
     blocks = args.batch * (args.context + 4 * args.steps + 64) // 16 + 64
     cache = CacheConfig(num_device_blocks=blocks)
@@ -68,6 +78,58 @@ def main(argv=None) -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.rows)
         return
     _print_ops(prof, args.rows, args.steps)
+
+
+class _Timed:
+    """A forward (the compiled one, or the eager `forward` of pensieve.engine.runner) with a stopwatch around each
+    call, shared by both (wants() passes through)."""
+
+    def __init__(self, inner, clock: list | None = None) -> None:
+        self.inner, self.clock = inner, clock if clock is not None else [0.0, 0]
+
+    def wants(self, plan) -> bool:
+        return self.inner.wants(plan)
+
+    def __call__(self, *args):
+        t0 = time.perf_counter()
+        out = self.inner(*args)
+        self.clock[0] += time.perf_counter() - t0
+        self.clock[1] += 1
+        return out
+
+
+def host_overhead(args) -> None:
+    if args.compile != "on" or args.device != "cpu":
+        raise SystemExit("--live measures the compiled CPU decode step (--compile on, --device cpu)")
+    model = load_model(getattr(torch, args.dtype), args)
+    blocks = args.live * -(-(args.context + 4 * args.steps + 16) // 16) + 64
+    with StatefulGenerator(model, cache_config=CacheConfig(num_device_blocks=blocks),
+                           scheduler_config=SchedulerConfig(2048, max_num_seqs=args.batch),
+                           engine_config=EngineConfig(compile=True)) as gen:  # fmt: skip
+        convs = [f"c{i}" for i in range(args.live)]
+        for start in range(0, args.live, args.batch):
+            first = {c: history(i, args.context) for i, c in enumerate(convs) if start <= i < start + args.batch}
+            gen.generate_batch(first, SamplingParams(max_new_tokens=1, ignore_eos=True))
+        turn = SamplingParams(max_new_tokens=args.steps, ignore_eos=True, temperature=0)
+        gen.generate_batch({c: [5] for c in convs[: args.batch]}, turn)  # warm (and compile)
+        runner = gen.engine.runner
+        runner.compiled = _Timed(runner.compiled)
+        eager = runner_module.forward = _Timed(runner_module.forward, runner.compiled.clock)
+        steps0, wall = gen.engine.num_steps, 0.0
+        for start in range(0, args.live, args.batch):  # every live conversation takes a turn, a batch at a time
+            t0 = time.perf_counter()
+            gen.generate_batch({c: [6] for c in convs[start : start + args.batch]}, turn)
+            wall += time.perf_counter() - t0
+        steps = gen.engine.num_steps - steps0
+        live = len(gen.engine.kv.conversations)
+        runner_module.forward = eager.inner
+    seconds, calls = runner.compiled.clock
+    if calls != steps:
+        raise SystemExit(f"{steps} steps but {calls} forwards timed")
+    step_ms, forward_ms = wall / steps * 1e3, seconds / steps * 1e3
+    print(f"{_name(args)} {args.dtype}, {live} live conversations of ~{args.context} tokens, decode batch "
+          f"{args.batch}, {steps} steps ({_where(args)}): {step_ms:.1f} ms per step, forward {forward_ms:.1f} ms, "
+          f"host {step_ms - forward_ms:.1f} ms = {(step_ms - forward_ms) / step_ms:.1%} of the step")  # fmt: skip
 
 
 def _name(args) -> str:

@@ -18,6 +18,12 @@ Systems (each one server process for all of its rates; each rate a fresh trace, 
                    3.76x the tokens at SmolLM2's head_dim 64 (fp32 model; a row's fp32 scale included)
   vllm             vLLM CPU's OpenAI server with prefix caching
   vllm-noprefix    the same without prefix caching: a stateless system, every turn recomputes its history
+  llamacpp         llama-cpp-python's OpenAI server (`make llamacpp-peer`) on SmolLM2 as an F32 GGUF, its RAM prompt
+                   cache on (whole saved states, longest matching prefix restored): one request at a time. It
+                   takes no ignore_eos: min_tokens = max_tokens holds the end-of-turn token back instead, and its
+                   streams carry no usage, so the client counts the tokens (the chat template, the reply)
+  hf               HF transformers behind the same endpoint (benchmarks/hf_server.py): stateless, one request at a
+                   time, no continuous batching (what a plain transformers deployment does); no KV budget applies
 KV budgets are equal in tokens (benchmarks/servers.py: `--device-blocks N` vs `--num-gpu-blocks-override N+1`), as are
 block size, max sequences per step and tokens per step (vLLM's chunked prefill takes max_num_batched_tokens per step,
 pensieve chunks its prefills to the same budget). Each engine's start-up line naming its KV capacity is quoted.
@@ -53,11 +59,21 @@ from pathlib import Path
 
 import openai
 from plotting import cpu_name, pyplot, save, wait_ready
-from servers import BLOCK, capacity_line, process_read_bytes, scrape, start_pensieve, start_vllm, stop
+from servers import (
+    BLOCK,
+    capacity_line,
+    process_read_bytes,
+    scrape,
+    start_hf,
+    start_llamacpp,
+    start_pensieve,
+    start_vllm,
+    stop,
+)
 from tqdm import tqdm
 from workload import LONG, SHAREGPT, open_loop
 
-SYSTEMS = ("pensieve", "pensieve-lru", "pensieve-disk", "pensieve-int8", "vllm", "vllm-noprefix")
+SYSTEMS = ("pensieve", "pensieve-lru", "pensieve-disk", "pensieve-int8", "vllm", "vllm-noprefix", "llamacpp", "hf")
 WORDS = ("the a of and to in is it that for on with as was be at by this from or have not are but an they which "
          "you one all were we there can her has more if will their so what about out up into them would my make "
          "like time no just him know take people year your good some could see other than then now look only come "
@@ -92,11 +108,19 @@ def make_trace(rate: float, args, tokenizer) -> list[dict]:
 class Point:
     """One rate on one system: the requests, and the live state sampled each second."""
 
-    def __init__(self) -> None:
+    def __init__(self, system: str, tokenizer) -> None:
         self.requests: list[dict] = []
         self.live: dict[int, int] = {}  # conversation -> its history tokens (the client's count; a prompt's at send)
         self.samples: list[tuple[float, int, int]] = []  # (t, live conversations, their history tokens)
         self.t0 = 0.0
+        self.system = system
+        self.tokenizer = tokenizer  # counts the tokens where a server's stream carries no usage (llama.cpp)
+
+    def run_to_max_tokens(self, max_tokens: int) -> dict:
+        """What the server takes to run a reply to max_tokens, greedy and unpenalized."""
+        if self.system == "llamacpp":  # no ignore_eos; its default repeat_penalty is 1.1
+            return {"min_tokens": max_tokens, "repeat_penalty": 1.0}
+        return {"ignore_eos": True}
 
 
 async def conversation(client, conv: dict, point: Point, bar) -> None:
@@ -116,7 +140,8 @@ async def conversation(client, conv: dict, point: Point, bar) -> None:
             t_send = time.perf_counter()
             stream = await client.chat.completions.create(
                 model="bench", messages=messages, max_tokens=turn["reply_tokens"], temperature=0, stream=True,
-                stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+                stream_options={"include_usage": True},
+                extra_body=point.run_to_max_tokens(turn["reply_tokens"]),
             )  # fmt: skip
             pieces, first, usage, stats = [], None, None, None
             async with stream:  # closed on cancellation too: the server sees the disconnect and aborts the turn
@@ -127,6 +152,12 @@ async def conversation(client, conv: dict, point: Point, bar) -> None:
                     if chunk.usage is not None:
                         usage, stats = chunk.usage, (chunk.model_extra or {}).get("stats")
             end = time.perf_counter()
+            if usage is None:  # the client's count: the prompt through the chat template, the reply as text
+                rendered = point.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+                prompt = len(rendered)
+                reply = len(point.tokenizer.encode("".join(pieces), add_special_tokens=False))
+                usage = openai.types.CompletionUsage(prompt_tokens=prompt, completion_tokens=reply,
+                                                     total_tokens=prompt + reply)  # fmt: skip
             details = usage.prompt_tokens_details
             cached = (details.cached_tokens or 0) if details is not None else 0
             record.update(
@@ -151,8 +182,8 @@ async def sample_live(point: Point, until: float) -> None:
         await asyncio.sleep(1.0)
 
 
-async def run_point(port: int, trace: list[dict], args, desc: str) -> Point:
-    point = Point()
+async def run_point(port: int, trace: list[dict], args, desc: str, system: str, tokenizer) -> Point:
+    point = Point(system, tokenizer)
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                                 timeout=args.duration + args.grace + 60)  # fmt: skip
     bar = tqdm(total=sum(len(c["turns"]) for c in trace), desc=desc, unit="turn", mininterval=10)
@@ -189,10 +220,14 @@ def start(system: str, args, folder: Path, log: Path, disk_dir: Path | None):
     if system.startswith("pensieve"):
         extra = {"pensieve-lru": ("--policy", "lru"), "pensieve-int8": ("--kv-dtype", "int8")}.get(system, ())
         return start_pensieve(folder, blocks, log, disk_dir=disk_dir, extra=extra, **limits)
+    if system == "hf":
+        return start_hf(folder, log, port=args.port, dtype=args.dtype)
+    if system == "llamacpp":
+        return start_llamacpp(folder, args.budget_tokens, log, port=args.port)
     return start_vllm(args.vllm_python, folder, blocks, log, prefix_caching=system == "vllm", **limits)
 
 
-def warm_up(port: int, args, tokenizer) -> float:
+def warm_up(port: int, args, system: str, tokenizer) -> float:
     """Compile every batch shape the run will use (a burst as wide as --max-num-seqs, twice) before timing."""
     rng = random.Random(0)
     trace = [{"index": i, "arrival_s": 0.0,
@@ -202,7 +237,7 @@ def warm_up(port: int, args, tokenizer) -> float:
     warm = argparse.Namespace(**{**vars(args), "duration": 1.0, "warmup": 0.0, "grace": 600.0})
     t = time.perf_counter()
     for _ in range(2):
-        asyncio.run(run_point(port, trace, warm, "warm-up"))
+        asyncio.run(run_point(port, trace, warm, "warm-up", system, tokenizer))
     return time.perf_counter() - t
 
 
@@ -273,8 +308,8 @@ def run_system(system: str, args, folder: Path, tokenizer, rows: list, write) ->
     )
     proc = start(system, args, folder, log, disk_dir)
     try:
-        wait_ready(proc, args.port, log)
-        warm = warm_up(args.port, args, tokenizer)
+        wait_ready(proc, args.port, log, path="/v1/models" if system == "llamacpp" else "/health")
+        warm = warm_up(args.port, args, system, tokenizer)
         capacity = capacity_line(system, log)
         print(f"{system}: warm-up {warm:.0f} s; {capacity}", flush=True)
         mine: list[dict] = []
@@ -283,7 +318,7 @@ def run_system(system: str, args, folder: Path, tokenizer, rows: list, write) ->
             rate = rates[i] if rates else next_rate(mine, args.rate0)
             trace = make_trace(rate, args, tokenizer)
             read_before, metrics_before = process_read_bytes(proc.pid), scrape(args.port)
-            point = asyncio.run(run_point(args.port, trace, args, f"{system} @ {rate:g}/s"))
+            point = asyncio.run(run_point(args.port, trace, args, f"{system} @ {rate:g}/s", system, tokenizer))
             read_after, metrics_after = process_read_bytes(proc.pid), scrape(args.port)
             moved = {k: metrics_after[k] - metrics_before.get(k, 0) for k in metrics_after}
             read = None if read_before is None or read_after is None else read_after - read_before

@@ -55,18 +55,67 @@ def start_vllm(
            "--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(max_num_batched_tokens),
            "--enable-prompt-tokens-details", "--seed", "0", "--disable-uvicorn-access-log", *extra]  # fmt: skip
     # vLLM's CPU KV space (GiB, whole) only has to hold the blocks: the override sets how many it uses
-    config = json.loads((folder / "config.json").read_text())
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
-    per_token = 2 * config["num_hidden_layers"] * kv_heads * head_dim * (4 if dtype == "float32" else 2)
+    per_token = kv_bytes_per_token(folder, 4 if dtype == "float32" else 2)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(blocks * BLOCK * per_token / 2**30) + 1)),
            "VLLM_CPU_OMP_THREADS_BIND": f"0-{CORES - 1}"}  # fmt: skip
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+def kv_bytes_per_token(folder: Path, itemsize: int) -> int:
+    """K and V of every layer for one token, in bytes."""
+    config = json.loads((folder / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * itemsize
+
+
+LLAMA_VENV = Path(__file__).resolve().parents[1] / ".venv-llama"
+
+
+def llamacpp_gguf(folder: Path) -> Path:
+    """The HF folder written out as an F32 GGUF by the convert_hf_to_gguf.py of the llama.cpp that llama-cpp-python
+    vendors (`make llamacpp-peer` unpacks it into .venv-llama/convert), once; next to the folder."""
+    out = folder.with_name(folder.name + "-f32.gguf")
+    if not out.exists():
+        script = LLAMA_VENV / "convert" / "convert_hf_to_gguf.py"
+        if not script.exists():
+            raise SystemExit(f"no {script}: `make llamacpp-peer` first")
+        partial = out.with_suffix(".partial")
+        subprocess.run([sys.executable, str(script), str(folder), "--outtype", "f32", "--outfile", str(partial)],
+                       check=True, env={**os.environ, "PYTHONPATH": str(script.parent / "gguf-py")})  # fmt: skip
+        partial.rename(out)
+    return out
+
+
+def start_llamacpp(folder: Path, budget_tokens: int, log: Path, *, port: int) -> subprocess.Popen:
+    """llama-cpp-python's OpenAI server on the F32 GGUF with its prompt cache on: one context of `budget_tokens`
+    tokens for the running request, plus a RAM prompt cache (whole saved states, the longest matching prefix
+    restored, LRU) of `budget_tokens` tokens' worth of its f16 KV. It runs one request at a time; the others wait
+    (--interrupt_requests false: by default a waiting request cuts the running stream short)."""
+    cache_bytes = budget_tokens * kv_bytes_per_token(folder, 2)  # llama.cpp's default KV type is f16
+    cmd = [str(LLAMA_VENV / "bin" / "python"), "-m", "llama_cpp.server", "--model", str(llamacpp_gguf(folder)),
+           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(budget_tokens), "--n_batch", "512",
+           "--n_threads", str(CORES), "--n_threads_batch", str(CORES), "--cache", "true", "--cache_type", "ram",
+           "--cache_size", str(cache_bytes), "--interrupt_requests", "false", "--logits_all", "false",
+           "--verbose", "true"]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ},
+                            start_new_session=True)  # fmt: skip
+
+
+def start_hf(folder: Path, log: Path, *, port: int, dtype: str) -> subprocess.Popen:
+    """benchmarks/hf_server.py: HF transformers, stateless (the whole history prefilled every request), one request
+    at a time."""
+    cmd = [sys.executable, str(Path(__file__).with_name("hf_server.py")), "--model", str(folder), "--port", str(port),
+           "--dtype", dtype]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ},
+                            start_new_session=True)  # fmt: skip
+
+
 def capacity_line(server: str, log: Path) -> str:
     """The engine's own start-up line naming its KV capacity."""
-    pattern = r"pensieve: KV cache:" if server.startswith("pensieve") else r"KV cache size|Overriding num_gpu_blocks"
+    patterns = {"pensieve": r"pensieve: KV cache:", "vllm": r"KV cache size|Overriding num_gpu_blocks",
+                "hf": r"hf stateless:", "llamacpp": r"llama_kv_cache.*size|n_ctx\s*="}  # fmt: skip
+    pattern = patterns[server.split("-")[0]]
     lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if re.search(pattern, ln)]
     return " | ".join(lines[:3]) or "(not found in the log)"
 
