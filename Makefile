@@ -57,7 +57,8 @@ $(LLAMA_STAMP):
 		$(LLAMA_VENV)/bin/python -m pip install -q "$(LLAMA_SDIST)[server]"
 	rm -rf $(LLAMA_VENV)/convert && mkdir -p $(LLAMA_VENV)/convert
 	tar -xzf $(LLAMA_SDIST) -C $(LLAMA_VENV)/convert --strip-components=3 --wildcards \
-		'*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/gguf-py/*'
+		'*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' \
+		'*/vendor/llama.cpp/gguf-py/*'
 	touch $(LLAMA_STAMP)
 
 bench-multiturn-vllm: $(STAMP) $(VLLM_STAMP)  ## the multi-turn runs with vLLM's CPU build as a peer
