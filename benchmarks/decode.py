@@ -8,7 +8,10 @@ For each dtype, context L and batch B:
              alternately (R times each) so that drift of this shared machine hits both alike.
   hf         the same model under HF's own attention (sdpa): one forward of the B x L prompt into a DynamicCache,
              then N single-token forwards with the cache, as `generate` runs them (argmax between steps).
-Reported: median ms per step, ms per token (step / B), and pensieve compiled vs HF. JSON + PNG.
+Reported: median ms per step, ms per token (step / B), and pensieve compiled vs HF; and the step against its bytes
+floor: the bytes a decode step must read (every weight once, the tied embedding as the LM head, plus B x L tokens of
+KV) over a plain streaming read's bandwidth measured in the same run (`stream_gb_s`: the sum of a 1 GiB tensor, the
+best of 5, on the same threads) — a figure to watch, not a target. JSON + PNG.
 
 On a GPU (--device cuda) the two pensieve modes are "graphs" (decode replayed from captured CUDA graphs) and
 "eager"; HF runs the same model on the same GPU. --shape picks a model shape for --random-weights runs (a device
@@ -103,6 +106,30 @@ def bench_hf(model, batch, context, args) -> float:
     return statistics.median(times)
 
 
+def stream_gb_s(device: str, nbytes: int = 1 << 30) -> float:
+    """A plain streaming read's bandwidth: the sum of an nbytes float32 tensor (far past the last-level cache), the
+    best of 5."""
+    x = torch.ones(nbytes // 4, device=device)
+    best = float("inf")
+    for _ in range(5):
+        synchronize(device)
+        t0 = time.perf_counter()
+        x.sum().item()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+def step_bytes(model: torch.nn.Module, batch: int, context: int) -> int:
+    """What one decode step must read: each parameter once (a tied embedding is one tensor: read whole as the LM
+    head) and the KV of batch x context tokens."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # (parameters() yields a tie once)
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
+    return weights + batch * context * kv_per_token
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -127,8 +154,12 @@ def run_dtype(dtype_name: str, args) -> list[dict]:
         compile_s = gen.stats()["compile_s"]
     for row in tqdm(rows, desc=f"hf {dtype_name}"):
         row["hf_ms"] = bench_hf(hf_model, row["batch"], row["context"], args)
+    bandwidth = stream_gb_s(args.device)
     for row in rows:
         row["compile_s"] = compile_s
+        row["stream_gb_s"] = round(bandwidth, 2)
+        row["floor_ms"] = step_bytes(model, row["batch"], row["context"]) / (bandwidth * 1e9) * 1e3
+        row[f"{fast}_vs_floor"] = row[f"pensieve_{fast}_ms"] / row["floor_ms"]
         row[f"{fast}_vs_hf"] = row["hf_ms"] / row[f"pensieve_{fast}_ms"]
         row[f"{fast}_vs_eager"] = row["pensieve_eager_ms"] / row[f"pensieve_{fast}_ms"]
     return rows
@@ -178,11 +209,13 @@ def main(argv=None) -> None:
         rows += run_dtype(dtype_name, args)
     fast = fast_mode(args.device)
     print(f"\n{'dtype':10}{'context':>8}{'batch':>6}{'eager ms':>10}{fast + ' ms':>12}{'HF ms':>9}"
-          f"{'ms/token':>10}{'vs HF':>8}{'vs eager':>9}")  # fmt: skip
+          f"{'ms/token':>10}{'vs HF':>8}{'vs eager':>9}{'floor ms':>10}{'vs floor':>9}")  # fmt: skip
     for r in rows:
         print(f"{r['dtype']:10}{r['context']:>8}{r['batch']:>6}{r['pensieve_eager_ms']:>10.1f}"
               f"{r[f'pensieve_{fast}_ms']:>12.1f}{r['hf_ms']:>9.1f}{r[f'pensieve_{fast}_ms'] / r['batch']:>10.2f}"
-              f"{r[f'{fast}_vs_hf']:>7.2f}x{r[f'{fast}_vs_eager']:>8.2f}x")  # fmt: skip
+              f"{r[f'{fast}_vs_hf']:>7.2f}x{r[f'{fast}_vs_eager']:>8.2f}x{r['floor_ms']:>10.1f}"
+              f"{r[f'{fast}_vs_floor']:>8.2f}x")  # fmt: skip
+    print(f"floor: the step's bytes (weights + KV) at a streaming read's {rows[0]['stream_gb_s']} GB/s (same run)")
     meta = {**vars(args), "threads": threads, "torch": torch.__version__, "where": where, "model": model_name}
     write_results(args.out, meta, rows, lambda rows, path: plot(rows, path, fast))
 

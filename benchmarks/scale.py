@@ -400,7 +400,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="short points (docs): 120 s, warm-up 40 s")
     parser.add_argument("--out", default="results/scale.json")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="no run: the rows of these results (same settings) in one table, JSON and PNG at --out",
+    )
     args = parser.parse_args()
+    if args.merge:
+        return merge(args)
     if args.quick:
         args.duration, args.warmup, args.grace = 120.0, 40.0, 60.0
     # every turn must fit every engine's KV budget (vLLM refuses a request longer than its capacity)
@@ -433,15 +441,41 @@ def main() -> None:
     print(f"{cpu_name()}; KV budget {args.budget_tokens} tokens; SLO p90 {args.slo} s/token; think {args.think_mean} s")
     for system in systems:
         run_system(system, args, folder, tokenizer, rows, write)
+    report(rows, out, args.slo)
+
+
+def report(rows: list[dict], out: Path, slo: float) -> None:
     print(f"\n{table(rows)}\n")
     best = max_sustained(rows)
     for system, rate in best.items():
         print(f"max sustained rate under the SLO: {system}: {rate if rate is not None else 'none measured'}")
-    for peer in ("vllm", "vllm-noprefix"):
-        if best.get("pensieve") and best.get(peer):
-            print(f"pensieve / {peer}: {best['pensieve'] / best[peer]:.2f}x")
-    plot(rows, out.with_suffix(".png"), args.slo)
+    for mine, peer in (("pensieve", "vllm"), ("pensieve", "vllm-noprefix"), ("pensieve-int8", "pensieve")):
+        if best.get(mine) and best.get(peer):
+            print(f"{mine} / {peer}: {best[mine] / best[peer]:.2f}x")
+    plot(rows, out.with_suffix(".png"), slo)
     print(f"json: {out}")
+
+
+def merge(args) -> None:
+    """Several runs' rows (one system's points may come from several runs) as one result; the settings that decide
+    a point must agree."""
+    decide = ("duration", "warmup", "grace", "budget_tokens", "think_mean", "max_conv_tokens", "slo", "trace", "dtype",
+              "max_num_seqs", "max_num_batched_tokens")  # fmt: skip
+    rows, metas = [], []
+    for path in args.merge:
+        data = json.loads(Path(path).read_text())
+        metas.append(data["meta"])
+        rows += [{**r, "from": path} for r in data["rows"]]
+    for meta in metas[1:]:
+        differ = [k for k in decide if meta["args"].get(k) != metas[0]["args"].get(k)]
+        if differ or meta["machine"] != metas[0]["machine"]:
+            raise SystemExit(f"the runs differ in {differ or ['machine']}: not one experiment")
+    rows.sort(key=lambda r: (SYSTEMS.index(r["system"]), r["rate"]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**metas[0], "merged_from": args.merge}
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "max_sustained": max_sustained(rows)}, indent=1))
+    report(rows, out, metas[0]["args"]["slo"])
 
 
 if __name__ == "__main__":
