@@ -43,7 +43,8 @@ $(VLLM_STAMP):
 	touch $(VLLM_STAMP)
 
 # llama.cpp as a peer (benchmarks/scale.py --systems llamacpp): llama-cpp-python's server, built from its sdist
-# (~6 min on 2 cores), and the convert_hf_to_gguf.py of the llama.cpp it vendors (for the F32 GGUF)
+# (~4-6 min on 2 cores), and the convert_hf_to_gguf.py of the llama.cpp it vendors (for the F32 GGUF) with what that
+# script imports (torch, transformers, sentencepiece: in this venv, not in the dev set)
 LLAMA_VENV    := .venv-llama
 LLAMA_STAMP   := $(LLAMA_VENV)/.installed
 LLAMA_VERSION := 0.3.36
@@ -59,6 +60,8 @@ $(LLAMA_STAMP):
 	tar -xzf $(LLAMA_SDIST) -C $(LLAMA_VENV)/convert --strip-components=3 --wildcards \
 		'*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' \
 		'*/vendor/llama.cpp/gguf-py/*'
+	$(LLAMA_VENV)/bin/python -m pip install -q -c constraints.txt torch==2.13.0 transformers safetensors numpy \
+		sentencepiece protobuf
 	touch $(LLAMA_STAMP)
 
 bench-multiturn-vllm: $(STAMP) $(VLLM_STAMP)  ## the multi-turn runs with vLLM's CPU build as a peer

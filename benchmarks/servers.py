@@ -81,7 +81,8 @@ def llamacpp_gguf(folder: Path) -> Path:
         if not script.exists():
             raise SystemExit(f"no {script}: `make llamacpp-peer` first")
         partial = out.with_suffix(".partial")
-        subprocess.run([sys.executable, str(script), str(folder), "--outtype", "f32", "--outfile", str(partial)],
+        python = str(LLAMA_VENV / "bin" / "python")  # (the script's imports are installed there, not in the dev set)
+        subprocess.run([python, str(script), str(folder), "--outtype", "f32", "--outfile", str(partial)],
                        check=True, env={**os.environ, "PYTHONPATH": str(script.parent / "gguf-py")})  # fmt: skip
         partial.rename(out)
     return out
