@@ -13,13 +13,16 @@ prefix, a file it was loaded from) becomes clean without a write.
 Off the step's critical path: `poll` runs on the engine's thread between steps and while idle (at most every
 `interval` seconds); it only takes a snapshot of each chunk (`KVStorage.read_chunk`, a copy) and queues it. A writer
 thread checksums, serializes, writes, fsyncs and renames the file (`DiskStore.write_file`, which touches no shared
-state), paced to `bytes_s` bytes per second; at most `max_in_flight` snapshots wait at once. The next `poll`
-records what landed (`DiskStore.record_write`) and marks the chunks clean. A crash mid-write leaves a temp file
-(removed when the disk_dir is opened), never a half-written chunk file.
+state), paced to `bytes_s` bytes per second. At most `max_in_flight` snapshots wait at once: by default as many
+chunks as the bound lets through between two polls, plus one being written (`in_flight_for`), so the bound binds
+and not the poll, while steps are shorter than the poll interval (at 64 MiB/s and 0.25 s per poll: 13 of SmolLM2's
+1.47 MB chunks, fp32). The next `poll` records what landed (`DiskStore.record_write`) and marks the chunks clean.
+A crash mid-write leaves a temp file (removed when the disk_dir is opened), never a half-written chunk file.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -32,19 +35,21 @@ if TYPE_CHECKING:
     from pensieve.cache.manager import KVManager
 
 
+MIN_POLL_S = 0.05  # the in-flight sizing's floor on the poll interval (with idle_s = 0 poll runs every step)
 FAILURE_BACKOFF_S = 10.0  # after a failed write, the next snapshots wait this long
 COLLECT_S = 60.0  # how often chunk files nothing needs any more (a partial chunk's older copies) are removed
 
 
 class WriteBehind:
-    def __init__(self, kv: KVManager, idle_s: float, bytes_s: float, max_in_flight: int = 4) -> None:
+    def __init__(self, kv: KVManager, idle_s: float, bytes_s: float, max_in_flight: int | None = None) -> None:
         if idle_s < 0 or bytes_s <= 0:
             raise ValueError(f"write-behind needs idle_s >= 0 and bytes_s > 0, got {idle_s!r}, {bytes_s!r}")
         self.kv = kv
         self.idle_s = float(idle_s)
         self.bytes_s = float(bytes_s)
-        self.max_in_flight = max_in_flight
         self.interval = min(0.25, self.idle_s / 4) if self.idle_s else 0.0  # how often poll walks the conversations
+        chunk_bytes = kv.storage.bytes_per_block
+        self.max_in_flight = max_in_flight or in_flight_for(self.bytes_s, self.interval, chunk_bytes)
         self.in_flight: set[bytes] = set()  # keys of the snapshots queued or being written
         self._todo: queue.SimpleQueue = queue.SimpleQueue()  # (key, k, v, num_tokens), or None: stop
         self._done: queue.SimpleQueue = queue.SimpleQueue()  # (key, bytes written, error)
@@ -155,6 +160,13 @@ class WriteBehind:
         if self.kv.disk.record_write(key, written, error, instead="it stays in memory without a copy"):
             self.kv.counters["write_behind_chunks"] += 1
             self.kv.counters["bytes_written_behind"] += written
+
+
+def in_flight_for(bytes_s: float, interval: float, chunk_bytes: int) -> int:
+    """Snapshots to keep queued so that the writer can run at bytes_s between two polls `interval` apart: the chunks
+    one interval lets through, plus the one being written (the snapshots are copies, chunk_bytes each). Polls run
+    between steps, so a step longer than the interval (a long prefill chunk) still caps the writer below the bound."""
+    return math.ceil(bytes_s * max(interval, MIN_POLL_S) / chunk_bytes) + 1
 
 
 # ---- the writer thread ----------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 from pensieve import CacheConfig, StatefulGenerator
 from pensieve.cache import disk as disk_module
 from pensieve.cache.types import Tier
+from pensieve.cache.writebehind import in_flight_for
 from tests.cache.test_persistence import GREEDY, _msg, _turn, run_child_until
 from tests.tiny import hf_greedy, tiny_model
 
@@ -148,6 +149,26 @@ def test_the_writer_keeps_to_its_bandwidth(model, oracle, tmp_path):
         files = gen.stats()["write_behind_chunks"]
     assert files >= 6
     assert took >= (files - 1) / 10 * 0.9, f"{files} chunk files in {took:.2f} s at 10 chunks/s"
+
+
+def test_one_poll_queues_what_the_bound_lets_through_until_the_next(model, oracle, tmp_path):
+    """The in-flight limit comes from the bound (in_flight_for), so the bound binds, not a fixed limit per poll."""
+    with _open(model, tmp_path / "probe") as gen:
+        per_chunk = gen.stats()["kv_bytes_per_block"]
+    histories = {}
+    # 39.5 chunks a second and polls 0.25 s apart: 9.875 chunks per poll, so 10 + the one being written
+    with _open(model, tmp_path / "kv", idle=3600.0, mb_s=39.5 * per_chunk / 2**20) as gen:
+        write_behind = gen.engine.kv.write_behind
+        assert write_behind.interval == 0.25
+        assert write_behind.max_in_flight == 11 == in_flight_for(39.5 * per_chunk, 0.25, per_chunk)
+        _chat(gen, oracle, histories, rounds=2)
+        kv = gen.engine.kv
+        dirty = gen.call(lambda: _dirty(kv))
+        queued = gen.call(lambda: write_behind.poll(time.monotonic() + 1e6))  # everyone idle long enough
+        assert dirty > 11 and queued == 11  # (a limit of 4 per poll capped it at 25 MiB/s at 64 MiB/s: issue 35)
+        _settle(gen)
+    assert in_flight_for(64 * 2**20, 0.25, 1_474_560) == 13  # SmolLM2's 32-token chunk, fp32: 11.4 per poll
+    assert in_flight_for(1.0, 0.25, 1 << 20) == 2 and in_flight_for(1e9, 0.0, 1 << 20) == 49  # the smallest
 
 
 def test_forget_leaves_no_file_of_a_write_in_flight(model, oracle, tmp_path):
