@@ -215,7 +215,8 @@ def main(argv=None) -> None:
               f"{r[f'pensieve_{fast}_ms']:>12.1f}{r['hf_ms']:>9.1f}{r[f'pensieve_{fast}_ms'] / r['batch']:>10.2f}"
               f"{r[f'{fast}_vs_hf']:>7.2f}x{r[f'{fast}_vs_eager']:>8.2f}x{r['floor_ms']:>10.1f}"
               f"{r[f'{fast}_vs_floor']:>8.2f}x")  # fmt: skip
-    print(f"floor: the step's bytes (weights + KV) at a streaming read's {rows[0]['stream_gb_s']} GB/s (same run)")
+    probes = ", ".join(dict.fromkeys(f"{r['stream_gb_s']} GB/s ({r['dtype']} rows)" for r in rows))
+    print(f"floor: the step's bytes (weights + KV) at a streaming read's bandwidth, measured in this run: {probes}")
     meta = {**vars(args), "threads": threads, "torch": torch.__version__, "where": where, "model": model_name}
     write_results(args.out, meta, rows, lambda rows, path: plot(rows, path, fast))
 

@@ -65,6 +65,8 @@ def create_app(model, tokenizer, served_name: str) -> FastAPI:
                 try:
                     for item in greedy(model, tokenizer, ids, max_tokens, stop_ids, cancel):
                         loop.call_soon_threadsafe(queue.put_nowait, item)
+                except Exception as error:  # (the stream breaks off: the client sees a failed request)
+                    loop.call_soon_threadsafe(queue.put_nowait, error)
                 finally:
                     loop.call_soon_threadsafe(queue.put_nowait, None)
 
@@ -73,6 +75,8 @@ def create_app(model, tokenizer, served_name: str) -> FastAPI:
                 thread.start()
                 try:
                     while (item := await queue.get()) is not None:
+                        if isinstance(item, Exception):
+                            raise item
                         yield item
                 finally:
                     cancel.set()
@@ -114,13 +118,17 @@ def greedy(model, tokenizer, ids: list[int], max_tokens: int, stop_ids: set[int]
     """Yields (text delta, token id) per generated token: the whole prompt prefilled, then one token per forward."""
     out = model(torch.tensor([ids]), use_cache=True)
     past, generated, text = out.past_key_values, [], ""
-    for _ in range(max_tokens):
+    for i in range(max_tokens):
         token = int(out.logits[0, -1].argmax())
         generated.append(token)
+        last = i == max_tokens - 1 or token in stop_ids or cancel.is_set()
         full = tokenizer.decode(generated, skip_special_tokens=True)
-        yield full[len(text) :], token
-        text = full
-        if token in stop_ids or cancel.is_set():
+        if full.endswith("\ufffd") and not last:  # an incomplete UTF-8 sequence: its text comes with a later token
+            yield "", token
+        else:
+            yield full[len(text) :], token
+            text = full
+        if last:
             return
         out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
         past = out.past_key_values

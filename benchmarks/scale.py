@@ -152,7 +152,8 @@ async def conversation(client, conv: dict, point: Point, bar) -> None:
                     if chunk.usage is not None:
                         usage, stats = chunk.usage, (chunk.model_extra or {}).get("stats")
             end = time.perf_counter()
-            if usage is None:  # the client's count: the prompt through the chat template, the reply as text
+            counted = usage is None  # then: what the server reused is unknown (llama.cpp)
+            if counted:  # the client's count: the prompt through the chat template, the reply as text
                 rendered = point.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
                 prompt = len(rendered)
                 reply = len(point.tokenizer.encode("".join(pieces), add_special_tokens=False))
@@ -164,7 +165,7 @@ async def conversation(client, conv: dict, point: Point, bar) -> None:
                 done=True, latency_s=end - t_send, ttft_s=(first or end) - t_send, prompt=usage.prompt_tokens,
                 completion=usage.completion_tokens, cached=cached, new=usage.prompt_tokens - before,
                 # pensieve: every position it ran before the first token (recompute included); vLLM: prompt - cached
-                computed=stats["prefilled_tokens"] if stats else usage.prompt_tokens - cached,
+                computed=None if counted else stats["prefilled_tokens"] if stats else usage.prompt_tokens - cached,
                 cached_by_tier=stats["cached_tokens"] if stats else None,
             )  # fmt: skip
             record["norm_latency_s"] = record["latency_s"] / max(1, record["completion"])
@@ -254,6 +255,9 @@ def summarize(system: str, rate: float, point: Point, args, moved: dict, read_by
         for tier, n in (r["cached_by_tier"] or {}).items():
             tiers[tier] += n
     p90 = _pct(norm, 0.9)
+    later_new = sum(r["new"] for r in later)
+    known = [r["computed"] for r in later if r["computed"] is not None]
+    computed = sum(known) if len(known) == len(later) else None  # None: the server did not say (llama.cpp)
     return {
         "system": system,
         "rate": rate,
@@ -271,9 +275,9 @@ def summarize(system: str, rate: float, point: Point, args, moved: dict, read_by
         "live_conversations_mean": round(statistics.fmean(n for n, _ in live), 1) if live else None,
         "live_tokens_mean": round(statistics.fmean(t for _, t in live)) if live else None,
         "live_tokens_max": max((t for _, t in live), default=None),
-        "later_new_tokens": sum(r["new"] for r in later),
-        "later_computed_tokens": sum(r["computed"] for r in later),
-        "later_computed_over_new": round(sum(r["computed"] for r in later) / max(1, sum(r["new"] for r in later)), 3),
+        "later_new_tokens": later_new,
+        "later_computed_tokens": computed,
+        "later_computed_over_new": None if computed is None else round(computed / max(1, later_new), 3),
         "pensieve_cached_by_tier": tiers if system.startswith("pensieve") else None,
         "disk_tier_bytes": {k.split("=")[1]: int(v) for k, v in moved.items() if k.startswith("disk")} or None,
         "preemptions": int(moved.get("preemptions", 0)),
@@ -283,6 +287,10 @@ def summarize(system: str, rate: float, point: Point, args, moved: dict, read_by
 
 def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else math.nan
+
+
+def _times(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
 
 
 def _round(x: float):
@@ -350,7 +358,7 @@ def table(rows: list[dict]) -> str:
         out.append(
             f"| {r['system']} | {r['rate']:g} | {r['requests_per_s']:.3f} | {r['output_tokens_per_s']:.1f} | "
             f"{r['norm_latency_p50_s']} / {r['norm_latency_p90_s']} | {r['ttft_p50_s']} / {r['ttft_p99_s']} | "
-            f"{r['live_conversations_mean']} | {r['live_tokens_mean']} | {r['later_computed_over_new']:.2f}x | "
+            f"{r['live_conversations_mean']} | {r['live_tokens_mean']} | {_times(r['later_computed_over_new'])} | "
             f"{r['unfinished']} | {'met' if r['sustained'] else 'missed'} |"
         )
     return "\n".join(out)
@@ -460,7 +468,7 @@ def merge(args) -> None:
     """Several runs' rows (one system's points may come from several runs) as one result; the settings that decide
     a point must agree."""
     decide = ("duration", "warmup", "grace", "budget_tokens", "think_mean", "max_conv_tokens", "slo", "trace", "dtype",
-              "max_num_seqs", "max_num_batched_tokens")  # fmt: skip
+              "max_num_seqs", "max_num_batched_tokens", "seed")  # fmt: skip
     rows, metas = [], []
     for path in args.merge:
         data = json.loads(Path(path).read_text())
