@@ -76,7 +76,8 @@ def test_idle_chunks_get_clean_copies_and_evicting_them_writes_nothing(model, or
                 k, v = kv.storage.read_chunk(chunk.tier, chunk.block)
                 n = kv.chunk_tokens(conv, i)
                 on_disk = kv.disk.read_chunk(chunk.copy, i * kv.block_size + n)
-                assert on_disk is not None and on_disk[0].equal(k) and on_disk[1].equal(v)
+                # (a partial chunk's positions past n hold whatever its block held before: not KV, not compared)
+                assert on_disk is not None and on_disk[0][:, :n].equal(k[:, :n]) and on_disk[1][:, :n].equal(v[:, :n])
         written = stats["bytes_written_disk"]
         # a long new conversation pushes the others out of memory: their clean chunks move to disk without a write
         _turn(gen, oracle, histories, "d", _msg(77, n=60))
