@@ -11,15 +11,10 @@ from safetensors import safe_open
 
 from pensieve import CacheConfig, SamplingParams, StatefulGenerator
 from pensieve.cluster.mempool import MemPool
-from tests.tiny import VOCAB, check_every_step, hf_greedy, int8_oracle, oracle_copy, oracle_turn, tiny_model
+from tests.tiny import VOCAB, check_every_step, hf_greedy, int8_oracle, oracle_copy, oracle_turn
 
 BS = 4
 GREEDY = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama", seed=3)
 
 
 @pytest.fixture(scope="module")
