@@ -44,7 +44,7 @@ def _attention(kv_dtype: torch.dtype):
         t, hkv, d = k.shape
         compute = torch.float32 if kv_dtype == torch.int8 else kv_dtype
         blocks = -(-t // BLOCK)
-        width = d + 4 if kv_dtype == torch.int8 else d
+        width = row_bytes(d, "int8") if kv_dtype == torch.int8 else d
         caches = [torch.empty(blocks, BLOCK, hkv, width, dtype=kv_dtype) for _ in "kv"]
         write_kv(k.to(compute), v.to(compute), *caches, torch.arange(t))
         out = paged_attention(q.to(compute), *caches, torch.arange(blocks, dtype=torch.int32)[None],

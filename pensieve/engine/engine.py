@@ -29,7 +29,7 @@ from pensieve.engine.runner import ModelRunner, default_num_blocks
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
 from pensieve.engine.turn import Candidates, ResolvedSampling, Turn, TurnAborted
 from pensieve.models.support import model_shape
-from pensieve.ops.quant import SCALE_BYTES
+from pensieve.ops.quant import QPARAM_BYTES
 from pensieve.structured.tools import ChatFormat, tools_key
 
 
@@ -52,7 +52,7 @@ class Engine:
         num_blocks = cache_config.num_device_blocks or default_num_blocks(shape, bs, kv_dtype, param.device)
         storage = KVStorage(
             shape.num_layers,
-            (bs, shape.num_kv_heads, shape.head_dim + (SCALE_BYTES if kv_dtype == "int8" else 0)),
+            (bs, shape.num_kv_heads, shape.head_dim + (QPARAM_BYTES if kv_dtype == "int8" else 0)),
             torch.int8 if kv_dtype == "int8" else param.dtype,
             param.device,
             num_blocks,

@@ -187,7 +187,7 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor, slot: str) -> torch.Te
         setattr(_scratch, slot, buf)
     out = buf[:numel].view(block_ids.numel(), block_size * num_kv_heads * head_dim)
     torch.index_select(cache.view(num_blocks, -1), 0, block_ids, out=out)
-    if cache.dtype == torch.int8:  # rows of head_dim + 4 bytes: dequantized (fp32) after the gather
+    if cache.dtype == torch.int8:  # rows of head_dim + 8 bytes: dequantized (fp32) after the gather
         return dequantize_kv(out.view(-1, num_kv_heads, head_dim))
     return out.view(-1, num_kv_heads, head_dim)
 

@@ -10,9 +10,9 @@ and window masks are fused; softmax is online, in fp32.
 
 These launchers run on CPU tensors under TRITON_INTERPRET=1, which is how CI tests them.
 
-int8 caches (pensieve/ops/quant.py: rows of head_dim int8 values, then their fp32 scale): the attention loads a K/V
-tile's values and scales and dequantizes them in registers (QUANT); `_write_kv_int8_kernel` quantizes one row per
-program. q and out are float32 there.
+int8 caches (pensieve/ops/quant.py: rows of head_dim int8 values, then their fp32 scale and minimum): the attention
+loads a K/V tile's values, scales and minima and dequantizes them in registers (QUANT); `_write_kv_int8_kernel`
+quantizes one row per program. q and out are float32 there.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from pensieve.ops.validation import (
+    QPARAM_BYTES,
     check_attention_shapes_cached,
     check_attention_values,
     check_write_shapes,
@@ -126,15 +127,17 @@ def _paged_attention_kernel(
         in_block = key_pos % BLOCK_SIZE
         k_offs = block[None, :] * stride_k_blk + in_block[None, :] * stride_k_off + kv_head * stride_k_head
         v_offs = block[:, None] * stride_v_blk + in_block[:, None] * stride_v_off + kv_head * stride_v_head
-        if QUANT:  # int8 values, then the row's fp32 scale: dequantized here
+        if QUANT:  # int8 values, then the row's fp32 scale and minimum: dequantized here
             k = tl.load(k_cache_ptr + k_offs + offs_d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0)
-            k_scale = tl.load((k_cache_ptr + k_offs + HEAD_DIM).to(tl.pointer_type(tl.float32)), mask=key_ok[None, :],
-                              other=0.0)  # fmt: skip
-            k = k.to(tl.float32) * k_scale
+            k_params = (k_cache_ptr + k_offs + HEAD_DIM).to(tl.pointer_type(tl.float32))
+            k_scale = tl.load(k_params, mask=key_ok[None, :], other=0.0)
+            k_lo = tl.load(k_params + 1, mask=key_ok[None, :], other=0.0)
+            k = (k.to(tl.float32) + 128.0) * k_scale + k_lo
             v = tl.load(v_cache_ptr + v_offs + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0)
-            v_scale = tl.load((v_cache_ptr + v_offs + HEAD_DIM).to(tl.pointer_type(tl.float32)), mask=key_ok[:, None],
-                              other=0.0)  # fmt: skip
-            v = v.to(tl.float32) * v_scale
+            v_params = (v_cache_ptr + v_offs + HEAD_DIM).to(tl.pointer_type(tl.float32))
+            v_scale = tl.load(v_params, mask=key_ok[:, None], other=0.0)
+            v_lo = tl.load(v_params + 1, mask=key_ok[:, None], other=0.0)
+            v = (v.to(tl.float32) + 128.0) * v_scale + v_lo
         else:
             k = tl.load(k_cache_ptr + k_offs + offs_d[:, None], mask=d_ok[:, None] & key_ok[None, :], other=0.0)
             v = tl.load(v_cache_ptr + v_offs + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
@@ -212,7 +215,8 @@ def _write_kv_int8_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """Row (token t, head h) of src quantized into its slot: scale = max|x| / 127, round half to even."""
+    """Row (token t, head h) of src quantized into its slot (pensieve/ops/quant.py): scale = hi / 255 - lo / 255,
+    q = round_half_even((x - lo) / scale) - 128, then the scale and lo."""
     t = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slot_ptr + t)
@@ -222,16 +226,19 @@ def _write_kv_int8_kernel(
     ok = d < HEAD_DIM
     x = tl.load(src_ptr + t.to(tl.int64) * stride_t + h * stride_h + d, mask=ok, other=0.0).to(tl.float32)
     # IEEE divisions (div_rn): Triton's `/` on CUDA is div.full.f32 (up to 2 ulp), which would not match quantize_kv
-    amax = tl.max(tl.abs(x), axis=0)
-    scale = tl.math.div_rn(amax, 127.0)
+    lo = tl.min(tl.where(ok, x, float("inf")), axis=0)
+    hi = tl.max(tl.where(ok, x, float("-inf")), axis=0)
     bad = tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=0)  # (tl.max may skip a NaN)
-    scale = tl.where(bad == 0, scale, float("nan"))  # a row with a NaN or inf: values 0, a NaN scale
-    y = tl.where(scale > 0, tl.math.div_rn(x, tl.where(scale > 0, scale, 1.0)), 0.0)
-    y = (y + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds |y| <= 127 to the nearest integer, ties to even
-    y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+    lo = tl.where(bad == 0, lo, float("nan"))  # a row with a NaN or inf: values -128, a NaN scale and minimum
+    scale = tl.where(bad == 0, tl.math.div_rn(hi, 255.0) - tl.math.div_rn(lo, 255.0), float("nan"))
+    y = tl.where(scale > 0, tl.math.div_rn(x - lo, tl.where(scale > 0, scale, 1.0)), 0.0)
+    y = tl.minimum(tl.maximum(y, 0.0), 255.0)
+    y = (y + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds 0 <= y <= 255 to the nearest integer, ties to even
     row = cache_ptr + (slot // BLOCK_SIZE) * stride_c_blk + (slot % BLOCK_SIZE) * stride_c_off + h * stride_c_head
-    tl.store(row + d, y.to(tl.int8), mask=ok)
-    tl.store((row + HEAD_DIM).to(tl.pointer_type(tl.float32)), scale)
+    tl.store(row + d, (y - 128.0).to(tl.int8), mask=ok)
+    params = (row + HEAD_DIM).to(tl.pointer_type(tl.float32))
+    tl.store(params, scale)
+    tl.store(params + 1, lo)
 
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -245,9 +252,9 @@ def _cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, .
 def _require_triton_layout(**tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if t.dtype == torch.int8 and name.endswith("cache"):  # an int8 cache (pensieve/ops/quant.py)
-            if (t.shape[-1] - 4) % 4:
+            if (t.shape[-1] - QPARAM_BYTES) % 4:
                 raise ValueError(f"an int8 {name} on the Triton kernels needs head_dim % 4 == 0 (its fp32 scales "
-                                 f"are read aligned), got head_dim {t.shape[-1] - 4}")  # fmt: skip
+                                 f"are read aligned), got head_dim {t.shape[-1] - QPARAM_BYTES}")  # fmt: skip
             continue
         if t.dtype not in _TRITON_DTYPES:
             raise ValueError(f"{name} dtype {t.dtype} is not supported by the Triton kernel (fp16/bf16/fp32)")

@@ -14,7 +14,7 @@ import threading
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-SCALE_BYTES = 4  # an int8 KV row's fp32 scale, stored after its head_dim values (pensieve/ops/quant.py)
+QPARAM_BYTES = 8  # an int8 KV row's fp32 scale and fp32 minimum, after its head_dim values (pensieve/ops/quant.py)
 
 _trust = threading.local()
 
@@ -124,7 +124,7 @@ def check_attention_shapes(
     _require(
         head_dim == cache_head_dim(k_cache),
         f"q head_dim {head_dim} != cache head_dim {cache_head_dim(k_cache)}"
-        + (f" (an int8 cache's rows hold head_dim + {SCALE_BYTES} bytes)" if quantized else ""),
+        + (f" (an int8 cache's rows hold head_dim + {QPARAM_BYTES} bytes)" if quantized else ""),
     )
     _require(
         num_kv_heads > 0 and num_q_heads % num_kv_heads == 0,
@@ -188,8 +188,9 @@ def check_write_shapes(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 def cache_head_dim(cache: torch.Tensor) -> int:
-    """head_dim of a KV cache [num_blocks, block_size, Hkv, D] (int8: [.., D + SCALE_BYTES], each row's scale last)."""
-    return cache.shape[3] - SCALE_BYTES if cache.dtype == torch.int8 else cache.shape[3]
+    """head_dim of a KV cache [num_blocks, block_size, Hkv, D] (int8: [.., D + QPARAM_BYTES], each row's scale and
+    minimum last)."""
+    return cache.shape[3] - QPARAM_BYTES if cache.dtype == torch.int8 else cache.shape[3]
 
 
 def check_write_values(k_cache, slot_mapping) -> None:

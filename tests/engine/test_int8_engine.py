@@ -39,10 +39,10 @@ def _turn(gen, oracle, histories, conv_id, msg):
 def test_int8_blocks_hold_values_and_scales_in_their_bytes(model):
     with _open(model) as gen:
         k_cache, _ = gen.engine.kv.storage.device_caches[0]
-        assert k_cache.dtype.is_signed and k_cache.element_size() == 1 and k_cache.shape[-1] == 16 + 4
+        assert k_cache.dtype.is_signed and k_cache.element_size() == 1 and k_cache.shape[-1] == 16 + 8
         stats = gen.stats()
         assert stats["kv_dtype"] == "int8"
-        assert stats["kv_bytes_per_block"] == 2 * 2 * BS * 2 * (16 + 4)  # K and V, layers, slots, heads, row
+        assert stats["kv_bytes_per_block"] == 2 * 2 * BS * 2 * (16 + 8)  # K and V, layers, slots, heads, row
 
 
 def test_decode_prefill_swaps_and_recompute_match_the_int8_oracle(model, oracle8):

@@ -1,6 +1,6 @@
 """int8 KV (pensieve/ops/quant.py): write_kv quantizes exactly as `quantize_kv` defines it (bit for bit, every other
 slot untouched), and every attention path on an int8 cache matches the float64 reference over the dequantized cache.
-Rows outside a sequence's history carry a NaN scale (poison): a path that reads one returns NaN."""
+Rows outside a sequence's history carry a NaN scale and minimum (poison): a path that reads one returns NaN."""
 
 import importlib.util
 import os
@@ -20,17 +20,32 @@ needs_cpp = pytest.mark.skipif(not cpu_kernel.load(), reason="the C++ CPU kernel
 TOL = 2e-5  # fp32 arithmetic over the same dequantized numbers
 
 
-def test_quantize_round_trip_is_within_half_a_step_and_zero_rows_stay_zero():
+def test_quantize_round_trip_is_within_half_a_step_and_constant_rows_are_exact():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(50, 3, 64, generator=gen) * torch.rand(50, 3, 1, generator=gen) * 10
+    x += torch.randn(50, 3, 1, generator=gen) * 5  # rows off centre: what the zero point is for
     x[7, 1] = 0
+    x[8, 2] = -3.25
     packed = quantize_kv(x)
-    assert packed.shape == (50, 3, 68) and packed.dtype == torch.int8
-    step = x.abs().amax(-1, keepdim=True) / 127
-    assert ((dequantize_kv(packed) - x).abs() <= step / 2 + 1e-7).all()
-    assert (dequantize_kv(packed)[7, 1] == 0).all()
-    assert packed[..., :64].min() >= -127  # -128 is never written (the tests' poison byte)
-    assert row_bytes(64, "int8") == 68 and row_bytes(64, torch.float32) == 256 and row_bytes(64, "bfloat16") == 128
+    assert packed.shape == (50, 3, 72) and packed.dtype == torch.int8
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    step = (hi - lo) / 255
+    assert ((dequantize_kv(packed) - x).abs() <= step / 2 + 1e-6 * hi.abs().clamp_min(1)).all()
+    assert (dequantize_kv(packed)[7, 1] == 0).all() and (dequantize_kv(packed)[8, 2] == -3.25).all()
+    q = packed[..., :64]
+    assert q.min() == -128 and q.max() == 127  # all 256 levels: each row's minimum and maximum are its ends
+    assert ((q == -128).any(-1) & ((q == 127).any(-1) | (step.squeeze(-1) == 0))).all()
+    # each row's end points come back within rounding of fp32, not within half a step
+    torch.testing.assert_close(dequantize_kv(packed).amin(-1), lo.squeeze(-1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dequantize_kv(packed).amax(-1), hi.squeeze(-1), rtol=1e-6, atol=1e-5)
+    assert row_bytes(64, "int8") == 72 and row_bytes(64, torch.float32) == 256 and row_bytes(64, "bfloat16") == 128
+
+
+def test_the_zero_point_halves_the_error_of_an_off_centre_row():
+    """A row in [0, 10]: symmetric amax / 127 steps would be 10 / 127, this scheme's are 10 / 255."""
+    x = torch.linspace(0, 10, 64).view(1, 64)
+    err = (dequantize_kv(quantize_kv(x)) - x).abs().max()
+    assert err <= 10 / 255 / 2 + 1e-6 and err < 10 / 127 / 2 / 1.9
 
 
 @st.composite
@@ -41,14 +56,17 @@ def int8_writes(draw):
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
     slots[torch.rand(num_tokens, generator=gen) < draw(st.sampled_from((0.0, 0.3)))] = -1
-    shape = (num_blocks, block_size, heads, head_dim + 4)
-    k_cache = torch.full(shape, -128, dtype=torch.int8)  # poison: a byte quantize never writes
+    shape = (num_blocks, block_size, heads, head_dim + 8)
+    k_cache = torch.full(shape, -1, dtype=torch.int8)  # poison: as parameters, two NaN floats
     v_cache = torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8)
     scale = draw(st.sampled_from((1e-3, 1.0, 300.0)))
     k = torch.randn(num_tokens, heads, head_dim, generator=gen) * scale
     v = (torch.randn(heads, num_tokens, head_dim, generator=gen) * scale).transpose(0, 1)  # strided
+    k += torch.randn(num_tokens, heads, 1, generator=gen) * scale  # off centre
     if num_tokens:
         k[0, 0] = 0  # a zero row: scale 0
+    if num_tokens > 1:
+        k[1, 0] = -scale  # a constant row
     return k, v, k_cache, v_cache, slots.long()
 
 
@@ -62,7 +80,7 @@ def test_write_kv_quantizes_bit_for_bit_and_leaves_other_slots(impl, problem):
 
 
 def _quantized(case: Case) -> Case:
-    """The case over int8 caches (q float32); rows outside every history keep a NaN scale."""
+    """The case over int8 caches (q float32); rows outside every history keep a NaN scale and minimum."""
     return Case(
         case.q.float(), quantize_kv(case.k_cache), quantize_kv(case.v_cache), case.block_tables, case.cu_seqlens_q,
         case.seq_lens_k, case.scale, case.sliding_window, case.softcap,
@@ -93,13 +111,13 @@ def test_the_op_and_the_torch_path_on_an_int8_cache(case):
 
 
 def test_an_int8_cache_refuses_other_q_dtypes_and_shapes():
-    cache = torch.zeros(2, 4, 1, 68, dtype=torch.int8)
+    cache = torch.zeros(2, 4, 1, 72, dtype=torch.int8)
     args = (torch.ones(1, dtype=torch.int32).view(1, 1) * 0, torch.tensor([0, 1], dtype=torch.int32),
             torch.tensor([1], dtype=torch.int32), 0.125)  # fmt: skip
     with pytest.raises(ValueError, match="float32"):
         paged_attention(torch.zeros(1, 2, 64, dtype=torch.bfloat16), cache, cache, *args)
     with pytest.raises(ValueError, match="head_dim"):
-        paged_attention(torch.zeros(1, 2, 68), cache, cache, *args)
+        paged_attention(torch.zeros(1, 2, 72), cache, cache, *args)
     with pytest.raises(ValueError, match="float32"):
         write_kv(torch.zeros(1, 1, 64, dtype=torch.float64), torch.zeros(1, 1, 64, dtype=torch.float64), cache,
                  cache, torch.zeros(1, dtype=torch.long))  # fmt: skip
@@ -132,10 +150,10 @@ def test_triton_attention_on_an_int8_cache(case):
 
 
 def _ties() -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows whose scale is exactly 1 (max |x| = 127) holding halves: round half to even decides every value."""
-    row = torch.tensor([127.0, -2.5, 2.5, 3.5, -3.5, 0.5, -0.5, 1.5, 126.5, -126.5] + [0.0] * 6)
-    want = torch.tensor([127, -2, 2, 4, -4, 0, 0, 2, 126, -126] + [0] * 6, dtype=torch.int8)
-    return row.view(1, 1, 16), want
+    """A row whose scale is exactly 1 (min 0, max 255) holding halves: round half to even decides every value."""
+    row = torch.tensor([255.0, 0.0, 2.5, 3.5, 0.5, 1.5, 126.5, 127.5, 254.5, 253.5] + [7.0] * 6)
+    want = torch.tensor([255, 0, 2, 4, 0, 2, 126, 128, 254, 254] + [7] * 6) - 128
+    return row.view(1, 1, 16), want.to(torch.int8)
 
 
 @pytest.mark.parametrize("impl", ["cpp", "torch", "triton"])
@@ -150,10 +168,11 @@ def test_every_write_path_rounds_half_to_even_and_poisons_non_finite_rows(impl):
     bad = torch.full((1, 1, 16), 1.0)
     bad[0, 0, 3] = float("nan")
     k = torch.cat([row, bad, bad.nan_to_num(nan=float("inf"))])  # [3, 1, 16]
-    k_cache, v_cache = (torch.zeros(1, 4, 1, 20, dtype=torch.int8) for _ in "kv")
+    k_cache, v_cache = (torch.zeros(1, 4, 1, 24, dtype=torch.int8) for _ in "kv")
     write(k, k.clone(), k_cache, v_cache, torch.arange(3))
-    assert torch.equal(k_cache[0, 0, 0, :16], want) and dequantize_kv(k_cache[0, 0, 0])[0] == 127
+    assert torch.equal(k_cache[0, 0, 0, :16], want) and dequantize_kv(k_cache[0, 0, 0])[0] == 255
+    assert k_cache[0, 0, 0, 16:].view(torch.float32).tolist() == [1.0, 0.0]  # scale, minimum
     assert torch.equal(quantize_kv(row)[0, 0, :16], want)  # the definition agrees
     for slot in (1, 2):
-        assert dequantize_kv(k_cache[0, slot]).isnan().all() and (k_cache[0, slot, 0, :16] == 0).all()
+        assert dequantize_kv(k_cache[0, slot]).isnan().all() and (k_cache[0, slot, 0, :16] == -128).all()
     assert (k_cache[0, 3] == 0).all()  # the unwritten slot

@@ -6,8 +6,8 @@
 //                                 sliding_window, softcap) -> out
 //   pensieve_cpu::paged_attention_out(..., out!): the same into a given tensor (tests poison it first)
 // Same contract as pensieve::paged_attention (pensieve/ops/attention.py).
-// int8 caches (kv_dtype="int8", pensieve/ops/quant.py): rows of head_dim int8 values then their fp32 scale, so the
-// caches are [num_blocks, block_size, Hkv, head_dim + 4] int8 and q, out, k, v float32. write_kv quantizes each row;
+// int8 caches (kv_dtype="int8", pensieve/ops/quant.py): rows of head_dim int8 values then their fp32 scale and
+// minimum, so the caches are [num_blocks, block_size, Hkv, head_dim + 8] int8 and q, out, k, v float32. write_kv quantizes each row;
 // the attention dequantizes a block's rows into fp32 scratch as it reaches them (the path bf16 blocks take) and runs
 // the fp32 kernel on them. Every index these kernels follow is
 // checked first (ValueError): a bad table or slot can never make them read or write outside the pools.
@@ -71,7 +71,7 @@ struct Problem {
   const int8_t* v8 = nullptr;
 };
 
-constexpr int64_t kScaleBytes = 4;  // an int8 row's fp32 scale, after its head_dim values
+constexpr int64_t kParamBytes = 8;  // an int8 row's fp32 scale and fp32 minimum, after its head_dim values
 
 struct Item {
   int64_t seq, q_begin, q_end;  // queries [q_begin, q_end) of the sequence (0-based within it), all heads
@@ -110,7 +110,7 @@ void check_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
                     " entries, expected num_seqs + 1 = ", num_seqs + 1);
   TORCH_CHECK_VALUE(seq_lens_k.size(0) == num_seqs, "seq_lens_k has ", seq_lens_k.size(0),
                     " entries, expected num_seqs = ", num_seqs);
-  const int64_t cache_dim = k_cache.size(3) - (quantized ? kScaleBytes : 0);
+  const int64_t cache_dim = k_cache.size(3) - (quantized ? kParamBytes : 0);
   TORCH_CHECK_VALUE(q.size(2) == cache_dim, "q head_dim ", q.size(2), " != cache head_dim ", cache_dim);
   TORCH_CHECK_VALUE(k_cache.size(2) > 0 && q.size(1) % k_cache.size(2) == 0, "Hq=", q.size(1),
                     " is not a multiple of Hkv=", k_cache.size(2));
@@ -203,16 +203,18 @@ class LinePrefetcher {
   int64_t per_step_ = 0;
 };
 
-// rows packed int8 rows (head_dim values, then the fp32 scale) -> fp32 [rows][D] at dst: q * scale, as
-// pensieve/ops/quant.py defines it (the loop vectorizes: sign-extend, convert, multiply).
+// rows packed int8 rows (head_dim values, then the fp32 scale and minimum) -> fp32 [rows][D] at dst:
+// (q + 128) * scale + lo, as pensieve/ops/quant.py defines it (the loop vectorizes: sign-extend, convert, add,
+// fused multiply-add).
 inline void dequant_rows(const int8_t* src, int64_t rows, int64_t D, float* dst) {
-  const int64_t stride = D + kScaleBytes;
+  const int64_t stride = D + kParamBytes;
   for (int64_t r = 0; r < rows; ++r) {
     const int8_t* row = src + r * stride;
-    float scale;
+    float scale, lo;
     std::memcpy(&scale, row + D, sizeof(float));
+    std::memcpy(&lo, row + D + sizeof(float), sizeof(float));
     float* out = dst + r * D;
-    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(row[d]) * scale;
+    for (int64_t d = 0; d < D; ++d) out[d] = (static_cast<float>(row[d]) + 128.f) * scale + lo;
   }
 }
 
@@ -448,7 +450,7 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
     const acc* kb = nullptr;
     if constexpr (kFloat) {
       if (quant) {
-        dequant_rows(p.k8 + slot0 * Hkv * (D + kScaleBytes), n * Hkv, D, s.k_block.data());
+        dequant_rows(p.k8 + slot0 * Hkv * (D + kParamBytes), n * Hkv, D, s.k_block.data());
         kb = s.k_block.data();
       }
     }
@@ -458,7 +460,7 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
     // arithmetic instead of stalling it in one burst.
     LinePrefetcher pk, pv;
     if (col < last_col && quant) {
-      const int64_t bytes = bs * Hkv * (D + kScaleBytes), next = static_cast<int64_t>(table[col + 1]) * bytes;
+      const int64_t bytes = bs * Hkv * (D + kParamBytes), next = static_cast<int64_t>(table[col + 1]) * bytes;
       pk = LinePrefetcher(p.k8 + next, bytes, rows * (BSp / W));
       pv = LinePrefetcher(p.v8 + next, bytes, pv_passes);
     } else if (col < last_col) {
@@ -580,7 +582,7 @@ void run_item(const Problem& p, const Item& it, const scalar_t* q, int64_t q_str
     const scalar_t* vb = nullptr;
     if constexpr (kFloat) {
       if (quant) {
-        dequant_rows(p.v8 + slot0 * Hkv * (D + kScaleBytes), n * Hkv, D, s.v_block.data());
+        dequant_rows(p.v8 + slot0 * Hkv * (D + kParamBytes), n * Hkv, D, s.v_block.data());
         vb = s.v_block.data();
       }
     }
@@ -804,7 +806,7 @@ void attend_by_sdpa(const Problem& p, int64_t b, const at::Tensor& q, const at::
   auto v = at::empty_like(k);
   const int32_t* table = p.tables + b * p.table_cols + first_col;
   const int64_t item = k_cache.element_size();
-  const int64_t packed = p.block_size * p.num_kv_heads * (p.head_dim + kScaleBytes);
+  const int64_t packed = p.block_size * p.num_kv_heads * (p.head_dim + kParamBytes);
   for (int64_t c = 0; c < num_cols && quant; ++c) {
     const int64_t rows = p.block_size * p.num_kv_heads;
     dequant_rows(p.k8 + table[c] * packed, rows, p.head_dim, k.data_ptr<float>() + c * block_numel);
@@ -929,8 +931,8 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cach
                     "k_cache and v_cache must both be [num_blocks, block_size, Hkv, D]");
   TORCH_CHECK_VALUE(k_cache.is_contiguous() && v_cache.is_contiguous(), "k_cache and v_cache must be contiguous");
   TORCH_CHECK_VALUE(k.dim() == 3 && v.sizes() == k.sizes(), "k and v must both be [T, Hkv, D]");
-  const bool quantized = k_cache.scalar_type() == at::kChar;  // int8 rows + fp32 scale (pensieve/ops/quant.py)
-  const int64_t cache_dim = k_cache.size(3) - (quantized ? kScaleBytes : 0);
+  const bool quantized = k_cache.scalar_type() == at::kChar;  // int8 rows + scale, minimum (pensieve/ops/quant.py)
+  const int64_t cache_dim = k_cache.size(3) - (quantized ? kParamBytes : 0);
   TORCH_CHECK_VALUE(k.size(1) == k_cache.size(2) && k.size(2) == cache_dim, "k is [T, ", k.size(1), ", ", k.size(2),
                     "] but the cache holds [.., ", k_cache.size(2), ", ", cache_dim, "]");
   const auto want = quantized ? at::kFloat : k_cache.scalar_type();
@@ -955,7 +957,7 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cach
     seen[slots[t]] = true;
   }
   const int64_t heads = k.size(1), D = k.size(2), item = k.element_size();
-  if (quantized) {  // each (token, head) row: scale = max|x| / 127, q = round_half_even(x / scale) in [-127, 127]
+  if (quantized) {  // each (token, head) row: scale = hi / 255 - lo / 255, q = round_half_even((x - lo) / scale) - 128
     for (const auto& [src_t, dst] : {std::pair{&k, &k_cache}, std::pair{&v, &v_cache}}) {
       const at::Tensor src = src_t->stride(2) == 1 ? *src_t : src_t->contiguous();
       const float* sp = src.data_ptr<float>();
@@ -966,20 +968,24 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cach
           if (slots[t] < 0) continue;
           for (int64_t h = 0; h < heads; ++h) {
             const float* x = sp + t * s0 + h * s1;
-            int8_t* row = dp + (slots[t] * heads + h) * (D + kScaleBytes);
-            float amax = 0.f;
+            int8_t* row = dp + (slots[t] * heads + h) * (D + kParamBytes);
+            float lo = std::numeric_limits<float>::infinity(), hi = -lo;
             bool finite = true;
             for (int64_t d = 0; d < D; ++d) {
               finite = finite && std::isfinite(x[d]);
-              amax = std::max(amax, std::fabs(x[d]));
+              lo = std::min(lo, x[d]);
+              hi = std::max(hi, x[d]);
             }
-            // a NaN or inf in the row: values 0 and a NaN scale (it reads back as NaN), as quantize_kv defines
-            const float scale = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+            // a NaN or inf in the row: values -128, a NaN scale and minimum (it reads back as NaN), as quantize_kv
+            const float nan = std::numeric_limits<float>::quiet_NaN();
+            const float scale = finite ? hi / 255.f - lo / 255.f : nan;
+            lo = finite ? lo : nan;
             for (int64_t d = 0; d < D; ++d) {
-              const float y = scale > 0.f ? std::nearbyint(x[d] / scale) : 0.f;
-              row[d] = static_cast<int8_t>(std::clamp(y, -127.f, 127.f));
+              const float y = scale > 0.f ? std::nearbyint((x[d] - lo) / scale) : 0.f;
+              row[d] = static_cast<int8_t>(std::clamp(y, 0.f, 255.f) - 128.f);
             }
             std::memcpy(row + D, &scale, sizeof(float));
+            std::memcpy(row + D + sizeof(float), &lo, sizeof(float));
           }
         }
       });
