@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-thorough bench-kernel bench-linear bench-decode bench-multiturn bench-multiturn-vllm bench-oversubscription bench-shared-prefix bench-shared-prefix-vllm bench-cluster bench-serve bench-agent bench-scale bench-scale-quick vllm-peer llamacpp-peer install clean
+.PHONY: demo test test-thorough bench-kernel bench-linear bench-decode bench-multiturn bench-multiturn-vllm bench-oversubscription bench-shared-prefix bench-shared-prefix-vllm bench-cluster bench-serve bench-agent bench-scale bench-scale-quick vllm-peer llamacpp-peer screenshot install clean
 
 demo: $(STAMP)  ## the main job: a multi-turn chat on SmolLM2-135M-Instruct with per-turn cache stats
 	$(PY) examples/chat.py
@@ -78,6 +78,9 @@ bench-scale: $(STAMP) $(VLLM_STAMP)  ## open-loop multi-turn load (Poisson arriv
 
 bench-scale-quick: $(STAMP) $(VLLM_STAMP)  ## the same with short points (for the docs)
 	$(PY) benchmarks/scale.py --vllm-python $(VLLM_VENV)/bin/python --quick
+
+screenshot: $(STAMP)  ## docs/chat-page.png: the chat page on SmolLM2 in headless Chromium (apt-get install chromium)
+	$(PY) examples/chat_page_screenshot.py
 
 bench-cluster: $(STAMP)  ## 2 SmolLM2 instances on Ray: prompt_tree vs session vs round_robin, colocated vs P/D
 	$(PY) benchmarks/cluster.py

@@ -216,8 +216,9 @@ def start(system: str, args, folder: Path, log: Path, disk_dir: Path | None):
     if system == "pensieve-int8":  # the same bytes: as many int8 blocks as fit in the budget's bytes in args.dtype
         config = json.loads((folder / "config.json").read_text())
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        itemsize = 4 if args.dtype == "float32" else 2
-        blocks = blocks * head_dim * itemsize // (head_dim + 4)  # an int8 row: head_dim values + an fp32 scale
+        from pensieve.ops.quant import row_bytes  # an int8 row: head_dim values, its scale and its minimum
+
+        blocks = blocks * row_bytes(head_dim, args.dtype) // row_bytes(head_dim, "int8")
     if system.startswith("pensieve"):
         extra = {"pensieve-lru": ("--policy", "lru"), "pensieve-int8": ("--kv-dtype", "int8")}.get(system, ())
         return start_pensieve(folder, blocks, log, disk_dir=disk_dir, extra=extra, **limits)

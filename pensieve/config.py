@@ -61,8 +61,9 @@ class CacheConfig:
         never idle that long) and of any backlog the bandwidth bound left. None turns it off: KV then reaches disk
         only when evicted there, by `end`, or at `close`.
     write_behind_mb_s: the write-behind's bandwidth bound, MiB written per second on average.
-    kv_dtype: None keeps KV in the model's dtype; "int8" stores each row (a token's head) as int8 values and an fp32
-        scale (pensieve/ops/quant.py): 3.76x the tokens of fp32 and 1.88x of bf16 in the same bytes at head_dim 64,
+    kv_dtype: None keeps KV in the model's dtype; "int8" stores each row (a token's head) as int8 values, an fp32
+        scale and an fp32 minimum (pensieve/ops/quant.py): 3.56x the tokens of fp32 and 1.78x of bf16 in the same
+        bytes at head_dim 64,
         at the cost of exactness (attention reads the dequantized KV). Its disk files are int8 too: files of
         another kv_dtype count as missing (recomputed), never misread.
     """

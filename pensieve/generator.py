@@ -250,6 +250,13 @@ class StatefulGenerator(Generator):
         # a Future from submit* stands for its turn's own Future, known once the submission ran (commands run in order)
         return self.call(lambda: self._engine.abort(getattr(target, "turn_future", target)))
 
+    def stop(self, target) -> bool:
+        """Cut a running turn short and keep it (target: its conversation id, or the Future `submit` returned): it
+        finishes after its next sampled token with finish_reason "cancelled" — its reply so far, its tokens and
+        their KV stay, as after any finished turn (unlike `abort`, which keeps none of it). -> whether a running
+        turn was found (False: it had finished)."""
+        return self.call(lambda: self._engine.stop(getattr(target, "turn_future", target)))
+
     def serve(self, stop: threading.Event) -> None:
         """Drive the engine on this thread until `stop` is set (a server's engine loop: run it on the main thread,
         where the model was loaded). Meanwhile other threads' calls only wait for it."""

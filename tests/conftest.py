@@ -58,3 +58,13 @@ def ray_runtime():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's tokenizer (its ChatML template), loaded once: the server and chat-page tests use it."""
+    from transformers import AutoTokenizer
+
+    from pensieve.models.smollm2 import GGUF_NAME, smollm2_path
+
+    return AutoTokenizer.from_pretrained(smollm2_path(), gguf_file=GGUF_NAME)

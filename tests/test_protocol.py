@@ -14,7 +14,8 @@ MEMBERS = [name for name in dir(Generator) if not name.startswith("_")]
 
 def test_the_protocol_has_the_design_api_and_what_a_server_drives():
     design = {"generate", "generate_batch", "stream", "agenerate", "complete", "complete_batch", "fork", "truncate"}
-    design |= {"end", "conversations", "stats", "close", "submit", "submit_complete", "abort", "serve", "capabilities"}
+    design |= {"end", "conversations", "stats", "close", "submit", "submit_complete", "abort", "stop", "serve"}
+    design |= {"capabilities"}
     assert set(MEMBERS) == design
 
 

@@ -268,13 +268,23 @@ class Cluster(Generator):
         """Abort a conversation's running turn (target: its id, or the Future `submit` returned) on its instance:
         none of it is kept there or in the driver's record; its caller gets TurnAborted. -> False if no turn of it
         was running on an instance yet (or any more)."""
+        return self._running_call(target, "abort")
+
+    def stop(self, target) -> bool:
+        """Cut a conversation's running turn short on its instance, keeping it (`StatefulGenerator.stop`): the
+        reply so far, finish_reason "cancelled", comes back as any finished turn's does. -> False if no turn of it
+        was running on an instance yet (or any more)."""
+        return self._running_call(target, "stop")
+
+    def _running_call(self, target, method: str) -> bool:
+        """`method` (abort or stop) on the instance where target's turn runs -> False if none runs there."""
         conv_id = getattr(target, "conv_id", target)
         with self._lock:
             turn = self._running.get(conv_id) if isinstance(conv_id, str) else None
         if turn is None:
             return False
         try:
-            return bool(self._call(turn.instance, "abort", conv_id))
+            return bool(self._call(turn.instance, method, conv_id))
         except self._ray.exceptions.RayError:
             return False
 

@@ -117,6 +117,10 @@ class Instance:
         """Abort conv_id's running turn here (`StatefulGenerator.abort`): its stream ends with TurnAborted."""
         return self.gen.abort(conv_id)
 
+    def stop(self, conv_id: str) -> bool:
+        """Cut conv_id's running turn here short, keeping it (`StatefulGenerator.stop`)."""
+        return self.gen.stop(conv_id)
+
     def truncate(self, conv_id: str, num_tokens: int) -> None:
         self.gen.truncate(conv_id, num_tokens)
 

@@ -294,6 +294,18 @@ class Engine:
         first.future.set_exception(TurnAborted(f"the turn on {first.conv.conv_id!s} was aborted"))
         return True
 
+    def stop(self, target) -> bool:
+        """Cut a running turn short, keeping it: target is its conversation id or its Future. It finishes after its
+        next sampled token (the first one, when it is still prefilling: the prompt's KV is then whole) with
+        finish_reason "cancelled", as if that token had ended it — its reply, tokens and KV kept, its Future
+        resolved. Every candidate of an n > 1 turn stops. -> False if no such turn runs (it finished)."""
+        turn = next((t for t in self.scheduler.active if _targets(t, target)), None)
+        if turn is None:
+            return False
+        for member in _members(turn):
+            member.stop_requested = True
+        return True
+
     def fail_all(self, error: BaseException) -> None:
         self.kv.settle_copies()  # swap-ins / loads queued for a forward that never ran: land them now
         for turn in list(self.scheduler.active):

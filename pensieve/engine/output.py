@@ -67,6 +67,8 @@ class OutputProcessor:
             self.finish(turn, reason)
 
     def _finish_reason(self, turn: Turn, token: int) -> str | None:
+        if turn.stop_requested:  # before any other reason: a stopped reply ends here, complete or not
+            return "cancelled"
         if turn.grammar is not None:  # a constrained reply ends only complete (or cut off: "length")
             if turn.grammar.terminated:
                 return "stop"

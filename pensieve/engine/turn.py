@@ -96,7 +96,7 @@ class Reply:
     conv_id: str | None  # None for a `complete()` call
     token_ids: list[int]
     text: str | None
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "cancelled" (`stop()`: cut short, what was sampled kept)
     num_new_tokens: int  # how much the token sequence grew before the reply (message, template)
     num_reused_device: int  # history positions whose KV was found on the device
     num_reused_host: int  # ... swapped in from the host tier
@@ -164,6 +164,7 @@ class Turn:
     messages_before: int = 0  # text mode: how many of the conversation's messages its record holds before the turn
     index: int = 0  # which candidate this turn is (SamplingParams.n > 1)
     group: Candidates | None = None  # the turn's candidates, when it has several
+    stop_requested: bool = False  # `stop()`: finish after the next sampled token, keeping the reply so far
 
     def new_messages(self, messages: list[dict]) -> list[dict]:
         """The messages this turn added to its conversation (its input: a user message, tool results...)."""

@@ -3,7 +3,8 @@ own (DESIGN §9).
 
 The app only assembles: the middleware (API key, body size, metrics), the error handlers (OpenAI's error shape), and
 one router per API — chat completions (pensieve/server/chat.py), completions (completions.py), responses
-(responses.py), conversations (conversations.py), models, health and metrics (models.py) — over the state they share
+(responses.py), conversations (conversations.py), models, health and metrics (models.py), the chat page at `/`
+(page.py) — over the state they share
 (common.py: `ServerState`) and the threads that map stored responses to pensieve conversations (threads.py).
 
 Chat templating and detokenization run off the engine's thread (a worker thread and the event loop); the engine
@@ -18,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 
 from pensieve.api import Generator
-from pensieve.server import chat, completions, conversations, models, responses, tokens
+from pensieve.server import chat, completions, conversations, models, page, responses, tokens
 from pensieve.server.common import APIError, ClientGone, ServerConfig, ServerState, error_response
 from pensieve.server.store import Store
 
@@ -36,11 +37,13 @@ def create_app(gen: Generator, tokenizer, store: Store | None = None, config: Se
     routers = (models.router, chat.router, completions.router, responses.router, conversations.router, tokens.router)
     for router in routers:
         app.include_router(router)
+    app.include_router(page.router())
     return app
 
 
 def _guard(app: FastAPI, s: ServerState) -> None:
-    """Every request: the API key (all but /health), the body size, and its count in the metrics."""
+    """Every request: the API key (all but /health and the chat page's files), the body size, and its count in the
+    metrics."""
     config, metrics = s.config, s.metrics
     expected = f"Bearer {config.api_key}".encode() if config.api_key else None
     too_big = f"request body over {config.max_body_bytes} bytes"
@@ -49,7 +52,7 @@ def _guard(app: FastAPI, s: ServerState) -> None:
     async def guard(request: Request, call_next):
         path = request.url.path
         endpoint = _endpoint(path)
-        if expected is not None and path != "/health":
+        if expected is not None and path != "/health" and not page.public(request.method, path):
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, expected):
                 metrics.request(endpoint, 401)

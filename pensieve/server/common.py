@@ -79,6 +79,17 @@ class ServerState:
         self.turns = Turns(gen)
         # ids of the responses and conversations running turns continue (never swept or deleted: retention.py)
         self.pinned: Counter[str] = Counter()
+        # stored responses whose turn runs: id -> (its thread, the Future of its response object), for cancel
+        self.running: dict[str, tuple[str, asyncio.Future]] = {}
+
+    def running_turn(self, response_id: str, thread_id: str | None) -> asyncio.Future:
+        """The Future a response's turn resolves with its response object; a stored one (on a thread) can be
+        cancelled meanwhile. Its turn's task pops it from `running` when it ends."""
+        finished = asyncio.get_running_loop().create_future()
+        finished.add_done_callback(lambda f: f.cancelled() or f.exception())  # (nobody need await it)
+        if thread_id is not None:
+            self.running[response_id] = (thread_id, finished)
+        return finished
 
     def sampling(
         self, temperature=None, top_p=None, max_tokens=None, stop=None, seed=None, max_field="max_tokens", **more

@@ -1,12 +1,19 @@
 """`/v1/conversations`: OpenAI's Conversations API. A conversation's items are its messages; its thread (one
 pensieve conversation, pensieve/server/threads.py) holds their KV, and `/v1/responses` with `conversation` continues
-it."""
+it.
+
+Two documented extensions (OpenAI has neither): `GET /v1/conversations` lists the conversations, the most recently
+used first; `GET /v1/conversations/{id}/responses` lists a conversation's stored responses in the order they were
+made, each with its parent (`parent_response_id`) and its input items: the tree its branches form (a branch:
+`/v1/responses` with `conversation` and `previous_response_id`), and which response ends the current one
+(`head_response_id`). A chat page rebuilds a conversation, branches included, from these two."""
 
 from __future__ import annotations
 
 import time
+from typing import Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 
 from pensieve.engine.admission import check_messages
 from pensieve.server import threads
@@ -36,6 +43,40 @@ async def create_conversation(s: State, body: ConversationCreate | None = None):
     s.store.touch(record)
     s.store.save(Thread(record.id))
     return _conversation(record)
+
+
+@router.get("/v1/conversations")
+async def list_conversations(
+    s: State,
+    limit: int = Query(20, ge=1, le=100),
+    after: str | None = None,
+    order: Literal["asc", "desc"] = "desc",
+):
+    """The conversations by when they were last used (desc: the most recent first), `limit` at a time after the
+    conversation `after` (the last id of the page before)."""
+    records = sorted((c for c in s.store.conversations.values() if not c.deleted), key=lambda c: (c.last_used, c.id),
+                     reverse=order == "desc")  # fmt: skip
+    if after is not None:
+        at = next((i for i, c in enumerate(records) if c.id == after), None)
+        if at is None:
+            raise APIError(400, f"after: no conversation {after!r} in this list", param="after")
+        records = records[at + 1 :]
+    page = records[:limit]
+    return {**list_of([_conversation(c) for c in page]), "has_more": len(records) > limit}
+
+
+@router.get("/v1/conversations/{conversation_id}/responses")
+async def conversation_responses(conversation_id: str, s: State):
+    """The conversation's stored responses (oldest first) with their parents and input items, and the response
+    that ends its current branch."""
+    record = live(s.store.conversations, conversation_id, "conversation")
+    mine = sorted((r for r in s.store.responses.values() if r.conversation_id == record.id and not r.deleted),
+                  key=lambda r: (r.made_at, r.id))  # fmt: skip
+    data = [
+        {**r.body, "parent_response_id": r.parent, "input_items": [i for m in r.input_messages for i in input_items(m)]}
+        for r in mine
+    ]
+    return {**list_of(data), "head_response_id": record.head}
 
 
 @router.get("/v1/conversations/{conversation_id}")
@@ -84,6 +125,19 @@ async def conversation_item(conversation_id: str, item_id: str, s: State):
         if item["id"] == item_id:
             return item
     raise APIError(404, f"no item {item_id!r} in conversation {conversation_id!r}", "not_found_error")
+
+
+@router.delete("/v1/conversations/{conversation_id}/items/{item_id}")
+async def delete_item(conversation_id: str, item_id: str, s: State):
+    """Remove an item -> the conversation. Its items then no longer follow its last response: the next response's
+    context is the items as they are (recorded whole, with no parent)."""
+    record = _idle(s, conversation_id)
+    kept = [item for item in record.items if item["id"] != item_id]
+    if len(kept) == len(record.items):
+        raise APIError(404, f"no item {item_id!r} in conversation {conversation_id!r}", "not_found_error")
+    record.items, record.head, record.head_items = kept, None, 0
+    s.store.touch(record)
+    return _conversation(record)
 
 
 def _items(items: list) -> list[dict]:

@@ -4,7 +4,13 @@ prefilled. The tokens pensieve sampled stay as they were — a follow-up renders
 (`ChatFormat.append`) when the history it continues is the one the thread's tokens end with (same messages,
 instructions and tools: `replies.history_keys`), so a function call is never re-rendered. Function tools, forced or
 free, `function_call` output items and `function_call_output` input items, `text.format` (a structured output). A
-client that disconnects aborts its turn: none of it is kept, nothing is stored, the thread is as it was."""
+client that disconnects aborts its turn: none of it is kept, nothing is stored, the thread is as it was;
+`POST /v1/responses/{id}/cancel` instead stops it and keeps it (an `incomplete` response, its KV kept).
+
+Every stored response records its parent, the response its context ends with, so a conversation's responses form a
+tree. Branches (an extension, docs/serving.md): `conversation` together with `previous_response_id` — one of that
+conversation's responses — continues from that response instead of the conversation's last one; the conversation's
+items become that branch's. It runs on the conversation's thread, cut back to what the branch shares with it."""
 
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from pensieve.server import threads
 from pensieve.server.chat import FunctionDef
 from pensieve.server.common import (
     APIError,
+    ClientGone,
     ContentPart,
     ServerState,
     State,
@@ -190,6 +197,10 @@ class _Turn:
     keep: bool  # stored (asked for, or in a conversation)
     base: dict  # the response object's fields known before the turn
     message_id: str
+    parent: str | None  # the response its context ends with
+    recorded: list[dict]  # the messages its record adds to its parent's context (in a conversation: the items
+    # added since the parent, then new_messages)
+    branch: list[dict] | None  # a branch in a conversation: the messages of the context it continues
 
 
 @router.post("/v1/responses")
@@ -213,6 +224,7 @@ async def create_response(body: ResponsesRequest, request: Request, s: State):
     s.check_count(len(new_messages), "input items", "input")
     previous, conversation, context = _context(s, body)
     s.check_count(len(context) + len(new_messages), "messages in the conversation", "input")
+    parent, recorded = _lineage(s, previous, conversation, context, new_messages)
     # from here to the end of the turn, what it continues is pinned: no sweep or delete takes it (no await before)
     pins = [r.id for r in (previous, conversation) if r is not None]
     s.pinned.update(pins)
@@ -230,7 +242,10 @@ async def create_response(body: ResponsesRequest, request: Request, s: State):
         s.pinned.subtract(pins)
         raise
     base = _base(s, body, conversation, keep)
-    turn = _Turn(body, tokens, key, new_messages, conversation, thread, keep, base, new_id("msg"))
+    branch = context if conversation is not None and previous is not None else None
+    turn = _Turn(body, tokens, key, new_messages, conversation, thread, keep, base, new_id("msg"), parent, recorded,
+                 branch)  # fmt: skip
+    finished = s.running_turn(base["id"], thread.id if thread is not None and keep else None)
 
     async def run(on_delta) -> dict:
         """The turn and its bookkeeping, as one task of its own: a client going away cancels it (its turn is
@@ -242,8 +257,16 @@ async def create_response(body: ResponsesRequest, request: Request, s: State):
             except BaseException:
                 await threads.release(s.store, s.gen, thread, made)
                 raise
-            return _finish(s, turn, reply)
+            response = _finish(s, turn, reply)
+            finished.set_result(response)
+            return response
+        except BaseException as error:
+            if not finished.done():  # a cancel waiting on it learns the turn was aborted, or failed
+                gone = isinstance(error, asyncio.CancelledError)
+                finished.set_exception(ClientGone() if gone else error)
+            raise
         finally:
+            s.running.pop(base["id"], None)
             s.pinned.subtract(pins)
 
     if not body.stream:
@@ -278,15 +301,35 @@ def _structured_output(text: TextConfig | None) -> StructuredOutput | None:
 def _context(s: ServerState, body: ResponsesRequest) -> tuple[ResponseRecord | None, ConversationRecord | None, list]:
     """The response continued, the conversation continued, and the messages before this request's."""
     if body.conversation is not None:
-        if body.previous_response_id is not None:
-            raise APIError(400, "give previous_response_id or conversation, not both", param="conversation")
         conv_id = body.conversation if isinstance(body.conversation, str) else body.conversation.id
         conversation = live(s.store.conversations, conv_id, "conversation")
+        if body.previous_response_id is not None:  # a branch: from one of the conversation's own responses
+            previous = live(s.store.responses, body.previous_response_id, "response")
+            if previous.conversation_id != conversation.id:
+                raise APIError(400, f"response {previous.id!r} is not in conversation {conv_id!r}: a branch in a "
+                               "conversation continues one of its responses", param="previous_response_id")  # fmt: skip
+            return previous, conversation, s.store.context(previous)
         return None, conversation, items_messages(conversation.items)
     if body.previous_response_id is not None:
         previous = live(s.store.responses, body.previous_response_id, "response")
         return previous, None, s.store.context(previous)
     return None, None, []
+
+
+def _lineage(
+    s: ServerState,
+    previous: ResponseRecord | None,
+    conversation: ConversationRecord | None,
+    context: list[dict],
+    new_messages: list[dict],
+) -> tuple[str | None, list[dict]]:
+    """-> (the response the turn's context ends with, the messages its record adds after that one's context)."""
+    if previous is not None or conversation is None:
+        return (previous.id if previous is not None else None), new_messages
+    head = s.store.responses.get(conversation.head) if conversation.head else None
+    if head is None:  # the first response in it: its items so far come first
+        return None, context + new_messages
+    return head.id, items_messages(conversation.items[conversation.head_items :]) + new_messages
 
 
 def _continued(
@@ -363,10 +406,11 @@ def _finish(s: ServerState, turn: _Turn, reply: Reply) -> dict:
     output = output_items(message, turn.message_id)
     key = extend_key(turn.key, message)
     stopped = reply.finish_reason == "stop"
+    cut = "cancelled" if reply.finish_reason == "cancelled" else "max_output_tokens"
     response = {
         **turn.base,
         "status": "completed" if stopped else "incomplete",
-        "incomplete_details": None if stopped else {"reason": "max_output_tokens"},
+        "incomplete_details": None if stopped else {"reason": cut},
         "output": output,
         "usage": {
             "input_tokens": prompt,
@@ -391,15 +435,20 @@ def _finish(s: ServerState, turn: _Turn, reply: Reply) -> dict:
             num_tokens=len(thread.tokens) if thread is not None else 0,
             previous_response_id=turn.body.previous_response_id,
             conversation_id=conversation.id if conversation is not None else None,
-            input_messages=turn.new_messages,
+            input_messages=turn.recorded,
             output_message=message,
             body=response,
             key=key.hex() if thread is not None else "",
             last_used=s.store.clock(),
+            parent=turn.parent,
+            made_at=s.store.clock(),
         )
         s.store.save(record)
     if conversation is not None:
+        if turn.branch is not None:  # the conversation's items become the branch's
+            conversation.items = [item for m in turn.branch for item in input_items(m)]
         conversation.items += [item for m in turn.new_messages for item in input_items(m)] + output
+        conversation.head, conversation.head_items = response["id"], len(conversation.items)
         s.store.touch(conversation)
     return response
 
@@ -462,12 +511,27 @@ async def get_response(response_id: str, s: State):
     return live(s.store.responses, response_id, "response").body
 
 
+@router.post("/v1/responses/{response_id}/cancel")
+async def cancel_response(response_id: str, s: State):
+    """Stop a stored response whose turn is running and keep it: the reply so far, `incomplete` (reason
+    "cancelled"), its KV kept — a follow-up continues from it. A finished response is returned as it is."""
+    running = s.running.get(response_id)
+    if running is None:
+        return live(s.store.responses, response_id, "response").body
+    thread_id, finished = running
+    await asyncio.to_thread(s.gen.stop, thread_id)  # False: it finished meanwhile (finished has it)
+    try:
+        return await asyncio.shield(finished)
+    except ClientGone:
+        raise APIError(409, f"response {response_id!r} was aborted (its client went away): nothing was kept",
+                       "conflict_error") from None  # fmt: skip
+
+
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(response_id: str, s: State):
     record = live(s.store.responses, response_id, "response")
     record.deleted = True
-    built_on = any(r.previous_response_id == response_id for r in s.store.responses.values())
-    if built_on or s.pinned[response_id] > 0:
+    if s.store.built_on(response_id) or s.pinned[response_id] > 0:
         s.store.save(record)  # later responses (or one running) build on its messages: kept, hidden
     else:
         s.store.remove(record)

@@ -2,8 +2,9 @@
 by default because it did). Two limits (`ServerConfig`): `max_stored_responses` and `records_ttl_s`.
 
 A record's age is its idle time: since it was made, or last continued (a follow-up through previous_response_id, a
-response or items added in a conversation). A response another response builds on (its previous_response_id) is
-kept while that one is: a chain goes from its tip back, so a follow-up always has its whole history. Each request
+response or items added in a conversation). A response another response builds on (its parent: previous_response_id,
+or the response before it in a conversation) is kept while that one is, and so is the response that ends a kept
+conversation's branch: a chain goes from its tip back, so a follow-up always has its whole history. Each request
 to the Responses or Conversations API first sweeps (`sweep`): a conversation idle past the TTL goes; a response that
 nothing builds on goes when it was deleted by its client, is idle past the TTL, or — while more than
 `max_stored_responses` are kept — is the least recently used such one. Responses whose turn is in flight and
@@ -32,7 +33,9 @@ def expired(store: Store, now: float, max_responses: int | None, ttl_s: float | 
         return thread is not None and thread.busy
 
     conversations = [c for c in store.conversations.values() if idle(c) and not busy(c.id) and not pinned[c.id]]
-    children = Counter(r.previous_response_id for r in store.responses.values() if r.previous_response_id)
+    children = Counter(r.parent for r in store.responses.values() if r.parent)
+    going = {c.id for c in conversations}
+    children.update(c.head for c in store.conversations.values() if c.head and c.id not in going)
 
     def free(r) -> bool:  # nothing builds on it, and no turn uses it
         return children[r.id] == 0 and not pinned[r.id] and not busy(r.thread_id)
@@ -49,7 +52,7 @@ def expired(store: Store, now: float, max_responses: int | None, ttl_s: float | 
             continue  # not due (a later one may be: deleted)
         dropped.append(r)
         kept -= 1
-        parent = store.responses.get(r.previous_response_id) if r.previous_response_id else None
+        parent = store.responses.get(r.parent) if r.parent else None
         if parent is not None:
             children[parent.id] -= 1
             if free(parent):

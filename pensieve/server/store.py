@@ -42,6 +42,14 @@ class ResponseRecord:
     deleted: bool = False  # deleted by the client; kept (hidden) while later responses build on it
     key: str = ""  # the history key (hex) of the messages its thread's first num_tokens tokens end with
     last_used: float = 0.0  # when it was made or last continued (epoch seconds): its age for retention
+    # the response this one follows (its context ends with it): previous_response_id, or in a conversation the
+    # response that ended the conversation's branch then; None for a first turn (and records kept before parents)
+    parent: str | None = None
+    made_at: float = 0.0  # when it was made (epoch seconds): the order of a conversation's responses
+
+    def __post_init__(self) -> None:
+        if self.parent is None and self.previous_response_id is not None:  # kept before records had a parent
+            self.parent = self.previous_response_id
 
 
 @dataclass
@@ -49,9 +57,11 @@ class ConversationRecord:
     id: str
     created_at: int
     metadata: dict
-    items: list[dict]  # conversation items (messages) in order
+    items: list[dict]  # conversation items (messages) in order: those of its current branch
     deleted: bool = False
     last_used: float = 0.0  # when it was made or last continued (epoch seconds): its age for retention
+    head: str | None = None  # the response that ends the current branch (None before the first)
+    head_items: int = 0  # len(items) when head was made: the items after it were added since
 
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS records (kind TEXT, id TEXT, body TEXT, PRIMARY KEY (kind, id))"
@@ -107,17 +117,23 @@ class Store:
                 self._db.execute("DELETE FROM records WHERE kind = ? AND id = ?", (kind, record.id))
 
     def context(self, response: ResponseRecord) -> list[dict]:
-        """The chat messages up to and including `response` (its chain of previous responses, oldest first)."""
+        """The chat messages up to and including `response` (its chain of parents, oldest first)."""
         chain = []
         node: ResponseRecord | None = response
         while node is not None:
             chain.append(node)
-            node = self.responses.get(node.previous_response_id) if node.previous_response_id else None
+            node = self.responses.get(node.parent) if node.parent else None
         messages: list[dict] = []
         for node in reversed(chain):
             messages += node.input_messages
             messages.append(node.output_message)
         return messages
+
+    def built_on(self, response_id: str) -> bool:
+        """Whether a later response follows this one, or a conversation's branch ends with it."""
+        return any(r.parent == response_id for r in self.responses.values()) or any(
+            c.head == response_id for c in self.conversations.values()
+        )
 
     def thread_in_use(self, thread_id: str) -> bool:
         """Whether a live response or conversation still continues from this thread."""

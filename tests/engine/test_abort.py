@@ -1,6 +1,7 @@
 """Aborting a turn (`StatefulGenerator.abort`): none of the turn is kept, the conversation is exactly as before it
 (the next turn equals HF generate over the history without the aborted turn), a conversation the turn started is
-gone, and the cache's invariants hold. Also `submit` / `serve`: a dedicated engine thread, callers only waiting."""
+gone, and the cache's invariants hold. Stopping one (`stop`) keeps what it sampled, and its KV. Also `submit` /
+`serve`: a dedicated engine thread, callers only waiting."""
 
 import threading
 
@@ -8,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pensieve import CacheConfig, SamplingParams, StatefulGenerator, TurnAborted
-from tests.tiny import hf_greedy, oracle_copy, oracle_turn, tiny_model
+from pensieve import CacheConfig, SamplingParams, SchedulerConfig, StatefulGenerator, TurnAborted
+from tests.tiny import drive, hf_greedy, oracle_copy, oracle_turn, tiny_model
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
 LONG = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
@@ -130,3 +131,53 @@ def test_serve_thread_with_submit_and_abort(model, oracle):
             stop.set()
             engine.join()
         gen.engine.check_integrity()
+
+
+# ---- stop: cut a turn short and keep it ---------------------------------------------------------------------------
+
+
+@given(pieces=st.integers(1, 12), block_size=st.sampled_from([2, 4, 16]), share=st.booleans())
+def test_stop_keeps_the_reply_so_far_and_the_next_turn_continues_it(model, oracle, pieces, block_size, share):
+    """`stop` after `pieces` tokens: the turn ends after one more, finish_reason "cancelled", its tokens the first
+    of HF's greedy reply; the conversation keeps them and their KV (the next turn recomputes nothing)."""
+    config = CacheConfig(block_size=block_size, num_device_blocks=96, share_prefixes=share)
+    with StatefulGenerator(model, cache_config=config) as gen:
+        histories: dict = {}
+        oracle_turn(gen, oracle, histories, "a", [5 + i % 90 for i in range(9)], GREEDY)
+        msg = [11 + i for i in range(pieces)]
+        stream = gen.stream("a", msg, LONG)
+        seen = 0
+        for _ in stream:
+            seen += 1
+            if seen == pieces:
+                assert gen.stop("a") is True
+        reply = stream.reply
+        assert reply.finish_reason == "cancelled" and len(reply.token_ids) == seen == pieces + 1
+        history = histories["a"] + msg
+        assert reply.token_ids == hf_greedy(oracle, history, LONG.max_new_tokens)[: pieces + 1]
+        histories["a"] = history + reply.token_ids
+        gen.engine.check_integrity()
+        assert gen.stats()["active_turns"] == 0 and gen.stop("a") is False  # nothing runs any more
+        follow = oracle_turn(gen, oracle, histories, "a", [3, 4, 5], GREEDY)
+        assert follow.num_recomputed == 0 and follow.num_reused_device == len(history) + pieces
+        gen.engine.check_integrity()
+
+
+def test_stop_before_the_first_token_keeps_one(model, oracle):
+    """A stop while the turn still prefills (a long message in small chunks) ends it after its first token."""
+    config = CacheConfig(block_size=4, num_device_blocks=96)
+    with StatefulGenerator(model, cache_config=config, scheduler_config=SchedulerConfig(8)) as gen:
+        future = gen.submit("p", list(range(3, 60)), LONG)
+        gen.call(gen.engine.step)  # one prefill chunk of 8 tokens: no token sampled yet
+        assert gen.stop(future) is True
+        reply = drive(gen, future)
+        assert reply.finish_reason == "cancelled"
+        assert reply.token_ids == hf_greedy(oracle, list(range(3, 60)), 1)
+        gen.engine.check_integrity()
+        assert gen.generate("p", [7], GREEDY).num_recomputed == 0
+
+
+def test_stop_of_a_finished_turn_or_unknown_target(model):
+    with StatefulGenerator(model, cache_config=CacheConfig(block_size=4, num_device_blocks=64)) as gen:
+        gen.generate("x", [1, 2, 3], GREEDY)
+        assert gen.stop("x") is False and gen.stop("nobody") is False

@@ -1,5 +1,6 @@
 """The server over a `Cluster` (`pensieve serve --instances N`): two colocated instances on the session's Ray
-runtime, driven by the openai client; replies equal HF generate, a disconnect aborts the turn on its instance."""
+runtime, driven by the openai client; replies equal HF generate, a disconnect aborts the turn on its instance, a
+cancel stops it there and keeps it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import functools
 
 import pytest
 
-from tests.server.common import MAX_OUT, abort_mid_stream, hf_chain, hf_reply, make_model, tiny_chat_model
+from tests.server.common import (
+    MAX_OUT,
+    abort_mid_stream,
+    hf_chain,
+    hf_reply,
+    make_model,
+    stream_and_cancel,
+    tiny_chat_model,
+)
 from tests.tiny import oracle_copy
 
 openai = pytest.importorskip("openai")
@@ -84,4 +93,22 @@ def test_disconnect_aborts_on_the_instance(cluster_server, tokenizer):
     assert completed() == turns_before  # aborted on its instance, not run to its end
     after = client.responses.create(model="tiny", input="Go on", previous_response_id=base.id, **GREEDY)
     assert [base.output_text, after.output_text] == hf_chain(oracle, tokenizer, ["Start here", "Go on"])
+    cluster.check_integrity()
+
+
+def test_cancel_stops_the_turn_on_its_instance_and_keeps_it(cluster_server, tokenizer):
+    cluster, server = cluster_server
+    oracle = oracle_copy(make_model(tokenizer))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    base = client.responses.create(model="tiny", input="Begin", **GREEDY)
+    body = {"model": "tiny", "input": "Write a long story", "previous_response_id": base.id, "temperature": 0,
+            "max_output_tokens": 400}  # fmt: skip
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        cancelled, last, _ = stream_and_cancel(server, http, body)
+    assert cancelled["incomplete_details"] == {"reason": "cancelled"} and last["response"] == cancelled
+    kept = cancelled["usage"]["output_tokens"]
+    after = client.responses.create(model="tiny", input="Go on", previous_response_id=cancelled["id"], **GREEDY)
+    want = hf_chain(oracle, tokenizer, ["Begin", "Write a long story", "Go on"], cut={1: kept})
+    assert [base.output_text, cancelled["output"][0]["content"][0]["text"], after.output_text] == want
+    assert after.usage.input_tokens_details.cached_tokens > 0
     cluster.check_integrity()
