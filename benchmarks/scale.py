@@ -15,7 +15,7 @@ Systems (each one server process for all of its rates; each rate a fresh trace, 
   pensieve-disk    Pensieve's policy with a disk tier beyond the DRAM budget (chunk files dropped from the page
                    cache once written and once read; the bytes read back are reported), write-behind on
   pensieve-int8    Pensieve's policy with int8 KV (--kv-dtype int8) in the same bytes as the others' KV budget:
-                   3.76x the tokens at SmolLM2's head_dim 64 (fp32 model; a row's fp32 scale included)
+                   3.56x the tokens at SmolLM2's head_dim 64 (fp32 model; a row's fp32 scale and minimum included)
   vllm             vLLM CPU's OpenAI server with prefix caching
   vllm-noprefix    the same without prefix caching: a stateless system, every turn recomputes its history
   llamacpp         llama-cpp-python's OpenAI server (`make llamacpp-peer`) on SmolLM2 as an F32 GGUF, its RAM prompt

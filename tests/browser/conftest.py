@@ -11,8 +11,10 @@ import pytest
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """One browser per module, closed with it: Playwright's sync API keeps an event loop running on this thread
+    while it is open, and later tests' `asyncio.run` would refuse to start under it."""
     if CHROMIUM is None:
         pytest.skip("the chat-page tests need Chromium: apt-get install chromium (.ci/run installs it as root)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs the dev extra's playwright (make install)")
