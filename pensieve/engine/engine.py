@@ -163,6 +163,7 @@ class Engine:
             turn.before = None  # the fork is this turn's: an abort removes it
             turn.messages_before = len(fork.messages or [])  # the fork's record holds them already
             turn.index, turn.group = index, group
+            turn.stop_requested = first.stop_requested  # a stop during the prompt stops every candidate
             group.turns.append(turn)
             assert fork is turn.conv
 

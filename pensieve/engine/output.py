@@ -67,8 +67,12 @@ class OutputProcessor:
             self.finish(turn, reason)
 
     def _finish_reason(self, turn: Turn, token: int) -> str | None:
-        if turn.stop_requested:  # before any other reason: a stopped reply ends here, complete or not
+        reason = self._natural_end(turn, token)
+        if reason is None and turn.stop_requested:  # stopped: it ends here, complete or not
             return "cancelled"
+        return reason
+
+    def _natural_end(self, turn: Turn, token: int) -> str | None:
         if turn.grammar is not None:  # a constrained reply ends only complete (or cut off: "length")
             if turn.grammar.terminated:
                 return "stop"

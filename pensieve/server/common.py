@@ -79,17 +79,18 @@ class ServerState:
         self.turns = Turns(gen)
         # ids of the responses and conversations running turns continue (never swept or deleted: retention.py)
         self.pinned: Counter[str] = Counter()
-        # stored responses whose turn runs: id -> (its thread, the Future of its response object), for cancel
-        self.running: dict[str, tuple[str, asyncio.Future]] = {}
+        # stored responses whose turn runs, by id (what `POST /v1/responses/{id}/cancel` stops)
+        self.running: dict[str, RunningTurn] = {}
 
-    def running_turn(self, response_id: str, thread_id: str | None) -> asyncio.Future:
-        """The Future a response's turn resolves with its response object; a stored one (on a thread) can be
-        cancelled meanwhile. Its turn's task pops it from `running` when it ends."""
+    def running_turn(self, response_id: str, stored: bool) -> RunningTurn:
+        """A response's turn, to be resolved with its response object; a stored one can be cancelled meanwhile.
+        Its turn's task pops it from `running` when it ends."""
         finished = asyncio.get_running_loop().create_future()
         finished.add_done_callback(lambda f: f.cancelled() or f.exception())  # (nobody need await it)
-        if thread_id is not None:
-            self.running[response_id] = (thread_id, finished)
-        return finished
+        turn = RunningTurn(finished)
+        if stored:
+            self.running[response_id] = turn
+        return turn
 
     def sampling(
         self, temperature=None, top_p=None, max_tokens=None, stop=None, seed=None, max_field="max_tokens", **more
@@ -147,11 +148,14 @@ class ServerState:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
-    async def run_turn(self, request: Request, thread_id, prompt, sampling, on_delta=None, tools=None) -> Reply:
+    async def run_turn(
+        self, request: Request, thread_id, prompt, sampling, on_delta=None, tools=None, running: RunningTurn = None
+    ) -> Reply:
         """One turn, aborted if the client disconnects (checked while it runs). prompt: token ids (a thread's new
         tokens, or a whole prompt), or chat messages (a completion: rendered with `tools` on a worker thread).
-        on_delta(Delta) gets each sampled token's delta on the event loop (their texts join to `Reply.text`)."""
-        task = asyncio.ensure_future(self.turns.run(thread_id, prompt, sampling, on_delta, tools))
+        on_delta(Delta) gets each sampled token's delta on the event loop (their texts join to `Reply.text`);
+        running, when given, gets the Future the generator returned (what a cancel stops)."""
+        task = asyncio.ensure_future(self.turns.run(thread_id, prompt, sampling, on_delta, tools, running))
         watcher = asyncio.ensure_future(_watch_disconnect(request, task))
         try:
             reply = await task
@@ -168,6 +172,15 @@ class ServerState:
         finally:
             watcher.cancel()
         return reply
+
+
+@dataclass
+class RunningTurn:
+    """A response's turn while it runs: the Future it resolves with the response object, and the Future the
+    generator returned for it once submitted (a cancel stops that turn, never a later one on the same thread)."""
+
+    finished: asyncio.Future
+    submitted: Any = None
 
 
 def text_pieces(on_piece):
@@ -192,7 +205,9 @@ class Turns:
     def __init__(self, gen: Generator) -> None:
         self.gen = gen
 
-    async def run(self, thread_id: str | None, prompt, sampling: SamplingParams, on_delta, tools=None) -> Reply:
+    async def run(
+        self, thread_id: str | None, prompt, sampling: SamplingParams, on_delta, tools=None, running=None
+    ) -> Reply:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         done.add_done_callback(lambda f: f.cancelled() or f.exception())  # (also when nobody awaits it any more)
@@ -213,6 +228,8 @@ class Turns:
         on_token = None if on_delta is None else pass_delta
         if thread_id is not None:
             future = self.gen.submit(thread_id, prompt, sampling, on_token=on_token, tools=tools)
+            if running is not None:
+                running.submitted = future
         else:  # a completion renders its prompt on the thread that submits it: a worker's, not the event loop
             submitting = asyncio.ensure_future(
                 asyncio.to_thread(self.gen.submit_complete, prompt, sampling, on_token=on_token, tools=tools)

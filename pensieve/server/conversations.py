@@ -68,14 +68,17 @@ async def list_conversations(
 @router.get("/v1/conversations/{conversation_id}/responses")
 async def conversation_responses(conversation_id: str, s: State):
     """The conversation's stored responses (oldest first) with their parents and input items, and the response
-    that ends its current branch."""
+    that ends its current branch. A response's input items are what it added to its parent's context: its input,
+    after the conversation items added since its parent."""
     record = live(s.store.conversations, conversation_id, "conversation")
-    mine = sorted((r for r in s.store.responses.values() if r.conversation_id == record.id and not r.deleted),
+    # deleted ones that are kept (later ones build on them) are listed too, marked: they are part of the tree
+    mine = sorted((r for r in s.store.responses.values() if r.conversation_id == record.id),
                   key=lambda r: (r.made_at, r.id))  # fmt: skip
     data = [
-        {**r.body, "parent_response_id": r.parent, "input_items": [i for m in r.input_messages for i in input_items(m)]}
+        {**r.body, "parent_response_id": r.parent, "deleted": r.deleted,
+         "input_items": [i for m in r.input_messages for i in input_items(m)]}
         for r in mine
-    ]
+    ]  # fmt: skip
     return {**list_of(data), "head_response_id": record.head}
 
 

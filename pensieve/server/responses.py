@@ -245,7 +245,7 @@ async def create_response(body: ResponsesRequest, request: Request, s: State):
     branch = context if conversation is not None and previous is not None else None
     turn = _Turn(body, tokens, key, new_messages, conversation, thread, keep, base, new_id("msg"), parent, recorded,
                  branch)  # fmt: skip
-    finished = s.running_turn(base["id"], thread.id if thread is not None and keep else None)
+    running = s.running_turn(base["id"], stored=thread is not None and keep)
 
     async def run(on_delta) -> dict:
         """The turn and its bookkeeping, as one task of its own: a client going away cancels it (its turn is
@@ -253,17 +253,17 @@ async def create_response(body: ResponsesRequest, request: Request, s: State):
         try:
             try:
                 thread_id = thread.id if thread is not None else None
-                reply = await s.run_turn(request, thread_id, delta, sampling, on_delta, tools)
+                reply = await s.run_turn(request, thread_id, delta, sampling, on_delta, tools, running)
             except BaseException:
                 await threads.release(s.store, s.gen, thread, made)
                 raise
             response = _finish(s, turn, reply)
-            finished.set_result(response)
+            running.finished.set_result(response)
             return response
         except BaseException as error:
-            if not finished.done():  # a cancel waiting on it learns the turn was aborted, or failed
+            if not running.finished.done():  # a cancel waiting on it learns the turn was aborted, or failed
                 gone = isinstance(error, asyncio.CancelledError)
-                finished.set_exception(ClientGone() if gone else error)
+                running.finished.set_exception(ClientGone() if gone else error)
             raise
         finally:
             s.running.pop(base["id"], None)
@@ -308,6 +308,9 @@ def _context(s: ServerState, body: ResponsesRequest) -> tuple[ResponseRecord | N
             if previous.conversation_id != conversation.id:
                 raise APIError(400, f"response {previous.id!r} is not in conversation {conv_id!r}: a branch in a "
                                "conversation continues one of its responses", param="previous_response_id")  # fmt: skip
+            if not previous.made_at:  # kept before responses recorded their parents: its context is unknown
+                raise APIError(400, f"response {previous.id!r} was stored before this server recorded parents: "
+                               "branch from a later response", param="previous_response_id")  # fmt: skip
             return previous, conversation, s.store.context(previous)
         return None, conversation, items_messages(conversation.items)
     if body.previous_response_id is not None:
@@ -518,10 +521,12 @@ async def cancel_response(response_id: str, s: State):
     running = s.running.get(response_id)
     if running is None:
         return live(s.store.responses, response_id, "response").body
-    thread_id, finished = running
-    await asyncio.to_thread(s.gen.stop, thread_id)  # False: it finished meanwhile (finished has it)
+    while running.submitted is None and not running.finished.done():  # (its prompt is still being rendered)
+        await asyncio.sleep(0.005)
+    if running.submitted is not None:
+        await asyncio.to_thread(s.gen.stop, running.submitted)  # False: it finished meanwhile (finished has it)
     try:
-        return await asyncio.shield(finished)
+        return await asyncio.shield(running.finished)
     except ClientGone:
         raise APIError(409, f"response {response_id!r} was aborted (its client went away): nothing was kept",
                        "conflict_error") from None  # fmt: skip

@@ -74,7 +74,7 @@ def _tree(server, conv_id: str) -> dict:
 
 
 def _conv_id(page) -> str:
-    return page.evaluate("location.hash.slice(1)")
+    return page.evaluate("new URL(location.href).searchParams.get('c')")
 
 
 def _text(response: dict) -> str:
@@ -211,7 +211,7 @@ def test_reload_and_a_server_restart_keep_the_list_and_the_branches(page, tokeni
         assert page.locator("#chat-list button").all_inner_texts() == ["Second chat", "First chat"]
         assert page.locator(".branch-at").inner_text() == "2/2" and page.locator("#messages").inner_text() == shown
     with served_tiny(tokenizer, CONFIG, disk_dir=tmp_path) as (_, server):  # a new server, a new port
-        _open(page, server, f"/#{conv}")
+        _open(page, server, f"/?c={conv}")
         _settings(page)  # (a new port is a new origin: the settings kept in the browser are the old origin's)
         assert page.locator("#chat-list button").all_inner_texts() == ["Second chat", "First chat"]
         assert page.locator(".branch-at").inner_text() == "2/2" and page.locator("#messages").inner_text() == shown
@@ -272,8 +272,22 @@ class ScriptedText:
 
 HOSTILE = (
     'Hi <script>window.__pwned = "script"</script> <img src=x onerror="window.__pwned = \'onerror\'"> '
-    "<a href=\"javascript:window.__pwned='href'\">link</a> **bold** and `code`"
+    "<a href=\"javascript:window.__pwned='href'\">link</a> **bold** and `code` "
+    '<textarea id="composer-input">shadow</textarea><p id="status" name="send" style="color:red">clobber</p>'
 )
+
+
+def _raw_get(server, path: str) -> int:
+    """The status of GET path, the path sent byte for byte."""
+    import http.client
+
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    try:
+        connection.putrequest("GET", path, skip_accept_encoding=True)
+        connection.endheaders()
+        return connection.getresponse().status
+    finally:
+        connection.close()
 
 
 def test_markup_in_a_reply_renders_inert_under_the_csp(page, tokenizer):
@@ -281,8 +295,10 @@ def test_markup_in_a_reply_renders_inert_under_the_csp(page, tokenizer):
         index = httpx.get(server.url + "/")
         csp = index.headers["content-security-policy"]
         assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "default-src 'none'" in csp
-        assert httpx.get(server.url + "/static/../pyproject.toml").status_code == 404
-        assert httpx.get(server.url + "/static/nope.js").status_code == 404
+        for path in ("/static/%2e%2e/pyproject.toml", "/static/..%2f..%2fpyproject.toml", "/static/nope.js",
+                     "/static/", "/static/vendor"):  # fmt: skip
+            assert _raw_get(server, path) == 404, path  # sent as is (an HTTP client would normalize the dots)
+        assert _raw_get(server, "/static/app.js") == 200
         _open(page, server)
         _settings(page)
         _send(page, "Say something")
@@ -293,9 +309,12 @@ def test_markup_in_a_reply_renders_inert_under_the_csp(page, tokenizer):
         assert reply.locator("strong").inner_text() == "bold" and reply.locator("code").inner_text() == "code"
         img = reply.locator("img")
         assert img.count() == 0 or img.get_attribute("onerror") is None
-        assert reply.locator("a").count() == 0 or not (reply.locator("a").get_attribute("href") or "").startswith(
-            "javascript"
-        )
+        links = reply.locator("a")
+        assert links.count() == 0 or not (links.get_attribute("href") or "").startswith("javascript")
+        # no element of a reply carries an id, a name or a style, and no form control: the page's own stay its own
+        assert reply.locator("[id], [name], [style], textarea, input, form, button").count() == 0
+        _send(page, "Again")  # the composer still is the page's (a reply's textarea could have shadowed it)
+        assert page.locator("#messages .msg.user .body").all_inner_texts() == ["Say something", "Again"]
         page.reload()  # the stored reply, rendered again from the server's record
         page.wait_for_selector("#messages .msg.assistant .body strong")
         assert page.evaluate("window.__pwned") is None

@@ -177,6 +177,20 @@ def test_stop_before_the_first_token_keeps_one(model, oracle):
         assert gen.generate("p", [7], GREEDY).num_recomputed == 0
 
 
+def test_stop_during_the_prompt_stops_every_candidate(model):
+    """n > 1: the candidates are forked at the first token, after the stop: they stop too, one token each."""
+    sampling = SamplingParams(max_new_tokens=40, temperature=1.0, seed=5, n=3, ignore_eos=True)
+    with StatefulGenerator(model, cache_config=CacheConfig(block_size=4, num_device_blocks=96),
+                           scheduler_config=SchedulerConfig(8)) as gen:  # fmt: skip
+        future = gen.submit("n", list(range(3, 40)), sampling)
+        gen.call(gen.engine.step)
+        assert gen.stop(future) is True
+        reply = drive(gen, future)
+        replies = [reply, *reply.candidates]
+        assert len(replies) == 3 and all(r.finish_reason == "cancelled" and len(r.token_ids) == 1 for r in replies)
+        gen.engine.check_integrity()
+
+
 def test_stop_of_a_finished_turn_or_unknown_target(model):
     with StatefulGenerator(model, cache_config=CacheConfig(block_size=4, num_device_blocks=64)) as gen:
         gen.generate("x", [1, 2, 3], GREEDY)

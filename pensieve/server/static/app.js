@@ -15,6 +15,7 @@ const state = {
   conversations: [],
   conv: null, // the open conversation (null: a new chat, made with its first message)
   nodes: new Map(), // response id -> {id, parent, input, output, status, reason, stats, usage, children}
+  head: null, // the response that ends the conversation's current branch (a plain turn continues it)
   roots: [],
   choice: new Map(), // parent id (ROOT for the first) -> the child shown
   streaming: null, // {pending, controller, responseId}
@@ -64,8 +65,10 @@ async function errorText(res) {
   }
 }
 
+let keyPrompt = null; // the open key dialog's promise: every request that met a 401 waits on the same one
+
 function askKey() {
-  return new Promise((resolve) => {
+  keyPrompt ??= new Promise((resolve) => {
     const dialog = $("key-dialog");
     const input = $("key-input");
     input.value = "";
@@ -73,6 +76,7 @@ function askKey() {
       "close",
       () => {
         if (input.value.trim()) sessionStorage.setItem(KEY, input.value.trim());
+        keyPrompt = null;
         resolve();
       },
       { once: true },
@@ -80,6 +84,7 @@ function askKey() {
     dialog.showModal();
     input.focus();
   });
+  return keyPrompt;
 }
 
 async function* events(res) {
@@ -148,6 +153,7 @@ async function openConversation(id, focusComposer = false) {
   state.roots = [];
   state.choice = new Map();
   state.editing = null;
+  state.head = tree.head_response_id;
   for (const r of tree.data) {
     const node = nodeOf(r);
     state.nodes.set(node.id, node);
@@ -157,10 +163,18 @@ async function openConversation(id, focusComposer = false) {
   for (let n = state.nodes.get(tree.head_response_id); n; n = state.nodes.get(n.parent)) {
     state.choice.set(n.parent ?? ROOT, n.id);
   }
-  if (location.hash !== `#${id}`) history.replaceState(null, "", `#${id}`);
+  remember(id);
   renderList();
   renderMessages();
   if (focusComposer) $("composer-input").focus();
+}
+
+function remember(id) {
+  // The open conversation is in the address (?c=...), so a reload shows it again.
+  const url = new URL(location.href);
+  if (id) url.searchParams.set("c", id);
+  else url.searchParams.delete("c");
+  history.replaceState(null, "", url);
 }
 
 function newChat() {
@@ -170,7 +184,8 @@ function newChat() {
   state.roots = [];
   state.choice = new Map();
   state.editing = null;
-  history.replaceState(null, "", location.pathname);
+  state.head = null;
+  remember(null);
   renderList();
   renderMessages();
   $("composer-input").focus();
@@ -241,12 +256,13 @@ async function send(text, parent) {
       const metadata = { title: text.trim().slice(0, 60) };
       if (system) metadata.system = system.slice(0, 512);
       state.conv = await getJSON("/v1/conversations", { method: "POST", body: { metadata } });
-      history.replaceState(null, "", `#${state.conv.id}`);
+      remember(state.conv.id);
     } else if (previous === null && state.roots.length) {
       await clearItems(); // a new first message: the conversation's items start empty again
     }
     body.conversation = state.conv.id;
-    if (previous) body.previous_response_id = previous;
+    // the conversation's own branch goes on by itself; any other point of the tree is a branch from that response
+    if (previous && previous !== state.head) body.previous_response_id = previous;
     if (state.conv.metadata?.system) body.instructions = state.conv.metadata.system;
     const res = await api("/v1/responses", { method: "POST", body, signal: controller.signal });
     for await (const event of events(res)) {
@@ -313,10 +329,18 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+const PURIFY = {
+  USE_PROFILES: { html: true },
+  // no ids or names (a reply must not shadow the page's own elements), no styles, no forms or embedded documents
+  FORBID_ATTR: ["id", "name", "style", "form", "formaction"],
+  FORBID_TAGS: ["form", "input", "textarea", "button", "select", "option", "dialog", "style", "iframe", "object", "embed"],
+  SANITIZE_NAMED_PROPS: true,
+};
+
 function markdown(text) {
-  // The reply as sanitized HTML: marked renders, DOMPurify removes every script, handler and unsafe URL.
+  // The reply as sanitized HTML: marked renders, DOMPurify removes every script, handler, unsafe URL and the rest.
   const html = marked.parse(text, { async: false, gfm: true, breaks: true });
-  return DOMPurify.sanitize(html, { USE_PROFILES: { html: true } });
+  return DOMPurify.sanitize(html, PURIFY);
 }
 
 function statsLine(node) {
@@ -347,10 +371,16 @@ function navigator(node) {
   return el(
     "span",
     { class: "nav", role: "group", "aria-label": "Branches of this message" },
-    el("button", { type: "button", class: "link", "aria-label": "Previous branch", onclick: go(-1), text: "‹" }),
+    branchButton("Previous branch", go(-1), "‹"),
     el("span", { class: "branch-at", text: `${at + 1}/${ids.length}` }),
-    el("button", { type: "button", class: "link", "aria-label": "Next branch", onclick: go(1), text: "›" }),
+    branchButton("Next branch", go(1), "›"),
   );
+}
+
+function branchButton(label, onclick, text) {
+  const button = el("button", { type: "button", class: "link", "aria-label": label, onclick, text });
+  button.disabled = Boolean(state.streaming); // the branch on screen is the one a reply streams into
+  return button;
 }
 
 function userItem(node) {
@@ -588,7 +618,7 @@ async function start() {
     state.model = models.data[0]?.id ?? null;
     $("model").textContent = state.model ?? "";
     await loadConversations();
-    const wanted = location.hash.slice(1);
+    const wanted = new URL(location.href).searchParams.get("c");
     if (wanted && state.conversations.some((c) => c.id === wanted)) await openConversation(wanted);
     else renderMessages();
   } catch (error) {
