@@ -28,8 +28,10 @@ CONFIG = ServerConfig(model_name="tiny", max_tokens=64)
 
 
 def _open(page, server, path: str = "/") -> None:
+    """Load the page and set greedy sampling, MAX_OUT tokens a reply."""
     page.goto(server.url + path)
     page.wait_for_selector("body[data-ready='true']")
+    _settings(page)
 
 
 def _settings(page, max_tokens: int = MAX_OUT, temperature: float = 0) -> None:
@@ -89,7 +91,6 @@ def test_send_stream_and_the_cache_line_equals_the_servers_usage(page, tokenizer
     oracle = oracle_copy(make_model(tokenizer))
     with served_tiny(tokenizer, CONFIG) as (gen, server):
         _open(page, server)
-        _settings(page)
         _send(page, "Hello there")
         _send(page, "Tell me more")
         assert page.locator("#messages .msg.user .body").all_inner_texts() == ["Hello there", "Tell me more"]
@@ -118,7 +119,6 @@ def test_edit_an_earlier_message_branches_and_both_branches_continue(page, token
     oracle = oracle_copy(make_model(tokenizer))
     with served_tiny(tokenizer, CONFIG) as (gen, server):
         _open(page, server)
-        _settings(page)
         _send(page, "Hi, I am Ann.")
         _send(page, "What is my name?")
         # edit the second message: Edit, a new text, Enter
@@ -167,7 +167,6 @@ def test_stop_keeps_the_partial_reply_and_the_next_turn_continues_it(page, token
     oracle = oracle_copy(make_model(tokenizer))
     with served_tiny(tokenizer, CONFIG, step_delay=0.03) as (gen, server):
         _open(page, server)
-        _settings(page)
         _send(page, "Hello there")
         _settings(page, max_tokens=60)
         page.fill("#composer-input", "Write a long story")
@@ -197,7 +196,6 @@ def test_stop_keeps_the_partial_reply_and_the_next_turn_continues_it(page, token
 def test_reload_and_a_server_restart_keep_the_list_and_the_branches(page, tokenizer, tmp_path):
     with served_tiny(tokenizer, CONFIG, disk_dir=tmp_path) as (_, server):
         _open(page, server)
-        _settings(page)
         _send(page, "First chat")
         page.click("#new-chat")
         _send(page, "Second chat")
@@ -212,7 +210,6 @@ def test_reload_and_a_server_restart_keep_the_list_and_the_branches(page, tokeni
         assert page.locator(".branch-at").inner_text() == "2/2" and page.locator("#messages").inner_text() == shown
     with served_tiny(tokenizer, CONFIG, disk_dir=tmp_path) as (_, server):  # a new server, a new port
         _open(page, server, f"/?c={conv}")
-        _settings(page)  # (a new port is a new origin: the settings kept in the browser are the old origin's)
         assert page.locator("#chat-list button").all_inner_texts() == ["Second chat", "First chat"]
         assert page.locator(".branch-at").inner_text() == "2/2" and page.locator("#messages").inner_text() == shown
         page.get_by_role("button", name="Previous branch").click()
@@ -300,7 +297,6 @@ def test_markup_in_a_reply_renders_inert_under_the_csp(page, tokenizer):
             assert _raw_get(server, path) == 404, path  # sent as is (an HTTP client would normalize the dots)
         assert _raw_get(server, "/static/app.js") == 200
         _open(page, server)
-        _settings(page)
         _send(page, "Say something")
         page.wait_for_timeout(300)  # (an onerror would have fired by now)
         reply = page.locator("#messages .msg.assistant .body")
@@ -327,7 +323,6 @@ def test_no_serious_accessibility_violations_and_phone_width(browser, tokenizer,
     try:
         with served_tiny(tokenizer, CONFIG) as (_, server):
             _open(page, server)
-            _settings(page)
             _send(page, "Hello there")
             _send(page, "And again")
             page.locator("#messages .msg.assistant").nth(1).get_by_role("button", name="Regenerate").click()
