@@ -337,3 +337,31 @@ def test_no_serious_accessibility_violations_and_phone_width(browser, tokenizer,
             assert page.locator("#composer-input").is_visible()
     finally:
         context.close()
+
+
+def test_json_schema_mode_and_a_system_prompt(page, tokenizer):
+    """Settings: a system prompt for new chats (sent as instructions) and a JSON schema the reply follows."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"], "additionalProperties": False}
+    with served_tiny(tokenizer, CONFIG) as (gen, server):
+        _open(page, server)
+        _settings(page, max_tokens=40)
+        page.click("#settings summary")
+        page.fill("#system-prompt", "Answer in JSON.")
+        page.check("#json-mode")
+        page.fill("#json-schema", json.dumps(schema))
+        page.click("#settings summary")
+        _send(page, "Give me a.")
+        (response,) = _tree(server, _conv_id(page))["data"]
+        assert response["text"]["format"]["type"] == "json_schema" and response["instructions"] == "Answer in JSON."
+        jsonschema.validate(json.loads(_text(response)), schema)
+        assert page.locator("#messages .msg.assistant .body").inner_text().strip() == _text(response).strip()
+        page.click("#settings summary")
+        page.fill("#json-schema", "{not json")
+        page.click("#settings summary")
+        page.fill("#composer-input", "Again")
+        page.press("#composer-input", "Enter")
+        page.wait_for_function("() => document.querySelector('#status').textContent.includes('does not parse')")
+        assert len(_tree(server, _conv_id(page))["data"]) == 1  # nothing was sent, the message stays in the box
+        assert page.input_value("#composer-input") == "Again"
+        gen.check_integrity()

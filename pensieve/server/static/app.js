@@ -585,6 +585,12 @@ function wire() {
     const input = $("composer-input");
     const text = input.value;
     if (!text.trim() || state.streaming) return;
+    try {
+      settings(); // a bad setting (a JSON schema that does not parse) keeps the message in the box
+    } catch (error) {
+      setStatus(error.message);
+      return;
+    }
     input.value = "";
     send(text);
   });
